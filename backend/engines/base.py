@@ -1,0 +1,137 @@
+"""The engine interface: load, describe itself, analyze a batch.
+
+An engine sees decoded images and returns text plus findings in pixels of the image it was given.
+It never sees HTTP, RAS or DICOM. The service (``backend.service``) validates requests, decodes
+images, sanitises engine output (clipping, dropping invalid boxes) and enforces time limits.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from MiniGPTMedSlicerLib.protocol import Finding
+
+
+class TaskNotSupported(Exception):
+    """The engine cannot do this task (HTTP 501)."""
+
+
+class EngineError(Exception):
+    """The engine failed on a valid request (HTTP 503), e.g. GPU out of memory."""
+
+
+class EngineCancelled(Exception):
+    """Generation stopped because the request's deadline passed or the client went away."""
+
+
+@dataclass
+class StopToken:
+    """Checked by engines between expensive steps (e.g. every decoded token)."""
+
+    deadline: float | None = None  # time.monotonic() value
+    event: threading.Event = field(default_factory=threading.Event)
+
+    def should_stop(self) -> bool:
+        return self.event.is_set() or (self.deadline is not None and time.monotonic() > self.deadline)
+
+    def check(self) -> None:
+        if self.should_stop():
+            raise EngineCancelled("stopped: time limit reached or request cancelled")
+
+
+@dataclass
+class EngineInfo:
+    engine: str  # e.g. "builtin", "minigptmed", "hf", "openai"
+    model: str  # model id shown to the user
+    device: str
+    tasks: tuple[str, ...]
+    max_batch: int = 1
+
+
+@dataclass
+class DecodedImage:
+    """A decoded request image: ``array`` is (H, W) uint8/uint16 or (H, W, 3) uint8, top row first."""
+
+    array: np.ndarray
+    format: str  # "PNG" / "JPEG"
+
+    @property
+    def height(self) -> int:
+        return int(self.array.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.array.shape[1])
+
+    @property
+    def is_gray(self) -> bool:
+        return self.array.ndim == 2
+
+    def gray_float(self) -> np.ndarray:
+        """Intensities as float32 (H, W); RGB is averaged (medical slices are gray)."""
+        a = self.array.astype(np.float32)
+        return a.mean(axis=2) if a.ndim == 3 else a
+
+    def rgb8(self) -> np.ndarray:
+        """(H, W, 3) uint8 for VLMs. 16-bit gray is mapped min..max to 0..255 (a client that cares about
+        window/level sends the windowed 8-bit image it displays)."""
+        a = self.array
+        if a.dtype == np.uint16:
+            lo, hi = float(a.min()), float(a.max())
+            scale = 255.0 / (hi - lo) if hi > lo else 0.0
+            a = np.clip((a.astype(np.float32) - lo) * scale + 0.5, 0, 255).astype(np.uint8)
+        if a.ndim == 2:
+            a = np.repeat(a[:, :, None], 3, axis=2)
+        return np.ascontiguousarray(a)
+
+    def pil_rgb(self):  # -> PIL.Image.Image
+        from PIL import Image
+
+        return Image.fromarray(self.rgb8(), mode="RGB")
+
+
+@dataclass
+class AnalysisInput:
+    task: str
+    image: DecodedImage
+    question: str | None = None
+    region: tuple[float, float, float, float] | None = None  # pixels, validated inside the image
+    pixel_spacing_mm: tuple[float, float] | None = None  # (row, col)
+    modality: str | None = None
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    prompt: str | None = None
+
+
+@dataclass
+class AnalysisResult:
+    text: str
+    findings: list[Finding] = field(default_factory=list)
+    raw_output: str = ""
+    warnings: list[str] = field(default_factory=list)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class Engine(ABC):
+    """Base class of every engine. Constructors only store configuration; heavy work happens in ``load``."""
+
+    @abstractmethod
+    def load(self) -> None:
+        """Load weights / connect. Called once, before the server accepts requests."""
+
+    @abstractmethod
+    def info(self) -> EngineInfo: ...
+
+    @abstractmethod
+    def analyze_batch(self, inputs: Sequence[AnalysisInput], stop: StopToken) -> list[AnalysisResult]:
+        """Analyze several inputs (one result each, same order). Raise TaskNotSupported for a task the
+        engine cannot do, EngineError for a failure that is not the request's fault."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources."""
