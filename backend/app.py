@@ -14,8 +14,6 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
 from MiniGPTMedSlicerLib.protocol import (
     AnalyzeRequest,
     AnalyzeResponse,
@@ -24,6 +22,7 @@ from MiniGPTMedSlicerLib.protocol import (
     ErrorBody,
     Health,
 )
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
 from .engines.base import Engine

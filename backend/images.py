@@ -45,6 +45,9 @@ def decode_image(raw: bytes, limits: ImageLimits) -> DecodedImage:
         fmt = "JPEG"
     else:
         raise ApiError("bad_image", "image is neither PNG nor JPEG (unrecognised file signature)")
+    dims = _header_size(raw, fmt)
+    if dims is not None:
+        _check_size(*dims, limits)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -54,16 +57,41 @@ def decode_image(raw: bytes, limits: ImageLimits) -> DecodedImage:
         raise ApiError("too_large", "image has too many pixels") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
         raise ApiError("bad_image", f"cannot read the {fmt} header: {_short(e)}") from None
-    if w < limits.min_side or h < limits.min_side:
-        raise ApiError("bad_image", f"image is {w}x{h} pixels: it must be at least {limits.min_side}x{limits.min_side}")
-    if w > limits.max_side or h > limits.max_side or w * h > limits.max_pixels:
-        raise ApiError("too_large", f"image is {w}x{h} pixels; the limit is {limits.max_side} per side and "
-                       f"{limits.max_pixels:,} pixels in all")
+    _check_size(w, h, limits)
     try:
         im.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ApiError("bad_image", f"the {fmt} data is truncated or corrupt: {_short(e)}") from None
     return DecodedImage(array=_to_array(im), format=fmt)
+
+
+def _check_size(w: int, h: int, limits: ImageLimits) -> None:
+    if w < limits.min_side or h < limits.min_side:
+        raise ApiError("bad_image", f"image is {w}x{h} pixels: it must be at least {limits.min_side}x{limits.min_side}")
+    if w > limits.max_side or h > limits.max_side or w * h > limits.max_pixels:
+        raise ApiError("too_large", f"image is {w}x{h} pixels; the limit is {limits.max_side} per side and "
+                       f"{limits.max_pixels:,} pixels in all")
+
+
+def _header_size(raw: bytes, fmt: str) -> tuple[int, int] | None:
+    """Width and height read from the file header alone (None when the header is not understood)."""
+    if fmt == "PNG":
+        if len(raw) >= 24 and raw[12:16] == b"IHDR":
+            return int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
+        return None
+    i = 2  # JPEG: walk the markers to the first start-of-frame
+    while i + 9 < len(raw):
+        if raw[i] != 0xFF:
+            return None
+        marker = raw[i + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        length = int.from_bytes(raw[i + 2 : i + 4], "big")
+        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+            return int.from_bytes(raw[i + 7 : i + 9], "big"), int.from_bytes(raw[i + 5 : i + 7], "big")
+        i += 2 + length
+    return None
 
 
 def _to_array(im) -> np.ndarray:

@@ -91,11 +91,11 @@ class AnalysisService:
         p = f"{where}." if where else ""
         s = self.settings
         info = self.info
-        if req.task not in info.tasks:
-            raise ApiError("not_supported", _unsupported_message(req.task, info))
         question = (req.question or "").strip() or None
         if req.task in TASKS_NEEDING_QUESTION and question is None and not req.prompt:
             raise ApiError("bad_request", f"{p}question is required for task '{req.task}': give {TASKS_NEEDING_QUESTION[req.task]}")
+        if req.task not in info.tasks:
+            raise ApiError("not_supported", _unsupported_message(req.task, info))
         if question is not None and len(question) > s.max_question_chars:
             raise ApiError("bad_request", f"{p}question is {len(question)} characters; the limit is {s.max_question_chars}")
         if req.prompt is not None and len(req.prompt) > s.max_prompt_chars:

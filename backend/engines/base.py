@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from MiniGPTMedSlicerLib.protocol import Finding
 
 

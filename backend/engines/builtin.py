@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
 from MiniGPTMedSlicerLib.protocol import Finding
 
 from .base import AnalysisInput, AnalysisResult, Engine, EngineInfo, StopToken, TaskNotSupported
@@ -199,6 +198,10 @@ class BuiltinEngine(Engine):
         t = (text or "").lower()
         dark = any(w in t for w in DARK_WORDS)
         bright = any(w in t for w in BRIGHT_WORDS)
+        if "hypo" in t and "hyper" not in t:  # "hypodense" also contains "dense"
+            dark, bright = True, False
+        elif "hyper" in t and "hypo" not in t:
+            dark, bright = False, True
         if dark and not bright:
             return [c for c in cands if c.polarity < 0]
         if bright and not dark:
