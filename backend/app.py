@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import itertools
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -81,54 +80,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None,
         code = {404: "not_found", 405: "bad_request", 413: "too_large"}.get(exc.status_code, "bad_request")
         return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code)
 
-    # -- middleware: access token, body limit, request log ----------------------------------
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        rid = next(_request_ids)
-        t0 = time.perf_counter()
-        request.state.rid = rid
-        request.state.log = {}
-        outcome_status = 500
-        try:
-            if settings.token and request.url.path != "/health":
-                header = request.headers.get("authorization", "")
-                scheme, _, given = header.partition(" ")
-                if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), settings.token.encode()):
-                    resp = error_response(ApiError("unauthorized", "missing or wrong access token: send "
-                                                   "'Authorization: Bearer <token>'"))
-                    outcome_status = resp.status_code
-                    return resp
-            length = request.headers.get("content-length")
-            if length is not None:
-                try:
-                    n = int(length)
-                except ValueError:
-                    n = -1
-                if n < 0:
-                    resp = error_response(ApiError("bad_request", "invalid Content-Length"))
-                    outcome_status = resp.status_code
-                    return resp
-                if n > settings.max_body_bytes:
-                    resp = error_response(ApiError("too_large", f"request body is {n:,} bytes; the limit is "
-                                                   f"{settings.max_body_bytes:,}"))
-                    outcome_status = resp.status_code
-                    return resp
-            elif request.method in ("POST", "PUT"):
-                body = b""
-                async for chunk in request.stream():
-                    body += chunk
-                    if len(body) > settings.max_body_bytes:
-                        resp = error_response(ApiError("too_large", f"request body exceeds {settings.max_body_bytes:,} bytes"))
-                        outcome_status = resp.status_code
-                        return resp
-                request._body = body  # starlette reuses it for the route
-            response = await call_next(request)
-            outcome_status = response.status_code
-            return response
-        finally:
-            extra = " ".join(f"{k}={v}" for k, v in request.state.log.items())
-            log.info("request id=%d method=%s path=%s status=%d ms=%.1f %s", rid, request.method, request.url.path,
-                     outcome_status, (time.perf_counter() - t0) * 1000, extra)
+    app.add_middleware(GuardMiddleware, settings=settings)
 
     # -- routes -----------------------------------------------------------------------------
     @app.get("/health", response_model=Health, responses=_ERROR_RESPONSES, tags=["service"])
@@ -171,5 +123,95 @@ def create_app(engine: Engine, settings: ServerSettings | None = None,
     return app
 
 
-def dumps_error(code: str, message: str) -> str:
-    return json.dumps({"error": {"code": code, "message": message}})
+class GuardMiddleware:
+    """Pure ASGI middleware (keeps client-disconnect detection working): access token, body size limit, and one
+    structured log line per request. Never logs pixels or question text."""
+
+    def __init__(self, app, settings: ServerSettings):
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = next(_request_ids)
+        t0 = time.perf_counter()
+        state = scope.setdefault("state", {})
+        state["rid"] = rid
+        state["log"] = {}
+        status = [500]
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            rejection = self._check(scope)
+            if rejection is None and scope["method"] in ("POST", "PUT") and _header(scope, b"content-length") is None:
+                body, rejection = await self._read_limited(receive)
+                if rejection is None:
+                    receive = _replay(body, receive)
+            if rejection is not None:
+                await error_response(rejection)(scope, receive, send_wrapper)
+                return
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            extra = " ".join(f"{k}={v}" for k, v in state["log"].items())
+            log.info("request id=%d method=%s path=%s status=%d ms=%.1f %s", rid, scope["method"], scope["path"],
+                     status[0], (time.perf_counter() - t0) * 1000, extra)
+
+    def _check(self, scope) -> ApiError | None:
+        s = self.settings
+        if s.token and scope["path"] != "/health":
+            header = (_header(scope, b"authorization") or b"").decode("latin-1")
+            scheme, _, given = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), s.token.encode()):
+                return ApiError("unauthorized", "missing or wrong access token: send 'Authorization: Bearer <token>'")
+        length = _header(scope, b"content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                n = -1
+            if n < 0:
+                return ApiError("bad_request", "invalid Content-Length")
+            if n > s.max_body_bytes:
+                return ApiError("too_large", f"request body is {n:,} bytes; the limit is {s.max_body_bytes:,}")
+        return None
+
+    async def _read_limited(self, receive) -> tuple[bytes, ApiError | None]:
+        chunks, total = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > self.settings.max_body_bytes:
+                return b"", ApiError("too_large", f"request body exceeds {self.settings.max_body_bytes:,} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks), None
+
+
+def _header(scope, name: bytes) -> bytes | None:
+    for k, v in scope.get("headers", ()):
+        if k == name:
+            return v
+    return None
+
+
+def _replay(body: bytes, receive):
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
