@@ -17,6 +17,11 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+# this machine's pip.conf points at local mirrors that print a warning per package; keep the log readable
+QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+
 .PHONY: setup demo test lint bench clean
 
 setup: $(STAMP)
@@ -24,9 +29,9 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	@echo "== creating $(VENV) with $(PYTHON)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(PIP_PKGS)
-	$(BIN)/python -m pip install -q --no-deps $(DATA_PKGS)
+	$(BIN)/python -m pip install -q --upgrade pip $(QUIET)
+	$(BIN)/python -m pip install -q $(PIP_PKGS) $(QUIET)
+	$(BIN)/python -m pip install -q --no-deps $(DATA_PKGS) $(QUIET)
 	@touch $@
 
 demo: $(STAMP)
