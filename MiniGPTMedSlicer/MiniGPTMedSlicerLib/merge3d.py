@@ -116,7 +116,7 @@ def merge_detections(detections: Sequence[SliceDetection], pixel_to_ras: Sequenc
     options = options or MergeOptions()
     out: List[Finding3D] = []
     for tr in link_tracks(detections, options):
-        boxes = [tuple(float(c) for c in d.box) for d in tr]
+        boxes = [(float(d.box[0]), float(d.box[1]), float(d.box[2]), float(d.box[3])) for d in tr]
         positions = [d.slice_pos for d in tr]
         scores = [d.score for d in tr]
         first = np.asarray(pixel_to_ras[positions[0]], dtype=float)

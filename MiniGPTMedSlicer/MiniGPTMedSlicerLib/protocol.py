@@ -206,7 +206,7 @@ def _convert(tp: Any, v: Any, path: str) -> Any:
             raise ProtocolError(path, f"expected an object, got {_json_type(v)}")
         return {str(k): _convert(args[1], x, f"{path}.{k}") for k, x in v.items()}
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, v, path)
+        return from_dict(tp, v, path)  # type: ignore[arg-type]
     if tp is str:
         if not isinstance(v, str):
             raise ProtocolError(path, f"expected a string, got {_json_type(v)}")

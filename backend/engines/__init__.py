@@ -22,8 +22,8 @@ def choose_engine(args: argparse.Namespace) -> tuple[str, str]:
     converted = getattr(args, "converted", None)
     if converted and os.path.isdir(converted):
         return "minigptmed", f"converted MiniGPT-Med weights found at {converted}"
-    files = [getattr(args, k, None) for k in ("eva", "llama", "checkpoint")]
-    if all(files):
+    files: list[str] = [f for f in (getattr(args, k, None) for k in ("eva", "llama", "checkpoint")) if f]
+    if len(files) == 3:
         missing = [f for f in files if not os.path.exists(f)]
         if not missing:
             return "minigptmed", "MiniGPT-Med weights (--eva, --llama, --checkpoint) found"
