@@ -5,7 +5,7 @@ them. It does not diagnose, and every text it writes says so.
 
 Detection, per image:
 1. Robust intensity range (0.5 / 99.5 percentiles) -> values scaled to about 0..1 (not clipped).
-2. Tissue mask: above an Otsu threshold between background/air and tissue; small holes (< 2 % of the
+2. Tissue mask: above air/background (half the Otsu threshold, at most 15 % of the range); small holes (< 2 % of the
    tissue) filled so that dark lesions count as tissue while lungs and background stay out.
 3. Local tissue background by normalised Gaussian convolution inside the mask (sigma = 1/12 of the
    image side), computed twice: the second pass excludes the outliers of the first, so a lesion does
@@ -37,7 +37,7 @@ BRIGHT_WORDS = ("hyper", "bright", "high", "calc", "bleed", "hemorr", "haemorr",
 
 @dataclass
 class BuiltinConfig:
-    z_threshold: float = 3.5
+    z_threshold: float = 2.5
     min_area_px: int = 12
     max_findings: int = 8
     max_area_fraction: float = 0.25  # of the tissue
@@ -90,7 +90,7 @@ class ImageAnalyzer:
         import SimpleITK as sitk
 
         t = _otsu(np.clip(x, 0.0, 1.0))
-        mask = x > max(t * 0.5, 0.02)
+        mask = x > max(min(t * 0.5, 0.15), 0.02)  # above air/background; fat counts as tissue
         if mask.sum() < 16:
             return np.ones_like(mask)
         # fill small holes (dark lesions inside tissue) but not lungs or the background

@@ -1,0 +1,198 @@
+"""Capture what a slice view shows: the background volume resliced at the view's geometry (oblique included),
+windowed with the volume's current window/level, as PNG bytes plus the exact pixel -> RAS transform.
+
+Works with a slice logic from the Slicer app (``layoutManager().sliceWidget('Red').sliceLogic()``) and with one made
+by :mod:`.scene` on ``slicer-core``. Only pixels, pixel spacing and modality are ever put in a request.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import protocol
+from .geometry import ras_to_pixel
+from .png import encode_png
+
+
+@dataclass
+class CapturedSlice:
+    pixels: np.ndarray  # (H, W) uint8, top row first: exactly what is sent
+    png: bytes
+    pixel_to_ras: np.ndarray  # 4x4: [u, v, 0, 1] (PNG pixel coords, centres at +0.5) -> RAS
+    pixel_spacing_mm: Tuple[float, float]  # (row, col)
+    slice_normal_ras: Tuple[float, float, float]
+    slice_thickness_mm: float
+    view_name: str
+    orientation: str
+    slice_offset_mm: float
+    volume_node_id: str
+    modality: Optional[str]
+    window: float
+    level: float
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+
+def _vtk_to_np(m) -> np.ndarray:
+    return np.array([[m.GetElement(i, j) for j in range(4)] for i in range(4)], dtype=float)
+
+
+def _np_to_vtk(a: np.ndarray):
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    for i in range(4):
+        for j in range(4):
+            m.SetElement(i, j, float(a[i, j]))
+    return m
+
+
+def export_geometry(slice_node, export_size: Union[int, Sequence[int], None] = None) -> Tuple[int, int, np.ndarray]:
+    """(W, H, XY->RAS) of the image to capture. ``None``: the view's own pixels (identical to Slicer's XYToRAS).
+    An int N: the longer side N pixels, square pixels, same field of view. (W, H): exactly that, same field of view."""
+    dims = slice_node.GetDimensions()
+    if export_size is None:
+        return int(dims[0]), int(dims[1]), _vtk_to_np(slice_node.GetXYToRAS())
+    fov = slice_node.GetFieldOfView()
+    if isinstance(export_size, (int, np.integer)):
+        n = int(export_size)
+        if fov[0] >= fov[1]:
+            w, h = n, max(1, int(round(n * fov[1] / fov[0])))
+        else:
+            w, h = max(1, int(round(n * fov[0] / fov[1]))), n
+    else:
+        w, h = int(export_size[0]), int(export_size[1])
+    if w < 1 or h < 1:
+        raise ValueError(f"export size must be positive, got {export_size}")
+    org = slice_node.GetXYZOrigin()
+    xy2slice = np.eye(4)
+    xy2slice[0, 0], xy2slice[1, 1] = fov[0] / w, fov[1] / h
+    xy2slice[2, 2] = fov[2] / max(1, dims[2])
+    xy2slice[:3, 3] = [-fov[0] / 2 + org[0], -fov[1] / 2 + org[1], org[2]]
+    return w, h, _vtk_to_np(slice_node.GetSliceToRAS()) @ xy2slice
+
+
+def inside_volume(volume_node, xy_to_ras: np.ndarray, w: int, h: int) -> np.ndarray:
+    """(H, W) bool in VTK row order: which XY pixel centres fall inside the volume's voxel grid."""
+    import vtk
+
+    ras_to_ijk = vtk.vtkMatrix4x4()
+    volume_node.GetRASToIJKMatrix(ras_to_ijk)
+    m = _vtk_to_np(ras_to_ijk) @ xy_to_ras
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    dims = volume_node.GetImageData().GetDimensions()
+    inside = np.ones((h, w), dtype=bool)
+    for axis in range(3):
+        c = m[axis, 0] * x + m[axis, 1] * y + m[axis, 3]
+        inside &= (c >= -0.5) & (c <= dims[axis] - 0.5)
+    return inside
+
+
+def reslice(volume_node, xy_to_ras: np.ndarray, w: int, h: int, interpolate: bool) -> np.ndarray:
+    """Raw scalar values of ``volume_node`` on the XY grid (VTK row order: row 0 at the bottom), as float64."""
+    import vtk
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    ras_to_ijk = vtk.vtkMatrix4x4()
+    volume_node.GetRASToIJKMatrix(ras_to_ijk)
+    xy_to_ijk = _vtk_to_np(ras_to_ijk) @ xy_to_ras
+    transform = vtk.vtkTransform()
+    transform.SetMatrix(_np_to_vtk(xy_to_ijk))
+    rs = vtk.vtkImageReslice()
+    rs.SetInputData(volume_node.GetImageData())
+    rs.SetResliceTransform(transform)
+    rs.SetOutputOrigin(0, 0, 0)
+    rs.SetOutputSpacing(1, 1, 1)
+    rs.SetOutputExtent(0, w - 1, 0, h - 1, 0, 0)
+    rs.SetBackgroundLevel(float(volume_node.GetImageData().GetScalarRange()[0]))
+    if interpolate:
+        rs.SetInterpolationModeToLinear()
+    else:
+        rs.SetInterpolationModeToNearestNeighbor()
+    rs.Update()
+    out = rs.GetOutput()
+    # vtkImageReslice sets input origin/spacing aside: the input is in IJK because the transform ends in IJK
+    return vtk_to_numpy(out.GetPointData().GetScalars()).reshape(h, w).astype(np.float64)
+
+
+def window_level(raw: np.ndarray, window: float, level: float) -> np.ndarray:
+    """What Slicer displays: linear ramp over [level - window/2, level + window/2] to 0..255."""
+    lo = level - window / 2.0
+    scale = 255.0 / max(window, 1e-12)
+    return np.clip(np.floor((raw - lo) * scale + 0.5), 0, 255).astype(np.uint8)
+
+
+def capture_slice(slice_logic, export_size: Union[int, Sequence[int], None] = None,
+                  compress_level: int = 1) -> CapturedSlice:
+    """Capture the background volume of a slice view as the radiologist sees it."""
+    from .scene import volume_of
+
+    slice_node = slice_logic.GetSliceNode()
+    volume = volume_of(slice_logic)
+    if volume is None or volume.GetImageData() is None:
+        raw_name = slice_node.GetName() if slice_node is not None else "?"
+        raise ValueError(f"the {raw_name} view shows no volume: choose a background volume first")
+    display = volume.GetDisplayNode()
+    if display is None:
+        volume.CreateDefaultDisplayNodes()
+        display = volume.GetDisplayNode()
+    window, level = float(display.GetWindow()), float(display.GetLevel())
+    interpolate = bool(display.GetInterpolate())
+    w, h, xy_to_ras = export_geometry(slice_node, export_size)
+    raw = reslice(volume, xy_to_ras, w, h, interpolate)
+    shown = window_level(raw, window, level)
+    shown[~inside_volume(volume, xy_to_ras, w, h)] = 0  # outside the volume the view is black
+    pixels = np.ascontiguousarray(shown[::-1])  # PNG row order: top row first
+    # PNG (u, v) -> XY (x = u - 0.5, y = H - 0.5 - v): pixel centres of both at integers / +0.5
+    flip = np.array([[1.0, 0, 0, -0.5], [0, -1.0, 0, h - 0.5], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
+    pixel_to_ras = xy_to_ras @ flip
+    normal = _vtk_to_np(slice_node.GetSliceToRAS())[:3, 2]
+    thickness = float(slice_logic.GetVolumeSliceSpacing(volume)[2])
+    pixel_to_ras[:3, 2] = normal / np.linalg.norm(normal) * thickness
+    spacing = (float(np.linalg.norm(pixel_to_ras[:3, 1])), float(np.linalg.norm(pixel_to_ras[:3, 0])))
+    return CapturedSlice(
+        pixels=pixels, png=encode_png(pixels, compress_level), pixel_to_ras=pixel_to_ras, pixel_spacing_mm=spacing,
+        slice_normal_ras=(float(normal[0]), float(normal[1]), float(normal[2])), slice_thickness_mm=thickness,
+        view_name=slice_node.GetName(), orientation=slice_node.GetOrientation(),
+        slice_offset_mm=float(slice_logic.GetSliceOffset()), volume_node_id=volume.GetID(),
+        modality=volume.GetAttribute("DICOM.Modality") or None, window=window, level=level,
+    )
+
+
+def to_request(captured: CapturedSlice, task: str, question: Optional[str] = None,
+               region: Optional[Sequence[float]] = None, **options) -> protocol.AnalyzeRequest:
+    """The request for a captured slice: pixels, spacing and modality only (no names, no DICOM tags)."""
+    return protocol.AnalyzeRequest(
+        task=task,  # type: ignore[arg-type]
+        image=base64.b64encode(captured.png).decode("ascii"),
+        question=question,
+        region=[float(v) for v in region] if region is not None else None,
+        pixel_spacing_mm=[captured.pixel_spacing_mm[0], captured.pixel_spacing_mm[1]],
+        modality=captured.modality,
+        max_new_tokens=options.get("max_new_tokens"),
+        temperature=options.get("temperature"),
+        prompt=options.get("prompt"),
+    )
+
+
+def region_from_roi(captured: CapturedSlice, roi_node) -> Tuple[float, float, float, float]:
+    """The pixel box of an ROI markup (e.g. a rectangle the user drew) in the captured image, clipped to it."""
+    m = _vtk_to_np(roi_node.GetObjectToWorldMatrix())
+    sx, sy, sz = roi_node.GetSize()
+    corners = [m @ np.array([a * sx / 2, b * sy / 2, c * sz / 2, 1.0]) for a in (-1, 1) for b in (-1, 1) for c in (-1, 1)]
+    uv = np.array([ras_to_pixel(captured.pixel_to_ras, p[:3])[:2] for p in corners])
+    x0, y0 = np.clip(uv.min(axis=0), 0, [captured.width, captured.height])
+    x1, y1 = np.clip(uv.max(axis=0), 0, [captured.width, captured.height])
+    if not (x1 > x0 and y1 > y0):
+        raise ValueError("the region lies outside the captured view")
+    return float(x0), float(y0), float(x1), float(y1)

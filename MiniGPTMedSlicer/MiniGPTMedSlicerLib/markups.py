@@ -1,0 +1,260 @@
+"""Findings -> MRML: one oriented ROI per finding in the slice plane, a text node with the findings text, all under
+one subject-hierarchy folder per analysis. All or nothing: a failure leaves the scene exactly as it was.
+
+Text lives in node attributes and a vtkMRMLTextNode, never in node descriptions (the markups logic wipes those).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import protocol
+from .geometry import box_size_mm, box_to_plane_roi
+
+ATTR = "MiniGPTMed."
+FOLDER_ATTR = ATTR + "analysis"
+
+
+@dataclass
+class AnalysisNodes:
+    folder_item: int
+    rois: List[object] = field(default_factory=list)
+    text_node: Optional[object] = None
+    name: str = ""
+
+
+@dataclass
+class FindingRow:
+    node_id: str
+    label: str
+    size_mm: Tuple[float, ...]
+    view: str
+    slice_offset_mm: float
+    score: Optional[float]
+    analysis: str
+
+
+# Distinct hues for labels; brighter-than-surroundings findings warm, darker ones cool.
+_PALETTE = [(1.0, 0.55, 0.1), (0.2, 0.8, 1.0), (0.3, 1.0, 0.3), (1.0, 0.3, 0.8), (1.0, 0.95, 0.2), (0.6, 0.45, 1.0),
+            (1.0, 0.25, 0.25), (0.2, 1.0, 0.85), (0.95, 0.6, 0.6), (0.6, 0.8, 0.2)]
+_WARM, _COOL = ("hyper", "bright"), ("hypo", "dark")
+
+
+def label_color(label: str) -> Tuple[float, float, float]:
+    """A stable colour per label (same label -> same colour in every analysis and session)."""
+    key = label.strip().lower()
+    if key.startswith(_WARM):
+        return _PALETTE[0]
+    if key.startswith(_COOL):
+        return _PALETTE[1]
+    h = int(hashlib.sha1(key.encode("utf-8")).hexdigest()[:8], 16)
+    return _PALETTE[2 + h % (len(_PALETTE) - 2)]
+
+
+def subject_hierarchy(scene):
+    import slicer
+
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    if sh is None:
+        raise RuntimeError("the scene has no subject hierarchy")
+    return sh
+
+
+def _matrix(axes: np.ndarray, center: np.ndarray):
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    for i in range(3):
+        for j in range(3):
+            m.SetElement(i, j, float(axes[i, j]))
+        m.SetElement(i, 3, float(center[i]))
+    return m
+
+
+def remove_node(scene, node) -> None:
+    """Remove a node with its display and storage nodes."""
+    if node is None or scene.GetNodeByID(node.GetID()) is None:
+        return
+    if node.IsA("vtkMRMLDisplayableNode"):
+        for i in reversed(range(node.GetNumberOfDisplayNodes())):
+            d = node.GetNthDisplayNode(i)
+            if d is not None:
+                scene.RemoveNode(d)
+    if node.IsA("vtkMRMLStorableNode"):
+        for i in reversed(range(node.GetNumberOfStorageNodes())):
+            s = node.GetNthStorageNode(i)
+            if s is not None:
+                scene.RemoveNode(s)
+    scene.RemoveNode(node)
+
+
+def add_roi(scene, name: str, center, size, axes: np.ndarray, color, attributes: dict, point_label: str):
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", name)
+    roi.CreateDefaultDisplayNodes()
+    roi.SetAndObserveObjectToNodeMatrix(_matrix(axes, np.asarray(center)))  # before SetSize: it sets the centre
+    roi.SetSize(float(size[0]), float(size[1]), float(size[2]))
+    if roi.GetNumberOfControlPoints() > 0:
+        roi.SetNthControlPointLabel(0, point_label)  # kept in the .mrk.json; the view draws the node name
+    roi.SetLocked(True)
+    d = roi.GetDisplayNode()
+    d.SetColor(*color)
+    d.SetSelectedColor(*color)
+    d.SetFillOpacity(0.08)
+    d.SetOutlineOpacity(1.0)
+    d.SetTextScale(2.5)
+    d.SetPointLabelsVisibility(False)
+    d.SetPropertiesLabelVisibility(True)
+    d.SetHandlesInteractive(False)
+    for k, v in attributes.items():
+        roi.SetAttribute(ATTR + k, v)
+    return roi
+
+
+class _Undo:
+    """Collects what an operation created; removes all of it if the operation fails."""
+
+    def __init__(self, scene):
+        self.scene = scene
+        self.nodes: list = []
+        self.items: list = []
+
+    def rollback(self) -> None:
+        for node in reversed(self.nodes):
+            try:
+                remove_node(self.scene, node)
+            except Exception:
+                pass
+        if self.items:
+            sh = subject_hierarchy(self.scene)
+            for item in reversed(self.items):
+                sh.RemoveItem(item, False, False)
+
+
+def _fmt(v: Optional[float]) -> str:
+    return "" if v is None else f"{v:.4g}"
+
+
+def add_analysis_results(scene, captured, response: protocol.AnalyzeResponse, *, replace_previous: bool = False,
+                         folder_name: Optional[str] = None, thickness_mm: Optional[float] = None) -> AnalysisNodes:
+    """Create the markups of one analysis. ``captured`` is the :class:`.capture.CapturedSlice` that was sent."""
+    now = datetime.datetime.now().isoformat(timespec="seconds")
+    name = folder_name or f"MiniGPT-Med {response.task} ({captured.view_name}, {captured.slice_offset_mm:.1f} mm)"
+    thickness = float(thickness_mm or captured.slice_thickness_mm or 1.0)
+    previous = list_results(scene) if replace_previous else []
+    undo = _Undo(scene)
+    try:
+        sh = subject_hierarchy(scene)
+        folder = sh.CreateFolderItem(sh.GetSceneItemID(), name)
+        undo.items.append(folder)
+        common = {"task": response.task, "engine": response.engine, "model": response.model, "view": captured.view_name,
+                  "slice_offset": f"{captured.slice_offset_mm:.3f}", "time": now,
+                  "pixel_to_ras": " ".join(f"{v:.6g}" for v in np.asarray(captured.pixel_to_ras).ravel())}
+        for k, v in {**common, "analysis": "1", "findings": str(len(response.findings))}.items():
+            sh.SetItemAttribute(folder, ATTR + k, v)
+        out = AnalysisNodes(folder_item=folder, name=name)
+        for i, f in enumerate(response.findings):
+            center, size, axes = box_to_plane_roi(captured.pixel_to_ras, f.box, thickness)
+            label = f.label or "finding"
+            attrs = {**common, "label": label, "score": _fmt(f.score), "box_px": " ".join(f"{v:.2f}" for v in f.box),
+                     "index": str(i + 1)}
+            point_label = f"{label} ({f.score:.2f})" if f.score is not None else label
+            roi = add_roi(scene, label, center, size, axes, label_color(label), attrs, point_label)
+            undo.nodes.append(roi)
+            sh.CreateItem(folder, roi)
+            out.rois.append(roi)
+        text = scene.AddNewNodeByClass("vtkMRMLTextNode", f"{name} findings")
+        undo.nodes.append(text)
+        text.SetText(response.text or "(no text)")
+        for k, v in {**common, "raw_output": response.raw_output, "warnings": " | ".join(response.warnings)}.items():
+            text.SetAttribute(ATTR + k, v)
+        sh.CreateItem(folder, text)
+        out.text_node = text
+    except BaseException:
+        undo.rollback()
+        raise
+    for item in previous:
+        remove_analysis(scene, item)
+    return out
+
+
+def list_results(scene) -> List[int]:
+    """Subject-hierarchy folder items of the analyses in the scene, oldest first."""
+    import vtk
+
+    sh = subject_hierarchy(scene)
+    ids = vtk.vtkIdList()
+    sh.GetItemChildren(sh.GetSceneItemID(), ids, True)
+    return [ids.GetId(i) for i in range(ids.GetNumberOfIds()) if sh.GetItemAttribute(ids.GetId(i), FOLDER_ATTR) == "1"]
+
+
+def analysis_nodes(scene, folder_item: int) -> list:
+    import vtk
+
+    sh = subject_hierarchy(scene)
+    ids = vtk.vtkIdList()
+    sh.GetItemChildren(folder_item, ids, True)
+    nodes = [sh.GetItemDataNode(ids.GetId(i)) for i in range(ids.GetNumberOfIds())]
+    return [n for n in nodes if n is not None]
+
+
+def remove_analysis(scene, folder_item: int) -> None:
+    for node in analysis_nodes(scene, folder_item):
+        remove_node(scene, node)
+    subject_hierarchy(scene).RemoveItem(folder_item, False, True)
+
+
+def clear_results(scene) -> int:
+    items = list_results(scene)
+    for item in items:
+        remove_analysis(scene, item)
+    return len(items)
+
+
+def finding_rows(scene) -> List[FindingRow]:
+    """One row per finding ROI of every analysis, for the module's findings table."""
+    sh = subject_hierarchy(scene)
+    rows = []
+    for item in list_results(scene):
+        analysis = sh.GetItemName(item)
+        for node in analysis_nodes(scene, item):
+            if not node.IsA("vtkMRMLMarkupsROINode"):
+                continue
+            score = node.GetAttribute(ATTR + "score")
+            rows.append(FindingRow(
+                node_id=node.GetID(), label=node.GetAttribute(ATTR + "label") or node.GetName(),
+                size_mm=tuple(round(float(s), 1) for s in node.GetSize()), view=node.GetAttribute(ATTR + "view") or "",
+                slice_offset_mm=float(node.GetAttribute(ATTR + "slice_offset") or 0.0),
+                score=float(score) if score else None, analysis=analysis))
+    return rows
+
+
+def roi_center(roi) -> np.ndarray:
+    c = [0.0, 0.0, 0.0]
+    roi.GetCenterWorld(c)
+    return np.array(c)
+
+
+def jump_to_finding(slice_nodes: Sequence, roi, select: bool = True) -> np.ndarray:
+    """Move the given slice views onto the finding's centre (each keeps its orientation) and select the markup."""
+    c = roi_center(roi)
+    for sn in slice_nodes:
+        sn.JumpSliceByCentering(float(c[0]), float(c[1]), float(c[2]))
+    if select:
+        scene = roi.GetScene()
+        for node in _all_rois(scene):
+            node.SetSelected(node is roi or node.GetID() == roi.GetID())
+    return c
+
+
+def _all_rois(scene) -> list:
+    col = scene.GetNodesByClass("vtkMRMLMarkupsROINode")
+    return [col.GetItemAsObject(i) for i in range(col.GetNumberOfItems())]
+
+
+def box_in_mm(captured, box: Sequence[float]) -> Tuple[float, float]:
+    return box_size_mm(captured.pixel_to_ras, box)

@@ -1,0 +1,202 @@
+"""An MRML scene wired like Slicer's, for the headless runner and the tests (PyPI ``slicer-core``).
+
+Inside the Slicer app none of this is needed: the module uses ``slicer.mrmlScene`` and the app's slice logics and
+passes them to the same capture/markups functions.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+# Loading options of vtkSlicerVolumesLogic.AddArchetypeVolume (bit mask)
+_LABELMAP, _CENTERED, _SINGLE_FILE, _AUTO_WL = 1, 2, 4, 8
+
+CT_WINDOW_LEVEL = (400.0, 40.0)  # soft tissue
+
+
+class VolumeLoadError(Exception):
+    pass
+
+
+@dataclass
+class SceneContext:
+    scene: object
+    app_logic: object
+    volumes_logic: object
+    markups_logic: object
+    colors_logic: object
+    subject_hierarchy_logic: object
+    slice_logics: Dict[str, object] = field(default_factory=dict)
+    _keep: List[object] = field(default_factory=list)
+
+
+def create_scene() -> SceneContext:
+    import slicer
+    import vtk
+
+    scene = slicer.vtkMRMLScene()
+    app = slicer.vtkSlicerApplicationLogic()
+    app.SetMRMLScene(scene)
+    colors = slicer.vtkSlicerColorLogic()
+    colors.SetMRMLApplicationLogic(app)
+    colors.SetMRMLScene(scene)
+    app.SetModuleLogic("Colors", colors)
+    app.SetColorLogic(colors)
+    vols = slicer.vtkSlicerVolumesLogic()
+    vols.SetMRMLApplicationLogic(app)
+    vols.SetMRMLScene(scene)
+    app.SetModuleLogic("Volumes", vols)
+    mk = slicer.vtkSlicerMarkupsLogic()
+    mk.SetMRMLApplicationLogic(app)
+    mk.SetMRMLScene(scene)
+    app.SetModuleLogic("Markups", mk)
+    shl = slicer.vtkSlicerSubjectHierarchyModuleLogic()
+    shl.SetMRMLApplicationLogic(app)
+    shl.SetMRMLScene(scene)
+    app.SetModuleLogic("SubjectHierarchy", shl)
+    app.SetSliceLogics(vtk.vtkCollection())
+    return SceneContext(scene, app, vols, mk, colors, shl)
+
+
+def _dicom_files(path: str) -> List[str]:
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if not f.startswith("."))
+        return [f for f in files if os.path.isfile(f) and _is_dicom(f)]
+    return [path] if _is_dicom(path) else []
+
+
+def _is_dicom(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+        return len(head) == 132 and head[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def _dicom_modality(path: str) -> Optional[str]:
+    """Only the Modality tag is read (no names, no other tags)."""
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality"])
+        value = str(getattr(ds, "Modality", "") or "").strip().upper()
+        return value or None
+    except Exception:
+        return None
+
+
+def load_volume(ctx: SceneContext, path: str, name: Optional[str] = None):
+    """Load a NIfTI/NRRD/MHA file, a DICOM file or a DICOM folder as a scalar volume. CT gets a soft-tissue window."""
+    import vtk
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise VolumeLoadError(f"{path}: no such file or folder")
+    name = name or os.path.basename(path.rstrip("/")).split(".")[0] or "volume"
+    dicoms = _dicom_files(path)
+    modality = None
+    if dicoms:
+        files = vtk.vtkStringArray()
+        for f in dicoms:
+            files.InsertNextValue(f)
+        options = _SINGLE_FILE if len(dicoms) == 1 else 0
+        node = ctx.volumes_logic.AddArchetypeVolume(dicoms[0], name, options, files)
+        modality = _dicom_modality(dicoms[0])
+    elif os.path.isdir(path):
+        raise VolumeLoadError(f"{path}: a folder without DICOM files")
+    else:
+        node = ctx.volumes_logic.AddArchetypeVolume(path, name, _SINGLE_FILE)
+    if node is None or node.GetImageData() is None:
+        raise VolumeLoadError(f"{path}: cannot read this file as a volume (unsupported or corrupt)")
+    image = node.GetImageData()
+    if not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLVectorVolumeNode") or \
+            image.GetNumberOfScalarComponents() != 1:
+        _remove_volume(ctx.scene, node)
+        raise VolumeLoadError(f"{path}: not a scalar volume ({image.GetNumberOfScalarComponents()} components per voxel)")
+    lo, hi = image.GetScalarRange()
+    if modality is None and lo <= -900 and hi >= 300:
+        modality = "CT"  # Hounsfield range: air at about -1000 (padding often -1024 / -2048 / -3024)
+    if modality:
+        node.SetAttribute("DICOM.Modality", modality)
+    display = node.GetDisplayNode()
+    if display is None:
+        node.CreateDefaultDisplayNodes()
+        display = node.GetDisplayNode()
+    if modality == "CT":
+        display.AutoWindowLevelOff()
+        display.SetWindowLevel(*CT_WINDOW_LEVEL)
+    return node
+
+
+def _remove_volume(scene, node) -> None:
+    for i in range(node.GetNumberOfDisplayNodes()):
+        d = node.GetNthDisplayNode(i)
+        if d is not None:
+            scene.RemoveNode(d)
+    if node.GetStorageNode() is not None:
+        scene.RemoveNode(node.GetStorageNode())
+    scene.RemoveNode(node)
+
+
+def add_slice_view(ctx: SceneContext, volume_node, name: str = "Red", orientation: str = "Axial",
+                   size=(512, 512)):
+    """A slice view (logic + node) showing ``volume_node`` as background, fitted to the volume like Slicer does."""
+    import slicer
+
+    sl = slicer.vtkMRMLSliceLogic()
+    sl.SetMRMLApplicationLogic(ctx.app_logic)
+    sl.SetMRMLScene(ctx.scene)
+    ctx.app_logic.GetSliceLogics().AddItem(sl)
+    sn = sl.AddSliceNode(name)
+    sn.SetOrientation(orientation)
+    sl.GetSliceCompositeNode().SetBackgroundVolumeID(volume_node.GetID())
+    sn.SetDimensions(int(size[0]), int(size[1]), 1)
+    sl.FitSliceToAll()
+    ctx.slice_logics[name] = sl
+    return sl
+
+
+def volume_of(slice_logic):
+    """The background volume node shown by a slice logic (None when the view is empty)."""
+    comp = slice_logic.GetSliceCompositeNode()
+    vid = comp.GetBackgroundVolumeID() if comp is not None else None
+    return slice_logic.GetMRMLScene().GetNodeByID(vid) if vid else None
+
+
+def save_mrb(ctx: SceneContext, path: str) -> str:
+    path = os.path.abspath(os.fspath(path))
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = os.path.join(tmp, os.path.splitext(os.path.basename(path))[0])
+        os.makedirs(bundle)
+        if not ctx.app_logic.SaveSceneToSlicerDataBundleDirectory(bundle, None):
+            raise OSError(f"could not write the scene bundle for {path}")
+        if os.path.exists(path):
+            os.remove(path)
+        if not ctx.app_logic.Zip(path, bundle):
+            raise OSError(f"could not write {path}")
+    return path
+
+
+def open_mrb(path: str, work_dir: Optional[str] = None) -> SceneContext:
+    ctx = create_scene()
+    work_dir = work_dir or tempfile.mkdtemp(prefix="mrb-")
+    os.makedirs(work_dir, exist_ok=True)
+    if not ctx.app_logic.OpenSlicerDataBundle(os.fspath(path), work_dir):
+        raise OSError(f"could not open {path}")
+    return ctx
+
+
+def close(ctx: SceneContext) -> None:
+    """Release in a fixed order: slice logics, module logics, then the scene."""
+    for sl in ctx.slice_logics.values():
+        sl.SetMRMLScene(None)
+    ctx.slice_logics.clear()
+    ctx.app_logic.GetSliceLogics().RemoveAllItems()
+    for logic in (ctx.subject_hierarchy_logic, ctx.markups_logic, ctx.volumes_logic, ctx.colors_logic):
+        logic.SetMRMLScene(None)
+    ctx.app_logic.SetMRMLScene(None)
+    ctx.scene.Clear(1)

@@ -1,0 +1,163 @@
+"""Sweep a detection across the slices of a view and merge it into 3D findings.
+
+Three phases, so that the Slicer module can keep MRML on the main thread and the network off it:
+
+1. :func:`plan_sweep` + :func:`capture_sweep` (MRML; main thread): every swept slice is captured exactly as the view
+   would show it at that offset (same in-plane geometry, the volume's window/level); the view's offset is restored.
+2. :func:`analyze_sweep` (network only; any thread): the captured PNGs go to ``POST /v1/analyze/batch`` in batches,
+   with progress (slices done, ETA) and cancellation between batches.
+3. :func:`merge_sweep` (pure): 2D boxes -> 3D findings with :mod:`.merge3d`; the markups are created by
+   :func:`.markups3d.add_sweep_results` (MRML; main thread; all or nothing).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, Tuple
+
+from . import protocol
+from .merge3d import Finding3D, MergeOptions, SliceDetection, merge_detections
+
+
+class SweepCancelled(Exception):
+    pass
+
+
+@dataclass
+class SweepPlan:
+    indices: List[int]  # slice numbers along the view normal (0 = lowest offset)
+    offsets_mm: List[float]
+    slice_count: int  # slices of the volume along this view's normal
+    spacing_mm: float  # volume spacing along the normal
+    step: int = 1
+
+    @property
+    def swept_spacing_mm(self) -> float:
+        return self.spacing_mm * self.step
+
+
+@dataclass
+class SweepProgress:
+    done: int
+    total: int
+    elapsed_s: float
+
+    @property
+    def eta_s(self) -> Optional[float]:
+        if self.done == 0:
+            return None
+        return self.elapsed_s / self.done * (self.total - self.done)
+
+    def __str__(self) -> str:
+        eta = self.eta_s
+        return f"{self.done}/{self.total} slices" + (f", ETA {eta:.0f} s" if eta is not None else "")
+
+
+ProgressCallback = Callable[[SweepProgress], None]
+
+
+@dataclass
+class SweepResult:
+    plan: SweepPlan
+    task: str
+    responses: List[protocol.AnalyzeResponse]
+    findings: List[Finding3D]
+    pixel_to_ras: list = field(default_factory=list)  # one 4x4 per swept slice
+    elapsed_s: float = 0.0
+
+
+def parse_range(text: Optional[str], count: int) -> Tuple[int, int]:
+    """``"A:B"`` (B exclusive, either may be empty, negatives count from the end) -> (start, stop) in 0..count."""
+    if not text:
+        return 0, count
+    a, sep, b = text.partition(":")
+    if not sep:
+        raise ValueError(f"range must look like A:B, got {text!r}")
+    start = int(a) if a.strip() else 0
+    stop = int(b) if b.strip() else count
+    start = start + count if start < 0 else start
+    stop = stop + count if stop < 0 else stop
+    if not (0 <= start < stop <= count):
+        raise ValueError(f"range {text} is outside the {count} slices of this view (0:{count})")
+    return start, stop
+
+
+def plan_sweep(slice_logic, volume_node, slice_range: Optional[Tuple[int, int]] = None, step: int = 1) -> SweepPlan:
+    """The slice offsets of ``volume_node`` along the normal of ``slice_logic``'s view: every ``step``-th slice of
+    ``slice_range`` (default: all). Works for oblique views too (Slicer's volume slice bounds and spacing)."""
+    if step < 1:
+        raise ValueError("step must be >= 1")
+    bounds = [0.0] * 6
+    slice_logic.GetVolumeSliceBounds(volume_node, bounds)
+    spacing = float(slice_logic.GetVolumeSliceSpacing(volume_node)[2])
+    count = max(1, int(round((bounds[5] - bounds[4]) / spacing)))
+    start, stop = slice_range if slice_range is not None else (0, count)
+    if not (0 <= start < stop <= count):
+        raise ValueError(f"slice range {start}:{stop} is outside the {count} slices of this view")
+    indices = list(range(start, stop, step))
+    offsets = [bounds[4] + (k + 0.5) * spacing for k in indices]
+    return SweepPlan(indices=indices, offsets_mm=offsets, slice_count=count, spacing_mm=spacing, step=step)
+
+
+def capture_sweep(slice_logic, plan: SweepPlan, export_size=None, cancel: Optional[threading.Event] = None,
+                  progress: Optional[ProgressCallback] = None) -> list:
+    """Capture every planned slice (MRML: call on the main thread). The view's offset is restored afterwards."""
+    from .capture import capture_slice
+
+    original = slice_logic.GetSliceOffset()
+    out = []
+    t0 = time.monotonic()
+    try:
+        for i, offset in enumerate(plan.offsets_mm):
+            if cancel is not None and cancel.is_set():
+                raise SweepCancelled("sweep cancelled while capturing")
+            slice_logic.SetSliceOffset(offset)
+            out.append(capture_slice(slice_logic, export_size=export_size))
+            if progress is not None:
+                progress(SweepProgress(i + 1, len(plan.offsets_mm), time.monotonic() - t0))
+    finally:
+        slice_logic.SetSliceOffset(original)
+    return out
+
+
+def analyze_sweep(client, captured: Sequence, task: str = "detect", question: Optional[str] = None,
+                  batch_size: int = 8, cancel: Optional[threading.Event] = None,
+                  progress: Optional[ProgressCallback] = None, **request_options) -> List[protocol.AnalyzeResponse]:
+    """Send the captured slices in batches (network only: safe off the main thread). Cancel is checked before each
+    batch and right after its answer arrives (that batch's results are then discarded)."""
+    from .capture import to_request
+
+    requests_ = [to_request(c, task, question=question, **request_options) for c in captured]
+    out: List[protocol.AnalyzeResponse] = []
+    t0 = time.monotonic()
+    for i in range(0, len(requests_), max(1, batch_size)):
+        if cancel is not None and cancel.is_set():
+            raise SweepCancelled("sweep cancelled")
+        chunk = requests_[i: i + batch_size]
+        out.extend(client.analyze_batch(chunk, cancel=cancel) if len(chunk) > 1 else [client.analyze(chunk[0], cancel=cancel)])
+        if progress is not None:
+            progress(SweepProgress(len(out), len(requests_), time.monotonic() - t0))
+    return out
+
+
+def merge_sweep(captured: Sequence, responses: Sequence[protocol.AnalyzeResponse], plan: SweepPlan,
+                options: Optional[MergeOptions] = None) -> List[Finding3D]:
+    dets = [SliceDetection(pos, f.label, (f.box[0], f.box[1], f.box[2], f.box[3]), f.score)
+            for pos, resp in enumerate(responses) for f in resp.findings]
+    return merge_detections(dets, [c.pixel_to_ras for c in captured], plan.swept_spacing_mm, options)
+
+
+def run_sweep(slice_logic, volume_node, client, task: str = "detect", question: Optional[str] = None,
+              slice_range: Optional[Tuple[int, int]] = None, step: int = 1, batch_size: int = 8, export_size=None,
+              options: Optional[MergeOptions] = None, cancel: Optional[threading.Event] = None,
+              progress: Optional[ProgressCallback] = None) -> SweepResult:
+    """All three phases in the calling thread (the headless runner). No markups are created here."""
+    t0 = time.monotonic()
+    plan = plan_sweep(slice_logic, volume_node, slice_range, step)
+    captured = capture_sweep(slice_logic, plan, export_size=export_size, cancel=cancel)
+    responses = analyze_sweep(client, captured, task, question, batch_size, cancel=cancel, progress=progress)
+    findings = merge_sweep(captured, responses, plan, options)
+    return SweepResult(plan=plan, task=task, responses=responses, findings=findings,
+                       pixel_to_ras=[c.pixel_to_ras for c in captured], elapsed_s=time.monotonic() - t0)
