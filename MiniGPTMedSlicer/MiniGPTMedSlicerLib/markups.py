@@ -258,3 +258,46 @@ def _all_rois(scene) -> list:
 
 def box_in_mm(captured, box: Sequence[float]) -> Tuple[float, float]:
     return box_size_mm(captured.pixel_to_ras, box)
+
+
+def add_sweep_results(scene, findings3d: Sequence, *, task: str, engine: str, model: str, view_name: str,
+                      summary: str, offsets_mm: Sequence[float], folder_name: Optional[str] = None,
+                      replace_previous: bool = False) -> AnalysisNodes:
+    """3D findings of a sweep (:class:`.merge3d.Finding3D`) -> one oriented 3D ROI each + a summary text node, under
+    one subject-hierarchy folder. All or nothing, like :func:`add_analysis_results`."""
+    now = datetime.datetime.now().isoformat(timespec="seconds")
+    name = folder_name or f"MiniGPT-Med sweep {task} ({view_name}, {len(offsets_mm)} slices)"
+    previous = list_results(scene) if replace_previous else []
+    undo = _Undo(scene)
+    try:
+        sh = subject_hierarchy(scene)
+        folder = sh.CreateFolderItem(sh.GetSceneItemID(), name)
+        undo.items.append(folder)
+        common = {"task": task, "engine": engine, "model": model, "view": view_name, "time": now, "sweep": "1"}
+        for k, v in {**common, "analysis": "1", "findings": str(len(findings3d))}.items():
+            sh.SetItemAttribute(folder, ATTR + k, v)
+        out = AnalysisNodes(folder_item=folder, name=name)
+        for i, f in enumerate(findings3d):
+            best_offset = offsets_mm[f.best_slice_pos]
+            attrs = {**common, "label": f.label, "score": _fmt(f.best_score), "index": str(i + 1),
+                     "slice_offset": f"{best_offset:.3f}",
+                     "slice_range_mm": f"{offsets_mm[f.first]:.3f} {offsets_mm[f.last]:.3f}",
+                     "slices": str(len(f.slice_positions)), "isolated": "1" if f.isolated else "0"}
+            label = f.label + (" (1 slice)" if f.isolated else "")
+            roi = add_roi(scene, label, f.center_ras, f.size_mm, np.asarray(f.axes), label_color(f.label), attrs, label)
+            undo.nodes.append(roi)
+            sh.CreateItem(folder, roi)
+            out.rois.append(roi)
+        text = scene.AddNewNodeByClass("vtkMRMLTextNode", f"{name} summary")
+        undo.nodes.append(text)
+        text.SetText(summary)
+        for k, v in common.items():
+            text.SetAttribute(ATTR + k, v)
+        sh.CreateItem(folder, text)
+        out.text_node = text
+    except BaseException:
+        undo.rollback()
+        raise
+    for item in previous:
+        remove_analysis(scene, item)
+    return out

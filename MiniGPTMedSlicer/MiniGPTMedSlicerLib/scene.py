@@ -42,7 +42,12 @@ def create_scene() -> SceneContext:
     app.SetMRMLScene(scene)
     colors = slicer.vtkSlicerColorLogic()
     colors.SetMRMLApplicationLogic(app)
-    colors.SetMRMLScene(scene)
+    verbosity = vtk.vtkLogger.GetCurrentVerbosityCutoff()
+    vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_OFF)  # "HomeDirectory is not set": harmless outside the app
+    try:
+        colors.SetMRMLScene(scene)
+    finally:
+        vtk.vtkLogger.SetStderrVerbosity(verbosity)
     app.SetModuleLogic("Colors", colors)
     app.SetColorLogic(colors)
     vols = slicer.vtkSlicerVolumesLogic()

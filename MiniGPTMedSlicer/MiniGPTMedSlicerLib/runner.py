@@ -1,0 +1,276 @@
+"""``minigptmed-slicer``: the main job without the Slicer app, on Slicer's own MRML (PyPI ``slicer-core``).
+
+    minigptmed-slicer analyze VOLUME --view axial [--slice K | --offset MM] --task detect [--question Q] --out DIR
+    minigptmed-slicer sweep   VOLUME --view axial [--range A:B] [--step N] --task detect [--question Q] --out DIR
+
+Without ``--backend`` the built-in engine runs in this process behind a real loopback server, so the path is always
+the same HTTP path as with a remote backend. Progress goes to stderr; errors are one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from typing import List, Optional
+
+import numpy as np
+
+ORIENTATIONS = {"axial": "Axial", "sagittal": "Sagittal", "coronal": "Coronal"}
+VIEW_NAMES = {"axial": "Red", "sagittal": "Yellow", "coronal": "Green"}
+
+
+class RunnerError(Exception):
+    pass
+
+
+def _progress(msg: str) -> None:
+    print(f"[minigptmed-slicer] {msg}", file=sys.stderr, flush=True)
+
+
+def _parse_region(text: Optional[str]) -> Optional[List[float]]:
+    if not text:
+        return None
+    try:
+        parts = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise RunnerError(f"--region must be x0,y0,x1,y1 in pixels, got {text!r}") from None
+    if len(parts) != 4:
+        raise RunnerError(f"--region must be x0,y0,x1,y1 in pixels, got {text!r}")
+    return parts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="minigptmed-slicer", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("volume", help="NIfTI / NRRD file, a DICOM file or a DICOM folder")
+        sp.add_argument("--view", choices=sorted(ORIENTATIONS), default="axial")
+        sp.add_argument("--question", default=None, help="the question (vqa), the phrase (ground) or the kind (detect)")
+        sp.add_argument("--backend", default=None, help="backend URL; default: the built-in engine in this process")
+        sp.add_argument("--token", default=os.environ.get("MINIGPTMED_TOKEN"), help="backend access token")
+        sp.add_argument("--view-size", type=int, default=512, help="pixels of the (square) slice view")
+        sp.add_argument("--export-size", type=int, default=None, help="resample the sent image: longer side in pixels")
+        sp.add_argument("--window", type=float, default=None, help="window width (default: CT 400, else the volume's)")
+        sp.add_argument("--level", type=float, default=None, help="window level (default: CT 40, else the volume's)")
+        sp.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the backend")
+        sp.add_argument("--out", required=True, help="output folder")
+
+    a = sub.add_parser("analyze", help="analyze one slice")
+    common(a)
+    a.add_argument("--task", choices=["report", "vqa", "detect", "ground", "identify"], default="detect")
+    g = a.add_mutually_exclusive_group()
+    g.add_argument("--slice", type=int, default=None, help="slice number along the view normal (0 = lowest)")
+    g.add_argument("--offset", type=float, default=None, help="slice offset in mm (as Slicer's slice slider)")
+    a.add_argument("--region", default=None, help="x0,y0,x1,y1 in pixels of the sent image (task identify)")
+
+    s = sub.add_parser("sweep", help="sweep detect/ground over slices and merge into 3D findings")
+    common(s)
+    s.add_argument("--task", choices=["detect", "ground"], default="detect")
+    s.add_argument("--range", default=None, help="slices A:B (B exclusive; default all)")
+    s.add_argument("--step", type=int, default=1, help="every n-th slice")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--min-overlap", type=float, default=0.3, help="merge: intersection / smaller box area")
+    s.add_argument("--max-gap", type=int, default=0, help="merge: swept slices a finding may be missed on")
+    return p
+
+
+@contextlib.contextmanager
+def _backend(url: Optional[str]):
+    if url:
+        yield url
+        return
+    from backend.engines.builtin import BuiltinEngine
+    from backend.server_thread import ServerThread
+
+    _progress("starting the built-in engine on a loopback port")
+    with ServerThread(BuiltinEngine()) as local_url:
+        yield local_url
+
+
+def _setup(args):
+    from . import scene as S
+
+    ctx = S.create_scene()
+    _progress(f"loading {args.volume}")
+    try:
+        vol = S.load_volume(ctx, args.volume)
+    except S.VolumeLoadError as e:
+        S.close(ctx)
+        raise RunnerError(str(e)) from None
+    display = vol.GetDisplayNode()
+    if args.window is not None or args.level is not None:
+        display.AutoWindowLevelOff()
+        display.SetWindowLevel(args.window if args.window is not None else display.GetWindow(),
+                               args.level if args.level is not None else display.GetLevel())
+    view = VIEW_NAMES[args.view]
+    sl = S.add_slice_view(ctx, vol, view, ORIENTATIONS[args.view], (args.view_size, args.view_size))
+    dims = vol.GetImageData().GetDimensions()
+    _progress(f"volume {dims[0]}x{dims[1]}x{dims[2]}, modality {vol.GetAttribute('DICOM.Modality') or 'unknown'}, "
+              f"window {display.GetWindow():g} / level {display.GetLevel():g}")
+    return ctx, vol, sl
+
+
+def _client(url: str, args):
+    from .client import BackendClient, Timeouts
+
+    return BackendClient(url, token=args.token, timeouts=Timeouts(analyze_s=args.timeout))
+
+
+def _write_json(path: str, data) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+
+
+def run_analyze(args) -> int:
+    from . import capture as C
+    from . import markups as M
+    from . import scene as S
+    from .render import render_slice_view
+    from .sweep import plan_sweep
+
+    os.makedirs(args.out, exist_ok=True)
+    ctx, vol, sl = _setup(args)
+    try:
+        plan = plan_sweep(sl, vol)
+        if args.slice is not None:
+            if not 0 <= args.slice < plan.slice_count:
+                raise RunnerError(f"--slice {args.slice} is out of range: this {args.view} view has slices 0..{plan.slice_count - 1}")
+            sl.SetSliceOffset(plan.offsets_mm[args.slice])
+        elif args.offset is not None:
+            b = [0.0] * 6
+            sl.GetVolumeSliceBounds(vol, b)
+            if not b[4] <= args.offset <= b[5]:
+                raise RunnerError(f"--offset {args.offset} mm is outside the volume ({b[4]:.1f}..{b[5]:.1f} mm)")
+            sl.SetSliceOffset(args.offset)
+        else:
+            sl.SetSliceOffset(plan.offsets_mm[plan.slice_count // 2])
+        captured = C.capture_slice(sl, export_size=args.export_size)
+        _progress(f"captured the {args.view} slice at {captured.slice_offset_mm:.2f} mm: {captured.width}x{captured.height} px, "
+                  f"{captured.pixel_spacing_mm[0]:.3f} mm/px")
+        request = C.to_request(captured, args.task, question=args.question, region=_parse_region(args.region))
+        with open(os.path.join(args.out, "input.png"), "wb") as f:
+            f.write(captured.png)
+        with _backend(args.backend) as url:
+            client = _client(url, args)
+            health = client.health()
+            _progress(f"backend {url}: engine {health.engine}, model {health.model}")
+            t0 = time.perf_counter()
+            response = client.analyze(request)
+            client.close()
+        _progress(f"{len(response.findings)} finding(s) in {time.perf_counter() - t0:.2f} s")
+        nodes = M.add_analysis_results(ctx.scene, captured, response)
+        findings = []
+        for f, roi in zip(response.findings, nodes.rois):
+            c = M.roi_center(roi)
+            findings.append({"label": f.label, "score": f.score, "box_px": f.box,
+                             "roi_center_ras": [round(float(v), 4) for v in c],
+                             "roi_size_mm": [round(float(v), 4) for v in roi.GetSize()], "roi_node": roi.GetID()})
+        _write_json(os.path.join(args.out, "findings.json"), {
+            "task": args.task, "question": args.question, "view": args.view, "slice_offset_mm": captured.slice_offset_mm,
+            "image": {"width": captured.width, "height": captured.height, "pixel_spacing_mm": list(captured.pixel_spacing_mm),
+                      "modality": captured.modality, "window": captured.window, "level": captured.level},
+            "pixel_to_ras": np.asarray(captured.pixel_to_ras).round(6).tolist(),
+            "engine": response.engine, "model": response.model, "text": response.text, "raw_output": response.raw_output,
+            "warnings": response.warnings, "timings_ms": response.timings_ms, "findings": findings,
+        })
+        render_slice_view(ctx.app_logic, sl, os.path.join(args.out, "view.png"), (args.view_size, args.view_size))
+        S.save_mrb(ctx, os.path.join(args.out, "scene.mrb"))
+        _progress(f"wrote {args.out}/findings.json, input.png, view.png, scene.mrb")
+        print(response.text)
+        return 0
+    finally:
+        S.close(ctx)
+
+
+def run_sweep_cmd(args) -> int:
+    from . import markups as M
+    from . import scene as S
+    from .merge3d import MergeOptions
+    from .render import render_slice_view
+    from .sweep import SweepProgress, analyze_sweep, capture_sweep, merge_sweep, parse_range, plan_sweep
+
+    os.makedirs(args.out, exist_ok=True)
+    ctx, vol, sl = _setup(args)
+    try:
+        full = plan_sweep(sl, vol)
+        try:
+            rng = parse_range(args.range, full.slice_count)
+            plan = plan_sweep(sl, vol, rng, args.step)
+        except ValueError as e:
+            raise RunnerError(str(e)) from None
+        _progress(f"sweeping {len(plan.indices)} of {full.slice_count} {args.view} slices (step {args.step})")
+        captured = capture_sweep(sl, plan, export_size=args.export_size)
+
+        def progress(p: SweepProgress) -> None:
+            _progress(str(p))
+
+        t0 = time.perf_counter()
+        with _backend(args.backend) as url:
+            client = _client(url, args)
+            health = client.health()
+            responses = analyze_sweep(client, captured, args.task, args.question, args.batch_size, progress=progress)
+            client.close()
+        elapsed = time.perf_counter() - t0
+        findings = merge_sweep(captured, responses, plan, MergeOptions(min_overlap=args.min_overlap, max_gap=args.max_gap))
+        solid = [f for f in findings if not f.isolated]
+        summary_lines = [f"{len(solid)} 3D finding(s) and {len(findings) - len(solid)} single-slice box(es) over "
+                         f"{len(plan.indices)} {args.view} slices ({health.engine}: {health.model})."]
+        for i, f in enumerate(findings):
+            summary_lines.append(f"{i + 1}. {f.label}{' (single slice)' if f.isolated else ''}: "
+                                 f"{f.size_mm[0]:.1f} × {f.size_mm[1]:.1f} × {f.size_mm[2]:.1f} mm, slices "
+                                 f"{plan.indices[f.first]}–{plan.indices[f.last]}, best score {f.best_score}")
+        summary = "\n".join(summary_lines)
+        nodes = M.add_sweep_results(ctx.scene, findings, task=args.task, engine=health.engine, model=health.model,
+                                    view_name=sl.GetSliceNode().GetName(), summary=summary, offsets_mm=plan.offsets_mm)
+        out = []
+        for f, roi in zip(findings, nodes.rois):
+            out.append({"label": f.label, "isolated": f.isolated, "best_score": f.best_score,
+                        "center_ras": [round(v, 4) for v in f.center_ras], "size_mm": [round(v, 4) for v in f.size_mm],
+                        "axes": f.axes, "slices": [plan.indices[p] for p in f.slice_positions],
+                        "slice_offsets_mm": [round(plan.offsets_mm[p], 4) for p in f.slice_positions],
+                        "best_slice": plan.indices[f.best_slice_pos], "boxes_px": [list(b) for b in f.boxes],
+                        "roi_node": roi.GetID()})
+        _write_json(os.path.join(args.out, "findings.json"), {
+            "task": args.task, "question": args.question, "view": args.view, "slices": plan.indices,
+            "slice_offsets_mm": plan.offsets_mm, "engine": health.engine, "model": health.model,
+            "elapsed_s": round(elapsed, 3), "slices_per_s": round(len(plan.indices) / max(elapsed, 1e-9), 2),
+            "findings": out, "summary": summary,
+        })
+        if findings:
+            sl.SetSliceOffset(plan.offsets_mm[findings[0].best_slice_pos])
+        render_slice_view(ctx.app_logic, sl, os.path.join(args.out, "view.png"), (args.view_size, args.view_size))
+        S.save_mrb(ctx, os.path.join(args.out, "scene.mrb"))
+        _progress(f"{len(plan.indices)} slices in {elapsed:.1f} s ({len(plan.indices) / max(elapsed, 1e-9):.1f} slices/s); "
+                  f"wrote {args.out}/findings.json, view.png, scene.mrb")
+        print(summary)
+        return 0
+    finally:
+        S.close(ctx)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+    args = build_parser().parse_args(argv)
+    from .client import BackendError
+
+    try:
+        if args.command == "analyze":
+            return run_analyze(args)
+        return run_sweep_cmd(args)
+    except (RunnerError, BackendError) as e:
+        print(f"minigptmed-slicer: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except ValueError as e:
+        print(f"minigptmed-slicer: error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
