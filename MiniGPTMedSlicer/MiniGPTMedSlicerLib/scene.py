@@ -116,7 +116,7 @@ def load_volume(ctx: SceneContext, path: str, name: Optional[str] = None):
     else:
         node = ctx.volumes_logic.AddArchetypeVolume(path, name, _SINGLE_FILE)
     if node is None or node.GetImageData() is None:
-        raise VolumeLoadError(f"{path}: cannot read this file as a volume (unsupported or corrupt)")
+        raise VolumeLoadError(f"{path}: cannot read this file as a volume ({_explain_unreadable(path)})")
     image = node.GetImageData()
     if not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLVectorVolumeNode") or \
             image.GetNumberOfScalarComponents() != 1:
@@ -135,6 +135,22 @@ def load_volume(ctx: SceneContext, path: str, name: Optional[str] = None):
         display.AutoWindowLevelOff()
         display.SetWindowLevel(*CT_WINDOW_LEVEL)
     return node
+
+
+def _explain_unreadable(path: str) -> str:
+    try:
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(path)
+        reader.ReadImageInformation()
+        if reader.GetDimension() > 3:
+            return f"{reader.GetDimension()}D image of size {list(reader.GetSize())}: only 3D scalar volumes are supported"
+        if reader.GetNumberOfComponents() > 1:
+            return f"{reader.GetNumberOfComponents()} components per voxel: only scalar volumes are supported"
+    except Exception:
+        pass
+    return "unsupported format or corrupt file"
 
 
 def _remove_volume(scene, node) -> None:
