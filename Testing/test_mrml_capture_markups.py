@@ -145,7 +145,7 @@ def _response(boxes, labels=None):
     labels = labels or [f"lesion {i}" for i in range(len(boxes))]
     return protocol.AnalyzeResponse(task="detect", engine="test", model="m", text="Two findings.",
                                     findings=[protocol.Finding(lab, list(b), 0.5 + 0.1 * i)
-                                              for i, (lab, b) in enumerate(zip(labels, boxes))], raw_output="<raw>")
+                                              for i, (lab, b) in enumerate(zip(labels, boxes, strict=True))], raw_output="<raw>")
 
 
 def test_box_becomes_roi_at_ras_of_its_pixels(ctx, volumes):
@@ -267,6 +267,6 @@ def test_load_errors(ctx, tmp_path):
 
     rgb = sitk.Image([8, 8, 4], sitk.sitkVectorUInt8, 3)
     sitk.WriteImage(rgb, str(tmp_path / "rgb.nrrd"))
-    with pytest.raises(S.VolumeLoadError, match="components|scalar"):
+    with pytest.raises(S.VolumeLoadError, match=r"components|scalar"):
         S.load_volume(ctx, str(tmp_path / "rgb.nrrd"))
     assert ctx.scene.GetNumberOfNodes() == n0
