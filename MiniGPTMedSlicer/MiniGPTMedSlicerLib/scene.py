@@ -63,6 +63,7 @@ def create_scene() -> SceneContext:
     shl.SetMRMLScene(scene)
     app.SetModuleLogic("SubjectHierarchy", shl)
     app.SetSliceLogics(vtk.vtkCollection())
+    slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)  # the singleton, as in the app
     return SceneContext(scene, app, vols, mk, colors, shl)
 
 

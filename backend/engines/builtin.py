@@ -12,7 +12,8 @@ Detection, per image:
    not raise its own background.
 4. Residual z-score against a robust noise estimate (1.4826 * MAD of the residual in the tissue),
    lightly smoothed; |z| > ``z_threshold`` marks candidates.
-5. Connected components with a minimum area; boxes are their pixel bounding boxes, ranked by
+   Pixels within 2 px of the tissue outline are excluded (partial volume).
+5. Connected components that fill at least 20 % of their bounding box, with a minimum area (12 px, and 8 mm² when the spacing is known); boxes are their pixel bounding boxes, ranked by
    mean |z| * sqrt(area); score = 1 - exp(-mean|z| / z_threshold) (a contrast measure, not a probability).
 """
 
@@ -39,6 +40,7 @@ BRIGHT_WORDS = ("hyper", "bright", "high", "calc", "bleed", "hemorr", "haemorr",
 class BuiltinConfig:
     z_threshold: float = 2.5
     min_area_px: int = 12
+    min_area_mm2: float = 8.0  # when the pixel spacing is known (upsampled views have tiny pixels)
     max_findings: int = 8
     max_area_fraction: float = 0.25  # of the tissue
     background_sigma_fraction: float = 1 / 12
@@ -124,13 +126,19 @@ class ImageAnalyzer:
         noise = max(1.4826 * mad, 0.01)
         return r / noise
 
-    def candidates(self, gray: np.ndarray) -> tuple[list[Candidate], np.ndarray]:
+    def candidates(self, gray: np.ndarray, spacing: tuple[float, float] | None = None) -> tuple[list[Candidate], np.ndarray]:
         import SimpleITK as sitk
 
         x = self.normalise(gray.astype(np.float32))
         mask = self.tissue_mask(x)
         z = self.zmap(x, mask)
+        # partial-volume pixels along the tissue outline are darker than the tissue: not candidates
+        core = sitk.GetArrayFromImage(sitk.BinaryErode(sitk.GetImageFromArray(mask.astype(np.uint8)), [2, 2])) > 0
+        z = z * core
         tissue = int(mask.sum())
+        min_area = self.cfg.min_area_px
+        if spacing is not None:
+            min_area = max(min_area, int(math.ceil(self.cfg.min_area_mm2 / (spacing[0] * spacing[1]))))
         out: list[Candidate] = []
         for polarity in (1, -1):
             binary = (z * polarity) > self.cfg.z_threshold
@@ -143,9 +151,11 @@ class ImageAnalyzer:
             zsum = np.bincount(labels.ravel(), weights=z.ravel())
             for lab in stats.GetLabels():
                 area = int(stats.GetNumberOfPixels(lab))
-                if area < self.cfg.min_area_px or area > self.cfg.max_area_fraction * max(tissue, 1):
+                if area < min_area or area > self.cfg.max_area_fraction * max(tissue, 1):
                     continue
                 bx, by, bw, bh = stats.GetBoundingBox(lab)
+                if area < 0.2 * bw * bh:  # rings and thin curves (outlines, vessels walls), not regions
+                    continue
                 cx, cy = stats.GetCentroid(lab)
                 out.append(Candidate(polarity, (bx, by, bx + bw, by + bh), area, float(zsum[lab] / area), (cx, cy)))
         out.sort(key=lambda c: c.strength, reverse=True)
@@ -209,7 +219,7 @@ class BuiltinEngine(Engine):
         return cands
 
     def _detect(self, inp: AnalysisInput) -> AnalysisResult:
-        cands, _ = self.analyzer.candidates(inp.image.gray_float())
+        cands, _ = self.analyzer.candidates(inp.image.gray_float(), inp.pixel_spacing_mm)
         cands = self._filter_by_words(inp.question, cands)[: self.cfg.max_findings]
         findings = self._findings(inp, cands)
         if findings:
@@ -222,7 +232,7 @@ class BuiltinEngine(Engine):
 
     def _report(self, inp: AnalysisInput) -> AnalysisResult:
         gray = inp.image.gray_float()
-        cands, mask = self.analyzer.candidates(gray)
+        cands, mask = self.analyzer.candidates(gray, inp.pixel_spacing_mm)
         cands = cands[: self.cfg.max_findings]
         findings = self._findings(inp, cands)
         h, w = gray.shape
@@ -250,7 +260,7 @@ class BuiltinEngine(Engine):
 
     def _ground(self, inp: AnalysisInput) -> AnalysisResult:
         phrase = (inp.question or inp.prompt or "").strip()
-        cands, _ = self.analyzer.candidates(inp.image.gray_float())
+        cands, _ = self.analyzer.candidates(inp.image.gray_float(), inp.pixel_spacing_mm)
         cands = self._filter_by_words(phrase, cands)
         if not cands:
             text = f"{DISCLAIMER} No candidate region for '{phrase}'."
