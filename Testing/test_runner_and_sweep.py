@@ -125,8 +125,8 @@ def test_sweep_runner_gives_one_3d_finding_per_lesion(lesion_volume, tmp_path):
         f = _match(solid, centre)
         assert f["label"] == ("hyperdense region" if delta > 0 else "hypodense region") or "region" in f["label"]
         assert np.all(np.abs(np.subtract(f["center_ras"], centre)) <= 1.0), (f["center_ras"], centre)
-        extent = sorted(f["size_mm"][:2]) + [f["size_mm"][2]]
-        expected = sorted([2 * radii[0], 2 * radii[1]]) + [2 * radii[2]]
+        extent = [*sorted(f["size_mm"][:2]), f["size_mm"][2]]
+        expected = [*sorted([2 * radii[0], 2 * radii[1]]), 2 * radii[2]]
         assert np.all(np.abs(np.subtract(extent, expected)) <= 2.0), (f["size_mm"], expected)
     assert data["slices_per_s"] > 0 and (out / "scene.mrb").exists() and (out / "view.png").exists()
 
