@@ -82,24 +82,9 @@ def export_geometry(slice_node, export_size: Union[int, Sequence[int], None] = N
     return w, h, _vtk_to_np(slice_node.GetSliceToRAS()) @ xy2slice
 
 
-def inside_volume(volume_node, xy_to_ras: np.ndarray, w: int, h: int) -> np.ndarray:
-    """(H, W) bool in VTK row order: which XY pixel centres fall inside the volume's voxel grid."""
-    import vtk
-
-    ras_to_ijk = vtk.vtkMatrix4x4()
-    volume_node.GetRASToIJKMatrix(ras_to_ijk)
-    m = _vtk_to_np(ras_to_ijk) @ xy_to_ras
-    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
-    dims = volume_node.GetImageData().GetDimensions()
-    inside = np.ones((h, w), dtype=bool)
-    for axis in range(3):
-        c = m[axis, 0] * x + m[axis, 1] * y + m[axis, 3]
-        inside &= (c >= -0.5) & (c <= dims[axis] - 0.5)
-    return inside
-
-
 def reslice(volume_node, xy_to_ras: np.ndarray, w: int, h: int, interpolate: bool) -> np.ndarray:
-    """Raw scalar values of ``volume_node`` on the XY grid (VTK row order: row 0 at the bottom), as float64."""
+    """Raw scalar values of ``volume_node`` on the XY grid (VTK row order: row 0 at the bottom), float32, NaN where
+    the grid lies outside the volume."""
     import vtk
     from vtk.util.numpy_support import vtk_to_numpy
 
@@ -114,7 +99,8 @@ def reslice(volume_node, xy_to_ras: np.ndarray, w: int, h: int, interpolate: boo
     rs.SetOutputOrigin(0, 0, 0)
     rs.SetOutputSpacing(1, 1, 1)
     rs.SetOutputExtent(0, w - 1, 0, h - 1, 0, 0)
-    rs.SetBackgroundLevel(float(volume_node.GetImageData().GetScalarRange()[0]))
+    rs.SetOutputScalarType(vtk.VTK_FLOAT)
+    rs.SetBackgroundLevel(float("nan"))
     if interpolate:
         rs.SetInterpolationModeToLinear()
     else:
@@ -122,14 +108,18 @@ def reslice(volume_node, xy_to_ras: np.ndarray, w: int, h: int, interpolate: boo
     rs.Update()
     out = rs.GetOutput()
     # vtkImageReslice sets input origin/spacing aside: the input is in IJK because the transform ends in IJK
-    return vtk_to_numpy(out.GetPointData().GetScalars()).reshape(h, w).astype(np.float64)
+    return vtk_to_numpy(out.GetPointData().GetScalars()).reshape(h, w)
 
 
 def window_level(raw: np.ndarray, window: float, level: float) -> np.ndarray:
-    """What Slicer displays: linear ramp over [level - window/2, level + window/2] to 0..255."""
+    """What Slicer displays: linear ramp over [level - window/2, level + window/2] to 0..255; NaN (outside the
+    volume) is black."""
     lo = level - window / 2.0
     scale = 255.0 / max(window, 1e-12)
-    return np.clip(np.floor((raw - lo) * scale + 0.5), 0, 255).astype(np.uint8)
+    v = (np.asarray(raw, dtype=np.float32) - np.float32(lo)) * np.float32(scale) + np.float32(0.5)
+    np.nan_to_num(v, copy=False, nan=0.0)
+    np.clip(v, 0, 255, out=v)
+    return np.floor(v).astype(np.uint8)
 
 
 def capture_slice(slice_logic, export_size: Union[int, Sequence[int], None] = None,
@@ -150,9 +140,7 @@ def capture_slice(slice_logic, export_size: Union[int, Sequence[int], None] = No
     interpolate = bool(display.GetInterpolate())
     w, h, xy_to_ras = export_geometry(slice_node, export_size)
     raw = reslice(volume, xy_to_ras, w, h, interpolate)
-    shown = window_level(raw, window, level)
-    shown[~inside_volume(volume, xy_to_ras, w, h)] = 0  # outside the volume the view is black
-    pixels = np.ascontiguousarray(shown[::-1])  # PNG row order: top row first
+    pixels = np.ascontiguousarray(window_level(raw, window, level)[::-1])  # PNG row order: top row first
     # PNG (u, v) -> XY (x = u - 0.5, y = H - 0.5 - v): pixel centres of both at integers / +0.5
     flip = np.array([[1.0, 0, 0, -0.5], [0, -1.0, 0, h - 0.5], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
     pixel_to_ras = xy_to_ras @ flip
