@@ -14,7 +14,7 @@ import json
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import requests
 
@@ -48,7 +48,7 @@ def encode_image(png_or_jpeg: bytes) -> str:
 
 class BackendClient:
     def __init__(self, base_url: str = DEFAULT_URL, token: Optional[str] = None, timeouts: Optional[Timeouts] = None,
-                 verify_tls: bool = True):
+                 verify_tls: Union[bool, str] = True):
         url = (base_url or "").strip().rstrip("/")
         if not url:
             raise BackendError("config", "No backend URL is set.")
@@ -120,7 +120,7 @@ class BackendClient:
             resp = self._session.request(method, url, data=payload, headers=headers,
                                          timeout=(self.timeouts.connect_s, read_timeout), verify=self.verify_tls)
         except requests.exceptions.SSLError as e:
-            raise BackendError("tls", f"TLS error talking to {self.base_url}: {_short(e)}. Check the certificate "
+            raise BackendError("tls", f"TLS error talking to {self.base_url}: {_short(e)}. Check the server certificate "
                                "or use http:// for a backend on this machine.") from e
         except requests.exceptions.ConnectTimeout as e:
             raise BackendError("timeout", f"Could not connect to the backend at {self.base_url} within "
