@@ -46,6 +46,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/pipeline_overhead.py --quick
+	$(BIN)/python bench/sweep.py --quick
+	if [ -f bench/minigptmed_engine.py ]; then $(BIN)/python bench/minigptmed_engine.py --quick; fi
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache
