@@ -1,0 +1,286 @@
+"""The MiniGPT-Med engine: the original MiniGPT-Med checkpoints through ``backend.minigpt``.
+
+Tasks and the instruction text sent (inside ``<s>[INST] <Img><ImageHere></Img> {text} [/INST]``):
+
+* report   -> ``Describe this image in detail`` (the first of the MIMIC-CXR report prompts)
+* vqa      -> ``[vqa] {question}``
+* detect   -> ``[detection] {label}`` (label = the question, else ``tumor`` for CT/MR, ``pneumonia`` for X-ray)
+* ground   -> ``[refer] {phrase}``
+* identify -> ``[identify] what object is in this location {<x1><y1><x2><y2>}`` (region on the 0..100 grid)
+
+A request's ``prompt`` replaces the instruction text verbatim.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from MiniGPTMedSlicerLib.protocol import Finding
+
+from .base import AnalysisInput, AnalysisResult, Engine, EngineError, EngineInfo, StopToken, TaskNotSupported
+
+log = logging.getLogger("minigptmed.engine")
+
+TASKS = ("report", "vqa", "detect", "ground", "identify")
+REPORT_PROMPT = "Describe this image in detail"
+XRAY_MODALITIES = ("XR", "CR", "DX", "DR", "RG", "PX", "MG")
+
+
+def default_detect_label(modality: str | None) -> str:
+    return "pneumonia" if (modality or "").upper() in XRAY_MODALITIES else "tumor"
+
+
+def instruction_for(inp: AnalysisInput) -> tuple[str, str]:
+    """(instruction text, default label for boxes)."""
+    from backend.minigpt.boxes import format_grid_box, pixels_to_grid
+
+    q = (inp.question or "").strip()
+    label = q or default_detect_label(inp.modality)
+    if inp.prompt:
+        return inp.prompt, label
+    if inp.task == "report":
+        return REPORT_PROMPT, label
+    if inp.task == "vqa":
+        return f"[vqa] {q or 'what abnormality is seen in this image?'}", label
+    if inp.task == "detect":
+        return f"[detection] {label}", label
+    if inp.task == "ground":
+        return f"[refer] {label}", label
+    if inp.task == "identify":
+        if inp.region is None:
+            raise TaskNotSupported("identify needs a region")
+        g = pixels_to_grid(inp.region, inp.image.width, inp.image.height)
+        return f"[identify] what object is in this location {format_grid_box(g)}", label
+    raise TaskNotSupported(f"task {inp.task!r} is not supported by the MiniGPT-Med engine")
+
+
+@dataclass
+class _Item:
+    inp: AnalysisInput
+    instruction: str
+    label: str
+    key: str
+    max_new: int
+    settings: object
+
+
+class MiniGPTMedEngine(Engine):
+    def __init__(self, eva: str | None = None, llama: str | None = None, checkpoint: str | None = None,
+                 converted: str | None = None, model_config: str | None = None, device: str = "auto",
+                 dtype: str = "auto", quantize: str = "none", sampling: str = "greedy", merge_lora: bool = True,
+                 max_batch: int = 8, cache_size: int = 32, seed: int | None = None):
+        self.paths = {"eva": eva, "llama": llama, "checkpoint": checkpoint, "converted": converted}
+        self.model_config = model_config
+        self.device_arg, self.dtype_arg, self.quantize = device, dtype, quantize
+        self.sampling = sampling
+        self.merge_lora = merge_lora
+        self.max_batch = max_batch
+        self.cache_size = cache_size
+        self.seed = seed
+        self.model = None
+        self.tokenizer = None
+        self.cfg = None
+        self.report = None
+        self._cache: OrderedDict[str, object] = OrderedDict()
+        self._lock = threading.Lock()
+        self.device = "cpu"
+        self.dtype = None
+
+    @classmethod
+    def from_args(cls, args) -> MiniGPTMedEngine:
+        return cls(eva=getattr(args, "eva", None), llama=getattr(args, "llama", None),
+                   checkpoint=getattr(args, "checkpoint", None), converted=getattr(args, "converted", None),
+                   model_config=getattr(args, "model_config", None), device=getattr(args, "device", "auto"),
+                   dtype=getattr(args, "dtype", "auto"), quantize=getattr(args, "quantize", "none"),
+                   sampling=getattr(args, "sampling", "greedy"), merge_lora=not getattr(args, "no_merge_lora", False))
+
+    # -- loading ---------------------------------------------------------------------------------------------------
+
+    def _resolve_device(self):
+        import torch
+
+        from backend.minigpt.convert import DTYPES
+
+        dev = self.device_arg or "auto"
+        if dev == "auto":
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+        if dev.startswith("cuda") and not torch.cuda.is_available():
+            raise EngineError(f"--device {dev}: CUDA is not available in this PyTorch build")
+        dt = self.dtype_arg or "auto"
+        if dt == "auto":
+            dtype = torch.float16 if dev.startswith("cuda") else torch.float32
+        elif dt in DTYPES:
+            dtype = DTYPES[dt]
+        else:
+            raise EngineError(f"--dtype {dt}: choose float32, bfloat16, float16 or auto")
+        if dev == "cpu" and dtype == torch.float16:
+            raise EngineError("--dtype float16 is not supported on the CPU; use float32 or bfloat16")
+        return dev, dtype
+
+    def load(self) -> None:
+        from backend.minigpt.config import MiniGPTMedConfig
+        from backend.minigpt.tokenization import MiniGPTTokenizer
+        from backend.minigpt.weights import LoadOptions, WeightsError, is_converted, load_converted, load_original
+
+        self.device, self.dtype = self._resolve_device()
+        opts = LoadOptions(device=self.device, dtype=self.dtype, quantize=self.quantize, merge_lora=self.merge_lora)
+        try:
+            if self.paths["converted"]:
+                if not is_converted(self.paths["converted"]):
+                    raise WeightsError(f"--converted {self.paths['converted']}: not a converted MiniGPT-Med folder")
+                self.model, self.cfg, self.report = load_converted(self.paths["converted"], opts)
+                tok_dir = f"{self.paths['converted']}/llm"
+            else:
+                missing = [f"--{k}" for k in ("eva", "llama", "checkpoint") if not self.paths[k]]
+                if missing:
+                    raise WeightsError(f"the MiniGPT-Med engine needs {', '.join(missing)} (or --converted)")
+                self.cfg = MiniGPTMedConfig.from_json(self.model_config)
+                self.model, self.report = load_original(self.paths["eva"], self.paths["llama"],
+                                                        self.paths["checkpoint"], self.cfg, opts)
+                tok_dir = self.paths["llama"]
+            self.tokenizer = MiniGPTTokenizer(tok_dir)
+        except WeightsError as e:
+            raise EngineError(str(e)) from e
+        log.info("MiniGPT-Med loaded from %s files in %.1f s on %s (%s, LoRA %s); generation settings: %s "
+                 "(the LLaMA folder's generation_config.json is not used)", self.report.source, self.report.seconds,
+                 self.device, str(self.dtype).replace("torch.", ""), self.report.lora, self.sampling)
+
+    def info(self) -> EngineInfo:
+        dt = str(self.dtype).replace("torch.", "") if self.dtype is not None else "?"
+        q = "" if self.quantize == "none" else f", {self.quantize}"
+        name = self.cfg.name if self.cfg else "MiniGPT-Med"
+        return EngineInfo(engine="minigptmed", model=name, device=f"{self.device} ({dt}{q})", tasks=TASKS,
+                          max_batch=self.max_batch)
+
+    def close(self) -> None:
+        self.model = None
+        self._cache.clear()
+
+    # -- inference --------------------------------------------------------------------------------------------------
+
+    def _settings(self, inp: AnalysisInput):
+        from dataclasses import replace
+
+        from backend.minigpt.generate import DEFAULT_MAX_NEW_TOKENS, DEMO, DEMO_MAX_NEW_TOKENS, GREEDY
+
+        if inp.temperature is not None:
+            s = GREEDY if inp.temperature == 0 else replace(DEMO, temperature=float(inp.temperature))
+        else:
+            s = DEMO if self.sampling == "demo" else GREEDY
+        default_max = DEMO_MAX_NEW_TOKENS if s.do_sample else DEFAULT_MAX_NEW_TOKENS.get(inp.task, 300)
+        return s, int(inp.max_new_tokens or default_max)
+
+    def _image_embeds(self, items: list[_Item], timings: dict) -> dict:
+        """key -> [T, H] image embeddings, from the cache or encoded in one batch."""
+        import torch
+
+        from backend.minigpt.preprocess import normalize, resized_rgb
+
+        out, todo = {}, {}
+        t0 = time.perf_counter()
+        for it in items:
+            if it.key in self._cache:
+                self._cache.move_to_end(it.key)
+                out[it.key] = self._cache[it.key]
+            elif it.key not in todo:
+                todo[it.key] = normalize(resized_rgb(it.inp.image.rgb8(), self.cfg.vision.image_size))
+        t1 = time.perf_counter()
+        if todo:
+            pixels = torch.stack(list(todo.values()))
+            emb = self.model.encode_images(pixels)
+            for k, e in zip(todo, emb, strict=True):
+                out[k] = e
+                self._cache[k] = e
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        timings["preprocess_ms"] = (t1 - t0) * 1000
+        timings["vision_ms"] = (time.perf_counter() - t1) * 1000
+        timings["vision_cached"] = float(len(todo) == 0)
+        return out
+
+    def _embed_prompt(self, instruction: str, image_emb):
+        import torch
+
+        from backend.minigpt.tokenization import build_prompt
+
+        segs = self.tokenizer.prompt_segments(build_prompt(instruction))
+        parts = []
+        for i, ids in enumerate(segs):
+            if ids:
+                parts.append(self.model.embed_tokens(torch.tensor(ids, dtype=torch.long)))
+            if i < len(segs) - 1:
+                parts.append(image_emb.to(parts[0].dtype if parts else image_emb.dtype))
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def image_key(inp: AnalysisInput) -> str:
+        a = inp.image.rgb8()
+        h = hashlib.sha1(a.tobytes())
+        h.update(str(a.shape).encode())
+        return h.hexdigest()
+
+    def analyze_batch(self, inputs: Sequence[AnalysisInput], stop: StopToken) -> list[AnalysisResult]:
+        import torch
+
+        if self.model is None:
+            raise EngineError("the MiniGPT-Med engine is not loaded")
+        from backend.minigpt.boxes import parse_answer
+        from backend.minigpt.generate import generate
+        from backend.minigpt.tokenization import postprocess_benchmark, postprocess_demo
+
+        items = []
+        for inp in inputs:
+            if inp.task not in TASKS:
+                raise TaskNotSupported(f"task {inp.task!r} is not supported by the MiniGPT-Med engine")
+            instr, label = instruction_for(inp)
+            s, mx = self._settings(inp)
+            items.append(_Item(inp, instr, label, self.image_key(inp), mx, s))
+        results: list[AnalysisResult | None] = [None] * len(items)
+        with self._lock, torch.inference_mode():
+            try:
+                timings: dict[str, float] = {}
+                embs = self._image_embeds(items, timings)
+                groups: dict[object, list[int]] = {}
+                for i, it in enumerate(items):
+                    groups.setdefault(it.settings, []).append(i)
+                for s, idx in groups.items():
+                    for start in range(0, len(idx), self.max_batch):
+                        chunk = idx[start:start + self.max_batch]
+                        prompts = [self._embed_prompt(items[i].instruction, embs[items[i].key]) for i in chunk]
+                        g = generate(self.model.llm, prompts, [items[i].max_new for i in chunk],
+                                     eos_id=self.tokenizer.eos_id, bos_id=self.tokenizer.bos_id, settings=s,
+                                     stop=stop, seed=self.seed)
+                        for j, i in enumerate(chunk):
+                            results[i] = self._result(items[i], g, j, timings, s, parse_answer,
+                                                      postprocess_demo if s.do_sample else postprocess_benchmark)
+            except torch.cuda.OutOfMemoryError as e:
+                raise EngineError(f"GPU out of memory: {e}") from e
+        return [r for r in results if r is not None]
+
+    def _result(self, it: _Item, g, j: int, timings: dict, s, parse_answer, post) -> AnalysisResult:
+        answer = post(self.tokenizer.decode(g.tokens[j]))
+        t = dict(timings)
+        t.update(prefill_ms=g.prefill_s * 1000, decode_ms=g.decode_s * 1000, new_tokens=float(len(g.tokens[j])),
+                 prompt_tokens=float(g.prompt_lengths[j]))
+        warnings = []
+        if not g.finished[j]:
+            warnings.append(f"answer cut at max_new_tokens={it.max_new}")
+        inp = it.inp
+        if inp.task == "identify":
+            findings = [Finding(label=answer[:120] or it.label, box=[float(v) for v in inp.region])]
+            return AnalysisResult(text=answer, findings=findings, raw_output=answer, warnings=warnings, timings_ms=t)
+        parsed = parse_answer(answer, inp.image.width, inp.image.height, default_label=it.label)
+        findings = [Finding(label=b.label, box=b.box) for b in parsed.boxes]
+        warnings += parsed.warnings
+        if inp.task in ("detect", "ground") and not findings:
+            warnings.append("the model answered without a box")
+        return AnalysisResult(text=parsed.text or answer, findings=findings, raw_output=answer, warnings=warnings,
+                              timings_ms=t)

@@ -1,0 +1,107 @@
+"""``minigptmed-backend convert``: the three original files -> one safetensors folder that loads fast.
+
+Layout of the output folder::
+
+    minigptmed_config.json   model config, LoRA mode, sources
+    vision.safetensors       visual_encoder.* (39 blocks, pos_embed already interpolated, fp32) + llama_proj.*
+    llm/                     LlamaForCausalLM.save_pretrained (LoRA merged unless --keep-lora) + tokenizer files
+    lora.safetensors         only with --keep-lora: layers.{i}.self_attn.{q,v}_proj.lora_{A,B}.weight
+
+Vision and projector tensors are written exactly as the original loader would hold them, so the converted folder
+gives the same outputs as the original files at the same device and dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .config import MiniGPTMedConfig
+from .eva_vit import EvaViT
+from .model import LoraLinear, merge_lora
+from .weights import (
+    CONVERTED_MARKER,
+    LoadOptions,
+    WeightsError,
+    _load_llm,
+    attach_lora,
+    check_llm_hidden,
+    load_checkpoint,
+    load_eva,
+    read_llama_config,
+)
+
+log = logging.getLogger("minigptmed.convert")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def folder_dtype(llama_cfg: dict) -> torch.dtype:
+    name = llama_cfg.get("torch_dtype") or llama_cfg.get("dtype") or "float32"
+    return DTYPES.get(str(name), torch.float32)
+
+
+def convert(eva: str, llama: str, checkpoint: str, out: str | Path, cfg: MiniGPTMedConfig, keep_lora: bool = False,
+            dtype: torch.dtype | None = None) -> dict:
+    t0 = time.perf_counter()
+    out = Path(out)
+    llama_cfg = read_llama_config(llama)
+    check_llm_hidden(llama_cfg, cfg.llm_hidden_size, llama)
+    hidden, n_layers = int(llama_cfg["hidden_size"]), int(llama_cfg["num_hidden_layers"])
+    parts = load_checkpoint(checkpoint, cfg, n_layers, hidden)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in EvaViT(cfg.vision).state_dict().items()}
+    vision_sd, eva_ignored = load_eva(eva, cfg, shapes)
+    dtype = dtype or folder_dtype(llama_cfg)
+    llm = _load_llm(llama, LoadOptions(device="cpu", dtype=dtype))
+    attach_lora(llm, cfg, parts.lora, dtype)
+    if keep_lora:
+        for layer in llm.model.layers:  # unwrap: the base weights go to llm/, the adapters to lora.safetensors
+            for name, mod in list(layer.self_attn.named_children()):
+                if isinstance(mod, LoraLinear):
+                    setattr(layer.self_attn, name, mod.base)
+    else:
+        merge_lora(llm)
+    out.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    llm.save_pretrained(str(out / "llm"), safe_serialization=True)
+    for f in TOKENIZER_FILES:
+        if (Path(llama) / f).is_file():
+            shutil.copy2(Path(llama) / f, out / "llm" / f)
+    tensors = {f"visual_encoder.{k}": v.contiguous() for k, v in vision_sd.items()}
+    tensors.update({f"llama_proj.{k}": v.contiguous() for k, v in parts.proj.items()})
+    save_file(tensors, str(out / "vision.safetensors"))
+    if keep_lora:
+        save_file({k: v.contiguous() for k, v in parts.lora.items()}, str(out / "lora.safetensors"))
+    elif (out / "lora.safetensors").exists():
+        (out / "lora.safetensors").unlink()
+    meta = {"format": "minigptmed-converted", "version": 1, "model_config": cfg.to_dict(),
+            "lora": "separate" if keep_lora else "merged", "llm_dtype": str(dtype).replace("torch.", ""),
+            "sources": {"eva": str(eva), "llama": str(llama), "checkpoint": str(checkpoint)},
+            "ignored": {"eva": len(eva_ignored), "checkpoint": len(parts.ignored)}}
+    (out / CONVERTED_MARKER).write_text(json.dumps(meta, indent=2))
+    return {"seconds": time.perf_counter() - t0, "out": str(out), **meta}
+
+
+def convert_main(args) -> int:
+    missing = [f"--{k}" for k in ("eva", "llama", "checkpoint") if not getattr(args, k, None)]
+    if missing:
+        raise SystemExit(f"convert needs {', '.join(missing)}")
+    cfg = MiniGPTMedConfig.from_json(getattr(args, "model_config", None))
+    dt = getattr(args, "dtype", "auto")
+    dtype = None if dt in (None, "auto") else DTYPES.get(dt)
+    if dt not in (None, "auto") and dtype is None:
+        raise SystemExit(f"--dtype {dt}: choose float32, bfloat16 or float16")
+    try:
+        res = convert(args.eva, args.llama, args.checkpoint, args.out, cfg, keep_lora=args.keep_lora, dtype=dtype)
+    except WeightsError as e:
+        raise SystemExit(f"convert failed: {e}") from None
+    print(f"wrote {res['out']} in {res['seconds']:.1f} s (LoRA {res['lora']}, LLM {res['llm_dtype']})")
+    return 0

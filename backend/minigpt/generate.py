@@ -1,0 +1,138 @@
+"""Decoding: a small explicit loop over the transformers LLaMA with a KV cache.
+
+* Greedy by default (the original's benchmark evaluation: ``do_sample=False``, ``num_beams=1``, stop at eos 2).
+  The LLaMA folder's ``generation_config.json`` (Llama-2-chat asks for sampling, T 0.6, top_p 0.9) is never
+  consulted: settings come only from here.
+* ``DEMO`` reproduces the original Gradio demo: T 0.6 (slider default), top_p 0.9, top_k 50 (HF default),
+  repetition_penalty 1.05 applied, as transformers 4.30 did with ``inputs_embeds`` only, to ``[BOS] + generated``.
+* Batches are LEFT-padded with zero embedding vectors and attention mask 0, position ids = cumsum(mask) - 1, as
+  ``MiniGPTBase.generate``; finished rows keep running (their tokens are discarded).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    name: str = "greedy"
+
+
+GREEDY = SamplingSettings()
+DEMO = SamplingSettings(do_sample=True, temperature=0.6, top_p=0.9, top_k=50, repetition_penalty=1.05, name="demo")
+DEFAULT_MAX_NEW_TOKENS = {"report": 300, "vqa": 300, "detect": 100, "ground": 100, "identify": 100}  # eval yaml
+DEMO_MAX_NEW_TOKENS = 500
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[list[int]]  # generated ids per row, eos excluded
+    finished: list[bool]
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    steps: int = 0
+    prompt_lengths: list[int] = field(default_factory=list)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _warp(logits: torch.Tensor, s: SamplingSettings, history: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+    """Next tokens [B] from logits [B,V] (fp32)."""
+    if s.repetition_penalty != 1.0:
+        score = torch.gather(logits, 1, history)
+        score = torch.where(score < 0, score * s.repetition_penalty, score / s.repetition_penalty)
+        logits = logits.scatter(1, history, score)
+    if not s.do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits / s.temperature
+    if s.top_k > 0:
+        k = min(s.top_k, logits.shape[-1])
+        kth = torch.topk(logits, k, dim=-1).values[..., -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=False)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cum <= (1 - s.top_p)
+        remove[..., -1:] = False
+        logits = logits.masked_fill(remove.scatter(1, idx, remove), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(1)
+
+
+@torch.no_grad()
+def generate(llm, embeds: Sequence[torch.Tensor], max_new_tokens: Sequence[int] | int, eos_id: int, bos_id: int,
+             settings: SamplingSettings = GREEDY, stop=None, seed: int | None = None,
+             ignore_eos: bool = False) -> GenerationOutput:
+    """``embeds``: one [L_i, H] prompt embedding per row. Returns the generated ids per row."""
+    from transformers import DynamicCache
+
+    b = len(embeds)
+    maxes = [int(max_new_tokens)] * b if isinstance(max_new_tokens, int) else [int(m) for m in max_new_tokens]
+    device = embeds[0].device
+    lens = [int(e.shape[0]) for e in embeds]
+    L, H = max(lens), int(embeds[0].shape[-1])
+    x = torch.zeros(b, L, H, dtype=embeds[0].dtype, device=device)
+    mask = torch.zeros(b, L, dtype=torch.long, device=device)
+    for i, e in enumerate(embeds):
+        x[i, L - lens[i]:] = e
+        mask[i, L - lens[i]:] = 1
+    pos = mask.cumsum(-1) - 1
+    pos.masked_fill_(mask == 0, 1)
+    gen = None
+    if settings.do_sample:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed if seed is not None else int(torch.seed() % (2**63)))
+    cache = DynamicCache(config=llm.config)
+    t0 = time.perf_counter()
+    out = llm(inputs_embeds=x, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+              logits_to_keep=1)
+    logits = out.logits[:, -1].float()
+    _sync(device)
+    t1 = time.perf_counter()
+    history = torch.full((b, 1), bos_id, dtype=torch.long, device=device)  # 4.30: generated ids start with [BOS]
+    tokens: list[list[int]] = [[] for _ in range(b)]
+    finished = [False] * b
+    done = [m <= 0 for m in maxes]
+    steps = 0
+    last_pos = pos[:, -1:]
+    while not all(done):
+        if stop is not None:
+            stop.check()
+        nxt = _warp(logits, settings, history, gen)
+        nxt_list = nxt.tolist()
+        steps += 1
+        for i, t in enumerate(nxt_list):
+            if done[i]:
+                continue
+            if t == eos_id and not ignore_eos:
+                finished[i] = True
+                done[i] = True
+                continue
+            tokens[i].append(t)
+            if len(tokens[i]) >= maxes[i]:
+                done[i] = True
+        if all(done):
+            break
+        history = torch.cat([history, nxt[:, None]], dim=1)
+        mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+        last_pos = last_pos + 1
+        out = llm(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos, past_key_values=cache,
+                  use_cache=True)
+        logits = out.logits[:, -1].float()
+    _sync(device)
+    t2 = time.perf_counter()
+    return GenerationOutput(tokens=tokens, finished=finished, prefill_s=t1 - t0, decode_s=t2 - t1, steps=steps,
+                            prompt_lengths=lens)
