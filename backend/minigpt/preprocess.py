@@ -34,7 +34,7 @@ def normalize(rgb: np.ndarray):
     """(S,S,3) uint8 -> torch float32 [3,S,S] (ToTensor + Normalize)."""
     import torch
 
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)
+    x = torch.from_numpy(np.array(rgb, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255.0)
     mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
     std = torch.tensor(CLIP_STD).view(3, 1, 1)
     return (x - mean) / std

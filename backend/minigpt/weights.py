@@ -258,7 +258,6 @@ def _load_llm(folder: str | Path, opts: LoadOptions):
         raise WeightsError(f"{folder}: LLaMA weights do not match config.json: missing {_names(missing) or 'none'}; "
                            f"unexpected {_names(unexpected) or 'none'}; mismatched {_names([m[0] for m in mism]) or 'none'}")
     llm.eval()
-    llm.generation_config.do_sample = False  # the folder's sampling settings are never used (see generate.py)
     return llm
 
 
