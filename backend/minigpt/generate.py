@@ -136,3 +136,97 @@ def generate(llm, embeds: Sequence[torch.Tensor], max_new_tokens: Sequence[int] 
     t2 = time.perf_counter()
     return GenerationOutput(tokens=tokens, finished=finished, prefill_s=t1 - t0, decode_s=t2 - t1, steps=steps,
                             prompt_lengths=lens)
+
+
+class StaticDecoder:
+    """A faster decode path for CUDA: a preallocated ``StaticCache`` and one decode step with fixed shapes, optionally
+    compiled with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs). The prefill runs eagerly. Same
+    left-padding, position ids and token choice as ``generate``."""
+
+    def __init__(self, llm, max_batch: int, max_len: int, compile: bool = True):
+        self.llm = llm
+        self.max_batch = max_batch
+        self.max_len = max_len
+        self.compiled = compile
+        self.cache = None
+        self._step = torch.compile(self._forward_step, mode="reduce-overhead", fullgraph=False) if compile \
+            else self._forward_step
+
+    def _forward_step(self, ids, mask, pos, cache_position):
+        out = self.llm(input_ids=ids, attention_mask=mask, position_ids=pos, cache_position=cache_position,
+                       past_key_values=self.cache, use_cache=True)
+        return out.logits[:, -1].float()
+
+    @torch.no_grad()
+    def generate(self, embeds: Sequence[torch.Tensor], max_new_tokens: Sequence[int] | int, eos_id: int, bos_id: int,
+                 settings: SamplingSettings = GREEDY, stop=None, seed: int | None = None,
+                 ignore_eos: bool = False) -> GenerationOutput:
+        from transformers import StaticCache
+
+        b = len(embeds)
+        if b > self.max_batch:
+            raise ValueError(f"batch {b} > max_batch {self.max_batch}")
+        maxes = [int(max_new_tokens)] * b if isinstance(max_new_tokens, int) else [int(m) for m in max_new_tokens]
+        device = embeds[0].device
+        lens = [int(e.shape[0]) for e in embeds]
+        L, H = max(lens), int(embeds[0].shape[-1])
+        if L + max(maxes) > self.max_len:
+            raise ValueError(f"prompt {L} + {max(maxes)} new tokens > max_len {self.max_len}")
+        bp = self.max_batch  # fixed batch shape: unused rows are all padding
+        x = torch.zeros(bp, L, H, dtype=embeds[0].dtype, device=device)
+        mask = torch.zeros(bp, self.max_len, dtype=torch.long, device=device)
+        for i, e in enumerate(embeds):
+            x[i, L - lens[i]:] = e
+            mask[i, L - lens[i]:L] = 1
+        mask[b:, L - 1] = 1  # keep padding rows finite
+        pos = mask[:, :L].cumsum(-1) - 1
+        pos.masked_fill_(mask[:, :L] == 0, 1)
+        if self.cache is None:
+            self.cache = StaticCache(config=self.llm.config, max_cache_len=self.max_len)
+        else:
+            self.cache.reset()
+        gen = None
+        if settings.do_sample:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(seed if seed is not None else int(torch.seed() % (2**63)))
+        t0 = time.perf_counter()
+        out = self.llm(inputs_embeds=x, attention_mask=mask[:, :L], position_ids=pos,
+                       cache_position=torch.arange(L, device=device), past_key_values=self.cache, use_cache=True,
+                       logits_to_keep=1)
+        logits = out.logits[:, -1].float()
+        _sync(device)
+        t1 = time.perf_counter()
+        history = torch.full((bp, 1), bos_id, dtype=torch.long, device=device)
+        tokens: list[list[int]] = [[] for _ in range(b)]
+        finished = [False] * b
+        done = [m <= 0 for m in maxes]
+        steps = 0
+        last_pos = pos[:, -1:].clone()
+        cur = L
+        while not all(done):
+            if stop is not None:
+                stop.check()
+            nxt = _warp(logits, settings, history, gen)
+            steps += 1
+            for i, t in enumerate(nxt[:b].tolist()):
+                if done[i]:
+                    continue
+                if t == eos_id and not ignore_eos:
+                    finished[i] = done[i] = True
+                    continue
+                tokens[i].append(t)
+                if len(tokens[i]) >= maxes[i]:
+                    done[i] = True
+            if all(done):
+                break
+            if settings.repetition_penalty != 1.0:
+                history = torch.cat([history, nxt[:, None]], dim=1)
+            mask[:, cur] = 1
+            last_pos = last_pos + 1
+            cache_position = torch.tensor([cur], device=device)
+            logits = self._step(nxt[:, None].clone(), mask, last_pos.clone(), cache_position).clone()
+            cur += 1
+        _sync(device)
+        t2 = time.perf_counter()
+        return GenerationOutput(tokens=tokens, finished=finished, prefill_s=t1 - t0, decode_s=t2 - t1, steps=steps,
+                                prompt_lengths=lens)
