@@ -95,10 +95,14 @@ def main() -> int:
         lines = ["| engine | mode | slices | time | slices/s | speed-up | 3D findings |", "|---|---|---|---|---|---|---|"]
         body = bench_engine("builtin", BuiltinEngine(), volume, slices, args.batch, None)
         if args.minigptmed:
-            from minigpt_fixtures import build_tiny_engine  # type: ignore[import-not-found]
+            from minigpt_fixtures import tiny_files  # the tests' tiny model, trained offline and cached
 
-            body += bench_engine("MiniGPT-Med (tiny, CPU)", build_tiny_engine(Path(tmp) / "tiny"), volume, slices,
-                                 min(args.batch, 8), 16)
+            from backend.engines.minigptmed import MiniGPTMedEngine
+
+            tiny = tiny_files()
+            engine = MiniGPTMedEngine(eva=str(tiny.eva), llama=str(tiny.llama), checkpoint=str(tiny.checkpoint),
+                                      model_config=str(tiny.model_config), device="cpu")
+            body += bench_engine("MiniGPT-Med (tiny, CPU)", engine, volume, slices, min(args.batch, 8), 16)
     print(f"Sweep benchmark on {platform.node()} ({os.cpu_count()} CPUs), {time.strftime('%Y-%m-%d')}:\n")
     print("\n".join(lines + [b for b in body if b.startswith("|")]))
     print("\n".join(b for b in body if not b.startswith("|")))
