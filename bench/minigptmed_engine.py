@@ -256,6 +256,41 @@ def one_by_one_vs_batched(model, n: int, new_tokens: int) -> dict:
             "speedup": round((t1 - t0) / (t2 - t1), 2), "same_tokens": single == batched}
 
 
+@torch.inference_mode()
+def batch_invariance_probe(model, n: int = 8, new_tokens: int = 32) -> dict:
+    """Why batched and one-by-one greedy can differ in fp16: compare the last-position logits of the prefill run
+    alone and inside a left-padded batch, and look at the top-1/top-2 margins along a greedy decode."""
+    from transformers import DynamicCache
+
+    embs = model.encode_images(torch.stack([preprocess(im, model.cfg.vision.image_size) for im in images(n)]))
+    prompts = [prompt_embeds(model, embs[i], seed=i, seg1=20 + 3 * i) for i in range(n)]
+    L = max(p.shape[0] for p in prompts)
+    x = torch.zeros(n, L, prompts[0].shape[-1], dtype=prompts[0].dtype, device=prompts[0].device)
+    mask = torch.zeros(n, L, dtype=torch.long, device=x.device)
+    for i, p in enumerate(prompts):
+        x[i, L - p.shape[0]:] = p
+        mask[i, L - p.shape[0]:] = 1
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    batched = model.llm(inputs_embeds=x, attention_mask=mask, position_ids=pos, past_key_values=DynamicCache(config=model.llm.config), logits_to_keep=1).logits[:, -1].float()
+    diffs = []
+    for i, p in enumerate(prompts):
+        one = model.llm(inputs_embeds=p[None], logits_to_keep=1).logits[0, -1].float()
+        diffs.append((one - batched[i]).abs().max().item())
+    margins = []
+    for p in prompts[:2]:
+        cache = DynamicCache(config=model.llm.config)
+        lg = model.llm(inputs_embeds=p[None], past_key_values=cache, logits_to_keep=1).logits[0, -1].float()
+        for _ in range(new_tokens):
+            top = torch.topk(lg, 2).values
+            margins.append((top[0] - top[1]).item())
+            nxt = lg.argmax()[None, None]
+            lg = model.llm(input_ids=nxt, past_key_values=cache).logits[0, -1].float()
+    margins.sort()
+    return {"prefill_logit_max_abs_diff_batched_vs_single": round(max(diffs), 5),
+            "greedy_top2_margin_min": round(margins[0], 5), "greedy_top2_margin_median": round(margins[len(margins) // 2], 5),
+            "steps_with_margin_below_max_diff": sum(m < max(diffs) for m in margins), "steps": len(margins)}
+
+
 def hbm_bandwidth() -> dict:
     name = torch.cuda.get_device_name()
     spec = next((v for k, v in HBM_SPEC_TBPS.items() if k in name), None)
@@ -281,7 +316,7 @@ def llm_weight_bytes(llm) -> int:
 
 # ---- main ----------------------------------------------------------------------------------------------------------
 
-def run(quick: bool, workdir: Path, new_tokens: int) -> dict:
+def run(quick: bool, workdir: Path, new_tokens: int, skip: set[str] = frozenset()) -> dict:
     device = "cpu" if quick else "cuda"
     dtype = torch.float32 if quick else torch.float16
     cfg = MiniGPTMedConfig.from_dict({"vision": VISION_TINY, "llm_hidden_size": LLAMA_TINY["hidden_size"]}) if quick \
@@ -319,8 +354,13 @@ def run(quick: bool, workdir: Path, new_tokens: int) -> dict:
     log(f"ours {res['ours']}")
     res["hf_generate"] = [hf_generate_rates(model, b, new_tokens) for b in (1, 8)]
     log(f"HF generate {res['hf_generate']}")
+    res["ours_again"] = [decode_rates(model, b, new_tokens) for b in (1, 8)]  # order effects
+    res["hf_generate_again"] = [hf_generate_rates(model, b, new_tokens) for b in (1, 8)]
+    log(f"ours again {res['ours_again']}; HF again {res['hf_generate_again']}")
+    res["batch_invariance"] = batch_invariance_probe(model)
+    log(f"batch invariance {res['batch_invariance']}")
     res["static_decode"] = []
-    for b in (1, 8):
+    for b in (() if "static" in skip else (1, 8)):
         try:
             res["static_decode"].append(static_rates(model, b, new_tokens, compile=not quick))
         except Exception as e:  # the compiled path is optional: record why it failed
@@ -339,6 +379,8 @@ def run(quick: bool, workdir: Path, new_tokens: int) -> dict:
     del model
     if not quick:
         torch.cuda.empty_cache()
+    if "convert" in skip:
+        return res
     # convert + load converted
     t0 = time.perf_counter()
     convert(str(files["eva"]), str(files["llama"]), str(files["checkpoint"]), workdir / "converted", cfg)
@@ -360,6 +402,7 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=None, help="decode length (default 32 quick, 128 GPU)")
     p.add_argument("--workdir", default=None, help="where the random weight files go (default: a temp dir, removed)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--skip", default="", help="comma list of sections to skip: static, convert")
     a = p.parse_args(argv)
     if not a.quick and not torch.cuda.is_available():
         raise SystemExit("the real-size benchmark needs a CUDA GPU; use --quick on the CPU")
@@ -368,7 +411,7 @@ def main(argv=None) -> int:
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="minigptmed-bench-"))
     t0 = time.perf_counter()
     try:
-        res = run(a.quick, work, a.new_tokens or (32 if a.quick else 128))
+        res = run(a.quick, work, a.new_tokens or (32 if a.quick else 128), set(filter(None, a.skip.split(","))))
     finally:
         if not a.workdir:
             shutil.rmtree(work, ignore_errors=True)

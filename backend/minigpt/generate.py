@@ -72,6 +72,46 @@ def _warp(logits: torch.Tensor, s: SamplingSettings, history: torch.Tensor, gen:
     return torch.multinomial(probs, 1, generator=gen).squeeze(1)
 
 
+def _decode_loop(logits: torch.Tensor, step_fn, b: int, maxes: list[int], eos_id: int, bos_id: int,
+                 settings: SamplingSettings, stop, gen, ignore_eos: bool, check_every: int = 8):
+    """Token choice + feeding back, without a host sync per step: tokens stay on the device and finished rows are
+    checked every ``check_every`` steps (the extra steps of finished rows are discarded). ``logits`` has
+    >= b rows; ``step_fn(next_ids [rows])`` returns the next logits. Returns (tokens per row, finished, steps)."""
+    rows = logits.shape[0]
+    device = logits.device
+    history = torch.full((rows, 1), bos_id, dtype=torch.long, device=device)  # 4.30: ids start with [BOS]
+    unfinished = torch.ones(rows, dtype=torch.bool, device=device)
+    limits = torch.tensor(maxes + [0] * (rows - b), device=device)
+    cols: list[torch.Tensor] = []
+    longest = max(maxes) if maxes else 0
+    while len(cols) < longest:
+        if stop is not None:
+            stop.check()
+        nxt = _warp(logits, settings, history, gen)
+        if not ignore_eos:
+            nxt = torch.where(unfinished, nxt, torch.full_like(nxt, eos_id))
+            unfinished = unfinished & (nxt != eos_id)
+        cols.append(nxt)
+        if len(cols) >= longest:
+            break
+        if len(cols) % check_every == 0 and not bool((unfinished & (limits > len(cols))).any()):
+            break
+        if settings.repetition_penalty != 1.0:
+            history = torch.cat([history, nxt[:, None]], dim=1)
+        logits = step_fn(nxt)
+    ids = torch.stack(cols, 1).tolist() if cols else [[] for _ in range(rows)]
+    tokens, finished = [], []
+    for i in range(b):
+        row = ids[i][:maxes[i]]
+        if not ignore_eos and eos_id in row:
+            row = row[:row.index(eos_id)]
+            finished.append(True)
+        else:
+            finished.append(False)
+        tokens.append(row)
+    return tokens, finished, len(cols)
+
+
 @torch.no_grad()
 def generate(llm, embeds: Sequence[torch.Tensor], max_new_tokens: Sequence[int] | int, eos_id: int, bos_id: int,
              settings: SamplingSettings = GREEDY, stop=None, seed: int | None = None,
@@ -102,36 +142,16 @@ def generate(llm, embeds: Sequence[torch.Tensor], max_new_tokens: Sequence[int] 
     logits = out.logits[:, -1].float()
     _sync(device)
     t1 = time.perf_counter()
-    history = torch.full((b, 1), bos_id, dtype=torch.long, device=device)  # 4.30: generated ids start with [BOS]
-    tokens: list[list[int]] = [[] for _ in range(b)]
-    finished = [False] * b
-    done = [m <= 0 for m in maxes]
-    steps = 0
-    last_pos = pos[:, -1:]
-    while not all(done):
-        if stop is not None:
-            stop.check()
-        nxt = _warp(logits, settings, history, gen)
-        nxt_list = nxt.tolist()
-        steps += 1
-        for i, t in enumerate(nxt_list):
-            if done[i]:
-                continue
-            if t == eos_id and not ignore_eos:
-                finished[i] = True
-                done[i] = True
-                continue
-            tokens[i].append(t)
-            if len(tokens[i]) >= maxes[i]:
-                done[i] = True
-        if all(done):
-            break
-        history = torch.cat([history, nxt[:, None]], dim=1)
-        mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
-        last_pos = last_pos + 1
-        out = llm(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos, past_key_values=cache,
-                  use_cache=True)
-        logits = out.logits[:, -1].float()
+    state = {"mask": mask, "pos": pos[:, -1:]}
+
+    def step(nxt):
+        state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(b, 1)], dim=1)
+        state["pos"] = state["pos"] + 1
+        o = llm(input_ids=nxt[:, None], attention_mask=state["mask"], position_ids=state["pos"], past_key_values=cache,
+                use_cache=True)
+        return o.logits[:, -1].float()
+
+    tokens, finished, steps = _decode_loop(logits, step, b, maxes, eos_id, bos_id, settings, stop, gen, ignore_eos)
     _sync(device)
     t2 = time.perf_counter()
     return GenerationOutput(tokens=tokens, finished=finished, prefill_s=t1 - t0, decode_s=t2 - t1, steps=steps,
@@ -196,36 +216,17 @@ class StaticDecoder:
         logits = out.logits[:, -1].float()
         _sync(device)
         t1 = time.perf_counter()
-        history = torch.full((bp, 1), bos_id, dtype=torch.long, device=device)
-        tokens: list[list[int]] = [[] for _ in range(b)]
-        finished = [False] * b
-        done = [m <= 0 for m in maxes]
-        steps = 0
-        last_pos = pos[:, -1:].clone()
-        cur = L
-        while not all(done):
-            if stop is not None:
-                stop.check()
-            nxt = _warp(logits, settings, history, gen)
-            steps += 1
-            for i, t in enumerate(nxt[:b].tolist()):
-                if done[i]:
-                    continue
-                if t == eos_id and not ignore_eos:
-                    finished[i] = done[i] = True
-                    continue
-                tokens[i].append(t)
-                if len(tokens[i]) >= maxes[i]:
-                    done[i] = True
-            if all(done):
-                break
-            if settings.repetition_penalty != 1.0:
-                history = torch.cat([history, nxt[:, None]], dim=1)
+        state = {"pos": pos[:, -1:].clone(), "cur": L}
+
+        def step(nxt):
+            cur = state["cur"]
             mask[:, cur] = 1
-            last_pos = last_pos + 1
+            state["pos"] = state["pos"] + 1
+            state["cur"] = cur + 1
             cache_position = torch.tensor([cur], device=device)
-            logits = self._step(nxt[:, None].clone(), mask, last_pos.clone(), cache_position).clone()
-            cur += 1
+            return self._step(nxt[:, None].clone(), mask, state["pos"].clone(), cache_position).clone()
+
+        tokens, finished, steps = _decode_loop(logits, step, b, maxes, eos_id, bos_id, settings, stop, gen, ignore_eos)
         _sync(device)
         t2 = time.perf_counter()
         return GenerationOutput(tokens=tokens, finished=finished, prefill_s=t1 - t0, decode_s=t2 - t1, steps=steps,
