@@ -174,3 +174,16 @@ def test_missing_files_fail_at_start_with_a_clear_error(tiny, tmp_path):
                          model_config=str(tiny.model_config))
     with pytest.raises(EngineError, match=r"--eva.*does not exist"):
         e.load()
+
+
+def test_static_decode_option_gives_the_same_answers(tiny, monkeypatch):
+    from backend.engines.base import AnalysisInput, DecodedImage, StopToken
+
+    inputs = [AnalysisInput(task=b["task"], image=DecodedImage(IMG, "PNG"), question=b.get("question"),
+                            region=tuple(b["region"]) if "region" in b else None) for b in REQUESTS.values()]
+    want = [r.raw_output for r in _engine(tiny).analyze_batch(inputs, StopToken())]
+    monkeypatch.setenv("MINIGPTMED_STATIC_DECODE", "1")
+    e = _engine(tiny)
+    assert e.static_decode and e._decoders  # warmed at load
+    assert [r.raw_output for r in e.analyze_batch(inputs, StopToken())] == want
+    assert [e.analyze_batch([i], StopToken())[0].raw_output for i in inputs] == want

@@ -9,12 +9,18 @@ Tasks and the instruction text sent (inside ``<s>[INST] <Img><ImageHere></Img> {
 * identify -> ``[identify] what object is in this location {<x1><y1><x2><y2>}`` (region on the 0..100 grid)
 
 A request's ``prompt`` replaces the instruction text verbatim.
+
+``MINIGPTMED_STATIC_DECODE=1`` switches decoding to a preallocated static KV cache (``StaticDecoder``); on CUDA its
+decode step is compiled into CUDA graphs at load time (about a minute per batch shape, measured 3x faster decode on
+an H100, see docs/benchmarks.md). Requests longer than ``MINIGPTMED_STATIC_MAX_LEN`` (default 1024) tokens fall back
+to the dynamic cache.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -91,6 +97,9 @@ class MiniGPTMedEngine(Engine):
         self._lock = threading.Lock()
         self.device = "cpu"
         self.dtype = None
+        self.static_decode = os.environ.get("MINIGPTMED_STATIC_DECODE") == "1"
+        self.static_max_len = int(os.environ.get("MINIGPTMED_STATIC_MAX_LEN", "1024"))
+        self._decoders: dict[int, object] = {}
 
     @classmethod
     def from_args(cls, args) -> MiniGPTMedEngine:
@@ -147,9 +156,36 @@ class MiniGPTMedEngine(Engine):
             self.tokenizer = MiniGPTTokenizer(tok_dir)
         except WeightsError as e:
             raise EngineError(str(e)) from e
+        if self.static_decode and self.quantize != "none":
+            log.warning("MINIGPTMED_STATIC_DECODE is ignored with --quantize")
+            self.static_decode = False
+        if self.static_decode:
+            self._warm_static()
         log.info("MiniGPT-Med loaded from %s files in %.1f s on %s (%s, LoRA %s); generation settings: %s "
                  "(the LLaMA folder's generation_config.json is not used)", self.report.source, self.report.seconds,
                  self.device, str(self.dtype).replace("torch.", ""), self.report.lora, self.sampling)
+
+    def _decoder(self, rows: int):
+        from backend.minigpt.generate import StaticDecoder
+
+        size = 1 if rows == 1 else self.max_batch
+        if size not in self._decoders:
+            self._decoders[size] = StaticDecoder(self.model.llm, size, self.static_max_len,
+                                                 compile=self.device.startswith("cuda"))
+        return self._decoders[size]
+
+    def _warm_static(self) -> None:
+        import torch
+
+        t0 = time.perf_counter()
+        h = self.model.llm.config.hidden_size
+        dt = self.model.llm.get_input_embeddings().weight.dtype
+        with torch.inference_mode():
+            for rows in sorted({1, self.max_batch}):
+                prompts = [torch.zeros(self.cfg.image_tokens + 8, h, dtype=dt, device=self.model.device)] * rows
+                for _ in range(2):
+                    self._decoder(rows).generate(prompts, 4, eos_id=-1, bos_id=self.tokenizer.bos_id)
+        log.info("static decode ready (batch shapes 1 and %d) in %.1f s", self.max_batch, time.perf_counter() - t0)
 
     def info(self) -> EngineInfo:
         dt = str(self.dtype).replace("torch.", "") if self.dtype is not None else "?"
@@ -255,9 +291,13 @@ class MiniGPTMedEngine(Engine):
                     for start in range(0, len(idx), self.max_batch):
                         chunk = idx[start:start + self.max_batch]
                         prompts = [self._embed_prompt(items[i].instruction, embs[items[i].key]) for i in chunk]
-                        g = generate(self.model.llm, prompts, [items[i].max_new for i in chunk],
-                                     eos_id=self.tokenizer.eos_id, bos_id=self.tokenizer.bos_id, settings=s,
-                                     stop=stop, seed=self.seed)
+                        maxes = [items[i].max_new for i in chunk]
+                        kw = dict(eos_id=self.tokenizer.eos_id, bos_id=self.tokenizer.bos_id, settings=s, stop=stop,
+                                  seed=self.seed)
+                        if self.static_decode and max(p.shape[0] for p in prompts) + max(maxes) <= self.static_max_len:
+                            g = self._decoder(len(chunk)).generate(prompts, maxes, **kw)
+                        else:
+                            g = generate(self.model.llm, prompts, maxes, **kw)
                         for j, i in enumerate(chunk):
                             results[i] = self._result(items[i], g, j, timings, s, parse_answer,
                                                       postprocess_demo if s.do_sample else postprocess_benchmark)
