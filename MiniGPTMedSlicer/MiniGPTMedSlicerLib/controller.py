@@ -1,0 +1,264 @@
+"""What the module's panel does, without Qt: capture on the main thread, talk to the backend on a worker thread,
+apply results on the main thread, all or nothing.
+
+The panel (or any other shell) calls :meth:`AnalysisController.start` on the main thread, then polls the returned
+:class:`Job` from a timer on the main thread and calls :meth:`AnalysisController.finish` when it is done. The worker
+thread touches only the network and plain data, never MRML.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+from . import protocol
+from .client import BackendClient, BackendError, Timeouts
+
+#: The panel's task names -> wire tasks ("sweep" runs detect or ground over slices).
+TASKS: Dict[str, str] = {"Report": "report", "Ask": "vqa", "Detect": "detect", "Locate": "ground",
+                         "Identify region": "identify", "Sweep volume": "sweep"}
+
+
+class AnalysisError(Exception):
+    """A problem to show to the user (bad input in the panel, no volume in the view, ...)."""
+
+
+@dataclass
+class Job:
+    kind: str  # "analyze" | "sweep" | "health"
+    task: str
+    view: str
+    cancel: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    progress: queue.Queue[str] = field(default_factory=queue.Queue)
+    result: Any = None
+    error: Optional[BaseException] = None
+    started: float = field(default_factory=time.monotonic)
+    context: Dict[str, Any] = field(default_factory=dict)  # main-thread data (captured slices, plan, options)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel.is_set()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+@dataclass
+class Outcome:
+    """What :meth:`AnalysisController.finish` reports back to the panel."""
+
+    ok: bool
+    message: str
+    text: str = ""
+    n_findings: int = 0
+
+
+class AnalysisController:
+    """``slice_logics``: a callable returning {view name: slice logic} (the app's or slicer-core's)."""
+
+    def __init__(self, scene, slice_logics: Callable[[], Dict[str, Any]], timeouts: Optional[Timeouts] = None):
+        self.scene = scene
+        self.slice_logics = slice_logics
+        self.timeouts = timeouts or Timeouts()
+        self.base_url = "http://127.0.0.1:8765"
+        self.token: Optional[str] = None
+        self.export_size: Optional[int] = None
+        self.batch_size = 8
+
+    # -- backend ------------------------------------------------------------------------------
+
+    def configure(self, base_url: str, token: Optional[str]) -> None:
+        self.base_url = (base_url or "").strip() or "http://127.0.0.1:8765"
+        self.token = (token or "").strip() or None
+
+    def client(self) -> BackendClient:
+        return BackendClient(self.base_url, token=self.token, timeouts=self.timeouts)
+
+    def start_health(self) -> Job:
+        job = Job(kind="health", task="health", view="")
+
+        def work() -> Any:
+            client = self.client()
+            try:
+                return client.health()
+            finally:
+                client.close()
+
+        self._run(job, work)
+        return job
+
+    # -- analyses -----------------------------------------------------------------------------
+
+    def slice_logic(self, view: str):
+        logics = self.slice_logics()
+        if view not in logics:
+            raise AnalysisError(f"there is no {view} slice view")
+        return logics[view]
+
+    def roi_nodes(self) -> List[Any]:
+        col = self.scene.GetNodesByClass("vtkMRMLMarkupsROINode")
+        nodes = [col.GetItemAsObject(i) for i in range(col.GetNumberOfItems())]
+        return [n for n in nodes if n.GetAttribute("MiniGPTMed.task") is None]  # user-drawn ROIs only
+
+    def start(self, view: str, task_name: str, question: str = "", region_roi_id: Optional[str] = None,
+              sweep_range: str = "") -> Job:
+        """Validate and capture on the main thread, then send on a worker thread."""
+        from .capture import capture_slice, region_from_roi, to_request
+        from .scene import volume_of
+
+        if task_name not in TASKS:
+            raise AnalysisError(f"unknown task {task_name!r}")
+        task = TASKS[task_name]
+        question = (question or "").strip()
+        if task == "vqa" and not question:
+            raise AnalysisError("Type a question for Ask.")
+        if task == "ground" and not question:
+            raise AnalysisError("Type the phrase to locate for Locate.")
+        sl = self.slice_logic(view)
+        volume = volume_of(sl)
+        if volume is None:
+            raise AnalysisError(f"The {view} view shows no volume: load one and show it in that view.")
+        if task == "sweep":
+            return self._start_sweep(view, sl, volume, question, sweep_range)
+        try:
+            captured = capture_slice(sl, export_size=self.export_size)
+        except ValueError as e:
+            raise AnalysisError(str(e)) from None
+        region = None
+        if task == "identify":
+            roi = self.scene.GetNodeByID(region_roi_id) if region_roi_id else None
+            if roi is None:
+                raise AnalysisError("Identify region needs an ROI: draw one in the view and pick it as Region ROI.")
+            try:
+                region = region_from_roi(captured, roi)
+            except ValueError as e:
+                raise AnalysisError(f"The ROI {roi.GetName()!r} is not in the {view} view: {e}") from None
+        request = to_request(captured, task, question=question or None, region=region)
+        job = Job(kind="analyze", task=task, view=view, context={"captured": captured})
+
+        def work() -> Any:
+            client = self.client()
+            try:
+                return client.analyze(request, cancel=job.cancel)
+            finally:
+                client.close()
+
+        self._run(job, work)
+        return job
+
+    def _start_sweep(self, view: str, sl, volume, question: str, sweep_range: str) -> Job:
+        from .sweep import analyze_sweep, capture_sweep, parse_range, plan_sweep
+
+        task = "detect"  # the question, if any, names the kind of finding (the runner also sweeps "ground")
+        full = plan_sweep(sl, volume)
+        parts = (sweep_range or "").strip().split(":")
+        step = 1
+        if len(parts) == 3:
+            step = int(parts[2]) if parts[2].strip() else 1
+            parts = parts[:2]
+        try:
+            rng = parse_range(":".join(parts) if parts != [""] else None, full.slice_count)
+            plan = plan_sweep(sl, volume, rng, step)
+        except ValueError as e:
+            raise AnalysisError(f"Sweep slices: {e}") from None
+        job = Job(kind="sweep", task=task, view=view)
+        captured = capture_sweep(sl, plan, export_size=self.export_size, cancel=job.cancel)
+        job.context.update(captured=captured, plan=plan)
+
+        def work() -> Any:
+            client = self.client()
+            try:
+                health = client.health()
+                job.context["health"] = health
+                return analyze_sweep(client, captured, task, question or None, self.batch_size, cancel=job.cancel,
+                                     progress=lambda p: job.progress.put(str(p)))
+            finally:
+                client.close()
+
+        self._run(job, work)
+        return job
+
+    def _run(self, job: Job, work: Callable[[], Any]) -> None:
+        def target() -> None:
+            try:
+                job.result = work()
+            except BaseException as e:  # reported to the main thread
+                job.error = e
+            finally:
+                job.done.set()
+
+        threading.Thread(target=target, name=f"minigptmed-{job.kind}", daemon=True).start()
+
+    def finish(self, job: Job, keep_previous: bool = True) -> Outcome:
+        """On the main thread, once ``job.done`` is set: create the markups (all or nothing) or explain the error."""
+        from . import markups as M
+
+        if job.cancelled:
+            return Outcome(False, "Cancelled. Nothing was added to the scene.")
+        if job.error is not None:
+            return Outcome(False, describe_error(job.error))
+        if job.kind == "analyze":
+            response: protocol.AnalyzeResponse = job.result
+            M.add_analysis_results(self.scene, job.context["captured"], response, replace_previous=not keep_previous)
+            note = f" ({'; '.join(response.warnings)})" if response.warnings else ""
+            return Outcome(True, f"{len(response.findings)} finding(s) from {response.engine} in {job.elapsed():.1f} s{note}.",
+                           response.text, len(response.findings))
+        if job.kind == "sweep":
+            from .sweep import merge_sweep
+
+            plan, captured = job.context["plan"], job.context["captured"]
+            findings = merge_sweep(captured, job.result, plan)
+            health = job.context["health"]
+            solid = [f for f in findings if not f.isolated]
+            lines = [f"Sweep of {len(plan.indices)} slices: {len(solid)} 3D finding(s), "
+                     f"{len(findings) - len(solid)} single-slice box(es)."]
+            for i, f in enumerate(findings):
+                lines.append(f"{i + 1}. {f.label}{' (single slice)' if f.isolated else ''}: {f.size_mm[0]:.1f} × "
+                             f"{f.size_mm[1]:.1f} × {f.size_mm[2]:.1f} mm, slices {plan.indices[f.first]}–"
+                             f"{plan.indices[f.last]}")
+            summary = "\n".join(lines)
+            M.add_sweep_results(self.scene, findings, task=job.task, engine=health.engine, model=health.model,
+                                view_name=job.view, summary=summary, offsets_mm=plan.offsets_mm,
+                                replace_previous=not keep_previous)
+            return Outcome(True, f"{len(findings)} finding(s) over {len(plan.indices)} slices in {job.elapsed():.1f} s.",
+                           summary, len(findings))
+        health = job.result
+        return Outcome(True, f"Connected: {health.engine} engine, {health.model} on {health.device}; tasks: "
+                             f"{', '.join(health.tasks)}.")
+
+    # -- results ------------------------------------------------------------------------------
+
+    def rows(self):
+        from .markups import finding_rows
+
+        return finding_rows(self.scene)
+
+    def jump_to(self, node_id: str):
+        from .markups import jump_to_finding
+
+        roi = self.scene.GetNodeByID(node_id)
+        if roi is None:
+            return None
+        nodes = [sl.GetSliceNode() for sl in self.slice_logics().values()]
+        return jump_to_finding(nodes, roi)
+
+    def clear(self) -> int:
+        from .markups import clear_results
+
+        return clear_results(self.scene)
+
+
+def describe_error(e: BaseException) -> str:
+    if isinstance(e, BackendError):
+        return e.message
+    if isinstance(e, AnalysisError):
+        return str(e)
+    from .sweep import SweepCancelled
+
+    if isinstance(e, SweepCancelled):
+        return "Cancelled. Nothing was added to the scene."
+    return f"Unexpected error: {type(e).__name__}: {e}"
