@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 from MiniGPTMedSlicerLib.controller import AnalysisController, AnalysisError, Job, describe_error
 
-from .qt_compat import find, load_ui, qt
+from .qt_compat import find, load_ui, prop, qt
 
 UI_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "Resources", "UI",
                        "MiniGPTMedSlicer.ui")
@@ -51,7 +51,7 @@ class Panel:
 
         header = self.table.horizontalHeader()
         header.setSectionResizeMode(0, qt.QHeaderView.Stretch)
-        for col in range(1, self.table.columnCount()):
+        for col in range(1, prop(self.table, "columnCount")):
             header.setSectionResizeMode(col, qt.QHeaderView.ResizeToContents)
         self.table.verticalHeader().setVisible(False)
         self.table.setWordWrap(False)
@@ -88,17 +88,17 @@ class Panel:
 
     def _save_settings(self) -> None:
         if self.settings is not None:
-            self.settings.setValue(SETTINGS_PREFIX + "backendUrl", str(self.url_edit.text()))
-            self.settings.setValue(SETTINGS_PREFIX + "accessToken", str(self.token_edit.text()))
+            self.settings.setValue(SETTINGS_PREFIX + "backendUrl", str(prop(self.url_edit, "text")))
+            self.settings.setValue(SETTINGS_PREFIX + "accessToken", str(prop(self.token_edit, "text")))
 
     def _configure(self) -> None:
-        self.controller.configure(str(self.url_edit.text()), str(self.token_edit.text()))
+        self.controller.configure(str(prop(self.url_edit, "text")), str(prop(self.token_edit, "text")))
         self._save_settings()
 
     # -- widgets ------------------------------------------------------------------------------
 
     def _update_task_widgets(self, *args) -> None:
-        task = str(self.task_combo.currentText())
+        task = str(prop(self.task_combo, "currentText"))
         self.region_combo.setEnabled(task == "Identify region")
         self.range_edit.setEnabled(task == "Sweep volume")
         placeholder = {"Ask": "the question", "Locate": "the phrase to locate",
@@ -109,7 +109,7 @@ class Panel:
             self.refresh_regions()
 
     def refresh_regions(self) -> None:
-        current = self.region_combo.currentData()
+        current = prop(self.region_combo, "currentData")
         self.region_combo.clear()
         for node in self.controller.roi_nodes():
             self.region_combo.addItem(str(node.GetName()), str(node.GetID()))
@@ -170,10 +170,10 @@ class Panel:
         self._configure()
         try:
             self.job = self.controller.start(
-                view=str(self.view_combo.currentText()), task_name=str(self.task_combo.currentText()),
-                question=str(self.question_edit.text()),
-                region_roi_id=self.region_combo.currentData() if self.region_combo.count() else None,
-                sweep_range=str(self.range_edit.text()))
+                view=str(prop(self.view_combo, "currentText")), task_name=str(prop(self.task_combo, "currentText")),
+                question=str(prop(self.question_edit, "text")),
+                region_roi_id=prop(self.region_combo, "currentData") if prop(self.region_combo, "count") else None,
+                sweep_range=str(prop(self.range_edit, "text")))
         except AnalysisError as e:
             self._error(str(e))
             return
@@ -228,7 +228,7 @@ class Panel:
         self.timer.stop()
         self.job = None
         try:
-            outcome = self.controller.finish(job, keep_previous=bool(self.keep_check.isChecked()))
+            outcome = self.controller.finish(job, keep_previous=bool(prop(self.keep_check, "checked")))
         except Exception as e:  # markups creation failed: the scene is unchanged (all or nothing)
             self._set_busy(False, "")
             self._error(f"Could not add the results to the scene: {describe_error(e)}")

@@ -58,6 +58,14 @@ def load_ui(path: str):
     return widget
 
 
+def prop(obj, name: str):
+    """Read a Q_PROPERTY the same way in both bindings (PythonQt shadows getters such as ``text()`` with
+    attributes). A misspelt name raises instead of quietly returning None."""
+    if obj.metaObject().indexOfProperty(name) < 0:
+        raise AttributeError(f"{type(obj).__name__} has no Qt property {name!r}")
+    return obj.property(name)
+
+
 def find(root, name: str):
     w = root.findChild(qt.QObject, name)
     if w is None:
