@@ -26,6 +26,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from MiniGPTMedSlicerLib.protocol import Finding
 
@@ -73,7 +74,7 @@ class _Item:
     label: str
     key: str
     max_new: int
-    settings: object
+    settings: Any
 
 
 class MiniGPTMedEngine(Engine):
@@ -81,7 +82,7 @@ class MiniGPTMedEngine(Engine):
                  converted: str | None = None, model_config: str | None = None, device: str = "auto",
                  dtype: str = "auto", quantize: str = "none", sampling: str = "greedy", merge_lora: bool = True,
                  max_batch: int = 8, cache_size: int = 32, seed: int | None = None):
-        self.paths = {"eva": eva, "llama": llama, "checkpoint": checkpoint, "converted": converted}
+        self.paths: dict[str, Any] = {"eva": eva, "llama": llama, "checkpoint": checkpoint, "converted": converted}
         self.model_config = model_config
         self.device_arg, self.dtype_arg, self.quantize = device, dtype, quantize
         self.sampling = sampling
@@ -89,14 +90,14 @@ class MiniGPTMedEngine(Engine):
         self.max_batch = max_batch
         self.cache_size = cache_size
         self.seed = seed
-        self.model = None
-        self.tokenizer = None
-        self.cfg = None
-        self.report = None
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.cfg: Any = None
+        self.report: Any = None
         self._cache: OrderedDict[str, object] = OrderedDict()
         self._lock = threading.Lock()
         self.device = "cpu"
-        self.dtype = None
+        self.dtype: Any = None
         self.static_decode = os.environ.get("MINIGPTMED_STATIC_DECODE") == "1"
         self.static_max_len = int(os.environ.get("MINIGPTMED_STATIC_MAX_LEN", "1024"))
         self._decoders: dict[int, object] = {}
@@ -284,7 +285,7 @@ class MiniGPTMedEngine(Engine):
             try:
                 timings: dict[str, float] = {}
                 embs = self._image_embeds(items, timings)
-                groups: dict[object, list[int]] = {}
+                groups: dict[Any, list[int]] = {}
                 for i, it in enumerate(items):
                     groups.setdefault(it.settings, []).append(i)
                 for s, idx in groups.items():
@@ -315,7 +316,8 @@ class MiniGPTMedEngine(Engine):
             warnings.append(f"answer cut at max_new_tokens={it.max_new}")
         inp = it.inp
         if inp.task == "identify":
-            findings = [Finding(label=answer[:120] or it.label, box=[float(v) for v in inp.region])]
+            region = inp.region or (0.0, 0.0, float(inp.image.width), float(inp.image.height))
+            findings = [Finding(label=answer[:120] or it.label, box=[float(v) for v in region])]
             return AnalysisResult(text=answer, findings=findings, raw_output=answer, warnings=warnings, timings_ms=t)
         parsed = parse_answer(answer, inp.image.width, inp.image.height, default_label=it.label)
         findings = [Finding(label=b.label, box=b.box) for b in parsed.boxes]

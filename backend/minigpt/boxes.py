@@ -84,9 +84,9 @@ def parse_answer(answer: str, width: int, height: int, default_label: str = "fin
                 res.warnings.append(f"dropped box {raw!r}: not in the <x1><y1><x2><y2> form")
                 continue
             g, warn = _check(vals, raw)
-            if warn:
-                res.warnings.append(warn)
-            elif g is not None:
+            if g is None:
+                res.warnings.append(warn or f"dropped box {raw!r}")
+            else:
                 res.boxes.append(ParsedBox(label, g, grid_to_pixels(g, width, height)))
     # text with labeled box groups replaced by their labels
     parts, last = [], 0
@@ -103,8 +103,8 @@ def parse_answer(answer: str, width: int, height: int, default_label: str = "fin
         if fm:
             seen_any = True
             g, warn = _check([int(v) for v in fm.groups()], raw)
-            if warn:
-                res.warnings.append(warn)
+            if g is None:
+                res.warnings.append(warn or f"dropped box {raw!r}")
             else:
                 res.boxes.append(ParsedBox(default_label, g, grid_to_pixels(g, width, height)))
             rest = rest.replace(raw, " ", 1)
@@ -116,8 +116,8 @@ def parse_answer(answer: str, width: int, height: int, default_label: str = "fin
         ints = [int(v) for v in RE_INT.findall(answer)]
         if len(ints) == 4:  # the demo's "refer" mode: a bare four-integer answer
             g, warn = _check(ints, answer.strip())
-            if warn:
-                res.warnings.append(warn)
+            if g is None:
+                res.warnings.append(warn or "dropped box")
             else:
                 res.boxes.append(ParsedBox(default_label, g, grid_to_pixels(g, width, height)))
     text = RE_TAGS.sub(" ", rest)

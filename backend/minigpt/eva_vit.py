@@ -85,7 +85,7 @@ class EvaViT(nn.Module):
         dtype = self.patch_embed.proj.weight.dtype
         x = self.patch_embed(pixels if mixed else pixels.to(dtype))
         cls = self.cls_token.expand(x.shape[0], -1, -1)
-        pos = self.pos_embed
+        pos: torch.Tensor = self.pos_embed
         if not mixed:
             cls, pos = cls.to(dtype), pos.to(dtype)
         x = torch.cat([cls, x.to(cls.dtype) if mixed else x], dim=1) + pos

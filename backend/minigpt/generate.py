@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -168,7 +169,7 @@ class StaticDecoder:
         self.max_batch = max_batch
         self.max_len = max_len
         self.compiled = compile
-        self.cache = None
+        self.cache: Any = None
         self._step = torch.compile(self._forward_step, mode="reduce-overhead", fullgraph=False) if compile \
             else self._forward_step
 

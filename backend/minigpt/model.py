@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,11 +28,13 @@ class LnVision(nn.LayerNorm):
 class LoraLinear(nn.Module):
     """peft-0.2.0-style LoRA: ``base(x) + lora_B(lora_A(x)) * scaling`` (dropout is inactive at inference)."""
 
+    base: Any
+
     def __init__(self, base: nn.Module, r: int, alpha: int, dtype: torch.dtype | None = None):
         super().__init__()
         self.base = base
-        in_f = getattr(base, "in_features", None)
-        out_f = getattr(base, "out_features", None)
+        in_f = int(getattr(base, "in_features"))  # noqa: B009
+        out_f = int(getattr(base, "out_features"))  # noqa: B009
         dev = next(base.parameters()).device
         dtype = dtype or torch.float32
         self.lora_A = nn.Linear(in_f, r, bias=False, device=dev, dtype=dtype)
@@ -50,11 +53,11 @@ class LoraLinear(nn.Module):
         return (w.float() + delta.to(w.device)).to(w.dtype)
 
 
-def llama_layers(llm: nn.Module) -> nn.ModuleList:
+def llama_layers(llm: Any) -> Any:
     return llm.model.layers
 
 
-def add_lora(llm: nn.Module, cfg: MiniGPTMedConfig, dtype: torch.dtype | None = None) -> dict[str, LoraLinear]:
+def add_lora(llm: Any, cfg: MiniGPTMedConfig, dtype: torch.dtype | None = None) -> dict[str, LoraLinear]:
     """Wrap q_proj / v_proj of every decoder layer; returns {'layers.i.self_attn.q_proj': module}."""
     out = {}
     for i, layer in enumerate(llama_layers(llm)):
@@ -67,7 +70,7 @@ def add_lora(llm: nn.Module, cfg: MiniGPTMedConfig, dtype: torch.dtype | None = 
 
 
 @torch.no_grad()
-def merge_lora(llm: nn.Module) -> int:
+def merge_lora(llm: Any) -> int:
     """Fold every LoraLinear into its base weight (W' = W + scaling * B @ A, computed in fp32) and unwrap it."""
     n = 0
     for layer in llama_layers(llm):
@@ -80,7 +83,9 @@ def merge_lora(llm: nn.Module) -> int:
 
 
 class MiniGPTMed(nn.Module):
-    def __init__(self, cfg: MiniGPTMedConfig, llm: nn.Module, hidden_size: int):
+    llm: Any
+
+    def __init__(self, cfg: MiniGPTMedConfig, llm: Any, hidden_size: int):
         super().__init__()
         self.cfg = cfg
         self.visual_encoder = EvaViT(cfg.vision)

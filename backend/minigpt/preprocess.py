@@ -26,7 +26,7 @@ def resized_rgb(img, size: int = 448) -> np.ndarray:
     """(size, size, 3) uint8 after the bicubic squash-resize."""
     from PIL import Image
 
-    pil = to_rgb_pil(img).resize((size, size), resample=Image.BICUBIC)
+    pil = to_rgb_pil(img).resize((size, size), resample=Image.Resampling.BICUBIC)
     return np.asarray(pil, dtype=np.uint8)
 
 

@@ -248,7 +248,8 @@ def _load_llm(folder: str | Path, opts: LoadOptions):
     if q is not None or opts.device != "cpu":
         kw["device_map"] = {"": opts.device}
     try:
-        llm, info = LlamaForCausalLM.from_pretrained(str(folder), local_files_only=True, **kw)
+        loaded: Any = LlamaForCausalLM.from_pretrained(str(folder), local_files_only=True, **kw)
+        llm, info = loaded
     except (OSError, ValueError) as e:
         raise WeightsError(f"{folder}: could not load the LLaMA weights: {e}") from e
     missing = [k for k in info.get("missing_keys", []) if "inv_freq" not in k]
@@ -342,7 +343,7 @@ def load_original(eva: str | Path, llama: str | Path, checkpoint: str | Path, cf
 
 
 def is_converted(folder: str | Path | None) -> bool:
-    return bool(folder) and (Path(folder) / CONVERTED_MARKER).is_file()
+    return folder is not None and bool(str(folder)) and (Path(folder) / CONVERTED_MARKER).is_file()
 
 
 def load_converted(folder: str | Path, opts: LoadOptions) -> tuple[MiniGPTMed, MiniGPTMedConfig, LoadReport]:
