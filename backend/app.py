@@ -118,6 +118,9 @@ def create_app(engine: Engine, settings: ServerSettings | None = None,
         out = [service.respond(i, r, per) for i, r in zip(inputs, results, strict=True)]
         return BatchResponse(results=out, timings_ms={"decode": (t1 - t0) * 1000, "engine": (t2 - t1) * 1000})
 
+    from .openai_routes import add_openai_routes
+
+    add_openai_routes(app, service)
     if extra_routes is not None:
         extra_routes(app, service)
     return app

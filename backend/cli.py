@@ -88,14 +88,7 @@ def serve(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     engine = build_engine(args)
-    extra = None
-    try:
-        from .openai_routes import add_openai_routes
-
-        extra = add_openai_routes
-    except ImportError:
-        pass
-    app = create_app(engine, settings, extra_routes=extra)
+    app = create_app(engine, settings)
     logging.getLogger("minigptmed").info("listening on %s://%s:%d", "https" if settings.ssl_certfile else "http",
                                          settings.host, settings.port)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=False,

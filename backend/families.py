@@ -1,0 +1,230 @@
+"""Model families of the peer engines (``hf`` and ``openai``): one prompt per task, the image convention, and a box
+decoder that returns findings in pixels of the image that was SENT to our backend.
+
+| family       | image convention                         | box output                                                     |
+|--------------|------------------------------------------|----------------------------------------------------------------|
+| medgemma     | zero-padded to a square, then 896 px     | JSON ``box_2d`` = [y0, x0, y1, x1] on 0..1000 of the padded square |
+| qwen2_5_vl   | Qwen's smart resize (multiples of 28)    | JSON ``bbox_2d`` = [x0, y0, x1, y1] in pixels of the resized image |
+| qwen3_vl     | Qwen's smart resize                      | JSON ``bbox_2d`` = [x0, y0, x1, y1] on 0..1000                     |
+| generic      | as sent                                  | none (text only)                                               |
+
+Thinking blocks (``<think>…</think>``, MedGemma's ``<unused94>…<unused95>``) are stripped. Malformed output keeps its
+text; only broken boxes are dropped, each with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+
+from MiniGPTMedSlicerLib.protocol import Finding
+
+FAMILIES = ("medgemma", "qwen2_5_vl", "qwen3_vl", "generic")
+BOX_TASKS = ("detect", "ground", "identify")
+
+_THINK = [re.compile(r"<think>.*?</think>", re.S), re.compile(r"<unused94>.*?(<unused95>|$)", re.S),
+          re.compile(r"^.*?</think>", re.S)]
+_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S)
+
+MEDGEMMA_BOX_CONTRACT = (
+    "Instructions: The format of a bounding box is [y0, x0, y1, x1] where (y0, x0) is the top-left corner and (y1, x1) "
+    "the bottom-right corner. Always normalize the coordinates to the range [0, 1000] of the image. You MUST output a "
+    "single parseable json list of objects enclosed in ```json...``` brackets, for example "
+    '```json [{"box_2d": [100, 200, 300, 400], "label": "right lung"}] ```. '
+    "Left and right refer to the patient's left and right.")
+QWEN_BOX_CONTRACT = ('Output the result as a JSON list of objects, each with a "bbox_2d" [x1, y1, x2, y2] and a '
+                     '"label", in a ```json``` block.')
+
+
+@dataclass
+class ImageGeometry:
+    """How the sent image (W x H) became the model's input: padded to a square, then resized."""
+
+    width: int  # of the sent image
+    height: int
+    pad_left: int = 0
+    pad_top: int = 0
+    model_width: int = 0  # the resized image the model saw (Qwen2.5-VL boxes are in its pixels)
+    model_height: int = 0
+
+    @property
+    def square(self) -> int:
+        return max(self.width, self.height)
+
+
+@dataclass
+class Decoded:
+    text: str
+    findings: list[Finding] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_family(family: str) -> str:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    return family
+
+
+def supported_tasks(family: str) -> tuple[str, ...]:
+    return ("report", "vqa") if family == "generic" else ("report", "vqa", "detect", "ground", "identify")
+
+
+def pad_offsets(width: int, height: int) -> tuple[int, int]:
+    """Symmetric zero padding to a square (MedGemma's convention): (left, top)."""
+    side = max(width, height)
+    return (side - width) // 2, (side - height) // 2
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
+                 max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
+    """Qwen2-VL/2.5-VL's resize: both sides multiples of ``factor``, area within [min_pixels, max_pixels], aspect kept."""
+    if max(height, width) / max(1, min(height, width)) > 200:
+        raise ValueError("aspect ratio too extreme for Qwen's resize")
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def default_detect_label(modality: str | None) -> str:
+    m = (modality or "").upper()
+    return {"CT": "abnormality", "MR": "lesion", "MRI": "lesion", "XR": "abnormality", "CR": "abnormality",
+            "DX": "abnormality"}.get(m, "abnormality")
+
+
+def prompt_for(family: str, task: str, question: str | None, region: tuple[float, float, float, float] | None,
+               geometry: ImageGeometry, modality: str | None = None) -> str:
+    """The instruction text for one task (the request's ``prompt`` field, when given, replaces it upstream)."""
+    q = (question or "").strip()
+    kind = f"{modality} " if modality else ""
+    if task == "report":
+        return f"Describe this {kind}image in detail and list the findings." if kind else \
+            "Describe this medical image in detail and list the findings."
+    if task == "vqa":
+        return q
+    if family == "generic":
+        raise ValueError(f"the generic family has no box format, so '{task}' is not available")
+    if task == "detect":
+        target = q or default_detect_label(modality)
+        what = f"every {target}"
+    elif task == "ground":
+        what = f"the {q}" if not q.lower().startswith(("the ", "a ", "an ")) else q
+    else:  # identify: describe the region, give its box back
+        assert region is not None
+        box = encode_box(family, region, geometry)
+        coords = json.dumps([round(v) for v in box])
+        key = "box_2d" if family == "medgemma" else "bbox_2d"
+        return (f"What is in the region {key} {coords}? Describe it in one sentence, then output it as a JSON list with "
+                f'one object with "{key}" {coords} and a short "label". ' +
+                (MEDGEMMA_BOX_CONTRACT if family == "medgemma" else QWEN_BOX_CONTRACT))
+    if family == "medgemma":
+        return (f"{MEDGEMMA_BOX_CONTRACT}\nQuery: Where is {what}? Output the final answer in the format "
+                '"Final Answer: X" where X is a JSON list of objects. The object needs a "box_2d" and "label" key. Answer:')
+    return f"Locate {what} in the image. {QWEN_BOX_CONTRACT}"
+
+
+def encode_box(family: str, box: tuple[float, float, float, float], g: ImageGeometry) -> list[float]:
+    """A box in sent-image pixels -> the family's coordinates (for prompts that name a region)."""
+    x0, y0, x1, y1 = box
+    if family == "medgemma":
+        s = g.square
+        return [(y0 + g.pad_top) / s * 1000, (x0 + g.pad_left) / s * 1000, (y1 + g.pad_top) / s * 1000,
+                (x1 + g.pad_left) / s * 1000]
+    if family == "qwen2_5_vl":
+        sx, sy = g.model_width / g.width, g.model_height / g.height
+        return [x0 * sx, y0 * sy, x1 * sx, y1 * sy]
+    return [x0 / g.width * 1000, y0 / g.height * 1000, x1 / g.width * 1000, y1 / g.height * 1000]
+
+
+def decode_box(family: str, coords: list, g: ImageGeometry) -> list[float]:
+    """The family's coordinates -> [x0, y0, x1, y1] in sent-image pixels (not yet clipped)."""
+    a, b, c, d = (float(v) for v in coords)
+    if family == "medgemma":  # [y0, x0, y1, x1] on 0..1000 of the padded square
+        s = g.square
+        return [b / 1000 * s - g.pad_left, a / 1000 * s - g.pad_top, d / 1000 * s - g.pad_left, c / 1000 * s - g.pad_top]
+    if family == "qwen2_5_vl":  # absolute pixels of the resized image
+        sx, sy = g.width / g.model_width, g.height / g.model_height
+        return [a * sx, b * sy, c * sx, d * sy]
+    return [a / 1000 * g.width, b / 1000 * g.height, c / 1000 * g.width, d / 1000 * g.height]  # qwen3_vl
+
+
+def strip_thinking(text: str) -> str:
+    for pat in _THINK[:2]:
+        text = pat.sub("", text)
+    if "</think>" in text:  # a template that opened the block in the prompt
+        text = _THINK[2].sub("", text)
+    return text.strip()
+
+
+def _json_candidates(text: str) -> list[str]:
+    tail = text.split("Final Answer:", 1)[1] if "Final Answer:" in text else text
+    found = [m.group(1) for m in _FENCE.finditer(tail)]
+    if not found:  # no fence (or a cut-off one): the outermost [...] or {...}
+        start = min([i for i in (tail.find("["), tail.find("{")) if i >= 0], default=-1)
+        if start >= 0:
+            found.append(tail[start:])
+    return found
+
+
+def _loads_lenient(s: str):
+    s = s.strip()
+    for end in range(len(s), 0, -1):  # tolerate trailing junk after the JSON value
+        if s[end - 1] not in "]}":
+            continue
+        try:
+            return json.loads(s[:end])
+        except ValueError:
+            continue
+    raise ValueError("no JSON value")
+
+
+def decode_output(family: str, raw: str, g: ImageGeometry, default_label: str = "finding") -> Decoded:
+    """Model text -> (text for the user, findings in sent-image pixels, warnings). Never raises."""
+    text = strip_thinking(raw if isinstance(raw, str) else str(raw))
+    if family == "generic":
+        return Decoded(text=text)
+    key = "box_2d" if family == "medgemma" else "bbox_2d"
+    findings: list[Finding] = []
+    warnings: list[str] = []
+    objects: list = []
+    for cand in _json_candidates(text):
+        try:
+            value = _loads_lenient(cand)
+        except ValueError:
+            warnings.append("the model's JSON could not be parsed; its boxes were dropped")
+            continue
+        objects.extend(value if isinstance(value, list) else [value])
+        break
+    dropped = 0
+    for obj in objects:
+        if not isinstance(obj, dict) or key not in obj:
+            dropped += 1
+            continue
+        coords = obj.get(key)
+        try:
+            if not isinstance(coords, (list, tuple)) or len(coords) != 4:
+                raise ValueError
+            box = decode_box(family, list(coords), g)
+            if not all(math.isfinite(v) for v in box):
+                raise ValueError
+        except (TypeError, ValueError, ZeroDivisionError):
+            dropped += 1
+            continue
+        label = obj.get("label")
+        findings.append(Finding(label=str(label) if label else default_label, box=box,
+                                score=obj.get("score") if isinstance(obj.get("score"), (int, float)) else None))
+    if dropped:
+        warnings.append(f"{dropped} object(s) in the model's answer had no usable {key} and were dropped")
+    shown = text.split("Final Answer:", 1)[0].strip() if "Final Answer:" in text else _FENCE.sub("", text).strip()
+    if not shown and findings:
+        shown = ", ".join(f.label for f in findings)
+    return Decoded(text=shown or text, findings=findings, warnings=warnings)
