@@ -225,6 +225,8 @@ def _unsupported_message(task: str, info: EngineInfo) -> str:
     if task == "vqa" and info.engine == "builtin":
         msg += (". Free-text questions need a vision-language model: start the backend with --engine minigptmed, "
                 "--engine hf (MedGemma, Qwen-VL) or --engine openai (a vLLM/Ollama server)")
+    if info.engine in ("hf", "openai") and task in ("detect", "ground", "identify"):
+        msg += ". Boxes need a model family with a box format: --family medgemma, qwen2_5_vl or qwen3_vl"
     return msg
 
 

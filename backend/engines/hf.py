@@ -1,0 +1,184 @@
+"""``--engine hf``: a transformers VLM from a local folder (MedGemma 1.5, Qwen2.5-VL, Qwen3-VL, or generic).
+
+``AutoModelForImageTextToText`` + the family's processor, from local files only (nothing is downloaded). MedGemma:
+images zero-padded to a square (the processor then resizes to its size, 896 px for the real model), no system
+prompt, bf16 (Gemma 3 gives empty output in fp16). Qwen: its own smart resize through the PIL image processor (Qwen's
+full processor needs torchvision), the image tokens expanded here. Boxes come back through the family decoder in
+pixels of the image that was sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+
+from .. import families
+from ..families import ImageGeometry
+from .base import AnalysisInput, AnalysisResult, Engine, EngineError, EngineInfo, StopToken, TaskNotSupported
+
+log = logging.getLogger("minigptmed.hf")
+
+
+def _device(arg: str) -> str:
+    import torch
+
+    if arg in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return arg
+
+
+class HFEngine(Engine):
+    def __init__(self, model_dir: str, family: str = "generic", device: str = "auto", dtype: str = "auto",
+                 quantize: str = "none", default_max_tokens: int = 512):
+        if not model_dir:
+            raise SystemExit("--engine hf needs --model PATH (a local model folder)")
+        self.model_dir = model_dir
+        self.family = families.check_family(family)
+        self.device_arg, self.dtype_arg, self.quantize = device, dtype, quantize
+        self.default_max_tokens = default_max_tokens
+        self.model = None
+        self.processor = None  # Gemma3Processor / AutoProcessor
+        self.tokenizer = None
+        self.image_processor = None  # Qwen: the PIL image processor
+        self.device = "cpu"
+
+    @classmethod
+    def from_args(cls, args) -> HFEngine:
+        return cls(model_dir=args.model, family=args.family, device=args.device, dtype=args.dtype,
+                   quantize=getattr(args, "quantize", "none"))
+
+    # -- loading ------------------------------------------------------------------------------
+
+    def _dtype(self):
+        import torch
+
+        names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                 "float16": torch.float16, "fp16": torch.float16}
+        if self.dtype_arg not in (None, "", "auto"):
+            if self.dtype_arg not in names:
+                raise SystemExit(f"--dtype must be one of {', '.join(names)} or auto")
+            dt = names[self.dtype_arg]
+            if self.family == "medgemma" and dt == torch.float16:
+                raise SystemExit("MedGemma (Gemma 3) gives empty output in float16: use --dtype bfloat16")
+            return dt
+        if self.family == "medgemma":
+            return torch.bfloat16
+        return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+
+    def load(self) -> None:
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+        if not os.path.isdir(self.model_dir):
+            raise EngineError(f"--model {self.model_dir}: no such folder (the hf engine loads local folders only)")
+        self.device = _device(self.device_arg)
+        kwargs = {"dtype": self._dtype(), "local_files_only": True}
+        if self.quantize != "none":
+            try:
+                from transformers import BitsAndBytesConfig
+            except ImportError:
+                raise SystemExit("--quantize needs bitsandbytes: pip install bitsandbytes") from None
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=self.quantize == "8bit",
+                                                               load_in_4bit=self.quantize == "4bit",
+                                                               bnb_4bit_compute_dtype=torch.bfloat16)
+        t0 = time.perf_counter()
+        try:
+            if self.family.startswith("qwen"):
+                from transformers import AutoImageProcessor
+
+                self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
+                self.image_processor = AutoImageProcessor.from_pretrained(self.model_dir, local_files_only=True)
+            else:
+                from transformers import AutoProcessor
+
+                self.processor = AutoProcessor.from_pretrained(self.model_dir, local_files_only=True)
+                self.tokenizer = getattr(self.processor, "tokenizer", None)
+            self.model = AutoModelForImageTextToText.from_pretrained(self.model_dir, **kwargs).eval()
+        except OSError as e:
+            raise EngineError(f"cannot load the model folder {self.model_dir}: {str(e).splitlines()[0][:300]}") from None
+        if self.quantize == "none":
+            self.model.to(self.device)
+        log.info("hf engine: %s (%s) on %s in %.1f s", self.model_dir, self.family, self.device, time.perf_counter() - t0)
+
+    def info(self) -> EngineInfo:
+        name = os.path.basename(os.path.normpath(self.model_dir))
+        return EngineInfo(engine="hf", model=f"{name} ({self.family})", device=self.device,
+                          tasks=families.supported_tasks(self.family), max_batch=1)
+
+    # -- inference ----------------------------------------------------------------------------
+
+    def analyze_batch(self, inputs: Sequence[AnalysisInput], stop: StopToken) -> list[AnalysisResult]:
+        out = []
+        for inp in inputs:
+            if inp.task not in families.supported_tasks(self.family):
+                raise TaskNotSupported(f"task '{inp.task}' needs a model family with boxes (--family medgemma, "
+                                       f"qwen2_5_vl or qwen3_vl); this engine is '{self.family}'")
+            out.append(self._one(inp, stop))
+        return out
+
+    def _inputs(self, inp: AnalysisInput):
+        """(model inputs, geometry) for one request."""
+        from PIL import Image
+
+        img = inp.image.pil_rgb()
+        w, h = img.size
+        g = ImageGeometry(width=w, height=h)
+        if self.family == "medgemma":
+            g.pad_left, g.pad_top = families.pad_offsets(w, h)
+            square = Image.new("RGB", (g.square, g.square))
+            square.paste(img, (g.pad_left, g.pad_top))
+            img = square
+        if self.family.startswith("qwen"):
+            im = self.image_processor(images=[img], return_tensors="pt")
+            t, gh, gw = (int(v) for v in im["image_grid_thw"][0])
+            patch = int(getattr(self.image_processor, "patch_size", 14))
+            g.model_height, g.model_width = gh * patch, gw * patch
+        prompt = inp.prompt or families.prompt_for(self.family, inp.task, inp.question, inp.region, g, inp.modality)
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        if self.family.startswith("qwen"):
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            merge = int(getattr(self.image_processor, "merge_size", 2))
+            n = t * gh * gw // (merge * merge)
+            text = text.replace("<|image_pad|>", "<|image_pad|>" * n, 1)
+            enc = self.tokenizer([text], return_tensors="pt")
+            model_inputs = {**enc, **im}
+        else:
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            model_inputs = dict(self.processor(text=text, images=img, return_tensors="pt"))
+        return model_inputs, g
+
+    def _one(self, inp: AnalysisInput, stop: StopToken) -> AnalysisResult:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class _Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return stop.should_stop()
+
+        t0 = time.perf_counter()
+        model_inputs, g = self._inputs(inp)
+        dtype = next(self.model.parameters()).dtype
+        batch = {k: (v.to(self.model.device, dtype=dtype) if k == "pixel_values" and v.is_floating_point()
+                     else v.to(self.model.device)) for k, v in model_inputs.items() if hasattr(v, "to")}
+        temperature = inp.temperature or 0.0
+        gen_kwargs = {"max_new_tokens": inp.max_new_tokens or self.default_max_tokens, "do_sample": temperature > 0,
+                      "stopping_criteria": StoppingCriteriaList([_Stop()])}
+        if temperature > 0:
+            gen_kwargs["temperature"] = temperature
+        else:  # the folder's generation_config may ask for sampling: greedy must win
+            gen_kwargs.update(top_k=None, top_p=None, temperature=None)
+        t1 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(**batch, **gen_kwargs)
+        stop.check()
+        new = out[0, batch["input_ids"].shape[1]:]
+        raw = self.tokenizer.decode(new, skip_special_tokens=True)
+        default_label = inp.question or families.default_detect_label(inp.modality)
+        dec = families.decode_output(self.family, raw, g, default_label=default_label)
+        if inp.task in ("report", "vqa") and self.family == "generic":
+            dec.findings = []
+        return AnalysisResult(text=dec.text, findings=dec.findings, raw_output=raw, warnings=dec.warnings,
+                              timings_ms={"preprocess": (t1 - t0) * 1000, "generate": (time.perf_counter() - t1) * 1000,
+                                          "new_tokens": float(len(new))})

@@ -1,0 +1,137 @@
+"""``--engine openai``: a model served by an OpenAI-compatible server (vLLM, SGLang, Ollama) — scale-out.
+
+Each image goes to ``{url}/chat/completions`` as a base64 ``data:`` URI with the family's prompt; the answer is
+decoded with the family's box decoder. Temperature 0 unless the request asks otherwise (vLLM would otherwise apply the
+model's own sampling defaults). Batches are sent as concurrent requests (the server batches them itself).
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import io
+import time
+from collections.abc import Sequence
+
+import requests
+
+from .. import families
+from ..families import ImageGeometry
+from .base import AnalysisInput, AnalysisResult, Engine, EngineError, EngineInfo, StopToken, TaskNotSupported
+
+
+class OpenAIEngine(Engine):
+    def __init__(self, url: str, model: str | None = None, family: str = "generic", api_key: str | None = None,
+                 timeout_s: float = 120.0, max_concurrency: int = 8, default_max_tokens: int = 512):
+        if not url:
+            raise SystemExit("--engine openai needs --url, e.g. http://127.0.0.1:8000/v1")
+        self.url = url.rstrip("/")
+        if not self.url.endswith("/v1"):
+            self.url += "/v1"
+        self.model = model
+        self.family = families.check_family(family)
+        self.api_key = api_key
+        self.timeout_s = timeout_s
+        self.max_concurrency = max_concurrency
+        self.default_max_tokens = default_max_tokens
+        self.session = requests.Session()
+
+    @classmethod
+    def from_args(cls, args) -> OpenAIEngine:
+        return cls(url=args.url, model=args.model, family=args.family, api_key=args.api_key,
+                   timeout_s=args.remote_timeout)
+
+    def _headers(self) -> dict[str, str]:
+        h = {"Content-Type": "application/json"}
+        if self.api_key:
+            h["Authorization"] = f"Bearer {self.api_key}"
+        return h
+
+    def _call(self, method: str, path: str, body: dict | None = None, timeout: float | None = None) -> dict:
+        url = f"{self.url}{path}"
+        try:
+            r = self.session.request(method, url, json=body, headers=self._headers(),
+                                     timeout=(5.0, timeout or self.timeout_s))
+        except requests.exceptions.Timeout:
+            raise EngineError(f"the model server at {self.url} did not answer within {timeout or self.timeout_s:g} s") from None
+        except requests.exceptions.ConnectionError:
+            raise EngineError(f"cannot reach the model server at {self.url}: is it running?") from None
+        if r.status_code >= 400:
+            detail = r.text[:300].replace("\n", " ")
+            raise EngineError(f"the model server at {self.url} answered {r.status_code}: {detail}")
+        try:
+            data = r.json()
+        except ValueError:
+            raise EngineError(f"the model server at {self.url} sent a reply that is not JSON") from None
+        if not isinstance(data, dict):
+            raise EngineError(f"the model server at {self.url} sent an unexpected reply")
+        return data
+
+    def load(self) -> None:
+        data = self._call("GET", "/models", timeout=10.0)
+        ids = [m.get("id") for m in data.get("data", []) if isinstance(m, dict)]
+        if self.model is None:
+            if not ids:
+                raise EngineError(f"the model server at {self.url} lists no models; pass --model")
+            self.model = ids[0]
+        elif ids and self.model not in ids:
+            raise EngineError(f"the model server at {self.url} serves {', '.join(map(str, ids))}, not {self.model}")
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(engine="openai", model=f"{self.model} ({self.family}) at {self.url}", device="remote",
+                          tasks=families.supported_tasks(self.family), max_batch=self.max_concurrency)
+
+    def analyze_batch(self, inputs: Sequence[AnalysisInput], stop: StopToken) -> list[AnalysisResult]:
+        for inp in inputs:
+            if inp.task not in families.supported_tasks(self.family):
+                raise TaskNotSupported(f"task '{inp.task}' needs a model family with boxes (--family medgemma, "
+                                       f"qwen2_5_vl or qwen3_vl); this engine is '{self.family}'")
+        if len(inputs) == 1:
+            return [self._one(inputs[0], stop)]
+        with cf.ThreadPoolExecutor(min(self.max_concurrency, len(inputs))) as pool:
+            return list(pool.map(lambda i: self._one(i, stop), inputs))
+
+    def _one(self, inp: AnalysisInput, stop: StopToken) -> AnalysisResult:
+        stop.check()
+        t0 = time.perf_counter()
+        img = inp.image.pil_rgb()
+        w, h = img.size
+        g = ImageGeometry(width=w, height=h)
+        if self.family == "medgemma":  # zero-pad to a square, as MedGemma was trained
+            from PIL import Image
+
+            g.pad_left, g.pad_top = families.pad_offsets(w, h)
+            square = Image.new("RGB", (g.square, g.square))
+            square.paste(img, (g.pad_left, g.pad_top))
+            img = square
+        elif self.family == "qwen2_5_vl":  # the server resizes with smart_resize: boxes come in those pixels
+            g.model_height, g.model_width = families.smart_resize(h, w)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        data_uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+        prompt = inp.prompt or families.prompt_for(self.family, inp.task, inp.question, inp.region, g, inp.modality)
+        body = {"model": self.model, "temperature": inp.temperature if inp.temperature is not None else 0.0,
+                "max_tokens": inp.max_new_tokens or self.default_max_tokens,
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri}},
+                                                          {"type": "text", "text": prompt}]}]}
+        remaining = None
+        if stop.deadline is not None:
+            remaining = max(1.0, stop.deadline - time.monotonic())
+        data = self._call("POST", "/chat/completions", body, timeout=min(self.timeout_s, remaining or self.timeout_s))
+        try:
+            raw = data["choices"][0]["message"]["content"]
+            if isinstance(raw, list):  # some servers return content parts
+                raw = "".join(p.get("text", "") for p in raw if isinstance(p, dict))
+            if not isinstance(raw, str):
+                raise TypeError
+        except (KeyError, IndexError, TypeError):
+            raise EngineError(f"the model server at {self.url} sent a reply without choices[0].message.content") from None
+        default_label = inp.question or families.default_detect_label(inp.modality)
+        dec = families.decode_output(self.family, raw, g, default_label=default_label if inp.task != "report" else "finding")
+        if inp.task in ("report", "vqa"):
+            dec.findings = [] if self.family == "generic" else dec.findings
+        return AnalysisResult(text=dec.text, findings=dec.findings, raw_output=raw, warnings=dec.warnings,
+                              timings_ms={"remote": (time.perf_counter() - t0) * 1000})
+
+    def close(self) -> None:
+        self.session.close()
