@@ -210,7 +210,7 @@ def fake_vllm():
 
 
 def test_openai_engine_medgemma_boxes_and_request_shape(fake_vllm):
-    server, url = fake_vllm
+    _server, url = fake_vllm
     _FakeVLLM.mode = "ok"
     _FakeVLLM.content = 'Final Answer: ```json [{"box_2d": [250, 0, 750, 500], "label": "left lung"}] ```'
     with ServerThread(OpenAIEngine(url=url, family="medgemma")) as outer:
@@ -227,7 +227,7 @@ def test_openai_engine_medgemma_boxes_and_request_shape(fake_vllm):
 
 @pytest.mark.parametrize("mode,words", [("500", "answered 500"), ("garbage", "not JSON"), ("slow", "did not answer")])
 def test_openai_engine_failures_are_clear_503s(fake_vllm, mode, words):
-    server, url = fake_vllm
+    _server, url = fake_vllm
     _FakeVLLM.mode = mode
     engine = OpenAIEngine(url=url, family="qwen3_vl", timeout_s=1.0)
     with ServerThread(engine, ServerSettings(request_timeout_s=30)) as outer:
