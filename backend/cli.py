@@ -32,6 +32,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sampling", choices=["greedy", "demo"], default="greedy",
                    help="greedy (the benchmark settings, default) or the original demo's sampling settings")
     g.add_argument("--no-merge-lora", action="store_true", help="keep the LoRA adapters unmerged (slower; for checking)")
+    g.add_argument("--static-decode", action="store_true",
+                   help="static KV cache + CUDA-graph decode step (about 3.5x faster decode on a GPU; compiles at start)")
     h = p.add_argument_group("transformers VLMs (--engine hf) and OpenAI-compatible servers (--engine openai)")
     h.add_argument("--model", default=_env("MINIGPTMED_MODEL"), help="hf: local model folder; openai: served model name")
     h.add_argument("--family", default="generic", choices=["medgemma", "qwen2_5_vl", "qwen3_vl", "generic"],

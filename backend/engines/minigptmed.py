@@ -104,11 +104,14 @@ class MiniGPTMedEngine(Engine):
 
     @classmethod
     def from_args(cls, args) -> MiniGPTMedEngine:
-        return cls(eva=getattr(args, "eva", None), llama=getattr(args, "llama", None),
-                   checkpoint=getattr(args, "checkpoint", None), converted=getattr(args, "converted", None),
-                   model_config=getattr(args, "model_config", None), device=getattr(args, "device", "auto"),
-                   dtype=getattr(args, "dtype", "auto"), quantize=getattr(args, "quantize", "none"),
-                   sampling=getattr(args, "sampling", "greedy"), merge_lora=not getattr(args, "no_merge_lora", False))
+        engine = cls(eva=getattr(args, "eva", None), llama=getattr(args, "llama", None),
+                     checkpoint=getattr(args, "checkpoint", None), converted=getattr(args, "converted", None),
+                     model_config=getattr(args, "model_config", None), device=getattr(args, "device", "auto"),
+                     dtype=getattr(args, "dtype", "auto"), quantize=getattr(args, "quantize", "none"),
+                     sampling=getattr(args, "sampling", "greedy"), merge_lora=not getattr(args, "no_merge_lora", False))
+        if getattr(args, "static_decode", False):
+            engine.static_decode = True  # same as MINIGPTMED_STATIC_DECODE=1
+        return engine
 
     # -- loading ---------------------------------------------------------------------------------------------------
 
