@@ -3,6 +3,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from typing import Annotated, Dict, Optional
 
@@ -183,7 +184,14 @@ class MiniGPTMedSlicerLogic(ScriptedLoadableModuleLogic):
 
 
 class MiniGPTMedSlicerTest(ScriptedLoadableModuleTest):
-    """Starts a backend with the built-in engine on a free port, analyzes a synthetic volume, checks the ROIs."""
+    """Starts a backend with the built-in engine on a free loopback port, analyzes a synthetic volume through the Logic
+    and through the module's panel, and checks the ROIs.
+
+    The backend needs FastAPI and uvicorn. It is started as ``PythonSlicer -m backend.cli serve --engine builtin
+    --port <free>`` when Slicer's Python can import the ``backend`` package (from this repository or installed with
+    ``PythonSlicer -m pip install -e <repository>``); otherwise with the ``minigptmed-backend`` script from
+    ``$MINIGPTMED_BACKEND``, PATH or the repository's ``.venv``. With neither, the test says so and is skipped.
+    """
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -191,52 +199,129 @@ class MiniGPTMedSlicerTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_AnalyzeWithBuiltinBackend()
+        self.setUp()
+        self.test_PanelInModuleWidget()
 
     @staticmethod
-    def _backendCommand():
-        """The backend runs outside Slicer's Python (it needs FastAPI): $MINIGPTMED_BACKEND, the console script on PATH,
-        or the repository's .venv."""
-        here = os.path.dirname(os.path.abspath(__file__))
-        candidates = [os.environ.get("MINIGPTMED_BACKEND"), shutil.which("minigptmed-backend"),
-                      os.path.join(here, "..", ".venv", "bin", "minigptmed-backend")]
-        for c in candidates:
-            if c and os.path.exists(c):
-                return c
-        return None
+    def _repositoryRoot():
+        return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-    def test_AnalyzeWithBuiltinBackend(self):
-        import numpy as np
+    @classmethod
+    def _backendCommand(cls, port):
+        """The command line that serves the built-in engine on ``port``, and the folder to run it in (or None, None)."""
+        import importlib.util
 
-        command = self._backendCommand()
-        if command is None:
-            self.delayDisplay("No backend found: set MINIGPTMED_BACKEND to the minigptmed-backend script. Skipped.")
-            return
+        root = cls._repositoryRoot()
+        serve = ["serve", "--engine", "builtin", "--host", "127.0.0.1", "--port", str(port)]
+        haveBackend = importlib.util.find_spec("backend.cli") is not None or os.path.isfile(
+            os.path.join(root, "backend", "cli.py"))
+        haveServer = all(importlib.util.find_spec(m) is not None for m in ("fastapi", "uvicorn"))
+        if haveBackend and haveServer:
+            exe = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
+            pythonSlicer = shutil.which("PythonSlicer") or os.path.join(slicer.app.slicerHome, "bin", exe)
+            if not os.path.exists(pythonSlicer):
+                pythonSlicer = sys.executable
+            return [pythonSlicer, "-m", "backend.cli", *serve], root
+        venvScript = os.path.join(root, ".venv", "Scripts" if os.name == "nt" else "bin", "minigptmed-backend")
+        for script in (os.environ.get("MINIGPTMED_BACKEND"), shutil.which("minigptmed-backend"), venvScript):
+            if script and os.path.exists(script):
+                return [script, *serve], root
+        return None, None
+
+    def _startBackend(self):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        proc = subprocess.Popen([command, "serve", "--engine", "builtin", "--port", str(port)])
-        try:
-            logic = MiniGPTMedSlicerLogic()
-            url = f"http://127.0.0.1:{port}"
-            logic.controller.configure(url, None)
-            for _ in range(300):
-                try:
-                    logic.controller.client().health(retries=0)
-                    break
-                except Exception:
-                    time.sleep(0.1)
-            zz, yy, xx = np.mgrid[:40, :128, :128]
-            arr = np.where((yy - 64) ** 2 + (xx - 64) ** 2 < 55**2, 100, 0).astype(np.int16)
-            arr[(zz - 20) ** 2 + (yy - 50) ** 2 + (xx - 70) ** 2 < 8**2] = 180
-            volume = slicer.util.addVolumeFromArray(arr, name="MiniGPTMedTestVolume")
-            slicer.util.setSliceViewerLayers(background=volume, fit=True)
-            red = slicer.app.layoutManager().sliceWidget("Red").sliceLogic()
-            red.SetSliceOffset(20.0 + volume.GetOrigin()[2])
-            outcome = logic.analyze("Red", "Detect")
-            self.assertTrue(outcome.ok, outcome.message)
-            rois = slicer.util.getNodesByClass("vtkMRMLMarkupsROINode")
-            self.assertGreaterEqual(len(rois), 1)
-            self.delayDisplay(f"Test passed: {outcome.message}")
-        finally:
+        command, cwd = self._backendCommand(port)
+        if command is None:
+            return None, None
+        logging.info("Starting the test backend: " + " ".join(command))
+        proc = subprocess.Popen(command, cwd=cwd)
+        url = f"http://127.0.0.1:{port}"
+        probe = AnalysisController(slicer.mrmlScene, dict)
+        probe.configure(url, None)
+        deadline = time.time() + 60.0
+        while time.time() < deadline:
+            try:
+                probe.client().health(retries=0)
+                return proc, url
+            except Exception:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"The test backend exited with code {proc.returncode}: {' '.join(command)}") from None
+                time.sleep(0.2)
+        proc.terminate()
+        raise RuntimeError(f"The test backend did not answer at {url} within 60 s")
+
+    @staticmethod
+    def _stopBackend(proc):
+        if proc is not None:
             proc.terminate()
-            proc.wait(10)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    @staticmethod
+    def _loadTestVolume():
+        """A synthetic CT-like volume with one bright sphere, shown in all slice views."""
+        import numpy as np
+
+        zz, yy, xx = np.mgrid[:40, :128, :128]
+        arr = np.where((yy - 64) ** 2 + (xx - 64) ** 2 < 55**2, 100, 0).astype(np.int16)
+        arr[(zz - 20) ** 2 + (yy - 50) ** 2 + (xx - 70) ** 2 < 8**2] = 180
+        volume = slicer.util.addVolumeFromArray(arr, name="MiniGPTMedTestVolume")
+        slicer.util.setSliceViewerLayers(background=volume, fit=True)
+        red = slicer.app.layoutManager().sliceWidget("Red").sliceLogic()
+        red.SetSliceOffset(20.0 + volume.GetOrigin()[2])
+        return volume
+
+    def test_AnalyzeWithBuiltinBackend(self):
+        proc, url = self._startBackend()
+        if proc is None:
+            self.delayDisplay("No backend: install the repository into Slicer's Python or set MINIGPTMED_BACKEND to the "
+                              "minigptmed-backend script. Skipped.")
+            return
+        try:
+            self._loadTestVolume()
+            logic = MiniGPTMedSlicerLogic()
+            outcome = logic.analyze("Red", "Detect", backendUrl=url)
+            self.assertTrue(outcome.ok, outcome.message)
+            self.assertGreaterEqual(outcome.n_findings, 1)
+            rois = slicer.util.getNodesByClass("vtkMRMLMarkupsROINode")
+            self.assertEqual(len(rois), outcome.n_findings)
+            self.delayDisplay(f"Logic test passed: {outcome.message}")
+        finally:
+            self._stopBackend(proc)
+
+    def test_PanelInModuleWidget(self):
+        """The real module widget in the running app: Analyze from the panel, the table fills, a row click selects."""
+        proc, url = self._startBackend()
+        if proc is None:
+            self.delayDisplay("No backend (see the class docstring). Skipped.")
+            return
+        try:
+            self._loadTestVolume()
+            slicer.util.selectModule("MiniGPTMedSlicer")
+            widget = slicer.modules.minigptmedslicer.widgetRepresentation().self()
+            panel = widget.panel
+            panel.url_edit.setText(url)
+            panel.view_combo.setCurrentIndex(panel.view_combo.findText("Red"))
+            panel.task_combo.setCurrentIndex(panel.task_combo.findText("Detect"))
+            panel.on_analyze()
+            self.assertIsNotNone(panel.job, prop(panel.status_label, "text"))
+            deadline = time.time() + 120.0
+            while panel.job is not None and time.time() < deadline:
+                slicer.app.processEvents()
+                time.sleep(0.02)
+            self.assertIsNone(panel.job, "the analysis did not finish within 120 s")
+            rows = prop(panel.table, "rowCount")
+            self.assertGreaterEqual(rows, 1, prop(panel.status_label, "text"))
+            nodeId = panel.table.item(0, 0).data(qt.Qt.UserRole)
+            panel.on_row_clicked(0, 0)
+            self.assertTrue(slicer.mrmlScene.GetNodeByID(nodeId).GetSelected())
+            self.assertEqual(widget.logic.getParameterNode().task, "Detect")
+            panel.on_clear()
+            self.assertEqual(len(slicer.util.getNodesByClass("vtkMRMLMarkupsROINode")), 0)
+            self.delayDisplay("Panel test passed")
+        finally:
+            self._stopBackend(proc)
