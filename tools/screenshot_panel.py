@@ -33,7 +33,7 @@ def main() -> int:
     red.SetSliceOffset(-157.5)
     with ServerThread(BuiltinEngine()) as url:
         panel = Panel(AnalysisController(ctx.scene, lambda: dict(ctx.slice_logics)))
-        panel.widget.resize(460, 760)
+        panel.widget.resize(470, 900)
         panel.widget.show()
         panel.url_edit.setText(url)
         panel.on_test_connection()
@@ -45,6 +45,9 @@ def main() -> int:
         while panel.job is not None:
             app.processEvents()
             time.sleep(0.01)
+        panel.table.selectRow(0)  # what a click on the first finding shows
+        panel.on_row_clicked(0, 0)
+        panel.table.setFocus()
         app.processEvents()
         out = ROOT / "docs" / "images" / "panel.png"
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -53,9 +53,13 @@ class Panel:
         header.setSectionResizeMode(0, qt.QHeaderView.Stretch)
         for col in range(1, prop(self.table, "columnCount")):
             header.setSectionResizeMode(col, qt.QHeaderView.ResizeToContents)
-        self.table.verticalHeader().setVisible(False)
+        rows = self.table.verticalHeader()
+        rows.setVisible(False)
+        rows.setSectionResizeMode(qt.QHeaderView.Fixed)
+        rows.setDefaultSectionSize(self.table.fontMetrics().height() + 8)  # compact rows: more findings in view
         self.table.setWordWrap(False)
         self.table.setMinimumHeight(160)
+        self.text_edit.setMinimumHeight(6 * self.text_edit.fontMetrics().lineSpacing())
         self.progress.setRange(0, 100)
         self.progress.setValue(0)
 
