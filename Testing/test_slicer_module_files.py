@@ -72,3 +72,65 @@ def test_ui_file_loads_and_has_the_panel_widgets(qtbot):
                  "questionLineEdit", "analyzeButton", "cancelButton", "progressBar", "findingsTable", "clearResultsButton"):
         find(w, name)
     assert find(w, "taskComboBox").count() == 6
+
+
+# Q_PROPERTYs whose getter PythonQt shadows with an attribute (so ``w.text()`` raises TypeError inside Slicer), from
+# the project's Qt notes. Read them with qt_compat.prop(w, name) instead.
+_SHADOWED_GETTERS = {"objectName", "toolTip", "windowTitle", "width", "height", "styleSheet", "text", "placeholderText",
+                     "count", "currentIndex", "currentText", "currentData", "rowCount", "columnCount", "value",
+                     "minimum", "maximum", "format", "interval", "remainingTime", "informativeText", "detailedText",
+                     "checked", "enabled", "visible", "title", "plainText", "readOnly"}
+_QT_CODE = ["MiniGPTMedSlicer.py", "MiniGPTMedSlicerQt/panel.py", "MiniGPTMedSlicerQt/qt_compat.py"]
+
+
+def _pythonqt_problems(src: str) -> list[str]:
+    problems = []
+    for n in ast.walk(ast.parse(src)):
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute):
+            name, recv = n.func.attr, n.func.value
+            font_metrics = isinstance(recv, ast.Call) and getattr(recv.func, "attr", "") == "fontMetrics"
+            if name in _SHADOWED_GETTERS and not n.args and not n.keywords and not font_metrics:
+                problems.append(f"line {n.lineno}: .{name}() is shadowed by a property in PythonQt; use prop()")
+            if name == "connect" and n.args and isinstance(n.args[0], ast.Constant) and isinstance(n.args[0].value, str):
+                problems.append(f"line {n.lineno}: string-signature connect() fails under PySide6")
+            if name == "exec_":
+                problems.append(f"line {n.lineno}: use exec()")
+        if isinstance(n, ast.Assign | ast.AugAssign):
+            targets = n.targets if isinstance(n, ast.Assign) else [n.target]
+            for t in targets:
+                # self.parent.title = ... is the scripted-module template's own idiom (runs only in Slicer)
+                if isinstance(t, ast.Attribute) and t.attr in _SHADOWED_GETTERS and ast.unparse(t.value) != "self.parent":
+                    problems.append(f"line {n.lineno}: assigning .{t.attr} does nothing under PySide6; call the setter")
+        if isinstance(n, ast.ClassDef):
+            bases = [ast.unparse(b) for b in n.bases]
+            if any(b.endswith(("QThread", "QRunnable")) for b in bases):
+                problems.append(f"line {n.lineno}: a Python QThread/QRunnable crashes Slicer; use threading + QTimer")
+        if isinstance(n, ast.ImportFrom) and n.module == "__feature__":
+            problems.append(f"line {n.lineno}: PySide6 __feature__ leaks into other modules")
+        # scoped enums (qt.Qt.AlignmentFlag.AlignLeft) need Slicer >= 5.10: short names only
+        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Attribute) and isinstance(n.value.value, ast.Attribute):
+            chain = ast.unparse(n)
+            parts = chain.split(".")
+            if parts[0] == "qt" and len(parts) == 4 and all(p[:1].isupper() for p in parts[1:]):
+                problems.append(f"line {n.lineno}: scoped enum {chain}; use the short name")
+    return problems
+
+
+@pytest.mark.parametrize("rel", _QT_CODE)
+def test_qt_code_follows_the_pythonqt_rules(rel):
+    assert _pythonqt_problems((MODULE / rel).read_text()) == []
+
+
+def test_pythonqt_rule_check_catches_the_pitfalls():
+    bad = ("w.text = 'x'\nv = w.text()\nb.connect('clicked()', f)\nqt.Qt.AlignmentFlag.AlignLeft\nd.exec_()\n"
+           "class T(qt.QThread):\n    pass\n")
+    assert len(_pythonqt_problems(bad)) == 6
+    assert _pythonqt_problems("w.setText('x')\nv = prop(w, 'text')\nb.clicked.connect(f)\nqt.Qt.AlignLeft\n"
+                              "h = t.fontMetrics().height()\ns.value('k', '')\n") == []
+
+
+def test_icon_is_a_128_pixel_png():
+    import struct
+
+    data = (MODULE / "Resources" / "Icons" / "MiniGPTMedSlicer.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", data[16:24]) == (128, 128)
