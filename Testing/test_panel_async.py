@@ -84,3 +84,15 @@ def test_cancel_during_a_slow_request(qtbot, mrml):
         p.cleanup()
     assert mrml.scene.GetNumberOfNodes() == before and M.list_results(mrml.scene) == []
     assert p.table.rowCount() == 0 and p.text_edit.toPlainText() == ""
+
+
+def test_is_gui_thread_tells_the_worker_from_the_main_thread(qtbot):
+    import threading
+
+    from MiniGPTMedSlicerQt.qt_compat import is_gui_thread
+
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(is_gui_thread()))
+    t.start()
+    t.join(5)
+    assert seen == [False] and is_gui_thread()

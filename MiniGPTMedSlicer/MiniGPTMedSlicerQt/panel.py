@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 from MiniGPTMedSlicerLib.controller import AnalysisController, AnalysisError, Job, describe_error
 
-from .qt_compat import find, load_ui, prop, qt
+from .qt_compat import find, is_gui_thread, load_ui, prop, qt
 
 UI_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "Resources", "UI",
                        "MiniGPTMedSlicer.ui")
@@ -123,6 +123,7 @@ class Panel:
                 self.region_combo.setCurrentIndex(idx)
 
     def refresh_table(self) -> None:
+        assert is_gui_thread(), "widgets and MRML are touched only on the main thread"
         rows = self.controller.rows()
         self.table.setRowCount(0)
         self.table.setRowCount(len(rows))
@@ -148,6 +149,7 @@ class Panel:
             self.status_label.setText(message)
 
     def _error(self, message: str) -> None:
+        assert is_gui_thread(), "widgets and MRML are touched only on the main thread"
         self.status_label.setText(f"Error: {message}")
         self.status_label.setStyleSheet("color: #c62828;")
         if self.error_display is not None:
@@ -213,6 +215,7 @@ class Panel:
             self.controller.jump_to(str(node_id))
 
     def _poll(self) -> None:
+        assert is_gui_thread(), "widgets and MRML are touched only on the main thread"
         job = self.job
         if job is None:
             self.timer.stop()
