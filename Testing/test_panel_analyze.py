@@ -103,7 +103,7 @@ def test_sweep_from_the_panel(qtbot, panel, mrml):
     panel.range_edit.setText("80:110:3")
     status = run_and_wait(qtbot, panel, 60000)
     assert "over 10 slices" in status, status
-    assert M.list_results(mrml.scene) and "Sweep of 10 slices" in panel.text_edit.toPlainText()
+    assert M.list_results(mrml.scene) and "over 10 Red slices" in panel.text_edit.toPlainText()
 
 
 def test_settings_are_stored_as_strings_and_read_back(qtbot, mrml, tmp_path):

@@ -208,19 +208,12 @@ class AnalysisController:
             return Outcome(True, f"{len(response.findings)} finding(s) from {response.engine} in {job.elapsed():.1f} s{note}.",
                            response.text, len(response.findings))
         if job.kind == "sweep":
-            from .sweep import merge_sweep
+            from .sweep import merge_sweep, summarize
 
             plan, captured = job.context["plan"], job.context["captured"]
             findings = merge_sweep(captured, job.result, plan)
             health = job.context["health"]
-            solid = [f for f in findings if not f.isolated]
-            lines = [f"Sweep of {len(plan.indices)} slices: {len(solid)} 3D finding(s), "
-                     f"{len(findings) - len(solid)} single-slice box(es)."]
-            for i, f in enumerate(findings):
-                lines.append(f"{i + 1}. {f.label}{' (single slice)' if f.isolated else ''}: {f.size_mm[0]:.1f} × "
-                             f"{f.size_mm[1]:.1f} × {f.size_mm[2]:.1f} mm, slices {plan.indices[f.first]}–"
-                             f"{plan.indices[f.last]}")
-            summary = "\n".join(lines)
+            summary = summarize(findings, plan, job.view, health.engine, health.model)
             M.add_sweep_results(self.scene, findings, task=job.task, engine=health.engine, model=health.model,
                                 view_name=job.view, summary=summary, offsets_mm=plan.offsets_mm,
                                 replace_previous=not keep_previous)

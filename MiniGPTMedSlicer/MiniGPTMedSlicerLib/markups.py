@@ -135,6 +135,16 @@ class _Undo:
                 sh.RemoveItem(item, False, False)
 
 
+def _add_text(scene, undo: _Undo, folder: int, name: str, text: str, attributes: dict):
+    node = scene.AddNewNodeByClass("vtkMRMLTextNode", name)
+    undo.nodes.append(node)
+    node.SetText(text)
+    for k, v in attributes.items():
+        node.SetAttribute(ATTR + k, v)
+    subject_hierarchy(scene).CreateItem(folder, node)
+    return node
+
+
 def _fmt(v: Optional[float]) -> str:
     return "" if v is None else f"{v:.4g}"
 
@@ -167,13 +177,8 @@ def add_analysis_results(scene, captured, response: protocol.AnalyzeResponse, *,
             undo.nodes.append(roi)
             sh.CreateItem(folder, roi)
             out.rois.append(roi)
-        text = scene.AddNewNodeByClass("vtkMRMLTextNode", f"{name} findings")
-        undo.nodes.append(text)
-        text.SetText(response.text or "(no text)")
-        for k, v in {**common, "raw_output": response.raw_output, "warnings": " | ".join(response.warnings)}.items():
-            text.SetAttribute(ATTR + k, v)
-        sh.CreateItem(folder, text)
-        out.text_node = text
+        out.text_node = _add_text(scene, undo, folder, f"{name} findings", response.text or "(no text)",
+                                  {**common, "raw_output": response.raw_output, "warnings": " | ".join(response.warnings)})
     except BaseException:
         undo.rollback()
         raise
@@ -288,13 +293,7 @@ def add_sweep_results(scene, findings3d: Sequence, *, task: str, engine: str, mo
             undo.nodes.append(roi)
             sh.CreateItem(folder, roi)
             out.rois.append(roi)
-        text = scene.AddNewNodeByClass("vtkMRMLTextNode", f"{name} summary")
-        undo.nodes.append(text)
-        text.SetText(summary)
-        for k, v in common.items():
-            text.SetAttribute(ATTR + k, v)
-        sh.CreateItem(folder, text)
-        out.text_node = text
+        out.text_node = _add_text(scene, undo, folder, f"{name} summary", summary, common)
     except BaseException:
         undo.rollback()
         raise

@@ -194,7 +194,7 @@ def run_sweep_cmd(args) -> int:
     from . import scene as S
     from .merge3d import MergeOptions
     from .render import render_slice_view
-    from .sweep import SweepProgress, analyze_sweep, capture_sweep, merge_sweep, parse_range, plan_sweep
+    from .sweep import SweepProgress, analyze_sweep, capture_sweep, merge_sweep, parse_range, plan_sweep, summarize
 
     os.makedirs(args.out, exist_ok=True)
     ctx, vol, sl = _setup(args)
@@ -219,14 +219,7 @@ def run_sweep_cmd(args) -> int:
             client.close()
         elapsed = time.perf_counter() - t0
         findings = merge_sweep(captured, responses, plan, MergeOptions(min_overlap=args.min_overlap, max_gap=args.max_gap))
-        solid = [f for f in findings if not f.isolated]
-        summary_lines = [f"{len(solid)} 3D finding(s) and {len(findings) - len(solid)} single-slice box(es) over "
-                         f"{len(plan.indices)} {args.view} slices ({health.engine}: {health.model})."]
-        for i, f in enumerate(findings):
-            summary_lines.append(f"{i + 1}. {f.label}{' (single slice)' if f.isolated else ''}: "
-                                 f"{f.size_mm[0]:.1f} × {f.size_mm[1]:.1f} × {f.size_mm[2]:.1f} mm, slices "
-                                 f"{plan.indices[f.first]}–{plan.indices[f.last]}, best score {f.best_score}")
-        summary = "\n".join(summary_lines)
+        summary = summarize(findings, plan, args.view, health.engine, health.model)
         nodes = M.add_sweep_results(ctx.scene, findings, task=args.task, engine=health.engine, model=health.model,
                                     view_name=sl.GetSliceNode().GetName(), summary=summary, offsets_mm=plan.offsets_mm)
         out = []

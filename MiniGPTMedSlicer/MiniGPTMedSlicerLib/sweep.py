@@ -149,6 +149,20 @@ def merge_sweep(captured: Sequence, responses: Sequence[protocol.AnalyzeResponse
     return merge_detections(dets, [c.pixel_to_ras for c in captured], plan.swept_spacing_mm, options)
 
 
+def summarize(findings: Sequence[Finding3D], plan: SweepPlan, view: str, engine: str = "", model: str = "") -> str:
+    """The sweep's summary text (the text node in the scene, the runner's output)."""
+    solid = [f for f in findings if not f.isolated]
+    source = f" ({engine}: {model})" if engine else ""
+    lines = [f"{len(solid)} 3D finding(s) and {len(findings) - len(solid)} single-slice box(es) over "
+             f"{len(plan.indices)} {view} slices{source}."]
+    for i, f in enumerate(findings):
+        score = "" if f.best_score is None else f", best score {f.best_score:.2f}"
+        lines.append(f"{i + 1}. {f.label}{' (single slice)' if f.isolated else ''}: {f.size_mm[0]:.1f} × "
+                     f"{f.size_mm[1]:.1f} × {f.size_mm[2]:.1f} mm, slices {plan.indices[f.first]}–"
+                     f"{plan.indices[f.last]}{score}")
+    return "\n".join(lines)
+
+
 def run_sweep(slice_logic, volume_node, client, task: str = "detect", question: Optional[str] = None,
               slice_range: Optional[Tuple[int, int]] = None, step: int = 1, batch_size: int = 8, export_size=None,
               options: Optional[MergeOptions] = None, cancel: Optional[threading.Event] = None,
