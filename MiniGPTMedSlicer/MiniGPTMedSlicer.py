@@ -91,6 +91,7 @@ class MiniGPTMedSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.panel.keep_check.toggled.connect(self.updateParameterNodeFromGUI)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodeAdded)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onNodeRemoved)
         self.initializeParameterNode()
 
@@ -117,9 +118,16 @@ class MiniGPTMedSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.panel.refresh_table()
 
     @vtk.calldata_type(vtk.VTK_OBJECT)
+    def onNodeAdded(self, caller, event, node) -> None:
+        # a newly drawn ROI appears in the Region ROI list (deferred: the node is not named yet while it is added)
+        if self.panel is not None and node is not None and node.IsA("vtkMRMLMarkupsROINode"):
+            qt.QTimer.singleShot(0, self.panel.refresh_regions)
+
+    @vtk.calldata_type(vtk.VTK_OBJECT)
     def onNodeRemoved(self, caller, event, node) -> None:
         if self.panel is not None and node is not None and node.IsA("vtkMRMLMarkupsROINode"):
             qt.QTimer.singleShot(0, self.panel.refresh_table)
+            qt.QTimer.singleShot(0, self.panel.refresh_regions)
 
     def initializeParameterNode(self) -> None:
         self._parameterNode = self.logic.getParameterNode()

@@ -76,18 +76,19 @@ def test_keep_earlier_results_and_clear(qtbot, panel, mrml):
 def test_identify_region_uses_a_drawn_roi(qtbot, panel, mrml):
     red = mrml.slice_logics["Red"]
     red.SetSliceOffset(10.0)
+    select_task(panel, "Identify region")
+    assert panel.region_combo.count() == 0  # nothing drawn yet
     cap = capture_slice(red)
     centre, size, axes = box_to_plane_roi(cap.pixel_to_ras, [100, 100, 140, 130], 4.0)
     roi = M.add_roi(mrml.scene, "my region", centre, size, axes, (1, 1, 0), {}, "my region")
     for key in list(roi.GetAttributeNames() or []):  # a plain user-drawn ROI, not one of ours
         roi.RemoveAttribute(key)
     try:
-        select_task(panel, "Identify region")  # refreshes the ROI list
         assert panel.region_combo.isEnabled()
+        run_and_wait(qtbot, panel)  # the ROI drawn after the task was picked is found when Analyze is clicked
         i = panel.region_combo.findData(roi.GetID())
         assert i >= 0 and panel.region_combo.itemText(i) == "my region"
-        panel.region_combo.setCurrentIndex(i)
-        run_and_wait(qtbot, panel)
+        assert panel.region_combo.currentIndex() == i
         rows = M.finding_rows(mrml.scene)
         assert len(rows) == 1 and "region" in rows[0].label, panel.status_label.text()
         got = mrml.scene.GetNodeByID(rows[0].node_id)

@@ -174,6 +174,8 @@ class Panel:
         if self.job is not None:
             return
         self._configure()
+        if str(prop(self.task_combo, "currentText")) == "Identify region":
+            self.refresh_regions()  # an ROI drawn since the task was picked
         try:
             self.job = self.controller.start(
                 view=str(prop(self.view_combo, "currentText")), task_name=str(prop(self.task_combo, "currentText")),
