@@ -134,3 +134,49 @@ def test_icon_is_a_128_pixel_png():
 
     data = (MODULE / "Resources" / "Icons" / "MiniGPTMedSlicer.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", data[16:24]) == (128, 128)
+
+
+_TYPE_NAMES = {"int", "str", "float", "bool", "bytes", "list", "dict", "tuple", "set", "type", "object"}
+
+
+def _is_qt(node: ast.AST) -> bool:
+    """qt.Qt.AlignLeft | qt.Qt.AlignTop combines flags; it is not a type union."""
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    return isinstance(node, ast.Name) and (node.id in ("qt", "Qt") or node.id.startswith("Q"))
+
+
+def _py310_runtime_uses(src: str) -> list[str]:
+    """What parses as 3.9 but fails at run time on Slicer 5.6's Python 3.9: ``X | Y`` unions outside annotations,
+    zip(strict=), itertools.pairwise, dataclass(slots=/kw_only=)."""
+    tree = ast.parse(src)
+    in_annotation = {id(m) for n in ast.walk(tree) for a in ("annotation", "returns")
+                     if getattr(n, a, None) is not None for m in ast.walk(getattr(n, a))}
+    found = []
+    for n in ast.walk(tree):
+        if isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr) and id(n) not in in_annotation:
+            sides = (n.left, n.right)
+            typeish = [s for s in sides if (isinstance(s, ast.Constant) and s.value is None) or
+                       (isinstance(s, ast.Name) and (s.id in _TYPE_NAMES or s.id[:1].isupper())) or
+                       (isinstance(s, ast.Attribute) and s.attr[:1].isupper() and not _is_qt(s))]
+            if len(typeish) == 2:
+                found.append(f"line {n.lineno}: {ast.unparse(n)}")
+        if isinstance(n, ast.Call):
+            fn = ast.unparse(n.func)
+            kws = {k.arg for k in n.keywords}
+            if (fn == "zip" and "strict" in kws) or fn.endswith("pairwise") or \
+                    (fn.endswith("dataclass") and kws & {"slots", "kw_only"}):
+                found.append(f"line {n.lineno}: {ast.unparse(n)[:60]}")
+    return found
+
+
+@pytest.mark.parametrize("rel", ["MiniGPTMedSlicer.py", *_module_py_files()])
+def test_module_code_runs_on_python_39(rel):
+    assert _py310_runtime_uses((MODULE / rel).read_text()) == []
+
+
+def test_python_39_check_catches_310_only_code():
+    bad = "isinstance(x, int | None)\nT = A | B\nzip(a, b, strict=True)\nitertools.pairwise(a)\n@dataclass(slots=True)\nclass C: pass\n"
+    assert len(_py310_runtime_uses(bad)) == 5
+    assert _py310_runtime_uses("def f(x: int | None) -> A | B: pass\nflags = a | b\nm = qt.Qt.AlignLeft | qt.Qt.AlignTop\n"
+                               "t = np.int8 | np.int16\n") == ["line 4: np.int8 | np.int16"]
