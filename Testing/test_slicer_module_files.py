@@ -179,4 +179,4 @@ def test_python_39_check_catches_310_only_code():
     bad = "isinstance(x, int | None)\nT = A | B\nzip(a, b, strict=True)\nitertools.pairwise(a)\n@dataclass(slots=True)\nclass C: pass\n"
     assert len(_py310_runtime_uses(bad)) == 5
     assert _py310_runtime_uses("def f(x: int | None) -> A | B: pass\nflags = a | b\nm = qt.Qt.AlignLeft | qt.Qt.AlignTop\n"
-                               "t = np.int8 | np.int16\n") == ["line 4: np.int8 | np.int16"]
+                               "t = pathlib.Path | None\n") == ["line 4: pathlib.Path | None"]
