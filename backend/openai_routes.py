@@ -80,7 +80,7 @@ def parse_chat_request(body: Any, engine_tasks: tuple[str, ...]) -> AnalyzeReque
     temperature = body.get("temperature")
     try:
         return AnalyzeRequest(
-            task=task, image=image, question=text or None,
+            task=task, image=image, question=text or None,  # type: ignore[arg-type]
             region=[float(v) for v in region] if isinstance(region, list) else None,
             max_new_tokens=int(max_tokens) if max_tokens is not None else None,
             temperature=float(temperature) if temperature is not None else None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -23,8 +23,8 @@ FOLDER_ATTR = ATTR + "analysis"
 @dataclass
 class AnalysisNodes:
     folder_item: int
-    rois: List[object] = field(default_factory=list)
-    text_node: Optional[object] = None
+    rois: List[Any] = field(default_factory=list)
+    text_node: Optional[Any] = None
     name: str = ""
 
 
@@ -135,6 +135,16 @@ class _Undo:
                 sh.RemoveItem(item, False, False)
 
 
+def _new_folder(scene, undo, name: str, attributes: dict):
+    """The subject-hierarchy folder of one analysis, marked as ours."""
+    sh = subject_hierarchy(scene)
+    folder = sh.CreateFolderItem(sh.GetSceneItemID(), name)
+    undo.items.append(folder)
+    for k, v in {**attributes, "analysis": "1"}.items():
+        sh.SetItemAttribute(folder, ATTR + k, v)
+    return sh, folder
+
+
 def _add_text(scene, undo: _Undo, folder: int, name: str, text: str, attributes: dict):
     node = scene.AddNewNodeByClass("vtkMRMLTextNode", name)
     undo.nodes.append(node)
@@ -158,14 +168,10 @@ def add_analysis_results(scene, captured, response: protocol.AnalyzeResponse, *,
     previous = list_results(scene) if replace_previous else []
     undo = _Undo(scene)
     try:
-        sh = subject_hierarchy(scene)
-        folder = sh.CreateFolderItem(sh.GetSceneItemID(), name)
-        undo.items.append(folder)
         common = {"task": response.task, "engine": response.engine, "model": response.model, "view": captured.view_name,
                   "slice_offset": f"{captured.slice_offset_mm:.3f}", "time": now,
                   "pixel_to_ras": " ".join(f"{v:.6g}" for v in np.asarray(captured.pixel_to_ras).ravel())}
-        for k, v in {**common, "analysis": "1", "findings": str(len(response.findings))}.items():
-            sh.SetItemAttribute(folder, ATTR + k, v)
+        sh, folder = _new_folder(scene, undo, name, {**common, "findings": str(len(response.findings))})
         out = AnalysisNodes(folder_item=folder, name=name)
         for i, f in enumerate(response.findings):
             center, size, axes = box_to_plane_roi(captured.pixel_to_ras, f.box, thickness)
@@ -275,12 +281,8 @@ def add_sweep_results(scene, findings3d: Sequence, *, task: str, engine: str, mo
     previous = list_results(scene) if replace_previous else []
     undo = _Undo(scene)
     try:
-        sh = subject_hierarchy(scene)
-        folder = sh.CreateFolderItem(sh.GetSceneItemID(), name)
-        undo.items.append(folder)
         common = {"task": task, "engine": engine, "model": model, "view": view_name, "time": now, "sweep": "1"}
-        for k, v in {**common, "analysis": "1", "findings": str(len(findings3d))}.items():
-            sh.SetItemAttribute(folder, ATTR + k, v)
+        sh, folder = _new_folder(scene, undo, name, {**common, "findings": str(len(findings3d))})
         out = AnalysisNodes(folder_item=folder, name=name)
         for i, f in enumerate(findings3d):
             best_offset = offsets_mm[f.best_slice_pos]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 # Loading options of vtkSlicerVolumesLogic.AddArchetypeVolume (bit mask)
 _LABELMAP, _CENTERED, _SINGLE_FILE, _AUTO_WL = 1, 2, 4, 8
@@ -23,14 +23,13 @@ class VolumeLoadError(Exception):
 
 @dataclass
 class SceneContext:
-    scene: object
-    app_logic: object
-    volumes_logic: object
-    markups_logic: object
-    colors_logic: object
-    subject_hierarchy_logic: object
-    slice_logics: Dict[str, object] = field(default_factory=dict)
-    _keep: List[object] = field(default_factory=list)
+    scene: Any
+    app_logic: Any
+    volumes_logic: Any
+    markups_logic: Any
+    colors_logic: Any
+    subject_hierarchy_logic: Any
+    slice_logics: Dict[str, Any] = field(default_factory=dict)
 
 
 def create_scene() -> SceneContext:

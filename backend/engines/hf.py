@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from .. import families
 from ..families import ImageGeometry
@@ -38,10 +39,10 @@ class HFEngine(Engine):
         self.family = families.check_family(family)
         self.device_arg, self.dtype_arg, self.quantize = device, dtype, quantize
         self.default_max_tokens = default_max_tokens
-        self.model = None
-        self.processor = None  # Gemma3Processor / AutoProcessor
-        self.tokenizer = None
-        self.image_processor = None  # Qwen: the PIL image processor
+        self.model: Any = None
+        self.processor: Any = None  # Gemma3Processor / AutoProcessor
+        self.tokenizer: Any = None
+        self.image_processor: Any = None  # Qwen: the PIL image processor
         self.device = "cpu"
 
     @classmethod

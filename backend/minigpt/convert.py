@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 from .config import MiniGPTMedConfig
-from .eva_vit import EvaViT
 from .model import LoraLinear, merge_lora
 from .weights import (
     CONVERTED_MARKER,
@@ -30,10 +29,7 @@ from .weights import (
     WeightsError,
     _load_llm,
     attach_lora,
-    check_llm_hidden,
-    load_checkpoint,
-    load_eva,
-    read_llama_config,
+    read_original_parts,
 )
 
 log = logging.getLogger("minigptmed.convert")
@@ -51,13 +47,7 @@ def convert(eva: str, llama: str, checkpoint: str, out: str | Path, cfg: MiniGPT
             dtype: torch.dtype | None = None) -> dict:
     t0 = time.perf_counter()
     out = Path(out)
-    llama_cfg = read_llama_config(llama)
-    check_llm_hidden(llama_cfg, cfg.llm_hidden_size, llama)
-    hidden, n_layers = int(llama_cfg["hidden_size"]), int(llama_cfg["num_hidden_layers"])
-    parts = load_checkpoint(checkpoint, cfg, n_layers, hidden)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in EvaViT(cfg.vision).state_dict().items()}
-    vision_sd, eva_ignored = load_eva(eva, cfg, shapes)
+    llama_cfg, parts, vision_sd, eva_ignored = read_original_parts(eva, llama, checkpoint, cfg)
     dtype = dtype or folder_dtype(llama_cfg)
     llm = _load_llm(llama, LoadOptions(device="cpu", dtype=dtype))
     attach_lora(llm, cfg, parts.lora, dtype)

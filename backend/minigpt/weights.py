@@ -318,12 +318,9 @@ def _assemble(cfg: MiniGPTMedConfig, llm, vision_sd: dict, proj: dict, lora: dic
     return model
 
 
-def load_original(eva: str | Path, llama: str | Path, checkpoint: str | Path, cfg: MiniGPTMedConfig,
-                  opts: LoadOptions) -> tuple[MiniGPTMed, LoadReport]:
-    t0 = time.perf_counter()
-    for label, p in (("--eva", eva), ("--llama", llama), ("--checkpoint", checkpoint)):
-        if not p or not os.path.exists(p):
-            raise WeightsError(f"{label}: {p!r} does not exist")
+def read_original_parts(eva: str | Path, llama: str | Path, checkpoint: str | Path, cfg: MiniGPTMedConfig):
+    """Check the LLaMA folder's size, then read the checkpoint's parts and the EVA weights (strictly).
+    Returns (llama config, checkpoint parts, EVA state dict, ignored EVA keys)."""
     llama_cfg = read_llama_config(llama)
     check_llm_hidden(llama_cfg, cfg.llm_hidden_size, llama)
     hidden, n_layers = int(llama_cfg["hidden_size"]), int(llama_cfg["num_hidden_layers"])
@@ -333,6 +330,16 @@ def load_original(eva: str | Path, llama: str | Path, checkpoint: str | Path, cf
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in EvaViT(cfg.vision).state_dict().items()}
     vision_sd, eva_ignored = load_eva(eva, cfg, shapes)
+    return llama_cfg, parts, vision_sd, eva_ignored
+
+
+def load_original(eva: str | Path, llama: str | Path, checkpoint: str | Path, cfg: MiniGPTMedConfig,
+                  opts: LoadOptions) -> tuple[MiniGPTMed, LoadReport]:
+    t0 = time.perf_counter()
+    for label, p in (("--eva", eva), ("--llama", llama), ("--checkpoint", checkpoint)):
+        if not p or not os.path.exists(p):
+            raise WeightsError(f"{label}: {p!r} does not exist")
+    _llama_cfg, parts, vision_sd, eva_ignored = read_original_parts(eva, llama, checkpoint, cfg)
     llm = _load_llm(llama, opts)
     report = LoadReport(source="original")
     report.ignored = {"eva": eva_ignored, "checkpoint": parts.ignored}
