@@ -133,3 +133,23 @@ def test_timeout_is_explained(qtbot, mrml):
             run_and_wait(qtbot, p, 10000)
         _assert_error_shown(p, "did not answer within 0.5 s")
         p.cleanup()
+
+
+def test_access_token_missing_then_given(qtbot, mrml, tmp_path):
+    """A backend started with a token: without it the server's 401 message is shown; with it the analysis runs."""
+    from backend.engines.builtin import BuiltinEngine
+    from backend.settings import ServerSettings
+
+    M.clear_results(mrml.scene)
+    with ServerThread(BuiltinEngine(), settings=ServerSettings(token="s3cret-token")) as url:
+        p = make_panel(qtbot, mrml, url)
+        select_task(p, "Detect")
+        with _SceneUnchanged(mrml.scene):
+            run_and_wait(qtbot, p)
+        _assert_error_shown(p, "Not authorised (401)")
+        p.token_edit.setText("s3cret-token")
+        status = run_and_wait(qtbot, p)
+        assert "finding(s) from builtin" in status, status
+        assert len(M.list_results(mrml.scene)) == 1
+        p.cleanup()
+    M.clear_results(mrml.scene)
