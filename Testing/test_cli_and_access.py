@@ -85,3 +85,23 @@ def test_log_lines_have_no_pixels_or_question_text(token_backend):
     assert "request id=" in log and "task=ground" in log
     assert "John Doe" not in log
     assert b64(png)[:40] not in log
+
+
+def test_auto_picks_a_configured_vlm_whose_weights_exist(tmp_path):
+    from backend.cli import build_parser
+    from backend.engines import choose_engine
+
+    def choose(*argv):
+        return choose_engine(build_parser().parse_args(["serve", *argv]))
+
+    files = [tmp_path / n for n in ("eva_vit_g.pth", "ckpt.pth")]
+    for f in files:
+        f.write_bytes(b"x")
+    (tmp_path / "llama").mkdir()
+    assert choose("--eva", str(files[0]), "--llama", str(tmp_path / "llama"), "--checkpoint", str(files[1]))[0] == "minigptmed"
+    name, why = choose("--eva", str(tmp_path / "missing.pth"), "--llama", str(tmp_path / "llama"), "--checkpoint", str(files[1]))
+    assert name == "builtin" and "no VLM" in why
+    assert choose("--model", str(tmp_path / "llama"))[0] == "hf"
+    assert choose("--model", "google/medgemma-1.5-4b-it", "--url", "http://127.0.0.1:9/v1")[0] == "openai"
+    assert choose("--model", str(tmp_path / "not-there"))[0] == "builtin"
+    assert choose("--engine", "builtin", "--model", str(tmp_path / "llama")) == ("builtin", "chosen with --engine")

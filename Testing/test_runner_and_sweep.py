@@ -227,3 +227,20 @@ def test_capture_helpers_reject_empty_view(sweep_scene):
     sl.GetSliceCompositeNode().SetBackgroundVolumeID(None)
     with pytest.raises(ValueError, match="shows no volume"):
         C.capture_slice(sl)
+
+
+def test_clicking_a_3d_finding_jumps_to_its_best_slice(sweep_scene, builtin_server):
+    ctx, vol = sweep_scene
+    sl = S.add_slice_view(ctx, vol, "BestSliceSweep", "Axial", (200, 200))
+    result = run_sweep(sl, vol, BackendClient(builtin_server), batch_size=16)
+    solid = [f for f in result.findings if not f.isolated]
+    nodes = M.add_sweep_results(ctx.scene, solid, task="detect", engine="builtin", model="m", view_name="BestSliceSweep",
+                                summary="s", offsets_mm=result.plan.offsets_mm)
+    try:
+        f, roi = solid[0], nodes.rois[0]
+        sl.SetSliceOffset(result.plan.offsets_mm[0])
+        M.jump_to_finding([sl.GetSliceNode()], roi)
+        assert sl.GetSliceOffset() == pytest.approx(result.plan.offsets_mm[f.best_slice_pos], abs=1e-3)
+        assert np.allclose(M.roi_center(roi)[:2], f.center_ras[:2], atol=1e-3)
+    finally:
+        M.remove_analysis(ctx.scene, nodes.folder_item)

@@ -251,8 +251,12 @@ def roi_center(roi) -> np.ndarray:
 
 
 def jump_to_finding(slice_nodes: Sequence, roi, select: bool = True) -> np.ndarray:
-    """Move the given slice views onto the finding's centre (each keeps its orientation) and select the markup."""
+    """Move the given slice views onto the finding (each keeps its orientation) and select the markup. A 3D finding
+    from a sweep is shown on its best slice (the largest box), centred on that box."""
     c = roi_center(roi)
+    best = roi.GetAttribute(ATTR + "best_slice_center_ras")
+    if best:
+        c = np.array([float(v) for v in best.split()])
     for sn in slice_nodes:
         sn.JumpSliceByCentering(float(c[0]), float(c[1]), float(c[2]))
     if select:
@@ -289,7 +293,8 @@ def add_sweep_results(scene, findings3d: Sequence, *, task: str, engine: str, mo
             attrs = {**common, "label": f.label, "score": _fmt(f.best_score), "index": str(i + 1),
                      "slice_offset": f"{best_offset:.3f}",
                      "slice_range_mm": f"{offsets_mm[f.first]:.3f} {offsets_mm[f.last]:.3f}",
-                     "slices": str(len(f.slice_positions)), "isolated": "1" if f.isolated else "0"}
+                     "slices": str(len(f.slice_positions)), "isolated": "1" if f.isolated else "0",
+                     "best_slice_center_ras": " ".join(f"{v:.4f}" for v in f.best_center_ras)}
             label = f.label + (" (1 slice)" if f.isolated else "")
             roi = add_roi(scene, label, f.center_ras, f.size_mm, np.asarray(f.axes), label_color(f.label), attrs, label)
             undo.nodes.append(roi)

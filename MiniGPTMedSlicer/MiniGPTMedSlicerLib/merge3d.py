@@ -54,6 +54,7 @@ class Finding3D:
     size_mm: Tuple[float, float, float] = (0.0, 0.0, 0.0)  # along slice x, slice y, normal
     axes: List[List[float]] = field(default_factory=list)  # 3x3, columns = slice x, slice y, normal (unit)
     best_slice_pos: int = 0
+    best_center_ras: Tuple[float, float, float] = (0.0, 0.0, 0.0)  # centre of the box on the best slice
     best_score: Optional[float] = None
     isolated: bool = False
 
@@ -141,11 +142,14 @@ def merge_detections(detections: Sequence[SliceDetection], pixel_to_ras: Sequenc
         mid = (positions[0] + positions[-1]) / 2
         near_max = [i for i, a in enumerate(areas) if a >= 0.95 * max(areas)]
         best = min(near_max, key=lambda i: abs(positions[i] - mid))
+        bb = boxes[best]
+        best_c = np.asarray(pixel_to_ras[positions[best]], dtype=float) @ np.array([(bb[0] + bb[2]) / 2, (bb[1] + bb[3]) / 2, 0.0, 1.0])
         valid_scores = [s for s in scores if s is not None and math.isfinite(s)]
         out.append(Finding3D(
             label=tr[0].label, slice_positions=positions, boxes=boxes, scores=scores,
             center_ras=(float(center[0]), float(center[1]), float(center[2])), size_mm=size,
             axes=np.column_stack([ux, uy, normal]).tolist(), best_slice_pos=positions[best],
+            best_center_ras=(float(best_c[0]), float(best_c[1]), float(best_c[2])),
             best_score=max(valid_scores) if valid_scores else None, isolated=len(positions) < options.min_slices,
         ))
     out.sort(key=lambda f: (f.isolated, -(f.best_score or 0.0), -len(f.slice_positions)))
