@@ -1,5 +1,6 @@
 """Tiny random peer VLMs built offline and saved as local folders, loaded by the hf engine exactly as real folders:
-a MedGemma-like Gemma 3 (tiny SigLIP) with its Gemma3Processor, and a Qwen2.5-VL (tokenizer + PIL image processor)."""
+a MedGemma-like Gemma 3 (tiny SigLIP) with its Gemma3Processor, a Qwen2.5-VL and a Qwen3-VL (tokenizer + PIL
+image processor)."""
 
 from __future__ import annotations
 
@@ -105,6 +106,38 @@ def build_qwen2_5_vl(folder: Path) -> Path:
     return folder
 
 
+def build_qwen3_vl(folder: Path) -> Path:
+    """Qwen3-VL: 16 px patches, 2x2 merge, deepstack vision features, interleaved M-RoPE; same PIL processor path."""
+    import torch
+    from transformers import PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    torch.manual_seed(0)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                "<|video_pad|>"]
+    tok = PreTrainedTokenizerFast(tokenizer_object=_bpe(specials), eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  unk_token="<|endoftext|>")
+    tok.chat_template = QWEN_CHAT
+    ids = {s: tok.convert_tokens_to_ids(s) for s in specials}
+    cfg = Qwen3VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                          "mrope_interleaved": True},
+                         bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+                           spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                           deepstack_visual_indexes=[0]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    model = Qwen3VLForConditionalGeneration(cfg).eval()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                             min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 16).save_pretrained(folder)
+    return folder
+
+
 _CACHE: dict[str, Path] = {}
 
 
@@ -113,5 +146,6 @@ def peer_model(family: str) -> Path:
     if family not in _CACHE:
         root = Path(tempfile.mkdtemp(prefix=f"peer-{family}-"))
         os.makedirs(root, exist_ok=True)
-        _CACHE[family] = build_medgemma(root) if family == "medgemma" else build_qwen2_5_vl(root)
+        builders = {"medgemma": build_medgemma, "qwen2_5_vl": build_qwen2_5_vl, "qwen3_vl": build_qwen3_vl}
+        _CACHE[family] = builders[family](root)
     return _CACHE[family]

@@ -95,7 +95,7 @@ def test_prompts_per_family_and_task():
 # -- the hf engine end to end --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["medgemma", "qwen2_5_vl"])
+@pytest.fixture(scope="module", params=["medgemma", "qwen2_5_vl", "qwen3_vl"])
 def hf_server(request):
     engine = HFEngine(str(peer_model(request.param)), family=request.param, device="cpu")
     with ServerThread(engine) as url:
