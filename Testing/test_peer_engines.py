@@ -225,6 +225,35 @@ def test_openai_engine_medgemma_boxes_and_request_shape(fake_vllm):
     assert parts[0]["image_url"]["url"].startswith("data:image/png;base64,") and "box_2d" in parts[1]["text"]
 
 
+
+def test_smart_resize_known_sizes():
+    assert families.smart_resize(1024, 1024) == (1036, 1036)  # Qwen2.5-VL's default bounds: rounded to 28s
+    assert families.smart_resize(1024, 1024, max_pixels=families.QWEN_SEND_MAX_PIXELS) == (980, 980)
+    assert families.smart_resize(20, 30) == (56, 84)  # below min_pixels: scaled up
+    h, w = families.smart_resize(800, 1600, max_pixels=families.QWEN_SEND_MAX_PIXELS)
+    assert families.smart_resize(h, w) == (h, w)  # what the openai engine sends, the server leaves as it is
+
+
+def test_openai_engine_qwen2_5_vl_sends_the_resized_image_and_maps_boxes_back(fake_vllm):
+    import base64
+    import io
+
+    from PIL import Image
+
+    _server, url = fake_vllm
+    _FakeVLLM.mode = "ok"
+    mh, mw = families.smart_resize(800, 1600, max_pixels=families.QWEN_SEND_MAX_PIXELS)
+    _FakeVLLM.content = f'```json [{{"bbox_2d": [{mw / 4}, 0, {mw / 2}, {mh / 2}], "label": "nodule"}}] ```'
+    with ServerThread(OpenAIEngine(url=url, family="qwen2_5_vl")) as outer:
+        img = np.zeros((800, 1600), np.uint8)
+        r = requests.post(f"{outer}/v1/analyze", json={"task": "detect", "image": b64(encode_png(img))}, timeout=60)
+        assert r.status_code == 200, r.text
+        (f,) = r.json()["findings"]
+        assert np.allclose(f["box"], [400, 0, 800, 400], atol=1e-6)
+    data_uri = _FakeVLLM.last_body["messages"][0]["content"][0]["image_url"]["url"]
+    sent = Image.open(io.BytesIO(base64.b64decode(data_uri.split(",", 1)[1])))
+    assert sent.size == (mw, mh) and mw % 28 == 0 and mh % 28 == 0 and mw * mh <= families.QWEN_SEND_MAX_PIXELS
+
 @pytest.mark.parametrize("mode,words", [("500", "answered 500"), ("garbage", "not JSON"), ("slow", "did not answer")])
 def test_openai_engine_failures_are_clear_503s(fake_vllm, mode, words):
     _server, url = fake_vllm

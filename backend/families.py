@@ -77,8 +77,12 @@ def pad_offsets(width: int, height: int) -> tuple[int, int]:
     return (side - width) // 2, (side - height) // 2
 
 
+QWEN_MAX_PIXELS = 28 * 28 * 16384  # Qwen2.5-VL's preprocessor_config default (12845056)
+QWEN_SEND_MAX_PIXELS = 28 * 28 * 1280  # what the openai engine sends at most (~1 MP, 1280 image tokens)
+
+
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
-                 max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
+                 max_pixels: int = QWEN_MAX_PIXELS) -> tuple[int, int]:
     """Qwen2-VL/2.5-VL's resize: both sides multiples of ``factor``, area within [min_pixels, max_pixels], aspect kept."""
     if max(height, width) / max(1, min(height, width)) > 200:
         raise ValueError("aspect ratio too extreme for Qwen's resize")

@@ -104,8 +104,15 @@ class OpenAIEngine(Engine):
             square = Image.new("RGB", (g.square, g.square))
             square.paste(img, (g.pad_left, g.pad_top))
             img = square
-        elif self.family == "qwen2_5_vl":  # the server resizes with smart_resize: boxes come in those pixels
-            g.model_height, g.model_width = families.smart_resize(h, w)
+        elif self.family == "qwen2_5_vl":
+            # Boxes come in pixels of the image the server's processor resized. Resize it here to smart_resize's
+            # size (sides multiples of 28, <= QWEN_SEND_MAX_PIXELS): the server's own smart_resize then leaves it
+            # as it is, whatever min/max_pixels the server was started with (as long as they admit this size).
+            g.model_height, g.model_width = families.smart_resize(h, w, max_pixels=families.QWEN_SEND_MAX_PIXELS)
+            if (g.model_width, g.model_height) != (w, h):
+                from PIL import Image
+
+                img = img.resize((g.model_width, g.model_height), Image.Resampling.BICUBIC)
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         data_uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
