@@ -156,6 +156,14 @@ def test_our_chat_endpoint_returns_boxes_in_qwen3_convention():
         for a, b in zip(sorted(d.findings, key=lambda f: f.box[0]), sorted(msg["findings"], key=lambda f: f["box"][0]),
                         strict=True):
             assert np.allclose(a.box, b["box"], atol=1.5)  # 0..1000 rounding
+        with requests.post(f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=60, stream=True) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            events = [line[len("data: "):] for line in r.iter_lines(decode_unicode=True) if line]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == msg["content"]
         r = requests.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}, timeout=10)
         assert r.status_code == 400 and "image" in r.json()["error"]["message"]
 
@@ -164,7 +172,8 @@ class _FakeVLLM(BaseHTTPRequestHandler):
     """A stand-in for a remote vLLM (which cannot run here): the real OpenAI protocol on a real socket."""
 
     mode = "ok"
-    content = ""
+    content: str | None = ""
+    finish_reason = "stop"
 
     def log_message(self, *a):
         pass
@@ -188,7 +197,8 @@ class _FakeVLLM(BaseHTTPRequestHandler):
             time.sleep(3)
             self._send(200, {})
         else:
-            self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": self.content}}]})
+            self._send(200, {"choices": [{"index": 0, "finish_reason": self.finish_reason,
+                                          "message": {"role": "assistant", "content": self.content}}]})
 
     def _send(self, status, obj):
         data = json.dumps(obj).encode()
@@ -201,6 +211,7 @@ class _FakeVLLM(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def fake_vllm():
+    _FakeVLLM.mode, _FakeVLLM.content, _FakeVLLM.finish_reason = "ok", "", "stop"
     server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeVLLM)
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
@@ -224,6 +235,22 @@ def test_openai_engine_medgemma_boxes_and_request_shape(fake_vllm):
     parts = sent["messages"][0]["content"]
     assert parts[0]["image_url"]["url"].startswith("data:image/png;base64,") and "box_2d" in parts[1]["text"]
 
+
+def test_openai_engine_cut_or_empty_answers_are_warnings(fake_vllm):
+    _server, url = fake_vllm
+    _FakeVLLM.content, _FakeVLLM.finish_reason = '```json [{"bbox_2d": [0, 0, 500, 500], "label": "a"}, {"bbox', "length"
+    with ServerThread(OpenAIEngine(url=url, family="qwen3_vl")) as outer:
+        png = b64(encode_png(blob_image(size=100)))
+        r = requests.post(f"{outer}/v1/analyze", json={"task": "detect", "image": png, "max_new_tokens": 40}, timeout=60)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert any("cut at max_tokens (40)" in w for w in out["warnings"]), out
+        (f,) = out["findings"]  # the complete object before the cut is kept
+        assert f["label"] == "a" and np.allclose(f["box"], [0, 0, 50, 50])
+        _FakeVLLM.content = None  # a reasoning parser that kept everything out of content
+        r = requests.post(f"{outer}/v1/analyze", json={"task": "report", "image": png}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert any("empty answer" in w for w in r.json()["warnings"]) and r.json()["findings"] == []
 
 
 def test_smart_resize_known_sizes():

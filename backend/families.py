@@ -188,6 +188,13 @@ def _loads_lenient(s: str):
             return json.loads(s[:end])
         except ValueError:
             continue
+    if s.startswith("["):  # a list cut off (max_tokens reached): keep its complete objects
+        for end in range(len(s), 0, -1):
+            if s[end - 1] == "}":
+                try:
+                    return json.loads(s[:end] + "]")
+                except ValueError:
+                    continue
     raise ValueError("no JSON value")
 
 

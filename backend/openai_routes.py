@@ -9,7 +9,8 @@ Choosing the task (an extension; plain clients need nothing): a top-level ``"tas
 Without either, the engine's free-text task is used: ``vqa`` when it has one and a question was given, else ``report``.
 When the answer has boxes, the message content ends with a fenced JSON list in Qwen3-VL's convention
 (``bbox_2d`` = [x0, y0, x1, y1] on 0..1000 of the image, plus ``label`` and ``score``), and the message carries them
-in pixels as an extra ``findings`` field.
+in pixels as an extra ``findings`` field. ``"stream": true`` is answered as server-sent events (OpenAI's
+``chat.completion.chunk`` objects, then ``data: [DONE]``) carrying the whole answer in one content chunk.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from MiniGPTMedSlicerLib.protocol import TASKS, AnalyzeRequest
 
 from .errors import ApiError
@@ -127,12 +128,24 @@ def add_openai_routes(app: FastAPI, service: AnalysisService) -> None:
                                   round(f.box[3] / h * 1000)], "label": f.label, "score": f.score}
                      for f in resp.findings]
             content += "\n```json\n" + json.dumps(boxes) + "\n```"
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        findings = [{"label": f.label, "box": f.box, "score": f.score} for f in resp.findings]
+        if body.get("stream") is True:  # the whole answer in one chunk (the engines do not stream tokens)
+            return StreamingResponse(_sse(cid, created, resp.model, content, findings), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
         return {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
-            "model": resp.model,
+            "id": cid, "object": "chat.completion", "created": created, "model": resp.model,
             "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": content,
-                                     "findings": [{"label": f.label, "box": f.box, "score": f.score}
-                                                  for f in resp.findings]}}],
+                         "message": {"role": "assistant", "content": content, "findings": findings}}],
             "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
         }
+
+
+def _sse(cid: str, created: int, model: str, content: str, findings: list):
+    """``stream: true``: OpenAI's chunk events (role, the content, the finish) and ``data: [DONE]``."""
+    base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
+    for delta, finish in (({"role": "assistant", "content": ""}, None),
+                          ({"content": content, "findings": findings}, None), ({}, "stop")):
+        chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        yield f"data: {json.dumps(chunk)}\n\n"
+    yield "data: [DONE]\n\n"

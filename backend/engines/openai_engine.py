@@ -126,7 +126,10 @@ class OpenAIEngine(Engine):
             remaining = max(1.0, stop.deadline - time.monotonic())
         data = self._call("POST", "/chat/completions", body, timeout=min(self.timeout_s, remaining or self.timeout_s))
         try:
-            raw = data["choices"][0]["message"]["content"]
+            choice = data["choices"][0]
+            raw = choice["message"]["content"]
+            if raw is None:  # e.g. a reasoning parser that kept everything in reasoning_content (cut while thinking)
+                raw = ""
             if isinstance(raw, list):  # some servers return content parts
                 raw = "".join(p.get("text", "") for p in raw if isinstance(p, dict))
             if not isinstance(raw, str):
@@ -135,6 +138,11 @@ class OpenAIEngine(Engine):
             raise EngineError(f"the model server at {self.url} sent a reply without choices[0].message.content") from None
         default_label = inp.question or families.default_detect_label(inp.modality)
         dec = families.decode_output(self.family, raw, g, default_label=default_label if inp.task != "report" else "finding")
+        if choice.get("finish_reason") == "length":
+            dec.warnings.append(f"the answer was cut at max_tokens ({body['max_tokens']}); raise max_new_tokens if "
+                                "text or boxes are missing")
+        if not raw.strip():
+            dec.warnings.append("the model server returned an empty answer")
         if inp.task in ("report", "vqa"):
             dec.findings = [] if self.family == "generic" else dec.findings
         return AnalysisResult(text=dec.text, findings=dec.findings, raw_output=raw, warnings=dec.warnings,
