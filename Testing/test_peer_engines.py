@@ -118,6 +118,24 @@ def test_hf_engine_over_http(hf_server):
         assert all(protocol.box_is_valid(f.box, 96, 96) for f in resp.findings)
 
 
+def test_hf_engine_batches_like_single_requests(hf_server):
+    """One left-padded generate() for images of different sizes and prompts gives each row's single-request answer."""
+    _family, url = hf_server
+    assert requests.get(f"{url}/health", timeout=10).json()["max_batch"] == 4
+    items = [{"task": "report", "image": b64(encode_png(blob_image(size=96)[:64]))},
+             {"task": "vqa", "question": "Is there a nodule in the left lower lobe?", "max_new_tokens": 5,
+              "image": b64(encode_png(blob_image(size=128)[:, :64]))},
+             {"task": "detect", "image": b64(encode_png(blob_image(size=80)))}]
+    items = [{"max_new_tokens": 10, **it} for it in items]
+    single = [requests.post(f"{url}/v1/analyze", json=it, timeout=120).json() for it in items]
+    r = requests.post(f"{url}/v1/analyze/batch", json={"items": items}, timeout=120)
+    assert r.status_code == 200, r.text
+    batch = r.json()["results"]
+    assert [b["text"] for b in batch] == [s["text"] for s in single]
+    assert [b["findings"] for b in batch] == [s["findings"] for s in single]
+    assert batch[1]["timings_ms"]["new_tokens"] <= 5  # each row keeps its own max_new_tokens
+
+
 def test_hf_engine_missing_folder_fails_at_start():
     with pytest.raises(Exception, match="no such folder"):
         HFEngine("/nonexistent/model", family="medgemma").load()

@@ -32,13 +32,14 @@ def _device(arg: str) -> str:
 
 class HFEngine(Engine):
     def __init__(self, model_dir: str, family: str = "generic", device: str = "auto", dtype: str = "auto",
-                 quantize: str = "none", default_max_tokens: int = 512):
+                 quantize: str = "none", default_max_tokens: int = 512, max_batch: int = 4):
         if not model_dir:
             raise SystemExit("--engine hf needs --model PATH (a local model folder)")
         self.model_dir = model_dir
         self.family = families.check_family(family)
         self.device_arg, self.dtype_arg, self.quantize = device, dtype, quantize
         self.default_max_tokens = default_max_tokens
+        self.max_batch = max(1, int(max_batch))
         self.model: Any = None
         self.processor: Any = None  # Gemma3Processor / AutoProcessor
         self.tokenizer: Any = None
@@ -106,26 +107,34 @@ class HFEngine(Engine):
     def info(self) -> EngineInfo:
         name = os.path.basename(os.path.normpath(self.model_dir))
         return EngineInfo(engine="hf", model=f"{name} ({self.family})", device=self.device,
-                          tasks=families.supported_tasks(self.family), max_batch=1)
+                          tasks=families.supported_tasks(self.family), max_batch=self.max_batch)
 
     # -- inference ----------------------------------------------------------------------------
 
     def analyze_batch(self, inputs: Sequence[AnalysisInput], stop: StopToken) -> list[AnalysisResult]:
-        out = []
         for inp in inputs:
             if inp.task not in families.supported_tasks(self.family):
                 raise TaskNotSupported(f"task '{inp.task}' needs a model family with boxes (--family medgemma, "
                                        f"qwen2_5_vl or qwen3_vl); this engine is '{self.family}'")
-            out.append(self._one(inp, stop))
-        return out
+        results: list[AnalysisResult | None] = [None] * len(inputs)
+        groups: dict[float, list[int]] = {}  # one generate() per sampling temperature, up to max_batch rows each
+        for i, inp in enumerate(inputs):
+            groups.setdefault(float(inp.temperature or 0.0), []).append(i)
+        for idx in groups.values():
+            for k in range(0, len(idx), self.max_batch):
+                chunk = idx[k:k + self.max_batch]
+                for i, r in zip(chunk, self._generate([inputs[i] for i in chunk], stop), strict=True):
+                    results[i] = r
+        return [r for r in results if r is not None]
 
-    def _inputs(self, inp: AnalysisInput):
-        """(model inputs, geometry) for one request."""
+    def _prepare(self, inp: AnalysisInput):
+        """(prompt text with the image placeholder, model image, geometry, Qwen image-processor output) for one input."""
         from PIL import Image
 
         img = inp.image.pil_rgb()
         w, h = img.size
         g = ImageGeometry(width=w, height=h)
+        im = None
         if self.family == "medgemma":
             g.pad_left, g.pad_top = families.pad_offsets(w, h)
             square = Image.new("RGB", (g.square, g.square))
@@ -138,19 +147,28 @@ class HFEngine(Engine):
             g.model_height, g.model_width = gh * patch, gw * patch
         prompt = inp.prompt or families.prompt_for(self.family, inp.task, inp.question, inp.region, g, inp.modality)
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        if self.family.startswith("qwen"):
+        if im is not None:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             merge = int(getattr(self.image_processor, "merge_size", 2))
             n = t * gh * gw // (merge * merge)
             text = text.replace("<|image_pad|>", "<|image_pad|>" * n, 1)
-            enc = self.tokenizer([text], return_tensors="pt")
-            model_inputs = {**enc, **im}
         else:
             text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            model_inputs = dict(self.processor(text=text, images=img, return_tensors="pt"))
-        return model_inputs, g
+        return text, img, g, im
 
-    def _one(self, inp: AnalysisInput, stop: StopToken) -> AnalysisResult:
+    def _collate(self, preps) -> dict:
+        """Several prepared inputs -> one left-padded batch."""
+        import torch
+
+        texts = [p[0] for p in preps]
+        if self.family.startswith("qwen"):
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+            return {**enc, "pixel_values": torch.cat([p[3]["pixel_values"] for p in preps]),
+                    "image_grid_thw": torch.cat([p[3]["image_grid_thw"] for p in preps])}
+        return dict(self.processor(text=texts, images=[[p[1]] for p in preps], return_tensors="pt", padding=True,
+                                   padding_side="left"))
+
+    def _generate(self, inputs: Sequence[AnalysisInput], stop: StopToken) -> list[AnalysisResult]:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -159,12 +177,14 @@ class HFEngine(Engine):
                 return stop.should_stop()
 
         t0 = time.perf_counter()
-        model_inputs, g = self._inputs(inp)
+        preps = [self._prepare(inp) for inp in inputs]
+        model_inputs = self._collate(preps)
         dtype = next(self.model.parameters()).dtype
         batch = {k: (v.to(self.model.device, dtype=dtype) if k == "pixel_values" and v.is_floating_point()
                      else v.to(self.model.device)) for k, v in model_inputs.items() if hasattr(v, "to")}
-        temperature = inp.temperature or 0.0
-        gen_kwargs = {"max_new_tokens": inp.max_new_tokens or self.default_max_tokens, "do_sample": temperature > 0,
+        limits = [inp.max_new_tokens or self.default_max_tokens for inp in inputs]
+        temperature = inputs[0].temperature or 0.0
+        gen_kwargs = {"max_new_tokens": max(limits), "do_sample": temperature > 0,
                       "stopping_criteria": StoppingCriteriaList([_Stop()])}
         if temperature > 0:
             gen_kwargs["temperature"] = temperature
@@ -174,12 +194,21 @@ class HFEngine(Engine):
         with torch.inference_mode():
             out = self.model.generate(**batch, **gen_kwargs)
         stop.check()
-        new = out[0, batch["input_ids"].shape[1]:]
-        raw = self.tokenizer.decode(new, skip_special_tokens=True)
-        default_label = inp.question or families.default_detect_label(inp.modality)
-        dec = families.decode_output(self.family, raw, g, default_label=default_label)
-        if inp.task in ("report", "vqa") and self.family == "generic":
-            dec.findings = []
-        return AnalysisResult(text=dec.text, findings=dec.findings, raw_output=raw, warnings=dec.warnings,
-                              timings_ms={"preprocess": (t1 - t0) * 1000, "generate": (time.perf_counter() - t1) * 1000,
-                                          "new_tokens": float(len(new))})
+        t2 = time.perf_counter()
+        ends = {int(v) for v in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id) if v is not None}
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        ends.update([eos] if isinstance(eos, int) else (eos or []))
+        results = []
+        for row, inp, limit, (_text, _img, g, _im) in zip(out, inputs, limits, preps, strict=True):
+            new = row[batch["input_ids"].shape[1]:].tolist()[:limit]
+            n = next((i for i, tid in enumerate(new) if tid in ends), len(new))
+            raw = self.tokenizer.decode(new[:n], skip_special_tokens=True)
+            default_label = inp.question or families.default_detect_label(inp.modality)
+            dec = families.decode_output(self.family, raw, g, default_label=default_label)
+            if inp.task in ("report", "vqa") and self.family == "generic":
+                dec.findings = []
+            results.append(AnalysisResult(
+                text=dec.text, findings=dec.findings, raw_output=raw, warnings=dec.warnings,
+                timings_ms={"preprocess": (t1 - t0) * 1000, "generate": (t2 - t1) * 1000, "new_tokens": float(n),
+                            "batch": float(len(inputs))}))
+        return results
