@@ -78,18 +78,25 @@ def build_medgemma(folder: Path) -> Path:
     return folder
 
 
-def build_qwen2_5_vl(folder: Path) -> Path:
-    import torch
-    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+def _qwen_tokenizer():
+    """A Qwen-style BPE with Qwen's special tokens and chat template; returns (tokenizer, special token ids)."""
+    from transformers import PreTrainedTokenizerFast
 
-    torch.manual_seed(0)
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
                 "<|video_pad|>"]
     tok = PreTrainedTokenizerFast(tokenizer_object=_bpe(specials), eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                   unk_token="<|endoftext|>")
     tok.chat_template = QWEN_CHAT
-    ids = {s: tok.convert_tokens_to_ids(s) for s in specials}
+    return tok, {s: tok.convert_tokens_to_ids(s) for s in specials}
+
+
+def build_qwen2_5_vl(folder: Path) -> Path:
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    torch.manual_seed(0)
+    tok, ids = _qwen_tokenizer()
     cfg = Qwen2_5_VLConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
@@ -109,16 +116,11 @@ def build_qwen2_5_vl(folder: Path) -> Path:
 def build_qwen3_vl(folder: Path) -> Path:
     """Qwen3-VL: 16 px patches, 2x2 merge, deepstack vision features, interleaved M-RoPE; same PIL processor path."""
     import torch
-    from transformers import PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     torch.manual_seed(0)
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
-                "<|video_pad|>"]
-    tok = PreTrainedTokenizerFast(tokenizer_object=_bpe(specials), eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  unk_token="<|endoftext|>")
-    tok.chat_template = QWEN_CHAT
-    ids = {s: tok.convert_tokens_to_ids(s) for s in specials}
+    tok, ids = _qwen_tokenizer()
     cfg = Qwen3VLConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,

@@ -71,6 +71,25 @@ def supported_tasks(family: str) -> tuple[str, ...]:
     return ("report", "vqa") if family == "generic" else ("report", "vqa", "detect", "ground", "identify")
 
 
+def check_task(family: str, task: str) -> None:
+    """Raise TaskNotSupported (HTTP 501) for a task this family cannot answer."""
+    from .engines.base import TaskNotSupported
+
+    if task not in supported_tasks(family):
+        raise TaskNotSupported(f"task '{task}' needs a model family with boxes (--family medgemma, qwen2_5_vl or "
+                               f"qwen3_vl); this engine is '{family}'")
+
+
+def pad_to_square(img, g: ImageGeometry):
+    """MedGemma's convention: zero-pad the PIL image symmetrically to a square; records the offsets in ``g``."""
+    from PIL import Image
+
+    g.pad_left, g.pad_top = pad_offsets(g.width, g.height)
+    square = Image.new("RGB", (g.square, g.square))
+    square.paste(img, (g.pad_left, g.pad_top))
+    return square
+
+
 def pad_offsets(width: int, height: int) -> tuple[int, int]:
     """Symmetric zero padding to a square (MedGemma's convention): (left, top)."""
     side = max(width, height)

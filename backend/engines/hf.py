@@ -17,7 +17,7 @@ from typing import Any
 
 from .. import families
 from ..families import ImageGeometry
-from .base import AnalysisInput, AnalysisResult, Engine, EngineError, EngineInfo, StopToken, TaskNotSupported
+from .base import AnalysisInput, AnalysisResult, Engine, EngineError, EngineInfo, StopToken
 
 log = logging.getLogger("minigptmed.hf")
 
@@ -113,9 +113,7 @@ class HFEngine(Engine):
 
     def analyze_batch(self, inputs: Sequence[AnalysisInput], stop: StopToken) -> list[AnalysisResult]:
         for inp in inputs:
-            if inp.task not in families.supported_tasks(self.family):
-                raise TaskNotSupported(f"task '{inp.task}' needs a model family with boxes (--family medgemma, "
-                                       f"qwen2_5_vl or qwen3_vl); this engine is '{self.family}'")
+            families.check_task(self.family, inp.task)
         results: list[AnalysisResult | None] = [None] * len(inputs)
         groups: dict[float, list[int]] = {}  # one generate() per sampling temperature, up to max_batch rows each
         for i, inp in enumerate(inputs):
@@ -129,17 +127,13 @@ class HFEngine(Engine):
 
     def _prepare(self, inp: AnalysisInput):
         """(prompt text with the image placeholder, model image, geometry, Qwen image-processor output) for one input."""
-        from PIL import Image
 
         img = inp.image.pil_rgb()
         w, h = img.size
         g = ImageGeometry(width=w, height=h)
         im = None
         if self.family == "medgemma":
-            g.pad_left, g.pad_top = families.pad_offsets(w, h)
-            square = Image.new("RGB", (g.square, g.square))
-            square.paste(img, (g.pad_left, g.pad_top))
-            img = square
+            img = families.pad_to_square(img, g)
         if self.family.startswith("qwen"):
             im = self.image_processor(images=[img], return_tensors="pt")
             t, gh, gw = (int(v) for v in im["image_grid_thw"][0])

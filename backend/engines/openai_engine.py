@@ -17,7 +17,7 @@ import requests
 
 from .. import families
 from ..families import ImageGeometry
-from .base import AnalysisInput, AnalysisResult, Engine, EngineError, EngineInfo, StopToken, TaskNotSupported
+from .base import AnalysisInput, AnalysisResult, Engine, EngineError, EngineInfo, StopToken
 
 
 class OpenAIEngine(Engine):
@@ -83,9 +83,7 @@ class OpenAIEngine(Engine):
 
     def analyze_batch(self, inputs: Sequence[AnalysisInput], stop: StopToken) -> list[AnalysisResult]:
         for inp in inputs:
-            if inp.task not in families.supported_tasks(self.family):
-                raise TaskNotSupported(f"task '{inp.task}' needs a model family with boxes (--family medgemma, "
-                                       f"qwen2_5_vl or qwen3_vl); this engine is '{self.family}'")
+            families.check_task(self.family, inp.task)
         if len(inputs) == 1:
             return [self._one(inputs[0], stop)]
         with cf.ThreadPoolExecutor(min(self.max_concurrency, len(inputs))) as pool:
@@ -98,12 +96,7 @@ class OpenAIEngine(Engine):
         w, h = img.size
         g = ImageGeometry(width=w, height=h)
         if self.family == "medgemma":  # zero-pad to a square, as MedGemma was trained
-            from PIL import Image
-
-            g.pad_left, g.pad_top = families.pad_offsets(w, h)
-            square = Image.new("RGB", (g.square, g.square))
-            square.paste(img, (g.pad_left, g.pad_top))
-            img = square
+            img = families.pad_to_square(img, g)
         elif self.family == "qwen2_5_vl":
             # Boxes come in pixels of the image the server's processor resized. Resize it here to smart_resize's
             # size (sides multiples of 28, <= QWEN_SEND_MAX_PIXELS): the server's own smart_resize then leaves it
