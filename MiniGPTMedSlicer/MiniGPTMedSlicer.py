@@ -39,10 +39,12 @@ class MiniGPTMedSlicer(ScriptedLoadableModule):
             "Sends the slice shown in a view (as displayed: resliced, windowed) to a MiniGPTMedSlicer backend and shows "
             "the findings text and detection boxes as ROI markups in patient space. Only pixels, pixel spacing and "
             "modality leave Slicer. Start a backend with <code>minigptmed-backend serve</code>; the built-in engine "
-            "finds rule-based candidates and is not a diagnosis.")
+            "finds rule-based candidates and is not a diagnosis."
+        )
         self.parent.acknowledgementText = (
             "MiniGPT-Med (Alkhaldi et al.) builds on MiniGPT-v2 (Vision-CAIR). The Slicer module layout follows Slicer's "
-            "scripted-module template.")
+            "scripted-module template."
+        )
 
 
 #
@@ -82,8 +84,12 @@ class MiniGPTMedSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         container.setLayout(qt.QVBoxLayout())
         container.layout().setContentsMargins(0, 0, 0, 0)
         self.layout.addWidget(container)
-        self.panel = Panel(self.logic.controller, parent=container, settings=qt.QSettings(),
-                           error_display=lambda msg: slicer.util.errorDisplay(msg, windowTitle="MiniGPT-Med"))
+        self.panel = Panel(
+            self.logic.controller,
+            parent=container,
+            settings=qt.QSettings(),
+            error_display=lambda msg: slicer.util.errorDisplay(msg, windowTitle="MiniGPT-Med"),
+        )
         self.layout.addStretch(1)
         self.panel.view_combo.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
         self.panel.task_combo.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
@@ -169,8 +175,16 @@ class MiniGPTMedSlicerLogic(ScriptedLoadableModuleLogic):
             return {}
         return {name: lm.sliceWidget(name).sliceLogic() for name in lm.sliceViewNames()}
 
-    def analyze(self, view: str = "Red", taskName: str = "Detect", question: str = "", backendUrl: Optional[str] = None,
-                token: Optional[str] = None, keepPrevious: bool = True, timeoutS: float = 300.0) -> Outcome:
+    def analyze(
+        self,
+        view: str = "Red",
+        taskName: str = "Detect",
+        question: str = "",
+        backendUrl: Optional[str] = None,
+        token: Optional[str] = None,
+        keepPrevious: bool = True,
+        timeoutS: float = 300.0,
+    ) -> Outcome:
         """Run one analysis and wait for it, processing events meanwhile (for scripts and tests)."""
         if backendUrl:
             self.controller.configure(backendUrl, token)
@@ -222,7 +236,8 @@ class MiniGPTMedSlicerTest(ScriptedLoadableModuleTest):
         root = cls._repositoryRoot()
         serve = ["serve", "--engine", "builtin", "--host", "127.0.0.1", "--port", str(port)]
         haveBackend = importlib.util.find_spec("backend.cli") is not None or os.path.isfile(
-            os.path.join(root, "backend", "cli.py"))
+            os.path.join(root, "backend", "cli.py")
+        )
         haveServer = all(importlib.util.find_spec(m) is not None for m in ("fastapi", "uvicorn"))
         if haveBackend and haveServer:
             exe = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
@@ -255,7 +270,9 @@ class MiniGPTMedSlicerTest(ScriptedLoadableModuleTest):
                 return proc, url
             except Exception:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"The test backend exited with code {proc.returncode}: {' '.join(command)}") from None
+                    raise RuntimeError(
+                        f"The test backend exited with code {proc.returncode}: {' '.join(command)}"
+                    ) from None
                 time.sleep(0.2)
         proc.terminate()
         raise RuntimeError(f"The test backend did not answer at {url} within 60 s")
@@ -286,8 +303,10 @@ class MiniGPTMedSlicerTest(ScriptedLoadableModuleTest):
     def test_AnalyzeWithBuiltinBackend(self):
         proc, url = self._startBackend()
         if proc is None:
-            self.delayDisplay("No backend: install the repository into Slicer's Python or set MINIGPTMED_BACKEND to the "
-                              "minigptmed-backend script. Skipped.")
+            self.delayDisplay(
+                "No backend: install the repository into Slicer's Python or set MINIGPTMED_BACKEND to the "
+                "minigptmed-backend script. Skipped."
+            )
             return
         try:
             self._loadTestVolume()

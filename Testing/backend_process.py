@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class BackendProcess:
-    def __init__(self, *args: str, port: int | None = None, env: dict[str, str] | None = None, token: str | None = None):
+    def __init__(
+        self, *args: str, port: int | None = None, env: dict[str, str] | None = None, token: str | None = None
+    ):
         self.port = port or free_port()
         self.args = [sys.executable, "-m", "backend.cli", "serve", "--port", str(self.port), *args]
         self.env = {**os.environ, **(env or {})}

@@ -50,8 +50,9 @@ def ct_small_path() -> Path:
     return data_file("pydicom/data/test_files/CT_small.dcm")
 
 
-def blob_image(size=256, blobs=((100, 90, 10, 60), (160, 170, 8, -50)), base=100.0, noise=5.0, seed=0,
-               dtype=np.uint8) -> np.ndarray:
+def blob_image(
+    size=256, blobs=((100, 90, 10, 60), (160, 170, 8, -50)), base=100.0, noise=5.0, seed=0, dtype=np.uint8
+) -> np.ndarray:
     """A disc of tissue with circular blobs (cy, cx, radius, delta) and Gaussian noise."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size]

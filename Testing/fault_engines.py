@@ -28,7 +28,9 @@ class SlowEngine(Engine):
         pass
 
     def info(self) -> EngineInfo:
-        return EngineInfo(engine="slow", model="slow-test-engine", device="cpu", tasks=("report", "detect"), max_batch=8)
+        return EngineInfo(
+            engine="slow", model="slow-test-engine", device="cpu", tasks=("report", "detect"), max_batch=8
+        )
 
     def analyze_batch(self, inputs: Sequence[AnalysisInput], stop: StopToken) -> list[AnalysisResult]:
         with self.lock:

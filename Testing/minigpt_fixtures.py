@@ -36,8 +36,10 @@ ANSWERS = {
 }
 
 CORPUS = [
-    "<s>[INST] <Img></Img> Describe this image in detail [/INST]", "[vqa] [detection] [refer] [identify] [grounding]",
-    "what object is in this location", "<p>tumor</p> {<10><20><30><40>}<delim>{<5><5><25><35>}",
+    "<s>[INST] <Img></Img> Describe this image in detail [/INST]",
+    "[vqa] [detection] [refer] [identify] [grounding]",
+    "what object is in this location",
+    "<p>tumor</p> {<10><20><30><40>}<delim>{<5><5><25><35>}",
     "<p>pneumonia</p> <p>nodule</p> the lungs are clear. no acute findings. a small nodule yes no",
     "is there a mass? where is the tumor? the heart size is normal. there is a right lower lobe opacity.",
     "0 1 2 3 4 5 6 7 8 9 10 20 25 30 35 40 50 60 70 80 90 100 $$ pneumothorax effusion consolidation",
@@ -54,8 +56,16 @@ class TinyFiles:
     model_config: Path
 
     def args(self) -> list[str]:
-        return ["--eva", str(self.eva), "--llama", str(self.llama), "--checkpoint", str(self.checkpoint),
-                "--model-config", str(self.model_config)]
+        return [
+            "--eva",
+            str(self.eva),
+            "--llama",
+            str(self.llama),
+            "--checkpoint",
+            str(self.checkpoint),
+            "--model-config",
+            str(self.model_config),
+        ]
 
 
 def _train_tokenizer(folder: Path) -> None:
@@ -65,17 +75,42 @@ def _train_tokenizer(folder: Path) -> None:
 
     lines = CORPUS * 20
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, model_type="bpe", vocab_size=420,
-                                   byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-                                   user_defined_symbols=["$$"], character_coverage=1.0, add_dummy_prefix=True,
-                                   minloglevel=2, hard_vocab_limit=False)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=buf,
+        model_type="bpe",
+        vocab_size=420,
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        user_defined_symbols=["$$"],
+        character_coverage=1.0,
+        add_dummy_prefix=True,
+        minloglevel=2,
+        hard_vocab_limit=False,
+    )
     (folder / "tokenizer.model").write_bytes(buf.getvalue())
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True, "add_eos_token": False,
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None,
-        "clean_up_tokenization_spaces": False, "model_max_length": 1000000000000000019884624838656}))
-    (folder / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
-                                                                "unk_token": "<unk>"}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "legacy": False,
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "pad_token": None,
+                "clean_up_tokenization_spaces": False,
+                "model_max_length": 1000000000000000019884624838656,
+            }
+        )
+    )
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+    )
 
 
 def _eva_state(gen) -> dict:
@@ -88,15 +123,31 @@ def _eva_state(gen) -> dict:
         t = torch.randn(*shape, generator=gen) * std
         return t.half() if half else t
 
-    sd = {"cls_token": r(1, 1, w, std=0.5), "pos_embed": r(1, CKPT_GRID * CKPT_GRID + 1, w, std=0.5),
-          "patch_embed.proj.weight": r(w, 3, p, p, std=0.1, half=True), "patch_embed.proj.bias": r(w, half=True)}
+    sd = {
+        "cls_token": r(1, 1, w, std=0.5),
+        "pos_embed": r(1, CKPT_GRID * CKPT_GRID + 1, w, std=0.5),
+        "patch_embed.proj.weight": r(w, 3, p, p, std=0.1, half=True),
+        "patch_embed.proj.bias": r(w, half=True),
+    }
     for i in range(n):
         b = f"blocks.{i}."
-        sd.update({b + "norm1.weight": 1 + r(w), b + "norm1.bias": r(w), b + "attn.q_bias": r(w), b + "attn.v_bias": r(w),
-                   b + "attn.qkv.weight": r(3 * w, w, std=0.2, half=True), b + "attn.proj.weight": r(w, w, std=0.2, half=True),
-                   b + "attn.proj.bias": r(w, half=True), b + "norm2.weight": 1 + r(w), b + "norm2.bias": r(w),
-                   b + "mlp.fc1.weight": r(mlp, w, std=0.2, half=True), b + "mlp.fc1.bias": r(mlp, half=True),
-                   b + "mlp.fc2.weight": r(w, mlp, std=0.2, half=True), b + "mlp.fc2.bias": r(w, half=True)})
+        sd.update(
+            {
+                b + "norm1.weight": 1 + r(w),
+                b + "norm1.bias": r(w),
+                b + "attn.q_bias": r(w),
+                b + "attn.v_bias": r(w),
+                b + "attn.qkv.weight": r(3 * w, w, std=0.2, half=True),
+                b + "attn.proj.weight": r(w, w, std=0.2, half=True),
+                b + "attn.proj.bias": r(w, half=True),
+                b + "norm2.weight": 1 + r(w),
+                b + "norm2.bias": r(w),
+                b + "mlp.fc1.weight": r(mlp, w, std=0.2, half=True),
+                b + "mlp.fc1.bias": r(mlp, half=True),
+                b + "mlp.fc2.weight": r(w, mlp, std=0.2, half=True),
+                b + "mlp.fc2.bias": r(w, half=True),
+            }
+        )
     return sd
 
 
@@ -108,7 +159,7 @@ def _training_images():
     out = []
     for k in range(2):
         a = np.full((96, 128), 40 + 60 * k, np.uint8)
-        a[20 + 20 * k:50 + 20 * k, 30:70] = 200
+        a[20 + 20 * k : 50 + 20 * k, 30:70] = 200
         out.append(np.clip(a + rng.normal(0, 8, a.shape), 0, 255).astype(np.uint8))
     out.append(rng.integers(0, 256, (64, 64), dtype=np.uint8))
     out.append(np.tile(np.linspace(0, 255, 200, dtype=np.float32), (150, 1)).astype(np.uint8))
@@ -136,8 +187,8 @@ def _train(llm, proj, encode, tok, steps: int, gen) -> None:
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for r, (img, segs, target) in enumerate(rows):  # right padding: the loss only sees the answers
         start = len(segs[0]) + img.shape[0] + len(segs[1]) - 1
-        labels[r, start:start + len(target)] = torch.tensor(target)
-        mask[r, :start + len(target)] = 1
+        labels[r, start : start + len(target)] = torch.tensor(target)
+        mask[r, : start + len(target)] = 1
     for _ in range(steps):
         opt.zero_grad()
         xs = []
@@ -174,8 +225,12 @@ def build_tiny(root: Path, train_steps: int = 120) -> TinyFiles:
     eva_sd = _eva_state(gen)
     torch.save(eva_sd, root / "eva_vit_g.pth")
     vit = EvaViT(cfg.vision)
-    vit.load_state_dict({**{k: v.float() for k, v in eva_sd.items() if not k.startswith(f"blocks.{VISION['depth']}.")},
-                         "pos_embed": interpolate_pos_embed(eva_sd["pos_embed"], cfg.vision.grid)})
+    vit.load_state_dict(
+        {
+            **{k: v.float() for k, v in eva_sd.items() if not k.startswith(f"blocks.{VISION['depth']}.")},
+            "pos_embed": interpolate_pos_embed(eva_sd["pos_embed"], cfg.vision.grid),
+        }
+    )
     ln = LnVision(VISION["width"], eps=1e-5)
 
     def encode(a):
@@ -183,16 +238,28 @@ def build_tiny(root: Path, train_steps: int = 120) -> TinyFiles:
             f = ln(vit(preprocess(a)[None]))[:, 1:, :]
         return f.reshape(-1, cfg.proj_in)
 
-    lcfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
-                       num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=1024,
-                       rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=None, tie_word_embeddings=False)
+    lcfg = LlamaConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=HIDDEN,
+        intermediate_size=INTER,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+    )
     llm = LlamaForCausalLM(lcfg)
     proj = torch.nn.Linear(cfg.proj_in, HIDDEN)
     if train_steps:
         _train(llm, proj, encode, tok, train_steps, gen)
     llm.eval()
-    llm.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, do_sample=True, temperature=0.6,
-                                             top_p=0.9, max_length=4096, pad_token_id=0)
+    llm.generation_config = GenerationConfig(
+        bos_token_id=1, eos_token_id=2, do_sample=True, temperature=0.6, top_p=0.9, max_length=4096, pad_token_id=0
+    )
     llm.save_pretrained(str(llama), safe_serialization=True)
     cj = json.loads((llama / "config.json").read_text())
     cj["torch_dtype"] = "float32"
@@ -209,10 +276,20 @@ def build_tiny(root: Path, train_steps: int = 120) -> TinyFiles:
             model[f"{pre}{i}.self_attn.{m}.lora_A.weight"] = torch.randn(LORA_R, HIDDEN, generator=gen) * 0.05
             model[f"{pre}{i}.self_attn.{m}.lora_B.weight"] = torch.randn(HIDDEN, LORA_R, generator=gen) * 0.05
         model[f"{pre}{i}.self_attn.rotary_emb.inv_freq"] = inv_freq.clone()
-    optimizer = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(4)}}, "param_groups": [{"lr": 1e-5, "params": [0]}]}
-    torch.save({"model": model, "optimizer": optimizer, "epoch": 4, "scaler": None,
-                "config": {"model": {"arch": "minigpt_v2", "lora_r": LORA_R, "lora_alpha": LORA_ALPHA}}},
-               root / "minigptmed.pth")
+    optimizer = {
+        "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(4)}},
+        "param_groups": [{"lr": 1e-5, "params": [0]}],
+    }
+    torch.save(
+        {
+            "model": model,
+            "optimizer": optimizer,
+            "epoch": 4,
+            "scaler": None,
+            "config": {"model": {"arch": "minigpt_v2", "lora_r": LORA_R, "lora_alpha": LORA_ALPHA}},
+        },
+        root / "minigptmed.pth",
+    )
     return TinyFiles(root, root / "eva_vit_g.pth", llama, root / "minigptmed.pth", root / "model_config.json")
 
 
@@ -220,8 +297,9 @@ _CACHE: dict[str, TinyFiles] = {}
 
 
 def _files(root: Path) -> TinyFiles:
-    return TinyFiles(root, root / "eva_vit_g.pth", root / "Llama-2-7b-chat-hf", root / "minigptmed.pth",
-                     root / "model_config.json")
+    return TinyFiles(
+        root, root / "eva_vit_g.pth", root / "Llama-2-7b-chat-hf", root / "minigptmed.pth", root / "model_config.json"
+    )
 
 
 def tiny_files() -> TinyFiles:

@@ -38,7 +38,12 @@ def _huge_png(w: int, h: int) -> bytes:
     parts.append(comp.compress(row * (h % 1000)))
     parts.append(comp.flush())
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", b"".join(parts)) + _png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", b"".join(parts))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +77,9 @@ def test_health_reports_engine_and_tasks(builtin_server):
 
 
 def test_detect_finds_the_blobs_in_pixels_of_the_sent_image(builtin_server, blob_png):
-    r = _post(builtin_server, {"task": "detect", "image": b64(blob_png), "modality": "CT", "pixel_spacing_mm": [0.5, 0.5]})
+    r = _post(
+        builtin_server, {"task": "detect", "image": b64(blob_png), "modality": "CT", "pixel_spacing_mm": [0.5, 0.5]}
+    )
     resp = protocol.from_dict(protocol.AnalyzeResponse, r.json())
     assert resp.engine == "builtin" and resp.task == "detect"
     labels = sorted(f.label for f in resp.findings)
@@ -105,8 +112,9 @@ def test_report_ground_identify(builtin_server, blob_png):
     assert len(g["findings"]) == 1 and g["findings"][0]["label"] == "the hypodense lesion"
     gx = (g["findings"][0]["box"][0] + g["findings"][0]["box"][2]) / 2
     assert abs(gx - 170) <= 2  # the dark blob, not the bright one
-    ident = _post(builtin_server, {"task": "identify", "image": b64(blob_png), "region": [78, 88, 102, 112],
-                                   "modality": "CT"}).json()
+    ident = _post(
+        builtin_server, {"task": "identify", "image": b64(blob_png), "region": [78, 88, 102, 112], "modality": "CT"}
+    ).json()
     assert ident["findings"][0]["label"] == "hyperdense region"
     assert ident["findings"][0]["box"] == [78, 88, 102, 112]
 
@@ -128,10 +136,19 @@ BAD_INPUTS = [
     ("truncated PNG", lambda png: {"task": "detect", "image": b64(png[: len(png) // 2])}, 400, "bad_image"),
     ("unknown task", lambda png: {"task": "segment", "image": b64(png)}, 422, "invalid_schema"),
     ("vqa without a question", lambda png: {"task": "vqa", "image": b64(png)}, 400, "bad_request"),
-    ("region outside the image", lambda png: {"task": "identify", "image": b64(png), "region": [300, 300, 400, 400]}, 400,
-     "bad_request"),
+    (
+        "region outside the image",
+        lambda png: {"task": "identify", "image": b64(png), "region": [300, 300, 400, 400]},
+        400,
+        "bad_request",
+    ),
     ("identify without region", lambda png: {"task": "identify", "image": b64(png)}, 400, "bad_request"),
-    ("inverted region", lambda png: {"task": "identify", "image": b64(png), "region": [50, 50, 10, 10]}, 400, "bad_request"),
+    (
+        "inverted region",
+        lambda png: {"task": "identify", "image": b64(png), "region": [50, 50, 10, 10]},
+        400,
+        "bad_request",
+    ),
     ("missing image", lambda png: {"task": "detect"}, 422, "invalid_schema"),
     ("wrong type", lambda png: {"task": "detect", "image": b64(png), "max_new_tokens": "many"}, 422, "invalid_schema"),
     ("too many tokens", lambda png: {"task": "detect", "image": b64(png), "max_new_tokens": 10**6}, 400, "bad_request"),
@@ -146,8 +163,11 @@ def test_bad_input_gets_documented_4xx_and_server_keeps_serving(builtin_server, 
 
 
 def test_vqa_on_builtin_is_501_naming_the_vlm_engines(builtin_server, blob_png):
-    body = _assert_error(_post(builtin_server, {"task": "vqa", "image": b64(blob_png), "question": "Is there a nodule?"}),
-                         501, "not_supported")
+    body = _assert_error(
+        _post(builtin_server, {"task": "vqa", "image": b64(blob_png), "question": "Is there a nodule?"}),
+        501,
+        "not_supported",
+    )
     assert "--engine minigptmed" in body["error"]["message"] and "--engine hf" in body["error"]["message"]
 
 
@@ -161,7 +181,9 @@ def test_20000_square_png_is_rejected_before_decoding(builtin_server):
 def test_50_mb_body_is_413(builtin_server):
     body = b'{"task": "detect", "image": "' + b"A" * (50 * 1024 * 1024) + b'"}'
     try:
-        r = requests.post(f"{builtin_server}/v1/analyze", data=body, headers={"Content-Type": "application/json"}, timeout=60)
+        r = requests.post(
+            f"{builtin_server}/v1/analyze", data=body, headers={"Content-Type": "application/json"}, timeout=60
+        )
         _assert_error(r, 413, "too_large")
     except requests.exceptions.ConnectionError:
         # The server may answer 413 and close before the client finished sending; either way it refused the body.
@@ -170,14 +192,18 @@ def test_50_mb_body_is_413(builtin_server):
 
 
 def test_not_json_and_unknown_path(builtin_server):
-    r = requests.post(f"{builtin_server}/v1/analyze", data=b"{not json", headers={"Content-Type": "application/json"}, timeout=10)
+    r = requests.post(
+        f"{builtin_server}/v1/analyze", data=b"{not json", headers={"Content-Type": "application/json"}, timeout=10
+    )
     _assert_error(r, 422, "invalid_schema")
     _assert_error(requests.get(f"{builtin_server}/v2/nothing", timeout=10), 404, "not_found")
     _still_healthy(builtin_server)
 
 
 def test_data_uri_image_is_accepted(builtin_server, blob_png):
-    r = _post(builtin_server, {"task": "detect", "image": "data:image/png;base64," + base64.b64encode(blob_png).decode()})
+    r = _post(
+        builtin_server, {"task": "detect", "image": "data:image/png;base64," + base64.b64encode(blob_png).decode()}
+    )
     assert r.status_code == 200
 
 

@@ -63,8 +63,23 @@ def test_client_messages(token_backend):
 
 
 def test_non_loopback_bind_without_token_is_refused():
-    r = subprocess.run([sys.executable, "-m", "backend.cli", "serve", "--engine", "builtin", "--host", "0.0.0.0",
-                        "--port", str(free_port())], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "backend.cli",
+            "serve",
+            "--engine",
+            "builtin",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode != 0
     assert "without an access token" in r.stderr
 
@@ -79,8 +94,12 @@ def test_token_from_environment():
 def test_log_lines_have_no_pixels_or_question_text(token_backend):
     secret_q = "Patient John Doe has a nodule?"
     png = encode_png(blob_image())
-    requests.post(f"{token_backend.url}/v1/analyze", json={"task": "ground", "image": b64(png), "question": secret_q},
-                  headers={"Authorization": "Bearer s3cret-token"}, timeout=30)
+    requests.post(
+        f"{token_backend.url}/v1/analyze",
+        json={"task": "ground", "image": b64(png), "question": secret_q},
+        headers={"Authorization": "Bearer s3cret-token"},
+        timeout=30,
+    )
     import time
 
     t_end = time.monotonic() + 10  # the access line is written after the response has been sent
@@ -104,8 +123,13 @@ def test_auto_picks_a_configured_vlm_whose_weights_exist(tmp_path):
     for f in files:
         f.write_bytes(b"x")
     (tmp_path / "llama").mkdir()
-    assert choose("--eva", str(files[0]), "--llama", str(tmp_path / "llama"), "--checkpoint", str(files[1]))[0] == "minigptmed"
-    name, why = choose("--eva", str(tmp_path / "missing.pth"), "--llama", str(tmp_path / "llama"), "--checkpoint", str(files[1]))
+    assert (
+        choose("--eva", str(files[0]), "--llama", str(tmp_path / "llama"), "--checkpoint", str(files[1]))[0]
+        == "minigptmed"
+    )
+    name, why = choose(
+        "--eva", str(tmp_path / "missing.pth"), "--llama", str(tmp_path / "llama"), "--checkpoint", str(files[1])
+    )
     assert name == "builtin" and "no VLM" in why
     assert choose("--model", str(tmp_path / "llama"))[0] == "hf"
     assert choose("--model", "google/medgemma-1.5-4b-it", "--url", "http://127.0.0.1:9/v1")[0] == "openai"

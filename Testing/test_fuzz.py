@@ -42,10 +42,15 @@ def test_decode_mutated_png_raises_only_api_errors(pos, value, cut):
         assert img.array.ndim in (2, 3)
 
 
-numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**9, 10**9), st.text(max_size=3),
-                    st.none())
-findings = st.builds(protocol.Finding, label=st.text(max_size=300), box=st.lists(numbers, max_size=6),
-                     score=st.one_of(st.none(), st.floats(allow_nan=True), st.text(max_size=3)))
+numbers = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True), st.integers(-(10**9), 10**9), st.text(max_size=3), st.none()
+)
+findings = st.builds(
+    protocol.Finding,
+    label=st.text(max_size=300),
+    box=st.lists(numbers, max_size=6),
+    score=st.one_of(st.none(), st.floats(allow_nan=True), st.text(max_size=3)),
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -85,8 +90,9 @@ def test_api_conforms_to_its_own_schema(builtin_server):
             # positive_data_acceptance is off: the schema cannot say "a decodable PNG", so schema-valid random
             # strings in `image` are rightly rejected with 400. not_a_server_error is replaced by no_500: 501 (task not
             # supported by this engine) and 503/504 are documented answers; status_code_conformance checks that.
-            case.call_and_validate(excluded_checks=[schemathesis.checks.positive_data_acceptance,
-                                                    schemathesis.checks.not_a_server_error],
-                                   additional_checks=[no_500])
+            case.call_and_validate(
+                excluded_checks=[schemathesis.checks.positive_data_acceptance, schemathesis.checks.not_a_server_error],
+                additional_checks=[no_500],
+            )
 
         check()

@@ -41,9 +41,13 @@ def _pixel_to_ras(k: int) -> np.ndarray:
 def test_overlap_and_linking_rule():
     assert overlap((0, 0, 10, 10), (5, 5, 6, 6)) == 1.0
     assert overlap((0, 0, 10, 10), (10, 0, 20, 10)) == 0.0
-    dets = [SliceDetection(0, "a", (0, 0, 10, 10)), SliceDetection(1, "a", (2, 2, 12, 12)),
-            SliceDetection(1, "b", (2, 2, 12, 12)), SliceDetection(3, "a", (2, 2, 12, 12)),
-            SliceDetection(4, "a", (50, 50, 60, 60))]
+    dets = [
+        SliceDetection(0, "a", (0, 0, 10, 10)),
+        SliceDetection(1, "a", (2, 2, 12, 12)),
+        SliceDetection(1, "b", (2, 2, 12, 12)),
+        SliceDetection(3, "a", (2, 2, 12, 12)),
+        SliceDetection(4, "a", (50, 50, 60, 60)),
+    ]
     tracks = link_tracks(dets, MergeOptions())
     assert sorted(len(t) for t in tracks) == [1, 1, 1, 2]  # gap at slice 2 splits; label b is separate
     tracks = link_tracks(dets, MergeOptions(max_gap=1))
@@ -55,8 +59,10 @@ def swept():
     vol = _volume()
     eng = BuiltinEngine()
     eng.load()
-    inputs = [AnalysisInput(task="detect", image=DecodedImage(vol[k], "PNG"), modality="CT", pixel_spacing_mm=(1, 1))
-              for k in range(vol.shape[0])]
+    inputs = [
+        AnalysisInput(task="detect", image=DecodedImage(vol[k], "PNG"), modality="CT", pixel_spacing_mm=(1, 1))
+        for k in range(vol.shape[0])
+    ]
     results = eng.analyze_batch(inputs, StopToken())
     dets = [SliceDetection(k, f.label, tuple(f.box), f.score) for k, r in enumerate(results) for f in r.findings]
     return merge_detections(dets, [_pixel_to_ras(k) for k in range(vol.shape[0])], slice_spacing_mm=1.0)

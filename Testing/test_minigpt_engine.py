@@ -27,8 +27,13 @@ def tiny():
 
 
 def _engine(tiny, **kw) -> MiniGPTMedEngine:
-    e = MiniGPTMedEngine(eva=str(tiny.eva), llama=str(tiny.llama), checkpoint=str(tiny.checkpoint),
-                         model_config=str(tiny.model_config), **kw)
+    e = MiniGPTMedEngine(
+        eva=str(tiny.eva),
+        llama=str(tiny.llama),
+        checkpoint=str(tiny.checkpoint),
+        model_config=str(tiny.model_config),
+        **kw,
+    )
     e.load()
     return e
 
@@ -135,9 +140,16 @@ def test_convert_round_trip_gives_identical_outputs(tiny, tmp_path):
     from backend.engines.base import AnalysisInput, DecodedImage, StopToken
 
     ref = _engine(tiny, merge_lora=False)
-    inputs = [AnalysisInput(task=b["task"], image=DecodedImage(IMG, "PNG"), question=b.get("question"),
-                            region=tuple(b["region"]) if "region" in b else None, max_new_tokens=24)
-              for b in REQUESTS.values()]
+    inputs = [
+        AnalysisInput(
+            task=b["task"],
+            image=DecodedImage(IMG, "PNG"),
+            question=b.get("question"),
+            region=tuple(b["region"]) if "region" in b else None,
+            max_new_tokens=24,
+        )
+        for b in REQUESTS.values()
+    ]
     want = [r.raw_output for r in ref.analyze_batch(inputs, StopToken())]
     orig = _engine(tiny)
     assert [r.raw_output for r in orig.analyze_batch(inputs, StopToken())] == want
@@ -162,16 +174,23 @@ def test_console_script_serves_health_and_answers(tiny):
     with BackendProcess("--engine", "minigptmed", *tiny.args()) as proc:
         h = requests.get(f"{proc.url}/health", timeout=10).json()
         assert h["engine"] == "minigptmed" and h["status"] == "ok"
-        r = requests.post(f"{proc.url}/v1/analyze", json={"task": "vqa", "question": "is there a mass?",
-                                                          "image": b64(encode_png(IMG))}, timeout=60)
+        r = requests.post(
+            f"{proc.url}/v1/analyze",
+            json={"task": "vqa", "question": "is there a mass?", "image": b64(encode_png(IMG))},
+            timeout=60,
+        )
         assert r.status_code == 200 and r.json()["text"] == "yes"
 
 
 def test_missing_files_fail_at_start_with_a_clear_error(tiny, tmp_path):
     from backend.engines.base import EngineError
 
-    e = MiniGPTMedEngine(eva=str(tmp_path / "nope.pth"), llama=str(tiny.llama), checkpoint=str(tiny.checkpoint),
-                         model_config=str(tiny.model_config))
+    e = MiniGPTMedEngine(
+        eva=str(tmp_path / "nope.pth"),
+        llama=str(tiny.llama),
+        checkpoint=str(tiny.checkpoint),
+        model_config=str(tiny.model_config),
+    )
     with pytest.raises(EngineError, match=r"--eva.*does not exist"):
         e.load()
 
@@ -179,8 +198,15 @@ def test_missing_files_fail_at_start_with_a_clear_error(tiny, tmp_path):
 def test_static_decode_option_gives_the_same_answers(tiny, monkeypatch):
     from backend.engines.base import AnalysisInput, DecodedImage, StopToken
 
-    inputs = [AnalysisInput(task=b["task"], image=DecodedImage(IMG, "PNG"), question=b.get("question"),
-                            region=tuple(b["region"]) if "region" in b else None) for b in REQUESTS.values()]
+    inputs = [
+        AnalysisInput(
+            task=b["task"],
+            image=DecodedImage(IMG, "PNG"),
+            question=b.get("question"),
+            region=tuple(b["region"]) if "region" in b else None,
+        )
+        for b in REQUESTS.values()
+    ]
     want = [r.raw_output for r in _engine(tiny).analyze_batch(inputs, StopToken())]
     monkeypatch.setenv("MINIGPTMED_STATIC_DECODE", "1")
     e = _engine(tiny)

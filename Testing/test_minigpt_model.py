@@ -46,12 +46,17 @@ def test_checkpoint_layout_loads_with_nothing_missing_or_unexpected(merged, tiny
     model, report = merged
     sd = _ckpt_model(tiny)
     assert len(sd) == 2 + LAYERS * 5  # proj + 4 LoRA + inv_freq per layer, as the original saver writes
-    assert report.loaded == {"llm": len(model.llm.state_dict()), "vision": 4 + 13 * VISION["depth"], "llama_proj": 2,
-                             "lora": LAYERS * 4}
+    assert report.loaded == {
+        "llm": len(model.llm.state_dict()),
+        "vision": 4 + 13 * VISION["depth"],
+        "llama_proj": 2,
+        "lora": LAYERS * 4,
+    }
     assert report.lora == "merged"
     # the checkpoint's 40th-block equivalent and the inv_freq buffers are the only things ignored
-    assert set(report.ignored["eva"]) == {k for k in torch.load(tiny.eva, weights_only=True)
-                                          if k.startswith(f"blocks.{VISION['depth']}.")}
+    assert set(report.ignored["eva"]) == {
+        k for k in torch.load(tiny.eva, weights_only=True) if k.startswith(f"blocks.{VISION['depth']}.")
+    }
     assert len(report.ignored["checkpoint"]) == LAYERS and all("inv_freq" in k for k in report.ignored["checkpoint"])
     assert torch.equal(model.ln_vision.weight, torch.ones(VISION["width"]))
     assert torch.equal(model.ln_vision.bias, torch.zeros(VISION["width"]))
@@ -114,9 +119,18 @@ def _reference_llm(tiny):
     from transformers import LlamaForCausalLM
 
     base = LlamaForCausalLM.from_pretrained(str(tiny.llama), dtype=torch.float32).eval()
-    pm = get_peft_model(base, LoraConfig(r=64, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
-                                         init_lora_weights=False, task_type="CAUSAL_LM"))
-    sd = {k[len("llama_model."):]: v for k, v in _ckpt_model(tiny).items() if "lora_" in k}
+    pm = get_peft_model(
+        base,
+        LoraConfig(
+            r=64,
+            lora_alpha=16,
+            lora_dropout=0.05,
+            target_modules=["q_proj", "v_proj"],
+            init_lora_weights=False,
+            task_type="CAUSAL_LM",
+        ),
+    )
+    sd = {k[len("llama_model.") :]: v for k, v in _ckpt_model(tiny).items() if "lora_" in k}
     res = set_peft_model_state_dict(pm, sd)
     assert not res.unexpected_keys
     return pm.eval()
@@ -157,7 +171,10 @@ def test_greedy_batch_equals_one_at_a_time(merged):
     torch.manual_seed(2)
     prompts = [torch.randn(n, HIDDEN) * 0.5 for n in (35, 12, 27, 35)]
     batch = generate(llm, prompts, [10, 6, 10, 3], eos_id=2, bos_id=1, ignore_eos=True)
-    single = [generate(llm, [p], m, eos_id=2, bos_id=1, ignore_eos=True).tokens[0] for p, m in zip(prompts, [10, 6, 10, 3], strict=True)]
+    single = [
+        generate(llm, [p], m, eos_id=2, bos_id=1, ignore_eos=True).tokens[0]
+        for p, m in zip(prompts, [10, 6, 10, 3], strict=True)
+    ]
     assert batch.tokens == single
     assert [len(t) for t in batch.tokens] == [10, 6, 10, 3]
 

@@ -15,16 +15,24 @@ pytest.importorskip("bitsandbytes")  # installed by `make setup` (dev extra)
 
 def _engine(quantize: str) -> MiniGPTMedEngine:
     t = tiny_files()
-    e = MiniGPTMedEngine(eva=str(t.eva), llama=str(t.llama), checkpoint=str(t.checkpoint),
-                         model_config=str(t.model_config), device="cpu", quantize=quantize)
+    e = MiniGPTMedEngine(
+        eva=str(t.eva),
+        llama=str(t.llama),
+        checkpoint=str(t.checkpoint),
+        model_config=str(t.model_config),
+        device="cpu",
+        quantize=quantize,
+    )
     e.load()
     return e
 
 
 def _answers(e: MiniGPTMedEngine) -> list[str]:
     img = DecodedImage(blob_image(), "PNG")
-    inputs = [AnalysisInput(task="detect", image=img, modality="CT", max_new_tokens=24),
-              AnalysisInput(task="report", image=img, max_new_tokens=24)]
+    inputs = [
+        AnalysisInput(task="detect", image=img, modality="CT", max_new_tokens=24),
+        AnalysisInput(task="report", image=img, max_new_tokens=24),
+    ]
     return [r.raw_output for r in e.analyze_batch(inputs, StopToken())]
 
 

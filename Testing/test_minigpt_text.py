@@ -32,7 +32,10 @@ def test_template_and_double_bos_with_legacy_spacing(tok):
     pieces0 = [tok.sp.id_to_piece(i) for i in seg0[2:]]
     pieces1 = [tok.sp.id_to_piece(i) for i in seg1]
     assert pieces0[0] == "▁[" and "".join(pieces0) == "▁[INST]▁<Img>"  # dummy prefix after <s> (legacy)
-    assert pieces1[0].startswith("▁") and "".join(pieces1).replace("▁", " ").strip() == "</Img> [vqa] is there a mass? [/INST]"
+    assert (
+        pieces1[0].startswith("▁")
+        and "".join(pieces1).replace("▁", " ").strip() == "</Img> [vqa] is there a mass? [/INST]"
+    )
     assert 1 not in seg1  # only the first segment gets specials
 
 
@@ -76,10 +79,16 @@ def test_preprocess_gray_to_rgb_squash_resize_clip_norm():
 
 CASES = [
     ("<p>tumor</p> {<10><20><30><40>}", [("tumor", [20.0, 20.0, 60.0, 40.0])], 0),
-    ("<p>pneumonia</p> {<50><10><90><60>}<delim>{<5><5><25><35>}",
-     [("pneumonia", [100.0, 10.0, 180.0, 60.0]), ("pneumonia", [10.0, 5.0, 50.0, 35.0])], 0),
-    ("<p>tumor</p> {<0><0><100><100>} <p>nodule</p> {<1><2><3><4>}",
-     [("tumor", [0.0, 0.0, 200.0, 100.0]), ("nodule", [2.0, 2.0, 6.0, 4.0])], 0),
+    (
+        "<p>pneumonia</p> {<50><10><90><60>}<delim>{<5><5><25><35>}",
+        [("pneumonia", [100.0, 10.0, 180.0, 60.0]), ("pneumonia", [10.0, 5.0, 50.0, 35.0])],
+        0,
+    ),
+    (
+        "<p>tumor</p> {<0><0><100><100>} <p>nodule</p> {<1><2><3><4>}",
+        [("tumor", [0.0, 0.0, 200.0, 100.0]), ("nodule", [2.0, 2.0, 6.0, 4.0])],
+        0,
+    ),
     ("{<10><20><30><40>}", [("default", [20.0, 20.0, 60.0, 40.0])], 0),
     ("10 20 30 40", [("default", [20.0, 20.0, 60.0, 40.0])], 0),  # the demo's bare four-integer answer
     ("<p>tumor</p> {<10><20><30>}", [], 1),  # three numbers
@@ -113,10 +122,18 @@ def test_grid_round_trip():
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.one_of(st.sampled_from([*list("<>{}p/01234589 -x"), "<p>", "</p>", "<delim>", "tumor", "100", "{<"]),
-                          st.tuples(*[st.integers(-5, 120)] * 4).map(lambda t: "{" + "".join(f"<{v}>" for v in t) + "}"),
-                          st.text(max_size=5)), max_size=40).map("".join),
-       st.integers(1, 4000), st.integers(1, 4000))
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from([*list("<>{}p/01234589 -x"), "<p>", "</p>", "<delim>", "tumor", "100", "{<"]),
+            st.tuples(*[st.integers(-5, 120)] * 4).map(lambda t: "{" + "".join(f"<{v}>" for v in t) + "}"),
+            st.text(max_size=5),
+        ),
+        max_size=40,
+    ).map("".join),
+    st.integers(1, 4000),
+    st.integers(1, 4000),
+)
 def test_box_parser_fuzz(answer, w, h):
     res = parse_answer(answer, w, h)
     for b in res.boxes:

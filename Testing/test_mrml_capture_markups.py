@@ -101,7 +101,9 @@ def _mismatch(vol, captured) -> float:
 def test_pixels_sent_equal_volume_at_recorded_positions(ctx, volumes, name, orientation):
     vol = volumes[name]
     vol.GetDisplayNode().SetInterpolate(0)
-    sl = S.add_slice_view(ctx, vol, f"{name}{orientation}", "Axial" if orientation == "Oblique" else orientation, (240, 200))
+    sl = S.add_slice_view(
+        ctx, vol, f"{name}{orientation}", "Axial" if orientation == "Oblique" else orientation, (240, 200)
+    )
     if orientation == "Oblique":
         _oblique(sl)
     sl.SetSliceOffset(sl.GetSliceOffset() + 1.3)
@@ -143,9 +145,16 @@ def test_request_carries_only_pixels_spacing_modality(ctx, volumes):
 
 def _response(boxes, labels=None):
     labels = labels or [f"lesion {i}" for i in range(len(boxes))]
-    return protocol.AnalyzeResponse(task="detect", engine="test", model="m", text="Two findings.",
-                                    findings=[protocol.Finding(lab, list(b), 0.5 + 0.1 * i)
-                                              for i, (lab, b) in enumerate(zip(labels, boxes, strict=True))], raw_output="<raw>")
+    return protocol.AnalyzeResponse(
+        task="detect",
+        engine="test",
+        model="m",
+        text="Two findings.",
+        findings=[
+            protocol.Finding(lab, list(b), 0.5 + 0.1 * i) for i, (lab, b) in enumerate(zip(labels, boxes, strict=True))
+        ],
+        raw_output="<raw>",
+    )
 
 
 def test_box_becomes_roi_at_ras_of_its_pixels(ctx, volumes):
@@ -226,7 +235,9 @@ def test_replace_clear_rows_and_jump(ctx, volumes):
     assert len(M.list_results(ctx.scene)) == 1 and len(rows) == 1 and rows[0].view == "RowsView"
     sag = S.add_slice_view(ctx, volumes["mni"], "JumpSag", "Sagittal", (200, 200))
     c = M.jump_to_finding([sl.GetSliceNode(), sag.GetSliceNode()], third.rois[0])
-    assert sag.GetSliceOffset() == pytest.approx(-c[0] if sag.GetSliceNode().GetSliceToRAS().GetElement(0, 2) < 0 else c[0], abs=1e-3)
+    assert sag.GetSliceOffset() == pytest.approx(
+        -c[0] if sag.GetSliceNode().GetSliceToRAS().GetElement(0, 2) < 0 else c[0], abs=1e-3
+    )
     assert third.rois[0].GetSelected()
     assert M.clear_results(ctx.scene) == 1 and M.finding_rows(ctx.scene) == []
 

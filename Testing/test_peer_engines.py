@@ -33,8 +33,10 @@ def test_medgemma_box_2d_undoes_the_square_padding():
     g = ImageGeometry(width=400, height=200)
     g.pad_left, g.pad_top = families.pad_offsets(400, 200)
     assert (g.pad_left, g.pad_top) == (0, 100)
-    raw = ('<unused94>thought\nthe heart is on the left<unused95>The right lung is marked.\nFinal Answer: ```json\n'
-           '[{"box_2d": [300, 100, 500, 400], "label": "right lung"}]\n```')
+    raw = (
+        "<unused94>thought\nthe heart is on the left<unused95>The right lung is marked.\nFinal Answer: ```json\n"
+        '[{"box_2d": [300, 100, 500, 400], "label": "right lung"}]\n```'
+    )
     d = decode_output("medgemma", raw, g)
     assert d.text == "The right lung is marked." and "thought" not in d.text
     (f,) = d.findings
@@ -54,23 +56,43 @@ def test_qwen2_5_vl_absolute_pixels_of_the_resized_image():
 
 def test_qwen3_vl_relative_1000_and_malformed_boxes():
     g = ImageGeometry(width=200, height=100)
-    raw = ('Two findings. [{"bbox_2d": [100, 200, 500, 600], "label": "a"}, {"bbox_2d": [1, 2, 3]}, '
-           '{"label": "no box"}, {"bbox_2d": ["x", 0, 1, 1]}] trailing words')
+    raw = (
+        'Two findings. [{"bbox_2d": [100, 200, 500, 600], "label": "a"}, {"bbox_2d": [1, 2, 3]}, '
+        '{"label": "no box"}, {"bbox_2d": ["x", 0, 1, 1]}] trailing words'
+    )
     d = decode_output("qwen3_vl", raw, g)
     assert len(d.findings) == 1 and np.allclose(d.findings[0].box, [20, 20, 100, 60])
     assert d.warnings and "3 object(s)" in d.warnings[0]
-    assert decode_output("qwen3_vl", "```json [{\"bbox_2d\": [1, 2, ", g).warnings  # cut-off JSON: text kept, warned
+    assert decode_output("qwen3_vl", '```json [{"bbox_2d": [1, 2, ', g).warnings  # cut-off JSON: text kept, warned
     assert decode_output("generic", "<think>x</think>plain answer", g).text == "plain answer"
 
 
 @settings(max_examples=300, deadline=None)
-@given(family=st.sampled_from(families.FAMILIES), raw=st.one_of(
-    st.text(max_size=300),
-    st.builds(lambda objs: "```json\n" + json.dumps(objs) + "\n```", st.lists(st.dictionaries(
-        st.sampled_from(["box_2d", "bbox_2d", "label", "score"]),
-        st.one_of(st.lists(st.one_of(st.floats(allow_nan=True), st.integers(-5000, 5000), st.text(max_size=2)),
-                           max_size=5), st.text(max_size=20), st.none())), max_size=6))),
-    w=st.integers(1, 3000), h=st.integers(1, 3000))
+@given(
+    family=st.sampled_from(families.FAMILIES),
+    raw=st.one_of(
+        st.text(max_size=300),
+        st.builds(
+            lambda objs: "```json\n" + json.dumps(objs) + "\n```",
+            st.lists(
+                st.dictionaries(
+                    st.sampled_from(["box_2d", "bbox_2d", "label", "score"]),
+                    st.one_of(
+                        st.lists(
+                            st.one_of(st.floats(allow_nan=True), st.integers(-5000, 5000), st.text(max_size=2)),
+                            max_size=5,
+                        ),
+                        st.text(max_size=20),
+                        st.none(),
+                    ),
+                ),
+                max_size=6,
+            ),
+        ),
+    ),
+    w=st.integers(1, 3000),
+    h=st.integers(1, 3000),
+)
 def test_decoders_never_raise_and_boxes_are_valid_after_sanitising(family, raw, w, h):
     g = ImageGeometry(width=w, height=h, model_width=max(28, w // 2), model_height=max(28, h // 2))
     g.pad_left, g.pad_top = families.pad_offsets(w, h)
@@ -108,9 +130,13 @@ def test_hf_engine_over_http(hf_server):
     assert health["engine"] == "hf" and family in health["model"]
     assert set(health["tasks"]) == {"report", "vqa", "detect", "ground", "identify"}
     png = b64(encode_png(blob_image(size=96)))
-    for body in ({"task": "report"}, {"task": "vqa", "question": "Is there a nodule?"},
-                 {"task": "detect", "modality": "CT"}, {"task": "ground", "question": "the bright spot"},
-                 {"task": "identify", "region": [10, 10, 50, 40]}):
+    for body in (
+        {"task": "report"},
+        {"task": "vqa", "question": "Is there a nodule?"},
+        {"task": "detect", "modality": "CT"},
+        {"task": "ground", "question": "the bright spot"},
+        {"task": "identify", "region": [10, 10, 50, 40]},
+    ):
         r = requests.post(f"{url}/v1/analyze", json={**body, "image": png, "max_new_tokens": 12}, timeout=120)
         assert r.status_code == 200, r.text
         resp = protocol.from_dict(protocol.AnalyzeResponse, r.json())
@@ -122,10 +148,16 @@ def test_hf_engine_batches_like_single_requests(hf_server):
     """One left-padded generate() for images of different sizes and prompts gives each row's single-request answer."""
     _family, url = hf_server
     assert requests.get(f"{url}/health", timeout=10).json()["max_batch"] == 4
-    items = [{"task": "report", "image": b64(encode_png(blob_image(size=96)[:64]))},
-             {"task": "vqa", "question": "Is there a nodule in the left lower lobe?", "max_new_tokens": 5,
-              "image": b64(encode_png(blob_image(size=128)[:, :64]))},
-             {"task": "detect", "image": b64(encode_png(blob_image(size=80)))}]
+    items = [
+        {"task": "report", "image": b64(encode_png(blob_image(size=96)[:64]))},
+        {
+            "task": "vqa",
+            "question": "Is there a nodule in the left lower lobe?",
+            "max_new_tokens": 5,
+            "image": b64(encode_png(blob_image(size=128)[:, :64])),
+        },
+        {"task": "detect", "image": b64(encode_png(blob_image(size=80)))},
+    ]
     items = [{"max_new_tokens": 10, **it} for it in items]
     single = [requests.post(f"{url}/v1/analyze", json=it, timeout=120).json() for it in items]
     r = requests.post(f"{url}/v1/analyze/batch", json={"items": items}, timeout=120)
@@ -163,26 +195,38 @@ def test_openai_engine_through_our_own_endpoint():
 def test_our_chat_endpoint_returns_boxes_in_qwen3_convention():
     with ServerThread(BuiltinEngine()) as url:
         png = encode_png(blob_image())
-        body = {"model": "x", "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(png)}},
-            {"type": "text", "text": "[detect]"}]}]}
+        body = {
+            "model": "x",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(png)}},
+                        {"type": "text", "text": "[detect]"},
+                    ],
+                }
+            ],
+        }
         r = requests.post(f"{url}/v1/chat/completions", json=body, timeout=60)
         assert r.status_code == 200
         msg = r.json()["choices"][0]["message"]
         assert msg["role"] == "assistant" and len(msg["findings"]) == 2
         d = decode_output("qwen3_vl", msg["content"], ImageGeometry(width=256, height=256))
-        for a, b in zip(sorted(d.findings, key=lambda f: f.box[0]), sorted(msg["findings"], key=lambda f: f["box"][0]),
-                        strict=True):
+        for a, b in zip(
+            sorted(d.findings, key=lambda f: f.box[0]), sorted(msg["findings"], key=lambda f: f["box"][0]), strict=True
+        ):
             assert np.allclose(a.box, b["box"], atol=1.5)  # 0..1000 rounding
         with requests.post(f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=60, stream=True) as r:
             assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-            events = [line[len("data: "):] for line in r.iter_lines(decode_unicode=True) if line]
+            events = [line[len("data: ") :] for line in r.iter_lines(decode_unicode=True) if line]
         assert events[-1] == "[DONE]"
         chunks = [json.loads(e) for e in events[:-1]]
         assert all(c["object"] == "chat.completion.chunk" for c in chunks)
         assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
         assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == msg["content"]
-        r = requests.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}, timeout=10)
+        r = requests.post(
+            f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}, timeout=10
+        )
         assert r.status_code == 400 and "image" in r.json()["error"]["message"]
 
 
@@ -215,8 +259,18 @@ class _FakeVLLM(BaseHTTPRequestHandler):
             time.sleep(3)
             self._send(200, {})
         else:
-            self._send(200, {"choices": [{"index": 0, "finish_reason": self.finish_reason,
-                                          "message": {"role": "assistant", "content": self.content}}]})
+            self._send(
+                200,
+                {
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": self.finish_reason,
+                            "message": {"role": "assistant", "content": self.content},
+                        }
+                    ]
+                },
+            )
 
     def _send(self, status, obj):
         data = json.dumps(obj).encode()
@@ -244,7 +298,9 @@ def test_openai_engine_medgemma_boxes_and_request_shape(fake_vllm):
     _FakeVLLM.content = 'Final Answer: ```json [{"box_2d": [250, 0, 750, 500], "label": "left lung"}] ```'
     with ServerThread(OpenAIEngine(url=url, family="medgemma")) as outer:
         png = b64(encode_png(blob_image(size=200)[:100]))  # 200 wide x 100 tall: padded by 50 rows top and bottom
-        r = requests.post(f"{outer}/v1/analyze", json={"task": "ground", "question": "left lung", "image": png}, timeout=60)
+        r = requests.post(
+            f"{outer}/v1/analyze", json={"task": "ground", "question": "left lung", "image": png}, timeout=60
+        )
         assert r.status_code == 200, r.text
         (f,) = r.json()["findings"]
         assert f["label"] == "left lung" and np.allclose(f["box"], [0, 0, 100, 100])
@@ -256,10 +312,15 @@ def test_openai_engine_medgemma_boxes_and_request_shape(fake_vllm):
 
 def test_openai_engine_cut_or_empty_answers_are_warnings(fake_vllm):
     _server, url = fake_vllm
-    _FakeVLLM.content, _FakeVLLM.finish_reason = '```json [{"bbox_2d": [0, 0, 500, 500], "label": "a"}, {"bbox', "length"
+    _FakeVLLM.content, _FakeVLLM.finish_reason = (
+        '```json [{"bbox_2d": [0, 0, 500, 500], "label": "a"}, {"bbox',
+        "length",
+    )
     with ServerThread(OpenAIEngine(url=url, family="qwen3_vl")) as outer:
         png = b64(encode_png(blob_image(size=100)))
-        r = requests.post(f"{outer}/v1/analyze", json={"task": "detect", "image": png, "max_new_tokens": 40}, timeout=60)
+        r = requests.post(
+            f"{outer}/v1/analyze", json={"task": "detect", "image": png, "max_new_tokens": 40}, timeout=60
+        )
         assert r.status_code == 200, r.text
         out = r.json()
         assert any("cut at max_tokens (40)" in w for w in out["warnings"]), out
@@ -298,6 +359,7 @@ def test_openai_engine_qwen2_5_vl_sends_the_resized_image_and_maps_boxes_back(fa
     data_uri = _FakeVLLM.last_body["messages"][0]["content"][0]["image_url"]["url"]
     sent = Image.open(io.BytesIO(base64.b64decode(data_uri.split(",", 1)[1])))
     assert sent.size == (mw, mh) and mw % 28 == 0 and mh % 28 == 0 and mw * mh <= families.QWEN_SEND_MAX_PIXELS
+
 
 @pytest.mark.parametrize("mode,words", [("500", "answered 500"), ("garbage", "not JSON"), ("slow", "did not answer")])
 def test_openai_engine_failures_are_clear_503s(fake_vllm, mode, words):

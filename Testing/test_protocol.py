@@ -10,8 +10,18 @@ from MiniGPTMedSlicerLib import protocol
 from MiniGPTMedSlicerLib.png import decode_png, encode_png
 
 
-@pytest.mark.parametrize("cls", [protocol.AnalyzeRequest, protocol.AnalyzeResponse, protocol.Finding, protocol.Health,
-                                 protocol.BatchRequest, protocol.BatchResponse, protocol.ErrorBody])
+@pytest.mark.parametrize(
+    "cls",
+    [
+        protocol.AnalyzeRequest,
+        protocol.AnalyzeResponse,
+        protocol.Finding,
+        protocol.Health,
+        protocol.BatchRequest,
+        protocol.BatchResponse,
+        protocol.ErrorBody,
+    ],
+)
 def test_server_schema_has_exactly_the_protocol_fields(builtin_server, cls):
     spec = requests.get(f"{builtin_server}/openapi.json", timeout=10).json()
     schemas = spec["components"]["schemas"]
@@ -19,8 +29,11 @@ def test_server_schema_has_exactly_the_protocol_fields(builtin_server, cls):
     candidates = [v for k, v in schemas.items() if k == cls.__name__ or k.startswith(cls.__name__ + "-")]
     assert candidates, f"{cls.__name__} missing from the OpenAPI schema: {sorted(schemas)}"
     fields = {f.name for f in dataclasses.fields(cls)}
-    required = {f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    required = {
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
     for schema in candidates:
         assert set(schema["properties"]) == fields
         assert required <= set(schema.get("required", []))
@@ -34,8 +47,16 @@ def test_task_enum_matches(builtin_server):
 
 
 def test_round_trip_and_validation_errors():
-    req = protocol.AnalyzeRequest(task="ground", image="AAAA", question="left lung nodule", region=[1, 2, 3, 4.5],
-                                  pixel_spacing_mm=[0.7, 0.7], modality="CT", max_new_tokens=50, temperature=0.0)
+    req = protocol.AnalyzeRequest(
+        task="ground",
+        image="AAAA",
+        question="left lung nodule",
+        region=[1, 2, 3, 4.5],
+        pixel_spacing_mm=[0.7, 0.7],
+        modality="CT",
+        max_new_tokens=50,
+        temperature=0.0,
+    )
     d = protocol.to_dict(req)
     assert protocol.from_dict(protocol.AnalyzeRequest, d) == req
     assert "prompt" not in d  # None-valued optional fields are not sent
@@ -44,8 +65,16 @@ def test_round_trip_and_validation_errors():
     with pytest.raises(protocol.ProtocolError, match="unknown field"):
         protocol.from_dict(protocol.AnalyzeRequest, {**d, "patient_name": "X"})
     with pytest.raises(protocol.ProtocolError, match=r"findings\[0\].box\[1\]"):
-        protocol.from_dict(protocol.AnalyzeResponse, {"task": "detect", "engine": "e", "model": "m", "text": "",
-                                                      "findings": [{"label": "a", "box": [0, "x", 1, 1]}]})
+        protocol.from_dict(
+            protocol.AnalyzeResponse,
+            {
+                "task": "detect",
+                "engine": "e",
+                "model": "m",
+                "text": "",
+                "findings": [{"label": "a", "box": [0, "x", 1, 1]}],
+            },
+        )
     with pytest.raises(protocol.ProtocolError, match="field required"):
         protocol.from_dict(protocol.Finding, {"label": "a"})
     with pytest.raises(protocol.ProtocolError, match="finite"):

@@ -161,7 +161,9 @@ def _rss_mb() -> float:
 
 def test_soak_1000_sequential_and_50_concurrent(tmp_path: Path):
     """Bounded, loopback only. Reports p50/p99 and memory growth; fails on any undocumented error or a leak."""
-    images = [b64(encode_png(blob_image(size=96, blobs=((40 + i % 20, 50, 4 + i % 5, 50),), seed=i))) for i in range(20)]
+    images = [
+        b64(encode_png(blob_image(size=96, blobs=((40 + i % 20, 50, 4 + i % 5, 50),), seed=i))) for i in range(20)
+    ]
     with ServerThread(BuiltinEngine(), ServerSettings(queue_size=64)) as url:
         session = requests.Session()
 
@@ -176,16 +178,28 @@ def test_soak_1000_sequential_and_50_concurrent(tmp_path: Path):
         seq = [one(i) for i in range(1000)]
         rss1 = _rss_mb()
         with cf.ThreadPoolExecutor(50) as pool:
-            conc = list(pool.map(lambda i: requests.post(f"{url}/v1/analyze",
-                                                         json={"task": "detect", "image": images[i % 20]},
-                                                         timeout=120).status_code, range(50)))
+            conc = list(
+                pool.map(
+                    lambda i: (
+                        requests.post(
+                            f"{url}/v1/analyze", json={"task": "detect", "image": images[i % 20]}, timeout=120
+                        ).status_code
+                    ),
+                    range(50),
+                )
+            )
         assert requests.get(f"{url}/health", timeout=10).status_code == 200
     statuses = [s for s, _ in seq]
     assert statuses.count(200) == 1000, {s: statuses.count(s) for s in set(statuses)}
     assert set(conc) <= {200, 503} and conc.count(200) >= 50 - 0  # queue of 64 holds all 50
     lat = np.array([ms for _, ms in seq])
-    report = {"sequential": 1000, "concurrent": 50, "p50_ms": round(float(np.percentile(lat, 50)), 2),
-              "p99_ms": round(float(np.percentile(lat, 99)), 2), "rss_growth_mb": round(rss1 - rss0, 1)}
+    report = {
+        "sequential": 1000,
+        "concurrent": 50,
+        "p50_ms": round(float(np.percentile(lat, 50)), 2),
+        "p99_ms": round(float(np.percentile(lat, 99)), 2),
+        "rss_growth_mb": round(rss1 - rss0, 1),
+    }
     print("soak:", json.dumps(report))
     out = ROOT / "out"
     out.mkdir(exist_ok=True)

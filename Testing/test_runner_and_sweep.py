@@ -31,14 +31,31 @@ from backend.server_thread import ServerThread, free_port
 
 
 def _runner(*args, timeout=180):
-    return subprocess.run([sys.executable, "-m", "MiniGPTMedSlicerLib.runner", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "MiniGPTMedSlicerLib.runner", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def test_analyze_writes_the_four_outputs(chest_ct_path, tmp_path, builtin_server):
     out = tmp_path / "run"
-    r = _runner("analyze", str(chest_ct_path), "--view", "axial", "--slice", "73", "--task", "detect",
-                "--backend", builtin_server, "--out", str(out))
+    r = _runner(
+        "analyze",
+        str(chest_ct_path),
+        "--view",
+        "axial",
+        "--slice",
+        "73",
+        "--task",
+        "detect",
+        "--backend",
+        builtin_server,
+        "--out",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr
     assert "captured the axial slice" in r.stderr and "wrote" in r.stderr
     data = json.loads((out / "findings.json").read_text())
@@ -60,14 +77,17 @@ def test_analyze_writes_the_four_outputs(chest_ct_path, tmp_path, builtin_server
         S.close(ctx)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["analyze", "/nonexistent/volume.nii.gz"], "no such file"),
-    (["analyze", "{CT}", "--slice", "500"], "out of range"),
-    (["analyze", "{CT}", "--offset", "9999"], "outside the volume"),
-    (["analyze", "{RGB}"], "scalar"),
-    (["analyze", "{CT}", "--backend", "http://127.0.0.1:{PORT}"], "Is it running?"),
-    (["sweep", "{CT}", "--range", "100:900"], "outside"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["analyze", "/nonexistent/volume.nii.gz"], "no such file"),
+        (["analyze", "{CT}", "--slice", "500"], "out of range"),
+        (["analyze", "{CT}", "--offset", "9999"], "outside the volume"),
+        (["analyze", "{RGB}"], "scalar"),
+        (["analyze", "{CT}", "--backend", "http://127.0.0.1:{PORT}"], "Is it running?"),
+        (["sweep", "{CT}", "--range", "100:900"], "outside"),
+    ],
+)
 def test_runner_errors_are_one_line_exit_2(chest_ct_path, tmp_path, args, message):
     rgb = tmp_path / "rgb.nrrd"
     sitk.WriteImage(sitk.Image([8, 8, 4], sitk.sitkVectorUInt8, 3), str(rgb))
@@ -116,8 +136,25 @@ def test_sweep_runner_gives_one_3d_finding_per_lesion(lesion_volume, tmp_path):
 
     path, centres = lesion_volume
     out = tmp_path / "sweep"
-    assert main(["sweep", str(path), "--view", "axial", "--task", "detect", "--window", "255", "--level", "127.5",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                str(path),
+                "--view",
+                "axial",
+                "--task",
+                "detect",
+                "--window",
+                "255",
+                "--level",
+                "127.5",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     data = json.loads((out / "findings.json").read_text())
     solid = [f for f in data["findings"] if not f["isolated"]]
     assert len(solid) == len(LESIONS), [(f["label"], f["center_ras"]) for f in solid]
@@ -152,7 +189,9 @@ def test_oblique_sweep_finds_the_lesions(sweep_scene, lesion_volume, builtin_ser
     for centre in lesion_volume[1]:
         best = min(solid, key=lambda f: np.linalg.norm(np.subtract(f.center_ras, centre)))
         assert np.linalg.norm(np.subtract(best.center_ras, centre)) <= 2.5
-        assert abs(float(np.dot(np.asarray(best.axes)[:, 2], [0.0, 0.25, 0.97] / np.linalg.norm([0, 0.25, 0.97])))) > 0.999
+        assert (
+            abs(float(np.dot(np.asarray(best.axes)[:, 2], [0.0, 0.25, 0.97] / np.linalg.norm([0, 0.25, 0.97])))) > 0.999
+        )
 
 
 def test_batched_equals_one_at_a_time_and_cancel_is_clean(sweep_scene, builtin_server):
@@ -192,8 +231,16 @@ def test_batched_equals_one_at_a_time_and_cancel_is_clean(sweep_scene, builtin_s
     with pytest.raises(SweepCancelled):
         analyze_sweep(client, captured, batch_size=4, cancel=cancel2, progress=progress2)
     assert ctx.scene.GetNumberOfNodes() == nodes_before
-    nodes = M.add_sweep_results(ctx.scene, findings, task="detect", engine="builtin", model="m", view_name="BatchSweep",
-                                summary="s", offsets_mm=plan.offsets_mm)
+    nodes = M.add_sweep_results(
+        ctx.scene,
+        findings,
+        task="detect",
+        engine="builtin",
+        model="m",
+        view_name="BatchSweep",
+        summary="s",
+        offsets_mm=plan.offsets_mm,
+    )
     assert len(nodes.rois) == len(findings)
     roi = nodes.rois[0]
     assert roi.GetAttribute("MiniGPTMed.slices") == str(len(findings[0].slice_positions))
@@ -234,8 +281,16 @@ def test_clicking_a_3d_finding_jumps_to_its_best_slice(sweep_scene, builtin_serv
     sl = S.add_slice_view(ctx, vol, "BestSliceSweep", "Axial", (200, 200))
     result = run_sweep(sl, vol, BackendClient(builtin_server), batch_size=16)
     solid = [f for f in result.findings if not f.isolated]
-    nodes = M.add_sweep_results(ctx.scene, solid, task="detect", engine="builtin", model="m", view_name="BestSliceSweep",
-                                summary="s", offsets_mm=result.plan.offsets_mm)
+    nodes = M.add_sweep_results(
+        ctx.scene,
+        solid,
+        task="detect",
+        engine="builtin",
+        model="m",
+        view_name="BestSliceSweep",
+        summary="s",
+        offsets_mm=result.plan.offsets_mm,
+    )
     try:
         f, roi = solid[0], nodes.rois[0]
         sl.SetSliceOffset(result.plan.offsets_mm[0])

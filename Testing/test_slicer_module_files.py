@@ -29,12 +29,25 @@ def test_module_cmakelists_lists_every_file():
 
 def test_extension_cmakelists_is_a_slicer_extension():
     text = (ROOT / "CMakeLists.txt").read_text()
-    for needle in ("project(MiniGPTMedSlicer)", "EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS",
-                   "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS",
-                   "find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})", "add_subdirectory(MiniGPTMedSlicer)",
-                   "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"):
+    for needle in (
+        "project(MiniGPTMedSlicer)",
+        "EXTENSION_HOMEPAGE",
+        "EXTENSION_CATEGORY",
+        "EXTENSION_CONTRIBUTORS",
+        "EXTENSION_DESCRIPTION",
+        "EXTENSION_ICONURL",
+        "EXTENSION_SCREENSHOTURLS",
+        "EXTENSION_DEPENDS",
+        "find_package(Slicer REQUIRED)",
+        "include(${Slicer_USE_FILE})",
+        "add_subdirectory(MiniGPTMedSlicer)",
+        "include(${Slicer_EXTENSION_GENERATE_CONFIG})",
+        "include(${Slicer_EXTENSION_CPACK})",
+    ):
         assert needle in text, needle
-    assert (MODULE / "Testing" / "CMakeLists.txt").is_file() and (MODULE / "Testing" / "Python" / "CMakeLists.txt").is_file()
+    assert (MODULE / "Testing" / "CMakeLists.txt").is_file() and (
+        MODULE / "Testing" / "Python" / "CMakeLists.txt"
+    ).is_file()
 
 
 @pytest.mark.parametrize("rel", ["MiniGPTMedSlicer.py", *_module_py_files()])
@@ -68,18 +81,55 @@ def test_ui_file_loads_and_has_the_panel_widgets(qtbot):
 
     w = load_ui(str(MODULE / "Resources" / "UI" / "MiniGPTMedSlicer.ui"))
     qtbot.addWidget(w)
-    for name in ("backendUrlLineEdit", "tokenLineEdit", "testConnectionButton", "viewComboBox", "taskComboBox",
-                 "questionLineEdit", "analyzeButton", "cancelButton", "progressBar", "findingsTable", "clearResultsButton"):
+    for name in (
+        "backendUrlLineEdit",
+        "tokenLineEdit",
+        "testConnectionButton",
+        "viewComboBox",
+        "taskComboBox",
+        "questionLineEdit",
+        "analyzeButton",
+        "cancelButton",
+        "progressBar",
+        "findingsTable",
+        "clearResultsButton",
+    ):
         find(w, name)
     assert find(w, "taskComboBox").count() == 6
 
 
 # Q_PROPERTYs whose getter PythonQt shadows with an attribute (so ``w.text()`` raises TypeError inside Slicer), from
 # the project's Qt notes. Read them with qt_compat.prop(w, name) instead.
-_SHADOWED_GETTERS = {"objectName", "toolTip", "windowTitle", "width", "height", "styleSheet", "text", "placeholderText",
-                     "count", "currentIndex", "currentText", "currentData", "rowCount", "columnCount", "value",
-                     "minimum", "maximum", "format", "interval", "remainingTime", "informativeText", "detailedText",
-                     "checked", "enabled", "visible", "title", "plainText", "readOnly"}
+_SHADOWED_GETTERS = {
+    "objectName",
+    "toolTip",
+    "windowTitle",
+    "width",
+    "height",
+    "styleSheet",
+    "text",
+    "placeholderText",
+    "count",
+    "currentIndex",
+    "currentText",
+    "currentData",
+    "rowCount",
+    "columnCount",
+    "value",
+    "minimum",
+    "maximum",
+    "format",
+    "interval",
+    "remainingTime",
+    "informativeText",
+    "detailedText",
+    "checked",
+    "enabled",
+    "visible",
+    "title",
+    "plainText",
+    "readOnly",
+}
 _QT_CODE = ["MiniGPTMedSlicer.py", "MiniGPTMedSlicerQt/panel.py", "MiniGPTMedSlicerQt/qt_compat.py"]
 
 
@@ -91,7 +141,12 @@ def _pythonqt_problems(src: str) -> list[str]:
             font_metrics = isinstance(recv, ast.Call) and getattr(recv.func, "attr", "") == "fontMetrics"
             if name in _SHADOWED_GETTERS and not n.args and not n.keywords and not font_metrics:
                 problems.append(f"line {n.lineno}: .{name}() is shadowed by a property in PythonQt; use prop()")
-            if name == "connect" and n.args and isinstance(n.args[0], ast.Constant) and isinstance(n.args[0].value, str):
+            if (
+                name == "connect"
+                and n.args
+                and isinstance(n.args[0], ast.Constant)
+                and isinstance(n.args[0].value, str)
+            ):
                 problems.append(f"line {n.lineno}: string-signature connect() fails under PySide6")
             if name == "exec_":
                 problems.append(f"line {n.lineno}: use exec()")
@@ -99,7 +154,11 @@ def _pythonqt_problems(src: str) -> list[str]:
             targets = n.targets if isinstance(n, ast.Assign) else [n.target]
             for t in targets:
                 # self.parent.title = ... is the scripted-module template's own idiom (runs only in Slicer)
-                if isinstance(t, ast.Attribute) and t.attr in _SHADOWED_GETTERS and ast.unparse(t.value) != "self.parent":
+                if (
+                    isinstance(t, ast.Attribute)
+                    and t.attr in _SHADOWED_GETTERS
+                    and ast.unparse(t.value) != "self.parent"
+                ):
                     problems.append(f"line {n.lineno}: assigning .{t.attr} does nothing under PySide6; call the setter")
         if isinstance(n, ast.ClassDef):
             bases = [ast.unparse(b) for b in n.bases]
@@ -108,7 +167,11 @@ def _pythonqt_problems(src: str) -> list[str]:
         if isinstance(n, ast.ImportFrom) and n.module == "__feature__":
             problems.append(f"line {n.lineno}: PySide6 __feature__ leaks into other modules")
         # scoped enums (qt.Qt.AlignmentFlag.AlignLeft) need Slicer >= 5.10: short names only
-        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Attribute) and isinstance(n.value.value, ast.Attribute):
+        if (
+            isinstance(n, ast.Attribute)
+            and isinstance(n.value, ast.Attribute)
+            and isinstance(n.value.value, ast.Attribute)
+        ):
             chain = ast.unparse(n)
             parts = chain.split(".")
             if parts[0] == "qt" and len(parts) == 4 and all(p[:1].isupper() for p in parts[1:]):
@@ -122,11 +185,18 @@ def test_qt_code_follows_the_pythonqt_rules(rel):
 
 
 def test_pythonqt_rule_check_catches_the_pitfalls():
-    bad = ("w.text = 'x'\nv = w.text()\nb.connect('clicked()', f)\nqt.Qt.AlignmentFlag.AlignLeft\nd.exec_()\n"
-           "class T(qt.QThread):\n    pass\n")
+    bad = (
+        "w.text = 'x'\nv = w.text()\nb.connect('clicked()', f)\nqt.Qt.AlignmentFlag.AlignLeft\nd.exec_()\n"
+        "class T(qt.QThread):\n    pass\n"
+    )
     assert len(_pythonqt_problems(bad)) == 6
-    assert _pythonqt_problems("w.setText('x')\nv = prop(w, 'text')\nb.clicked.connect(f)\nqt.Qt.AlignLeft\n"
-                              "h = t.fontMetrics().height()\ns.value('k', '')\n") == []
+    assert (
+        _pythonqt_problems(
+            "w.setText('x')\nv = prop(w, 'text')\nb.clicked.connect(f)\nqt.Qt.AlignLeft\n"
+            "h = t.fontMetrics().height()\ns.value('k', '')\n"
+        )
+        == []
+    )
 
 
 def test_icon_is_a_128_pixel_png():
@@ -150,22 +220,34 @@ def _py310_runtime_uses(src: str) -> list[str]:
     """What parses as 3.9 but fails at run time on Slicer 5.6's Python 3.9: ``X | Y`` unions outside annotations,
     zip(strict=), itertools.pairwise, dataclass(slots=/kw_only=)."""
     tree = ast.parse(src)
-    in_annotation = {id(m) for n in ast.walk(tree) for a in ("annotation", "returns")
-                     if getattr(n, a, None) is not None for m in ast.walk(getattr(n, a))}
+    in_annotation = {
+        id(m)
+        for n in ast.walk(tree)
+        for a in ("annotation", "returns")
+        if getattr(n, a, None) is not None
+        for m in ast.walk(getattr(n, a))
+    }
     found = []
     for n in ast.walk(tree):
         if isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr) and id(n) not in in_annotation:
             sides = (n.left, n.right)
-            typeish = [s for s in sides if (isinstance(s, ast.Constant) and s.value is None) or
-                       (isinstance(s, ast.Name) and (s.id in _TYPE_NAMES or s.id[:1].isupper())) or
-                       (isinstance(s, ast.Attribute) and s.attr[:1].isupper() and not _is_qt(s))]
+            typeish = [
+                s
+                for s in sides
+                if (isinstance(s, ast.Constant) and s.value is None)
+                or (isinstance(s, ast.Name) and (s.id in _TYPE_NAMES or s.id[:1].isupper()))
+                or (isinstance(s, ast.Attribute) and s.attr[:1].isupper() and not _is_qt(s))
+            ]
             if len(typeish) == 2:
                 found.append(f"line {n.lineno}: {ast.unparse(n)}")
         if isinstance(n, ast.Call):
             fn = ast.unparse(n.func)
             kws = {k.arg for k in n.keywords}
-            if (fn == "zip" and "strict" in kws) or fn.endswith("pairwise") or \
-                    (fn.endswith("dataclass") and kws & {"slots", "kw_only"}):
+            if (
+                (fn == "zip" and "strict" in kws)
+                or fn.endswith("pairwise")
+                or (fn.endswith("dataclass") and kws & {"slots", "kw_only"})
+            ):
                 found.append(f"line {n.lineno}: {ast.unparse(n)[:60]}")
     return found
 
@@ -178,5 +260,7 @@ def test_module_code_runs_on_python_39(rel):
 def test_python_39_check_catches_310_only_code():
     bad = "isinstance(x, int | None)\nT = A | B\nzip(a, b, strict=True)\nitertools.pairwise(a)\n@dataclass(slots=True)\nclass C: pass\n"
     assert len(_py310_runtime_uses(bad)) == 5
-    assert _py310_runtime_uses("def f(x: int | None) -> A | B: pass\nflags = a | b\nm = qt.Qt.AlignLeft | qt.Qt.AlignTop\n"
-                               "t = pathlib.Path | None\n") == ["line 4: pathlib.Path | None"]
+    assert _py310_runtime_uses(
+        "def f(x: int | None) -> A | B: pass\nflags = a | b\nm = qt.Qt.AlignLeft | qt.Qt.AlignTop\n"
+        "t = pathlib.Path | None\n"
+    ) == ["line 4: pathlib.Path | None"]

@@ -33,9 +33,15 @@ log = logging.getLogger("minigptmed.access")
 
 _ERROR_RESPONSES: dict[int | str, dict] = {
     code: {"model": ErrorBody, "description": desc}
-    for code, desc in [(400, "bad image or field"), (401, "missing or wrong access token"), (413, "too large"),
-                       (422, "does not match the schema"), (501, "task not supported by this engine"),
-                       (503, "engine not ready, busy or failed; see Retry-After"), (504, "time limit reached")]
+    for code, desc in [
+        (400, "bad image or field"),
+        (401, "missing or wrong access token"),
+        (413, "too large"),
+        (422, "does not match the schema"),
+        (501, "task not supported by this engine"),
+        (503, "engine not ready, busy or failed; see Retry-After"),
+        (504, "time limit reached"),
+    ]
 }
 _request_ids = itertools.count(1)
 
@@ -44,8 +50,11 @@ def error_response(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
-def create_app(engine: Engine, settings: ServerSettings | None = None,
-               extra_routes: Callable[[FastAPI, AnalysisService], None] | None = None) -> FastAPI:
+def create_app(
+    engine: Engine,
+    settings: ServerSettings | None = None,
+    extra_routes: Callable[[FastAPI, AnalysisService], None] | None = None,
+) -> FastAPI:
     """Build the app around an engine. The engine is loaded when the app starts (lifespan), not here."""
     settings = settings or ServerSettings()
     service = AnalysisService(engine, settings)
@@ -56,9 +65,13 @@ def create_app(engine: Engine, settings: ServerSettings | None = None,
         yield
         await asyncio.get_running_loop().run_in_executor(None, service.stop)
 
-    app = FastAPI(title="MiniGPTMedSlicer backend", version=__version__, lifespan=lifespan,
-                  description="Image in, findings text and boxes (pixels of the sent image) out. "
-                              "All patient-space geometry stays in Slicer.")
+    app = FastAPI(
+        title="MiniGPTMedSlicer backend",
+        version=__version__,
+        lifespan=lifespan,
+        description="Image in, findings text and boxes (pixels of the sent image) out. "
+        "All patient-space geometry stays in Slicer.",
+    )
     app.state.service = service
     app.state.settings = settings
 
@@ -108,10 +121,12 @@ def create_app(engine: Engine, settings: ServerSettings | None = None,
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         inputs = await loop.run_in_executor(
-            None, lambda: [service.prepare(it, f"items[{i}]") for i, it in enumerate(body.items)])
+            None, lambda: [service.prepare(it, f"items[{i}]") for i, it in enumerate(body.items)]
+        )
         t1 = time.perf_counter()
-        request.state.log.update(task=",".join(sorted({i.task for i in inputs})), items=len(inputs),
-                                 engine=service.info.engine)
+        request.state.log.update(
+            task=",".join(sorted({i.task for i in inputs})), items=len(inputs), engine=service.info.engine
+        )
         results = await service.run(inputs, request.is_disconnected)
         t2 = time.perf_counter()
         per = {"decode": (t1 - t0) * 1000 / len(inputs), "engine": (t2 - t1) * 1000 / len(inputs)}
@@ -162,8 +177,15 @@ class GuardMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             extra = " ".join(f"{k}={v}" for k, v in state["log"].items())
-            log.info("request id=%d method=%s path=%s status=%d ms=%.1f %s", rid, scope["method"], scope["path"],
-                     status[0], (time.perf_counter() - t0) * 1000, extra)
+            log.info(
+                "request id=%d method=%s path=%s status=%d ms=%.1f %s",
+                rid,
+                scope["method"],
+                scope["path"],
+                status[0],
+                (time.perf_counter() - t0) * 1000,
+                extra,
+            )
 
     def _check(self, scope) -> ApiError | None:
         s = self.settings

@@ -24,8 +24,11 @@ from MiniGPTMedSlicerLib.protocol import Finding
 FAMILIES = ("medgemma", "qwen2_5_vl", "qwen3_vl", "generic")
 BOX_TASKS = ("detect", "ground", "identify")
 
-_THINK = [re.compile(r"<think>.*?</think>", re.S), re.compile(r"<unused94>.*?(<unused95>|$)", re.S),
-          re.compile(r"^.*?</think>", re.S)]
+_THINK = [
+    re.compile(r"<think>.*?</think>", re.S),
+    re.compile(r"<unused94>.*?(<unused95>|$)", re.S),
+    re.compile(r"^.*?</think>", re.S),
+]
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S)
 
 MEDGEMMA_BOX_CONTRACT = (
@@ -33,9 +36,12 @@ MEDGEMMA_BOX_CONTRACT = (
     "the bottom-right corner. Always normalize the coordinates to the range [0, 1000] of the image. You MUST output a "
     "single parseable json list of objects enclosed in ```json...``` brackets, for example "
     '```json [{"box_2d": [100, 200, 300, 400], "label": "right lung"}] ```. '
-    "Left and right refer to the patient's left and right.")
-QWEN_BOX_CONTRACT = ('Output the result as a JSON list of objects, each with a "bbox_2d" [x1, y1, x2, y2] and a '
-                     '"label", in a ```json``` block.')
+    "Left and right refer to the patient's left and right."
+)
+QWEN_BOX_CONTRACT = (
+    'Output the result as a JSON list of objects, each with a "bbox_2d" [x1, y1, x2, y2] and a '
+    '"label", in a ```json``` block.'
+)
 
 
 @dataclass
@@ -76,8 +82,10 @@ def check_task(family: str, task: str) -> None:
     from .engines.base import TaskNotSupported
 
     if task not in supported_tasks(family):
-        raise TaskNotSupported(f"task '{task}' needs a model family with boxes (--family medgemma, qwen2_5_vl or "
-                               f"qwen3_vl); this engine is '{family}'")
+        raise TaskNotSupported(
+            f"task '{task}' needs a model family with boxes (--family medgemma, qwen2_5_vl or "
+            f"qwen3_vl); this engine is '{family}'"
+        )
 
 
 def pad_to_square(img, g: ImageGeometry):
@@ -100,8 +108,9 @@ QWEN_MAX_PIXELS = 28 * 28 * 16384  # Qwen2.5-VL's preprocessor_config default (1
 QWEN_SEND_MAX_PIXELS = 28 * 28 * 1280  # what the openai engine sends at most (~1 MP, 1280 image tokens)
 
 
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
-                 max_pixels: int = QWEN_MAX_PIXELS) -> tuple[int, int]:
+def smart_resize(
+    height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = QWEN_MAX_PIXELS
+) -> tuple[int, int]:
     """Qwen2-VL/2.5-VL's resize: both sides multiples of ``factor``, area within [min_pixels, max_pixels], aspect kept."""
     if max(height, width) / max(1, min(height, width)) > 200:
         raise ValueError("aspect ratio too extreme for Qwen's resize")
@@ -120,18 +129,33 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
 
 def default_detect_label(modality: str | None) -> str:
     m = (modality or "").upper()
-    return {"CT": "abnormality", "MR": "lesion", "MRI": "lesion", "XR": "abnormality", "CR": "abnormality",
-            "DX": "abnormality"}.get(m, "abnormality")
+    return {
+        "CT": "abnormality",
+        "MR": "lesion",
+        "MRI": "lesion",
+        "XR": "abnormality",
+        "CR": "abnormality",
+        "DX": "abnormality",
+    }.get(m, "abnormality")
 
 
-def prompt_for(family: str, task: str, question: str | None, region: tuple[float, float, float, float] | None,
-               geometry: ImageGeometry, modality: str | None = None) -> str:
+def prompt_for(
+    family: str,
+    task: str,
+    question: str | None,
+    region: tuple[float, float, float, float] | None,
+    geometry: ImageGeometry,
+    modality: str | None = None,
+) -> str:
     """The instruction text for one task (the request's ``prompt`` field, when given, replaces it upstream)."""
     q = (question or "").strip()
     kind = f"{modality} " if modality else ""
     if task == "report":
-        return f"Describe this {kind}image in detail and list the findings." if kind else \
-            "Describe this medical image in detail and list the findings."
+        return (
+            f"Describe this {kind}image in detail and list the findings."
+            if kind
+            else "Describe this medical image in detail and list the findings."
+        )
     if task == "vqa":
         return q
     if family == "generic":
@@ -146,12 +170,16 @@ def prompt_for(family: str, task: str, question: str | None, region: tuple[float
         box = encode_box(family, region, geometry)
         coords = json.dumps([round(v) for v in box])
         key = "box_2d" if family == "medgemma" else "bbox_2d"
-        return (f"What is in the region {key} {coords}? Describe it in one sentence, then output it as a JSON list with "
-                f'one object with "{key}" {coords} and a short "label". ' +
-                (MEDGEMMA_BOX_CONTRACT if family == "medgemma" else QWEN_BOX_CONTRACT))
+        return (
+            f"What is in the region {key} {coords}? Describe it in one sentence, then output it as a JSON list with "
+            f'one object with "{key}" {coords} and a short "label". '
+            + (MEDGEMMA_BOX_CONTRACT if family == "medgemma" else QWEN_BOX_CONTRACT)
+        )
     if family == "medgemma":
-        return (f"{MEDGEMMA_BOX_CONTRACT}\nQuery: Where is {what}? Output the final answer in the format "
-                '"Final Answer: X" where X is a JSON list of objects. The object needs a "box_2d" and "label" key. Answer:')
+        return (
+            f"{MEDGEMMA_BOX_CONTRACT}\nQuery: Where is {what}? Output the final answer in the format "
+            '"Final Answer: X" where X is a JSON list of objects. The object needs a "box_2d" and "label" key. Answer:'
+        )
     return f"Locate {what} in the image. {QWEN_BOX_CONTRACT}"
 
 
@@ -160,8 +188,12 @@ def encode_box(family: str, box: tuple[float, float, float, float], g: ImageGeom
     x0, y0, x1, y1 = box
     if family == "medgemma":
         s = g.square
-        return [(y0 + g.pad_top) / s * 1000, (x0 + g.pad_left) / s * 1000, (y1 + g.pad_top) / s * 1000,
-                (x1 + g.pad_left) / s * 1000]
+        return [
+            (y0 + g.pad_top) / s * 1000,
+            (x0 + g.pad_left) / s * 1000,
+            (y1 + g.pad_top) / s * 1000,
+            (x1 + g.pad_left) / s * 1000,
+        ]
     if family == "qwen2_5_vl":
         sx, sy = g.model_width / g.width, g.model_height / g.height
         return [x0 * sx, y0 * sy, x1 * sx, y1 * sy]
@@ -173,7 +205,12 @@ def decode_box(family: str, coords: list, g: ImageGeometry) -> list[float]:
     a, b, c, d = (float(v) for v in coords)
     if family == "medgemma":  # [y0, x0, y1, x1] on 0..1000 of the padded square
         s = g.square
-        return [b / 1000 * s - g.pad_left, a / 1000 * s - g.pad_top, d / 1000 * s - g.pad_left, c / 1000 * s - g.pad_top]
+        return [
+            b / 1000 * s - g.pad_left,
+            a / 1000 * s - g.pad_top,
+            d / 1000 * s - g.pad_left,
+            c / 1000 * s - g.pad_top,
+        ]
     if family == "qwen2_5_vl":  # absolute pixels of the resized image
         sx, sy = g.width / g.model_width, g.height / g.model_height
         return [a * sx, b * sy, c * sx, d * sy]
@@ -250,8 +287,13 @@ def decode_output(family: str, raw: str, g: ImageGeometry, default_label: str = 
             dropped += 1
             continue
         label = obj.get("label")
-        findings.append(Finding(label=str(label) if label else default_label, box=box,
-                                score=obj.get("score") if isinstance(obj.get("score"), (int, float)) else None))
+        findings.append(
+            Finding(
+                label=str(label) if label else default_label,
+                box=box,
+                score=obj.get("score") if isinstance(obj.get("score"), (int, float)) else None,
+            )
+        )
     if dropped:
         warnings.append(f"{dropped} object(s) in the model's answer had no usable {key} and were dropped")
     shown = text.split("Final Answer:", 1)[0].strip() if "Final Answer:" in text else _FENCE.sub("", text).strip()

@@ -60,7 +60,9 @@ def sanitize_findings(findings: list[Finding], width: int, height: int) -> tuple
         out.append(Finding(label=label, box=[x0, y0, x1, y1], score=score))
     warnings: list[str] = []
     if dropped:
-        warnings.append(f"{dropped} box(es) from the model were invalid (outside the image, empty or not numbers) and were dropped")
+        warnings.append(
+            f"{dropped} box(es) from the model were invalid (outside the image, empty or not numbers) and were dropped"
+        )
     if len(out) > MAX_FINDINGS:
         warnings.append(f"the model returned {len(out)} boxes; only the first {MAX_FINDINGS} are kept")
         out = out[:MAX_FINDINGS]

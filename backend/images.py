@@ -69,8 +69,10 @@ def _check_size(w: int, h: int, limits: ImageLimits) -> None:
     if w < limits.min_side or h < limits.min_side:
         raise ApiError("bad_image", f"image is {w}x{h} pixels: it must be at least {limits.min_side}x{limits.min_side}")
     if w > limits.max_side or h > limits.max_side or w * h > limits.max_pixels:
-        raise ApiError("too_large", f"image is {w}x{h} pixels; the limit is {limits.max_side} per side and "
-                       f"{limits.max_pixels:,} pixels in all")
+        raise ApiError(
+            "too_large",
+            f"image is {w}x{h} pixels; the limit is {limits.max_side} per side and {limits.max_pixels:,} pixels in all",
+        )
 
 
 def _header_size(raw: bytes, fmt: str) -> tuple[int, int] | None:

@@ -33,8 +33,11 @@ _TAG = re.compile(r"^\s*\[(report|vqa|detect|ground|identify)\]\s*", re.I)
 
 def _openai_error(status: int, message: str, code: str, headers: dict | None = None) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "code": code, "param": None}},
-                        status_code=status, headers=headers or {})
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "code": code, "param": None}},
+        status_code=status,
+        headers=headers or {},
+    )
 
 
 def parse_chat_request(body: Any, engine_tasks: tuple[str, ...]) -> AnalyzeRequest:
@@ -71,7 +74,7 @@ def parse_chat_request(body: Any, engine_tasks: tuple[str, ...]) -> AnalyzeReque
     m = _TAG.match(text)
     if m:
         task = task or m.group(1).lower()
-        text = text[m.end():]
+        text = text[m.end() :]
     if task is not None and task not in TASKS:
         raise ApiError("bad_request", f"task must be one of {', '.join(TASKS)}")
     if task is None:
@@ -81,19 +84,28 @@ def parse_chat_request(body: Any, engine_tasks: tuple[str, ...]) -> AnalyzeReque
     temperature = body.get("temperature")
     try:
         return AnalyzeRequest(
-            task=task, image=image, question=text or None,  # type: ignore[arg-type]
+            task=task,
+            image=image,
+            question=text or None,  # type: ignore[arg-type]
             region=[float(v) for v in region] if isinstance(region, list) else None,
             max_new_tokens=int(max_tokens) if max_tokens is not None else None,
-            temperature=float(temperature) if temperature is not None else None)
+            temperature=float(temperature) if temperature is not None else None,
+        )
     except (TypeError, ValueError):
         raise ApiError("invalid_schema", "max_tokens, temperature and region must be numbers") from None
 
 
 _OPENAI_ERRORS: dict[int | str, dict] = {
     code: {"description": f"{desc} (OpenAI error shape: {{'error': {{'message', 'type', 'code'}}}})"}
-    for code, desc in [(400, "bad image or field"), (401, "missing or wrong access token"), (413, "too large"),
-                       (422, "does not match the schema"), (501, "task not supported by this engine"),
-                       (503, "engine busy or failed"), (504, "time limit reached")]
+    for code, desc in [
+        (400, "bad image or field"),
+        (401, "missing or wrong access token"),
+        (413, "too large"),
+        (422, "does not match the schema"),
+        (501, "task not supported by this engine"),
+        (503, "engine busy or failed"),
+        (504, "time limit reached"),
+    ]
 }
 
 
@@ -101,8 +113,12 @@ def add_openai_routes(app: FastAPI, service: AnalysisService) -> None:
     @app.get("/v1/models", tags=["openai"], responses={401: _OPENAI_ERRORS[401]})
     async def models() -> dict:
         info = service.info
-        return {"object": "list", "data": [{"id": info.model, "object": "model", "created": 0,
-                                            "owned_by": f"minigptmed-backend ({info.engine})"}]}
+        return {
+            "object": "list",
+            "data": [
+                {"id": info.model, "object": "model", "created": 0, "owned_by": f"minigptmed-backend ({info.engine})"}
+            ],
+        }
 
     @app.post("/v1/chat/completions", tags=["openai"], responses=_OPENAI_ERRORS)
     async def chat_completions(request: Request):
@@ -124,19 +140,40 @@ def add_openai_routes(app: FastAPI, service: AnalysisService) -> None:
         content = resp.text
         if resp.findings:
             w, h = inp.image.width, inp.image.height
-            boxes = [{"bbox_2d": [round(f.box[0] / w * 1000), round(f.box[1] / h * 1000), round(f.box[2] / w * 1000),
-                                  round(f.box[3] / h * 1000)], "label": f.label, "score": f.score}
-                     for f in resp.findings]
+            boxes = [
+                {
+                    "bbox_2d": [
+                        round(f.box[0] / w * 1000),
+                        round(f.box[1] / h * 1000),
+                        round(f.box[2] / w * 1000),
+                        round(f.box[3] / h * 1000),
+                    ],
+                    "label": f.label,
+                    "score": f.score,
+                }
+                for f in resp.findings
+            ]
             content += "\n```json\n" + json.dumps(boxes) + "\n```"
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         findings = [{"label": f.label, "box": f.box, "score": f.score} for f in resp.findings]
         if body.get("stream") is True:  # the whole answer in one chunk (the engines do not stream tokens)
-            return StreamingResponse(_sse(cid, created, resp.model, content, findings), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                _sse(cid, created, resp.model, content, findings),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         return {
-            "id": cid, "object": "chat.completion", "created": created, "model": resp.model,
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": content, "findings": findings}}],
+            "id": cid,
+            "object": "chat.completion",
+            "created": created,
+            "model": resp.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": content, "findings": findings},
+                }
+            ],
             "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
         }
 
@@ -144,8 +181,11 @@ def add_openai_routes(app: FastAPI, service: AnalysisService) -> None:
 def _sse(cid: str, created: int, model: str, content: str, findings: list):
     """``stream: true``: OpenAI's chunk events (role, the content, the finish) and ``data: [DONE]``."""
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
-    for delta, finish in (({"role": "assistant", "content": ""}, None),
-                          ({"content": content, "findings": findings}, None), ({}, "stop")):
+    for delta, finish in (
+        ({"role": "assistant", "content": ""}, None),
+        ({"content": content, "findings": findings}, None),
+        ({}, "stop"),
+    ):
         chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
         yield f"data: {json.dumps(chunk)}\n\n"
     yield "data: [DONE]\n\n"

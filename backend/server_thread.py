@@ -20,16 +20,24 @@ def free_port(host: str = "127.0.0.1") -> int:
 class ServerThread:
     """``with ServerThread(engine) as url: ...`` serves ``engine`` at ``url`` until the block ends."""
 
-    def __init__(self, engine: Engine, settings: ServerSettings | None = None, extra_routes=None,
-                 startup_timeout_s: float = 60.0):
+    def __init__(
+        self, engine: Engine, settings: ServerSettings | None = None, extra_routes=None, startup_timeout_s: float = 60.0
+    ):
         import uvicorn
 
         self.settings = settings or ServerSettings()
         if not self.settings.port or self.settings.port == 8765:
             self.settings.port = free_port(self.settings.host)
         self.app = create_app(engine, self.settings, extra_routes=extra_routes)
-        config = uvicorn.Config(self.app, host=self.settings.host, port=self.settings.port, log_level="warning",
-                                access_log=False, lifespan="on", timeout_graceful_shutdown=2)
+        config = uvicorn.Config(
+            self.app,
+            host=self.settings.host,
+            port=self.settings.port,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=2,
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
         self.startup_timeout_s = startup_timeout_s

@@ -62,8 +62,13 @@ class AnalysisService:
         t0 = time.perf_counter()
         self.engine.load()
         self._info = self.engine.info()
-        log.info("engine ready: engine=%s model=%s device=%s load_s=%.2f", self._info.engine, self._info.model,
-                 self._info.device, time.perf_counter() - t0)
+        log.info(
+            "engine ready: engine=%s model=%s device=%s load_s=%.2f",
+            self._info.engine,
+            self._info.model,
+            self._info.device,
+            time.perf_counter() - t0,
+        )
         self._worker = threading.Thread(target=self._work, name="engine-worker", daemon=True)
         self._worker.start()
 
@@ -81,8 +86,16 @@ class AnalysisService:
 
     def health(self) -> dict:
         info = self.info
-        return {"status": "ok", "engine": info.engine, "model": info.model, "device": info.device,
-                "tasks": list(info.tasks), "version": __version__, "api": "v1", "max_batch": info.max_batch}
+        return {
+            "status": "ok",
+            "engine": info.engine,
+            "model": info.model,
+            "device": info.device,
+            "tasks": list(info.tasks),
+            "version": __version__,
+            "api": "v1",
+            "max_batch": info.max_batch,
+        }
 
     # -- validation ---------------------------------------------------------------------------
 
@@ -93,13 +106,19 @@ class AnalysisService:
         info = self.info
         question = (req.question or "").strip() or None
         if req.task in TASKS_NEEDING_QUESTION and question is None and not req.prompt:
-            raise ApiError("bad_request", f"{p}question is required for task '{req.task}': give {TASKS_NEEDING_QUESTION[req.task]}")
+            raise ApiError(
+                "bad_request", f"{p}question is required for task '{req.task}': give {TASKS_NEEDING_QUESTION[req.task]}"
+            )
         if req.task not in info.tasks:
             raise ApiError("not_supported", _unsupported_message(req.task, info))
         if question is not None and len(question) > s.max_question_chars:
-            raise ApiError("bad_request", f"{p}question is {len(question)} characters; the limit is {s.max_question_chars}")
+            raise ApiError(
+                "bad_request", f"{p}question is {len(question)} characters; the limit is {s.max_question_chars}"
+            )
         if req.prompt is not None and len(req.prompt) > s.max_prompt_chars:
-            raise ApiError("bad_request", f"{p}prompt is {len(req.prompt)} characters; the limit is {s.max_prompt_chars}")
+            raise ApiError(
+                "bad_request", f"{p}prompt is {len(req.prompt)} characters; the limit is {s.max_prompt_chars}"
+            )
         if req.max_new_tokens is not None and not (1 <= req.max_new_tokens <= s.max_new_tokens_cap):
             raise ApiError("bad_request", f"{p}max_new_tokens must be between 1 and {s.max_new_tokens_cap}")
         if req.temperature is not None and not (0.0 <= req.temperature <= 2.0 and math.isfinite(req.temperature)):
@@ -108,7 +127,9 @@ class AnalysisService:
         if req.pixel_spacing_mm is not None:
             sp = req.pixel_spacing_mm
             if len(sp) != 2 or not all(math.isfinite(v) and 0 < v < 1000 for v in sp):
-                raise ApiError("bad_request", f"{p}pixel_spacing_mm must be [row, col], two positive numbers of millimetres")
+                raise ApiError(
+                    "bad_request", f"{p}pixel_spacing_mm must be [row, col], two positive numbers of millimetres"
+                )
             spacing = (float(sp[0]), float(sp[1]))
         modality = None
         if req.modality is not None:
@@ -125,16 +146,27 @@ class AnalysisService:
             if not (x0 < x1 and y0 < y1):
                 raise ApiError("bad_request", f"{p}region must have x0 < x1 and y0 < y1")
             if x1 <= 0 or y1 <= 0 or x0 >= image.width or y0 >= image.height:
-                raise ApiError("bad_request", f"{p}region {list(r)} lies outside the {image.width}x{image.height} image")
+                raise ApiError(
+                    "bad_request", f"{p}region {list(r)} lies outside the {image.width}x{image.height} image"
+                )
             region = (max(0.0, x0), max(0.0, y0), min(float(image.width), x1), min(float(image.height), y1))
-        return AnalysisInput(task=req.task, image=image, question=question, region=region, pixel_spacing_mm=spacing,
-                             modality=modality, max_new_tokens=req.max_new_tokens or None, temperature=req.temperature,
-                             prompt=req.prompt)
+        return AnalysisInput(
+            task=req.task,
+            image=image,
+            question=question,
+            region=region,
+            pixel_spacing_mm=spacing,
+            modality=modality,
+            max_new_tokens=req.max_new_tokens or None,
+            temperature=req.temperature,
+            prompt=req.prompt,
+        )
 
     # -- running ------------------------------------------------------------------------------
 
-    async def run(self, inputs: Sequence[AnalysisInput], is_disconnected: Callable[[], Awaitable[bool]] | None = None
-                  ) -> list[AnalysisResult]:
+    async def run(
+        self, inputs: Sequence[AnalysisInput], is_disconnected: Callable[[], Awaitable[bool]] | None = None
+    ) -> list[AnalysisResult]:
         """Queue the inputs for the engine and wait. 503 when the queue is full, 504 past the time limit."""
         loop = asyncio.get_running_loop()
         stop = StopToken(deadline=time.monotonic() + self.settings.request_timeout_s)
@@ -142,8 +174,11 @@ class AnalysisService:
         try:
             self._queue.put_nowait(job)
         except queue.Full:
-            raise ApiError("busy", f"the server is busy: {self._queue.qsize()} requests are waiting; retry shortly",
-                           headers={"Retry-After": "2"}) from None
+            raise ApiError(
+                "busy",
+                f"the server is busy: {self._queue.qsize()} requests are waiting; retry shortly",
+                headers={"Retry-After": "2"},
+            ) from None
         try:
             while True:
                 done, _ = await asyncio.wait({job.future}, timeout=0.25)
@@ -151,7 +186,10 @@ class AnalysisService:
                     return job.future.result()
                 if stop.should_stop():
                     stop.event.set()
-                    raise ApiError("timeout", f"the analysis took longer than {self.settings.request_timeout_s:g} s and was stopped")
+                    raise ApiError(
+                        "timeout",
+                        f"the analysis took longer than {self.settings.request_timeout_s:g} s and was stopped",
+                    )
                 if is_disconnected is not None and await is_disconnected():
                     stop.event.set()
                     raise ApiError("bad_request", "client disconnected")
@@ -178,7 +216,9 @@ class AnalysisService:
             except EngineCancelled as e:
                 self._resolve(job, exc=ApiError("timeout", str(e)))
             except EngineError as e:
-                self._resolve(job, exc=ApiError("engine_error", f"the engine failed: {e}", headers={"Retry-After": "1"}))
+                self._resolve(
+                    job, exc=ApiError("engine_error", f"the engine failed: {e}", headers={"Retry-After": "1"})
+                )
             except Exception as e:  # out of memory and engine bugs: report, free, keep serving
                 oom = type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
                 _free_accelerator_memory()
@@ -212,8 +252,11 @@ class AnalysisService:
         info = self.info
         findings, warnings = sanitize_findings(list(result.findings), inp.image.width, inp.image.height)
         return AnalyzeResponse(
-            task=inp.task, engine=info.engine, model=info.model,
-            text=clean_text(result.text, MAX_TEXT_CHARS), findings=[Finding(f.label, f.box, f.score) for f in findings],
+            task=inp.task,
+            engine=info.engine,
+            model=info.model,
+            text=clean_text(result.text, MAX_TEXT_CHARS),
+            findings=[Finding(f.label, f.box, f.score) for f in findings],
             raw_output=clean_text(result.raw_output, MAX_TEXT_CHARS),
             timings_ms={**{k: round(float(v), 3) for k, v in result.timings_ms.items()}, **timings},
             warnings=[clean_text(w, 500) for w in list(result.warnings) + warnings],
@@ -223,8 +266,10 @@ class AnalysisService:
 def _unsupported_message(task: str, info: EngineInfo) -> str:
     msg = f"task '{task}' is not supported by the {info.engine} engine ({info.model}); it supports: {', '.join(info.tasks)}"
     if task == "vqa" and info.engine == "builtin":
-        msg += (". Free-text questions need a vision-language model: start the backend with --engine minigptmed, "
-                "--engine hf (MedGemma, Qwen-VL) or --engine openai (a vLLM/Ollama server)")
+        msg += (
+            ". Free-text questions need a vision-language model: start the backend with --engine minigptmed, "
+            "--engine hf (MedGemma, Qwen-VL) or --engine openai (a vLLM/Ollama server)"
+        )
     if info.engine in ("hf", "openai") and task in ("detect", "ground", "identify"):
         msg += ". Boxes need a model family with a box format: --family medgemma, qwen2_5_vl or qwen3_vl"
     return msg

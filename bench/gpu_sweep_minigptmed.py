@@ -59,10 +59,17 @@ def main() -> int:
     from backend.minigpt.config import MiniGPTMedConfig
 
     device = "cpu" if args.tiny else "cuda"
-    cfg = MiniGPTMedConfig.from_dict({"vision": VISION_TINY, "llm_hidden_size": LLAMA_TINY["hidden_size"]}) \
-        if args.tiny else MiniGPTMedConfig.real()
-    res: dict = {"gpu": "cpu (tiny)" if args.tiny else torch.cuda.get_device_name(), "torch": torch.__version__,
-                 "slices": args.slices, "new_tokens": args.new_tokens}
+    cfg = (
+        MiniGPTMedConfig.from_dict({"vision": VISION_TINY, "llm_hidden_size": LLAMA_TINY["hidden_size"]})
+        if args.tiny
+        else MiniGPTMedConfig.real()
+    )
+    res: dict = {
+        "gpu": "cpu (tiny)" if args.tiny else torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "slices": args.slices,
+        "new_tokens": args.new_tokens,
+    }
     imgs = slices(args.slices)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -76,9 +83,16 @@ def main() -> int:
 
         _train_tokenizer(Path(files["llama"]))
         for static in (False, True):
-            engine = MiniGPTMedEngine(eva=str(files["eva"]), llama=str(files["llama"]), checkpoint=str(files["checkpoint"]),
-                                      model_config=str(model_config) if model_config else None, device=device,
-                                      dtype="float32" if args.tiny else "float16", max_batch=8, cache_size=0)
+            engine = MiniGPTMedEngine(
+                eva=str(files["eva"]),
+                llama=str(files["llama"]),
+                checkpoint=str(files["checkpoint"]),
+                model_config=str(model_config) if model_config else None,
+                device=device,
+                dtype="float32" if args.tiny else "float16",
+                max_batch=8,
+                cache_size=0,
+            )
             engine.static_decode = static
             t0 = time.perf_counter()
             engine.load()
@@ -87,18 +101,26 @@ def main() -> int:
             n_pieces = engine.tokenizer.sp.get_piece_size()
             decode = engine.tokenizer.decode
             engine.tokenizer.decode = lambda ids, _d=decode, _n=n_pieces: _d([int(i) % _n for i in ids])
-            inputs = [AnalysisInput(task="detect", image=DecodedImage(im, "PNG"), modality="CT",
-                                    max_new_tokens=args.new_tokens) for im in imgs]
+            inputs = [
+                AnalysisInput(
+                    task="detect", image=DecodedImage(im, "PNG"), modality="CT", max_new_tokens=args.new_tokens
+                )
+                for im in imgs
+            ]
             engine.analyze_batch(inputs[:8], StopToken())  # warm-up
             for batch in (1, 8):
                 _sync()
                 t0 = time.perf_counter()
                 for i in range(0, len(inputs), batch):
-                    engine.analyze_batch(inputs[i:i + batch], StopToken())
+                    engine.analyze_batch(inputs[i : i + batch], StopToken())
                 _sync()
                 dt = time.perf_counter() - t0
                 key = f"{'static' if static else 'dynamic'}_batch{batch}"
-                res[key] = {"seconds": round(dt, 2), "slices_per_s": round(len(inputs) / dt, 2), "load_s": round(load_s, 1)}
+                res[key] = {
+                    "seconds": round(dt, 2),
+                    "slices_per_s": round(len(inputs) / dt, 2),
+                    "load_s": round(load_s, 1),
+                }
                 print(key, res[key], flush=True)
             del engine
             if torch.cuda.is_available():

@@ -36,11 +36,29 @@ from backend.minigpt.generate import StaticDecoder, generate
 from backend.minigpt.preprocess import preprocess
 from backend.minigpt.weights import LoadOptions, load_converted, load_original
 
-LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-LLAMA_TINY = dict(LLAMA_7B, vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=4)
+LLAMA_7B = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    tie_word_embeddings=False,
+)
+LLAMA_TINY = dict(
+    LLAMA_7B,
+    vocab_size=512,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+)
 VISION_TINY = {"image_size": 448, "patch_size": 14, "width": 64, "depth": 2, "heads": 4, "mlp_dim": 128}
 HBM_SPEC_TBPS = {"H100 PCIe": 2.0, "H100 NVL": 3.9, "H100": 3.35, "H200": 4.8, "A100": 2.0}
 
@@ -56,6 +74,7 @@ def sync() -> None:
 
 # ---- writing random weights in the original formats --------------------------------------------------------------
 
+
 def _rand(shape, dtype, device, gen, std=0.02):
     return (torch.randn(shape, device=device, generator=gen, dtype=torch.float32) * std).to(dtype)
 
@@ -69,21 +88,31 @@ def write_original(root: Path, cfg: MiniGPTMedConfig, llama: dict, device: str, 
     v = cfg.vision
     root.mkdir(parents=True, exist_ok=True)
     # EVA: Conv/Linear fp16, LayerNorms / cls / pos / q,v biases fp32; one block more than used; 224-px pos_embed
-    eva = {"cls_token": _rand((1, 1, v.width), torch.float32, device, gen), "pos_embed": _rand((1, 257, v.width), torch.float32, device, gen),
-           "patch_embed.proj.weight": _rand((v.width, 3, v.patch_size, v.patch_size), torch.float16, device, gen),
-           "patch_embed.proj.bias": torch.zeros(v.width, dtype=torch.float16)}
+    eva = {
+        "cls_token": _rand((1, 1, v.width), torch.float32, device, gen),
+        "pos_embed": _rand((1, 257, v.width), torch.float32, device, gen),
+        "patch_embed.proj.weight": _rand((v.width, 3, v.patch_size, v.patch_size), torch.float16, device, gen),
+        "patch_embed.proj.bias": torch.zeros(v.width, dtype=torch.float16),
+    }
     for i in range(v.depth + 1):
         b = f"blocks.{i}."
-        eva.update({b + "norm1.weight": torch.ones(v.width), b + "norm1.bias": torch.zeros(v.width),
-                    b + "attn.q_bias": torch.zeros(v.width), b + "attn.v_bias": torch.zeros(v.width),
-                    b + "attn.qkv.weight": _rand((3 * v.width, v.width), torch.float16, device, gen),
-                    b + "attn.proj.weight": _rand((v.width, v.width), torch.float16, device, gen),
-                    b + "attn.proj.bias": torch.zeros(v.width, dtype=torch.float16),
-                    b + "norm2.weight": torch.ones(v.width), b + "norm2.bias": torch.zeros(v.width),
-                    b + "mlp.fc1.weight": _rand((v.mlp_dim, v.width), torch.float16, device, gen),
-                    b + "mlp.fc1.bias": torch.zeros(v.mlp_dim, dtype=torch.float16),
-                    b + "mlp.fc2.weight": _rand((v.width, v.mlp_dim), torch.float16, device, gen),
-                    b + "mlp.fc2.bias": torch.zeros(v.width, dtype=torch.float16)})
+        eva.update(
+            {
+                b + "norm1.weight": torch.ones(v.width),
+                b + "norm1.bias": torch.zeros(v.width),
+                b + "attn.q_bias": torch.zeros(v.width),
+                b + "attn.v_bias": torch.zeros(v.width),
+                b + "attn.qkv.weight": _rand((3 * v.width, v.width), torch.float16, device, gen),
+                b + "attn.proj.weight": _rand((v.width, v.width), torch.float16, device, gen),
+                b + "attn.proj.bias": torch.zeros(v.width, dtype=torch.float16),
+                b + "norm2.weight": torch.ones(v.width),
+                b + "norm2.bias": torch.zeros(v.width),
+                b + "mlp.fc1.weight": _rand((v.mlp_dim, v.width), torch.float16, device, gen),
+                b + "mlp.fc1.bias": torch.zeros(v.mlp_dim, dtype=torch.float16),
+                b + "mlp.fc2.weight": _rand((v.width, v.mlp_dim), torch.float16, device, gen),
+                b + "mlp.fc2.bias": torch.zeros(v.width, dtype=torch.float16),
+            }
+        )
     torch.save({k: t.cpu() for k, t in eva.items()}, root / "eva_vit_g.pth")
     del eva
     # LLaMA folder: config.json (fp16), generation_config.json asking for sampling, sharded safetensors
@@ -94,8 +123,9 @@ def write_original(root: Path, cfg: MiniGPTMedConfig, llama: dict, device: str, 
     cj = json.loads((folder / "config.json").read_text())
     cj["torch_dtype"] = "float16"
     (folder / "config.json").write_text(json.dumps(cj, indent=2))
-    GenerationConfig(bos_token_id=1, eos_token_id=2, do_sample=True, temperature=0.6, top_p=0.9,
-                     max_length=4096, pad_token_id=0).save_pretrained(str(folder))
+    GenerationConfig(
+        bos_token_id=1, eos_token_id=2, do_sample=True, temperature=0.6, top_p=0.9, max_length=4096, pad_token_id=0
+    ).save_pretrained(str(folder))
     with torch.device("meta"):
         shapes = {k: t.shape for k, t in LlamaForCausalLM(lcfg).state_dict().items()}
     shard, size, n, index = {}, 0, 0, {}
@@ -117,12 +147,16 @@ def write_original(root: Path, cfg: MiniGPTMedConfig, llama: dict, device: str, 
             flush()
     flush()
     total = sum(int(np.prod(s)) * 2 for s in shapes.values())
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": index}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": index})
+    )
     # MiniGPT-Med checkpoint: {'model': llama_proj + LoRA (no .default) + inv_freq, 'optimizer': ...}
     h, r = llama["hidden_size"], cfg.lora.r
     hd = h // llama["num_attention_heads"]
-    model = {"llama_proj.weight": _rand((h, cfg.proj_in), torch.float32, device, gen).cpu(),
-             "llama_proj.bias": torch.zeros(h)}
+    model = {
+        "llama_proj.weight": _rand((h, cfg.proj_in), torch.float32, device, gen).cpu(),
+        "llama_proj.bias": torch.zeros(h),
+    }
     pre = "llama_model.base_model.model.model.layers."
     for i in range(llama["num_hidden_layers"]):
         for m in ("q_proj", "v_proj"):
@@ -130,8 +164,7 @@ def write_original(root: Path, cfg: MiniGPTMedConfig, llama: dict, device: str, 
             model[f"{pre}{i}.self_attn.{m}.lora_B.weight"] = _rand((h, r), torch.float32, device, gen).cpu()
         model[f"{pre}{i}.self_attn.rotary_emb.inv_freq"] = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
     torch.save({"model": model, "optimizer": {"state": {}, "param_groups": []}, "epoch": 5}, root / "minigptmed.pth")
-    return {"eva": root / "eva_vit_g.pth", "llama": folder, "checkpoint": root / "minigptmed.pth",
-            "llm_bytes": total}
+    return {"eva": root / "eva_vit_g.pth", "llama": folder, "checkpoint": root / "minigptmed.pth", "llm_bytes": total}
 
 
 def drop_page_cache() -> bool:
@@ -145,13 +178,16 @@ def drop_page_cache() -> bool:
 
 # ---- measurements --------------------------------------------------------------------------------------------------
 
+
 def prompt_embeds(model, image_emb: torch.Tensor, seg0: int = 8, seg1: int = 20, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     vocab = model.llm.config.vocab_size
     a = torch.randint(3, vocab, (seg0,), generator=g)
     b = torch.randint(3, vocab, (seg1,), generator=g)
     a[:2] = 1  # the double BOS
-    return torch.cat([model.embed_tokens(a), image_emb.to(model.llm.get_input_embeddings().weight.dtype), model.embed_tokens(b)])
+    return torch.cat(
+        [model.embed_tokens(a), image_emb.to(model.llm.get_input_embeddings().weight.dtype), model.embed_tokens(b)]
+    )
 
 
 def images(n: int, seed: int = 0):
@@ -173,8 +209,15 @@ def time_to_first_token(model, size: int, reps: int = 3) -> dict:
         t2 = time.perf_counter()
         g = generate(model.llm, [prompt_embeds(model, emb)], 1, eos_id=-1, bos_id=1)
         t3 = time.perf_counter()
-        out.append({"preprocess_ms": (t1 - t0) * 1e3, "vision_ms": (t2 - t1) * 1e3, "prefill_ms": g.prefill_s * 1e3,
-                    "ttft_ms": (t3 - t0) * 1e3, "prompt_tokens": g.prompt_lengths[0]})
+        out.append(
+            {
+                "preprocess_ms": (t1 - t0) * 1e3,
+                "vision_ms": (t2 - t1) * 1e3,
+                "prefill_ms": g.prefill_s * 1e3,
+                "ttft_ms": (t3 - t0) * 1e3,
+                "prompt_tokens": g.prompt_lengths[0],
+            }
+        )
     best = min(out[1:], key=lambda d: d["ttft_ms"])
     return {k: round(v, 2) for k, v in best.items()}
 
@@ -186,9 +229,14 @@ def decode_rates(model, batch: int, new_tokens: int) -> dict:
     generate(model.llm, prompts, 4, eos_id=-1, bos_id=1)  # warm-up
     g = generate(model.llm, prompts, new_tokens, eos_id=-1, bos_id=1)
     steps = max(g.steps - 1, 1)
-    return {"batch": batch, "new_tokens": new_tokens, "prefill_ms": round(g.prefill_s * 1e3, 2),
-            "prefill_tok_s": round(sum(g.prompt_lengths) / g.prefill_s, 1),
-            "decode_tok_s": round(batch * steps / g.decode_s, 1), "ms_per_step": round(g.decode_s / steps * 1e3, 3)}
+    return {
+        "batch": batch,
+        "new_tokens": new_tokens,
+        "prefill_ms": round(g.prefill_s * 1e3, 2),
+        "prefill_tok_s": round(sum(g.prompt_lengths) / g.prefill_s, 1),
+        "decode_tok_s": round(batch * steps / g.decode_s, 1),
+        "ms_per_step": round(g.decode_s / steps * 1e3, 3),
+    }
 
 
 @torch.inference_mode()
@@ -200,22 +248,37 @@ def hf_generate_rates(model, batch: int, new_tokens: int) -> dict:
     x = torch.zeros(batch, L, prompts[0].shape[-1], dtype=prompts[0].dtype, device=prompts[0].device)
     mask = torch.zeros(batch, L, dtype=torch.long, device=x.device)
     for i, p in enumerate(prompts):
-        x[i, L - p.shape[0]:] = p
-        mask[i, L - p.shape[0]:] = 1
+        x[i, L - p.shape[0] :] = p
+        mask[i, L - p.shape[0] :] = 1
 
     def run(n):
         sync()
         t0 = time.perf_counter()
-        model.llm.generate(inputs_embeds=x, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           num_beams=1, eos_token_id=None, pad_token_id=0, temperature=None, top_p=None, top_k=None)
+        model.llm.generate(
+            inputs_embeds=x,
+            attention_mask=mask,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=None,
+            pad_token_id=0,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
         sync()
         return time.perf_counter() - t0
 
     run(4)
     t1, tn = run(1), run(new_tokens)
-    return {"batch": batch, "new_tokens": new_tokens, "first_token_ms": round(t1 * 1e3, 2),
-            "decode_tok_s": round(batch * (new_tokens - 1) / (tn - t1), 1),
-            "ms_per_step": round((tn - t1) / (new_tokens - 1) * 1e3, 3)}
+    return {
+        "batch": batch,
+        "new_tokens": new_tokens,
+        "first_token_ms": round(t1 * 1e3, 2),
+        "decode_tok_s": round(batch * (new_tokens - 1) / (tn - t1), 1),
+        "ms_per_step": round((tn - t1) / (new_tokens - 1) * 1e3, 3),
+    }
 
 
 @torch.inference_mode()
@@ -231,12 +294,24 @@ def static_rates(model, batch: int, new_tokens: int, compile: bool) -> dict:
     g = dec.generate(prompts, new_tokens, eos_id=-1, bos_id=1)
     ref = generate(model.llm, prompts, new_tokens, eos_id=-1, bos_id=1)
     steps = max(g.steps - 1, 1)
-    return {"batch": batch, "new_tokens": new_tokens, "compiled": compile, "warmup_s": round(warm, 1),
-            "prefill_ms": round(g.prefill_s * 1e3, 2), "decode_tok_s": round(batch * steps / g.decode_s, 1),
-            "ms_per_step": round(g.decode_s / steps * 1e3, 3),
-            "same_tokens_as_dynamic_cache_path": g.tokens == ref.tokens,
-            "first_diff_step": next((min(i for i, (a, b) in enumerate(zip(x, y, strict=False)) if a != b)
-                                     for x, y in zip(g.tokens, ref.tokens, strict=True) if x != y), None)}
+    return {
+        "batch": batch,
+        "new_tokens": new_tokens,
+        "compiled": compile,
+        "warmup_s": round(warm, 1),
+        "prefill_ms": round(g.prefill_s * 1e3, 2),
+        "decode_tok_s": round(batch * steps / g.decode_s, 1),
+        "ms_per_step": round(g.decode_s / steps * 1e3, 3),
+        "same_tokens_as_dynamic_cache_path": g.tokens == ref.tokens,
+        "first_diff_step": next(
+            (
+                min(i for i, (a, b) in enumerate(zip(x, y, strict=False)) if a != b)
+                for x, y in zip(g.tokens, ref.tokens, strict=True)
+                if x != y
+            ),
+            None,
+        ),
+    }
 
 
 def one_by_one_vs_batched(model, n: int, new_tokens: int) -> dict:
@@ -252,8 +327,14 @@ def one_by_one_vs_batched(model, n: int, new_tokens: int) -> dict:
         batched = generate(model.llm, prompts, new_tokens, eos_id=-1, bos_id=1).tokens
         sync()
         t2 = time.perf_counter()
-    return {"items": n, "new_tokens": new_tokens, "one_by_one_s": round(t1 - t0, 3), "batched_s": round(t2 - t1, 3),
-            "speedup": round((t1 - t0) / (t2 - t1), 2), "same_tokens": single == batched}
+    return {
+        "items": n,
+        "new_tokens": new_tokens,
+        "one_by_one_s": round(t1 - t0, 3),
+        "batched_s": round(t2 - t1, 3),
+        "speedup": round((t1 - t0) / (t2 - t1), 2),
+        "same_tokens": single == batched,
+    }
 
 
 @torch.inference_mode()
@@ -268,10 +349,20 @@ def batch_invariance_probe(model, n: int = 8, new_tokens: int = 32) -> dict:
     x = torch.zeros(n, L, prompts[0].shape[-1], dtype=prompts[0].dtype, device=prompts[0].device)
     mask = torch.zeros(n, L, dtype=torch.long, device=x.device)
     for i, p in enumerate(prompts):
-        x[i, L - p.shape[0]:] = p
-        mask[i, L - p.shape[0]:] = 1
+        x[i, L - p.shape[0] :] = p
+        mask[i, L - p.shape[0] :] = 1
     pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    batched = model.llm(inputs_embeds=x, attention_mask=mask, position_ids=pos, past_key_values=DynamicCache(config=model.llm.config), logits_to_keep=1).logits[:, -1].float()
+    batched = (
+        model.llm(
+            inputs_embeds=x,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=DynamicCache(config=model.llm.config),
+            logits_to_keep=1,
+        )
+        .logits[:, -1]
+        .float()
+    )
     diffs = []
     for i, p in enumerate(prompts):
         one = model.llm(inputs_embeds=p[None], logits_to_keep=1).logits[0, -1].float()
@@ -286,9 +377,13 @@ def batch_invariance_probe(model, n: int = 8, new_tokens: int = 32) -> dict:
             nxt = lg.argmax()[None, None]
             lg = model.llm(input_ids=nxt, past_key_values=cache).logits[0, -1].float()
     margins.sort()
-    return {"prefill_logit_max_abs_diff_batched_vs_single": round(max(diffs), 5),
-            "greedy_top2_margin_min": round(margins[0], 5), "greedy_top2_margin_median": round(margins[len(margins) // 2], 5),
-            "steps_with_margin_below_max_diff": sum(m < max(diffs) for m in margins), "steps": len(margins)}
+    return {
+        "prefill_logit_max_abs_diff_batched_vs_single": round(max(diffs), 5),
+        "greedy_top2_margin_min": round(margins[0], 5),
+        "greedy_top2_margin_median": round(margins[len(margins) // 2], 5),
+        "steps_with_margin_below_max_diff": sum(m < max(diffs) for m in margins),
+        "steps": len(margins),
+    }
 
 
 def hbm_bandwidth() -> dict:
@@ -316,14 +411,22 @@ def llm_weight_bytes(llm) -> int:
 
 # ---- main ----------------------------------------------------------------------------------------------------------
 
+
 def run(quick: bool, workdir: Path, new_tokens: int, skip: set[str] = frozenset()) -> dict:
     device = "cpu" if quick else "cuda"
     dtype = torch.float32 if quick else torch.float16
-    cfg = MiniGPTMedConfig.from_dict({"vision": VISION_TINY, "llm_hidden_size": LLAMA_TINY["hidden_size"]}) if quick \
+    cfg = (
+        MiniGPTMedConfig.from_dict({"vision": VISION_TINY, "llm_hidden_size": LLAMA_TINY["hidden_size"]})
+        if quick
         else MiniGPTMedConfig.real()
+    )
     llama = LLAMA_TINY if quick else LLAMA_7B
-    res: dict = {"mode": "quick (tiny config, CPU)" if quick else "real-size architecture, random weights",
-                 "torch": torch.__version__, "device": device, "dtype": str(dtype).replace("torch.", "")}
+    res: dict = {
+        "mode": "quick (tiny config, CPU)" if quick else "real-size architecture, random weights",
+        "torch": torch.__version__,
+        "device": device,
+        "dtype": str(dtype).replace("torch.", ""),
+    }
     if not quick:
         res["gpu"] = torch.cuda.get_device_name()
     import transformers
@@ -332,9 +435,14 @@ def run(quick: bool, workdir: Path, new_tokens: int, skip: set[str] = frozenset(
     t0 = time.perf_counter()
     files = write_original(workdir / "orig", cfg, llama, "cuda" if not quick else "cpu")
     res["write_original_files_s"] = round(time.perf_counter() - t0, 1)
-    res["file_sizes_GB"] = {k: round(sum(f.stat().st_size for f in (Path(files[k]).rglob("*") if Path(files[k]).is_dir()
-                                                                      else [Path(files[k])])) / 1e9, 3)
-                            for k in ("eva", "llama", "checkpoint")}
+    res["file_sizes_GB"] = {
+        k: round(
+            sum(f.stat().st_size for f in (Path(files[k]).rglob("*") if Path(files[k]).is_dir() else [Path(files[k])]))
+            / 1e9,
+            3,
+        )
+        for k in ("eva", "llama", "checkpoint")
+    }
     log(f"wrote original files in {res['write_original_files_s']} s: {res['file_sizes_GB']}")
     opts = LoadOptions(device=device, dtype=dtype)
     res["page_cache_dropped"] = (not quick) and drop_page_cache()
@@ -360,7 +468,7 @@ def run(quick: bool, workdir: Path, new_tokens: int, skip: set[str] = frozenset(
     res["batch_invariance"] = batch_invariance_probe(model)
     log(f"batch invariance {res['batch_invariance']}")
     res["static_decode"] = []
-    for b in (() if "static" in skip else (1, 8)):
+    for b in () if "static" in skip else (1, 8):
         try:
             res["static_decode"].append(static_rates(model, b, new_tokens, compile=not quick))
         except Exception as e:  # the compiled path is optional: record why it failed

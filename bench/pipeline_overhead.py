@@ -44,10 +44,16 @@ def _engine_cls():
             out = []
             for inp in inputs:
                 w, h = inp.image.width, inp.image.height
-                boxes = [[0.2 * w, 0.3 * h, 0.3 * w, 0.4 * h], [0.5 * w, 0.5 * h, 0.6 * w, 0.7 * h],
-                         [0.7 * w, 0.2 * h, 0.75 * w, 0.3 * h]]
-                out.append(AnalysisResult(text="three boxes", findings=[Finding(f"finding {i}", b, 0.5)
-                                                                        for i, b in enumerate(boxes)]))
+                boxes = [
+                    [0.2 * w, 0.3 * h, 0.3 * w, 0.4 * h],
+                    [0.5 * w, 0.5 * h, 0.6 * w, 0.7 * h],
+                    [0.7 * w, 0.2 * h, 0.75 * w, 0.3 * h],
+                ]
+                out.append(
+                    AnalysisResult(
+                        text="three boxes", findings=[Finding(f"finding {i}", b, 0.5) for i, b in enumerate(boxes)]
+                    )
+                )
             return out
 
     return FixedEngine
@@ -106,26 +112,36 @@ def run(n: int, sizes: Sequence[int], compress_level: int) -> list[dict]:
                     http_ms.append((t2 - t1) * 1000)
                     markups_ms.append((t3 - t2) * 1000)
                     floor.append((f1 - f0) * 1000)
-            rows.append({
-                "size": size, "png_kb": len(cap.png) / 1024,
-                "p50": statistics.median(total), "p95": _pct(total, 95),
-                "floor_p50": statistics.median(floor), "floor_p95": _pct(floor, 95),
-                "capture_p50": statistics.median(capture_ms), "http_p50": statistics.median(http_ms),
-                "markups_p50": statistics.median(markups_ms),
-            })
+            rows.append(
+                {
+                    "size": size,
+                    "png_kb": len(cap.png) / 1024,
+                    "p50": statistics.median(total),
+                    "p95": _pct(total, 95),
+                    "floor_p50": statistics.median(floor),
+                    "floor_p95": _pct(floor, 95),
+                    "capture_p50": statistics.median(capture_ms),
+                    "http_p50": statistics.median(http_ms),
+                    "markups_p50": statistics.median(markups_ms),
+                }
+            )
         client.close()
     S.close(ctx)
     return rows
 
 
 def table(rows: list[dict], n: int, compress_level: int) -> str:
-    head = (f"| slice | PNG (level {compress_level}) | pipeline p50 | p95 | floor p50 | floor p95 | ratio p50 | "
-            "capture | request+response | markups |\n|---|---|---|---|---|---|---|---|---|---|")
+    head = (
+        f"| slice | PNG (level {compress_level}) | pipeline p50 | p95 | floor p50 | floor p95 | ratio p50 | "
+        "capture | request+response | markups |\n|---|---|---|---|---|---|---|---|---|---|"
+    )
     lines = [head]
     for r in rows:
-        lines.append(f"| {r['size']}² | {r['png_kb']:.0f} KB | {r['p50']:.1f} ms | {r['p95']:.1f} ms | "
-                     f"{r['floor_p50']:.1f} ms | {r['floor_p95']:.1f} ms | {r['p50'] / r['floor_p50']:.2f}× | "
-                     f"{r['capture_p50']:.1f} ms | {r['http_p50']:.1f} ms | {r['markups_p50']:.1f} ms |")
+        lines.append(
+            f"| {r['size']}² | {r['png_kb']:.0f} KB | {r['p50']:.1f} ms | {r['p95']:.1f} ms | "
+            f"{r['floor_p50']:.1f} ms | {r['floor_p95']:.1f} ms | {r['p50'] / r['floor_p50']:.2f}× | "
+            f"{r['capture_p50']:.1f} ms | {r['http_p50']:.1f} ms | {r['markups_p50']:.1f} ms |"
+        )
     return "\n".join(lines) + f"\n\n{n} requests per size after 5 warm-ups."
 
 
@@ -141,8 +157,10 @@ def main() -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     t0 = time.perf_counter()
     rows = run(n, sizes, args.compress_level)
-    print(f"Pipeline overhead on {platform.node()} ({os.cpu_count()} CPUs, Python {platform.python_version()}), "
-          f"{time.strftime('%Y-%m-%d')}:\n")
+    print(
+        f"Pipeline overhead on {platform.node()} ({os.cpu_count()} CPUs, Python {platform.python_version()}), "
+        f"{time.strftime('%Y-%m-%d')}:\n"
+    )
     print(table(rows, n, args.compress_level))
     print(f"\n(total bench time {time.perf_counter() - t0:.1f} s)")
     return 0

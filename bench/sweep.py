@@ -68,12 +68,17 @@ def bench_engine(name: str, engine, volume: Path, slices: int, batch: int, max_n
     seq_dt = results["sequential"][0]
     for label, (dt, responses) in results.items():
         findings = merge_sweep(captured, responses, plan)
-        lines.append(f"| {name} | {label} | {len(captured)} | {dt:.2f} s | {len(captured) / dt:.1f} | "
-                     f"{seq_dt / dt:.2f}× | {sum(not f.isolated for f in findings)} |")
-    same = [[f.box for f in r.findings] for r in results["sequential"][1]] == \
-           [[f.box for f in r.findings] for r in results[f"batched ({batch})"][1]]
-    lines.append(f"\n{name}: capture of {len(captured)} slices {t_capture:.2f} s; batched results identical to "
-                 f"sequential: {same}\n")
+        lines.append(
+            f"| {name} | {label} | {len(captured)} | {dt:.2f} s | {len(captured) / dt:.1f} | "
+            f"{seq_dt / dt:.2f}× | {sum(not f.isolated for f in findings)} |"
+        )
+    same = [[f.box for f in r.findings] for r in results["sequential"][1]] == [
+        [f.box for f in r.findings] for r in results[f"batched ({batch})"][1]
+    ]
+    lines.append(
+        f"\n{name}: capture of {len(captured)} slices {t_capture:.2f} s; batched results identical to "
+        f"sequential: {same}\n"
+    )
     S.close(ctx)
     return lines
 
@@ -92,7 +97,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         volume = Path(tmp) / "sweep.nrrd"
         make_volume(volume, slices)
-        lines = ["| engine | mode | slices | time | slices/s | speed-up | 3D findings |", "|---|---|---|---|---|---|---|"]
+        lines = [
+            "| engine | mode | slices | time | slices/s | speed-up | 3D findings |",
+            "|---|---|---|---|---|---|---|",
+        ]
         body = bench_engine("builtin", BuiltinEngine(), volume, slices, args.batch, None)
         if args.minigptmed:
             from minigpt_fixtures import tiny_files  # the tests' tiny model, trained offline and cached
@@ -100,8 +108,13 @@ def main() -> int:
             from backend.engines.minigptmed import MiniGPTMedEngine
 
             tiny = tiny_files()
-            engine = MiniGPTMedEngine(eva=str(tiny.eva), llama=str(tiny.llama), checkpoint=str(tiny.checkpoint),
-                                      model_config=str(tiny.model_config), device="cpu")
+            engine = MiniGPTMedEngine(
+                eva=str(tiny.eva),
+                llama=str(tiny.llama),
+                checkpoint=str(tiny.checkpoint),
+                model_config=str(tiny.model_config),
+                device="cpu",
+            )
             body += bench_engine("MiniGPT-Med (tiny, CPU)", engine, volume, slices, min(args.batch, 8), 16)
     print(f"Sweep benchmark on {platform.node()} ({os.cpu_count()} CPUs), {time.strftime('%Y-%m-%d')}:\n")
     print("\n".join(lines + [b for b in body if b.startswith("|")]))

@@ -1,6 +1,6 @@
 """Screenshot of the real panel after a real analysis (offscreen), for the README: docs/images/panel.png.
 
-    QT_QPA_PLATFORM=offscreen .venv/bin/python tools/screenshot_panel.py
+QT_QPA_PLATFORM=offscreen .venv/bin/python tools/screenshot_panel.py
 """
 
 from __future__ import annotations

@@ -122,8 +122,9 @@ def window_level(raw: np.ndarray, window: float, level: float) -> np.ndarray:
     return np.floor(v).astype(np.uint8)
 
 
-def capture_slice(slice_logic, export_size: Union[int, Sequence[int], None] = None,
-                  compress_level: int = 1) -> CapturedSlice:
+def capture_slice(
+    slice_logic, export_size: Union[int, Sequence[int], None] = None, compress_level: int = 1
+) -> CapturedSlice:
     """Capture the background volume of a slice view as the radiologist sees it."""
     from .scene import volume_of
 
@@ -149,16 +150,29 @@ def capture_slice(slice_logic, export_size: Union[int, Sequence[int], None] = No
     pixel_to_ras[:3, 2] = normal / np.linalg.norm(normal) * thickness
     spacing = (float(np.linalg.norm(pixel_to_ras[:3, 1])), float(np.linalg.norm(pixel_to_ras[:3, 0])))
     return CapturedSlice(
-        pixels=pixels, png=encode_png(pixels, compress_level), pixel_to_ras=pixel_to_ras, pixel_spacing_mm=spacing,
-        slice_normal_ras=(float(normal[0]), float(normal[1]), float(normal[2])), slice_thickness_mm=thickness,
-        view_name=slice_node.GetName(), orientation=slice_node.GetOrientation(),
-        slice_offset_mm=float(slice_logic.GetSliceOffset()), volume_node_id=volume.GetID(),
-        modality=volume.GetAttribute("DICOM.Modality") or None, window=window, level=level,
+        pixels=pixels,
+        png=encode_png(pixels, compress_level),
+        pixel_to_ras=pixel_to_ras,
+        pixel_spacing_mm=spacing,
+        slice_normal_ras=(float(normal[0]), float(normal[1]), float(normal[2])),
+        slice_thickness_mm=thickness,
+        view_name=slice_node.GetName(),
+        orientation=slice_node.GetOrientation(),
+        slice_offset_mm=float(slice_logic.GetSliceOffset()),
+        volume_node_id=volume.GetID(),
+        modality=volume.GetAttribute("DICOM.Modality") or None,
+        window=window,
+        level=level,
     )
 
 
-def to_request(captured: CapturedSlice, task: str, question: Optional[str] = None,
-               region: Optional[Sequence[float]] = None, **options) -> protocol.AnalyzeRequest:
+def to_request(
+    captured: CapturedSlice,
+    task: str,
+    question: Optional[str] = None,
+    region: Optional[Sequence[float]] = None,
+    **options,
+) -> protocol.AnalyzeRequest:
     """The request for a captured slice: pixels, spacing and modality only (no names, no DICOM tags)."""
     return protocol.AnalyzeRequest(
         task=task,  # type: ignore[arg-type]
@@ -177,7 +191,9 @@ def region_from_roi(captured: CapturedSlice, roi_node) -> Tuple[float, float, fl
     """The pixel box of an ROI markup (e.g. a rectangle the user drew) in the captured image, clipped to it."""
     m = _vtk_to_np(roi_node.GetObjectToWorldMatrix())
     sx, sy, sz = roi_node.GetSize()
-    corners = [m @ np.array([a * sx / 2, b * sy / 2, c * sz / 2, 1.0]) for a in (-1, 1) for b in (-1, 1) for c in (-1, 1)]
+    corners = [
+        m @ np.array([a * sx / 2, b * sy / 2, c * sz / 2, 1.0]) for a in (-1, 1) for b in (-1, 1) for c in (-1, 1)
+    ]
     uv = np.array([ras_to_pixel(captured.pixel_to_ras, p[:3])[:2] for p in corners])
     x0, y0 = np.clip(uv.min(axis=0), 0, [captured.width, captured.height])
     x1, y1 = np.clip(uv.max(axis=0), 0, [captured.width, captured.height])

@@ -47,8 +47,13 @@ def encode_image(png_or_jpeg: bytes) -> str:
 
 
 class BackendClient:
-    def __init__(self, base_url: str = DEFAULT_URL, token: Optional[str] = None, timeouts: Optional[Timeouts] = None,
-                 verify_tls: Union[bool, str] = True):
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        token: Optional[str] = None,
+        timeouts: Optional[Timeouts] = None,
+        verify_tls: Union[bool, str] = True,
+    ):
         url = (base_url or "").strip().rstrip("/")
         if not url:
             raise BackendError("config", "No backend URL is set.")
@@ -84,7 +89,9 @@ class BackendClient:
         data = self._request("POST", "/v1/analyze", protocol.to_dict(request), self.timeouts.analyze_s, cancel)
         return self._parse(AnalyzeResponse, data)
 
-    def analyze_batch(self, requests_: Sequence[AnalyzeRequest], cancel: Optional[threading.Event] = None) -> List[AnalyzeResponse]:
+    def analyze_batch(
+        self, requests_: Sequence[AnalyzeRequest], cancel: Optional[threading.Event] = None
+    ) -> List[AnalyzeResponse]:
         body = protocol.to_dict(BatchRequest(items=list(requests_)))
         data = self._request("POST", "/v1/analyze/batch", body, self.timeouts.analyze_s, cancel)
         return self._parse(BatchResponse, data).results
@@ -104,11 +111,20 @@ class BackendClient:
         try:
             return protocol.from_dict(cls, data)
         except protocol.ProtocolError as e:
-            raise BackendError("protocol", f"The backend sent a response this module does not understand ({e}). "
-                               "Are the module and the backend the same version?") from e
+            raise BackendError(
+                "protocol",
+                f"The backend sent a response this module does not understand ({e}). "
+                "Are the module and the backend the same version?",
+            ) from e
 
-    def _request(self, method: str, path: str, body: Optional[Dict[str, Any]], read_timeout: float,
-                 cancel: Optional[threading.Event] = None) -> Any:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: Optional[Dict[str, Any]],
+        read_timeout: float,
+        cancel: Optional[threading.Event] = None,
+    ) -> Any:
         if cancel is not None and cancel.is_set():
             raise BackendError("cancelled", "Cancelled.")
         url = self.base_url + path
@@ -117,23 +133,45 @@ class BackendClient:
         if payload is not None:
             headers["Content-Type"] = "application/json"
         try:
-            resp = self._session.request(method, url, data=payload, headers=headers,
-                                         timeout=(self.timeouts.connect_s, read_timeout), verify=self.verify_tls)
+            resp = self._session.request(
+                method,
+                url,
+                data=payload,
+                headers=headers,
+                timeout=(self.timeouts.connect_s, read_timeout),
+                verify=self.verify_tls,
+            )
         except requests.exceptions.SSLError as e:
-            raise BackendError("tls", f"TLS error talking to {self.base_url}: {_short(e)}. Check the server certificate "
-                               "or use http:// for a backend on this machine.") from e
+            raise BackendError(
+                "tls",
+                f"TLS error talking to {self.base_url}: {_short(e)}. Check the server certificate "
+                "or use http:// for a backend on this machine.",
+            ) from e
         except requests.exceptions.ConnectTimeout as e:
-            raise BackendError("timeout", f"Could not connect to the backend at {self.base_url} within "
-                               f"{self.timeouts.connect_s:g} s.") from e
+            raise BackendError(
+                "timeout", f"Could not connect to the backend at {self.base_url} within {self.timeouts.connect_s:g} s."
+            ) from e
         except requests.exceptions.ReadTimeout as e:
-            raise BackendError("timeout", f"The backend at {self.base_url} did not answer within {read_timeout:g} s.") from e
+            raise BackendError(
+                "timeout", f"The backend at {self.base_url} did not answer within {read_timeout:g} s."
+            ) from e
         except requests.exceptions.ConnectionError as e:
             text = str(e)
-            if any(s in text for s in ("Name or service not known", "nodename nor servname", "getaddrinfo failed",
-                                       "Temporary failure in name resolution", "No address associated")):
+            if any(
+                s in text
+                for s in (
+                    "Name or service not known",
+                    "nodename nor servname",
+                    "getaddrinfo failed",
+                    "Temporary failure in name resolution",
+                    "No address associated",
+                )
+            ):
                 raise BackendError("dns", f"Cannot resolve the backend host in {self.base_url}. Check the URL.") from e
-            raise BackendError("connection", f"Cannot reach the backend at {self.base_url}. Is it running? "
-                               "Start it with: minigptmed-backend serve") from e
+            raise BackendError(
+                "connection",
+                f"Cannot reach the backend at {self.base_url}. Is it running? Start it with: minigptmed-backend serve",
+            ) from e
         except requests.exceptions.RequestException as e:
             raise BackendError("connection", f"Request to {self.base_url} failed: {_short(e)}") from e
         if cancel is not None and cancel.is_set():
@@ -148,7 +186,9 @@ def _decode_response(resp: requests.Response, base_url: str) -> Any:
         data = None
     if resp.status_code == 200:
         if data is None:
-            raise BackendError("protocol", f"The server at {base_url} did not answer with JSON. Is this a MiniGPTMedSlicer backend?")
+            raise BackendError(
+                "protocol", f"The server at {base_url} did not answer with JSON. Is this a MiniGPTMedSlicer backend?"
+            )
         return data
     code, message = None, None
     if isinstance(data, dict) and isinstance(data.get("error"), dict):

@@ -18,8 +18,14 @@ from . import protocol
 from .client import BackendClient, BackendError, Timeouts
 
 #: The panel's task names -> wire tasks ("sweep" runs detect or ground over slices).
-TASKS: Dict[str, str] = {"Report": "report", "Ask": "vqa", "Detect": "detect", "Locate": "ground",
-                         "Identify region": "identify", "Sweep volume": "sweep"}
+TASKS: Dict[str, str] = {
+    "Report": "report",
+    "Ask": "vqa",
+    "Detect": "detect",
+    "Locate": "ground",
+    "Identify region": "identify",
+    "Sweep volume": "sweep",
+}
 
 
 class AnalysisError(Exception):
@@ -104,8 +110,9 @@ class AnalysisController:
         nodes = [col.GetItemAsObject(i) for i in range(col.GetNumberOfItems())]
         return [n for n in nodes if n.GetAttribute("MiniGPTMed.task") is None]  # user-drawn ROIs only
 
-    def start(self, view: str, task_name: str, question: str = "", region_roi_id: Optional[str] = None,
-              sweep_range: str = "") -> Job:
+    def start(
+        self, view: str, task_name: str, question: str = "", region_roi_id: Optional[str] = None, sweep_range: str = ""
+    ) -> Job:
         """Validate and capture on the main thread, then send on a worker thread."""
         from .capture import capture_slice, region_from_roi, to_request
         from .scene import volume_of
@@ -174,8 +181,15 @@ class AnalysisController:
             try:
                 health = client.health()
                 job.context["health"] = health
-                return analyze_sweep(client, captured, task, question or None, self.batch_size, cancel=job.cancel,
-                                     progress=lambda p: job.progress.put(str(p)))
+                return analyze_sweep(
+                    client,
+                    captured,
+                    task,
+                    question or None,
+                    self.batch_size,
+                    cancel=job.cancel,
+                    progress=lambda p: job.progress.put(str(p)),
+                )
             finally:
                 client.close()
 
@@ -205,8 +219,12 @@ class AnalysisController:
             response: protocol.AnalyzeResponse = job.result
             M.add_analysis_results(self.scene, job.context["captured"], response, replace_previous=not keep_previous)
             note = f" ({'; '.join(response.warnings)})" if response.warnings else ""
-            return Outcome(True, f"{len(response.findings)} finding(s) from {response.engine} in {job.elapsed():.1f} s{note}.",
-                           response.text, len(response.findings))
+            return Outcome(
+                True,
+                f"{len(response.findings)} finding(s) from {response.engine} in {job.elapsed():.1f} s{note}.",
+                response.text,
+                len(response.findings),
+            )
         if job.kind == "sweep":
             from .sweep import merge_sweep, summarize
 
@@ -214,14 +232,28 @@ class AnalysisController:
             findings = merge_sweep(captured, job.result, plan)
             health = job.context["health"]
             summary = summarize(findings, plan, job.view, health.engine, health.model)
-            M.add_sweep_results(self.scene, findings, task=job.task, engine=health.engine, model=health.model,
-                                view_name=job.view, summary=summary, offsets_mm=plan.offsets_mm,
-                                replace_previous=not keep_previous)
-            return Outcome(True, f"{len(findings)} finding(s) over {len(plan.indices)} slices in {job.elapsed():.1f} s.",
-                           summary, len(findings))
+            M.add_sweep_results(
+                self.scene,
+                findings,
+                task=job.task,
+                engine=health.engine,
+                model=health.model,
+                view_name=job.view,
+                summary=summary,
+                offsets_mm=plan.offsets_mm,
+                replace_previous=not keep_previous,
+            )
+            return Outcome(
+                True,
+                f"{len(findings)} finding(s) over {len(plan.indices)} slices in {job.elapsed():.1f} s.",
+                summary,
+                len(findings),
+            )
         health = job.result
-        return Outcome(True, f"Connected: {health.engine} engine, {health.model} on {health.device}; tasks: "
-                             f"{', '.join(health.tasks)}.")
+        return Outcome(
+            True,
+            f"Connected: {health.engine} engine, {health.model} on {health.device}; tasks: {', '.join(health.tasks)}.",
+        )
 
     # -- results ------------------------------------------------------------------------------
 

@@ -36,8 +36,24 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     ct = find_chest_ct()
     t0 = time.perf_counter()
-    code = runner_main(["analyze", str(ct), "--view", "axial", "--slice", str(args.slice), "--task", args.task,
-                        "--window", "400", "--level", "40", "--out", args.out])
+    code = runner_main(
+        [
+            "analyze",
+            str(ct),
+            "--view",
+            "axial",
+            "--slice",
+            str(args.slice),
+            "--task",
+            args.task,
+            "--window",
+            "400",
+            "--level",
+            "40",
+            "--out",
+            args.out,
+        ]
+    )
     if code == 0:
         out = os.path.abspath(args.out)
         print(f"\nDemo done in {time.perf_counter() - t0:.1f} s. Outputs in {out}:")

@@ -37,8 +37,9 @@ def box_size_mm(m: np.ndarray, box: Sequence[float]) -> Tuple[float, float]:
     return float((box[2] - box[0]) * sx), float((box[3] - box[1]) * sy)
 
 
-def box_to_plane_roi(m: np.ndarray, box: Sequence[float], thickness_mm: float
-                     ) -> Tuple[np.ndarray, Tuple[float, float, float], np.ndarray]:
+def box_to_plane_roi(
+    m: np.ndarray, box: Sequence[float], thickness_mm: float
+) -> Tuple[np.ndarray, Tuple[float, float, float], np.ndarray]:
     """A box in pixels -> (centre RAS, size (w, h, thickness) mm, axes 3x3 with columns x, y, normal)."""
     ux, uy, n, sx, sy = slice_axes(m)
     center = pixel_to_ras(m, (box[0] + box[2]) / 2.0, (box[1] + box[3]) / 2.0)

@@ -40,8 +40,18 @@ class FindingRow:
 
 
 # Distinct hues for labels; brighter-than-surroundings findings warm, darker ones cool.
-_PALETTE = [(1.0, 0.55, 0.1), (0.2, 0.8, 1.0), (0.3, 1.0, 0.3), (1.0, 0.3, 0.8), (1.0, 0.95, 0.2), (0.6, 0.45, 1.0),
-            (1.0, 0.25, 0.25), (0.2, 1.0, 0.85), (0.95, 0.6, 0.6), (0.6, 0.8, 0.2)]
+_PALETTE = [
+    (1.0, 0.55, 0.1),
+    (0.2, 0.8, 1.0),
+    (0.3, 1.0, 0.3),
+    (1.0, 0.3, 0.8),
+    (1.0, 0.95, 0.2),
+    (0.6, 0.45, 1.0),
+    (1.0, 0.25, 0.25),
+    (0.2, 1.0, 0.85),
+    (0.95, 0.6, 0.6),
+    (0.6, 0.8, 0.2),
+]
 _WARM, _COOL = ("hyper", "bright"), ("hypo", "dark")
 
 
@@ -159,8 +169,15 @@ def _fmt(v: Optional[float]) -> str:
     return "" if v is None else f"{v:.4g}"
 
 
-def add_analysis_results(scene, captured, response: protocol.AnalyzeResponse, *, replace_previous: bool = False,
-                         folder_name: Optional[str] = None, thickness_mm: Optional[float] = None) -> AnalysisNodes:
+def add_analysis_results(
+    scene,
+    captured,
+    response: protocol.AnalyzeResponse,
+    *,
+    replace_previous: bool = False,
+    folder_name: Optional[str] = None,
+    thickness_mm: Optional[float] = None,
+) -> AnalysisNodes:
     """Create the markups of one analysis. ``captured`` is the :class:`.capture.CapturedSlice` that was sent."""
     now = datetime.datetime.now().isoformat(timespec="seconds")
     name = folder_name or f"MiniGPT-Med {response.task} ({captured.view_name}, {captured.slice_offset_mm:.1f} mm)"
@@ -168,23 +185,40 @@ def add_analysis_results(scene, captured, response: protocol.AnalyzeResponse, *,
     previous = list_results(scene) if replace_previous else []
     undo = _Undo(scene)
     try:
-        common = {"task": response.task, "engine": response.engine, "model": response.model, "view": captured.view_name,
-                  "slice_offset": f"{captured.slice_offset_mm:.3f}", "time": now,
-                  "pixel_to_ras": " ".join(f"{v:.6g}" for v in np.asarray(captured.pixel_to_ras).ravel())}
+        common = {
+            "task": response.task,
+            "engine": response.engine,
+            "model": response.model,
+            "view": captured.view_name,
+            "slice_offset": f"{captured.slice_offset_mm:.3f}",
+            "time": now,
+            "pixel_to_ras": " ".join(f"{v:.6g}" for v in np.asarray(captured.pixel_to_ras).ravel()),
+        }
         sh, folder = _new_folder(scene, undo, name, {**common, "findings": str(len(response.findings))})
         out = AnalysisNodes(folder_item=folder, name=name)
         for i, f in enumerate(response.findings):
             center, size, axes = box_to_plane_roi(captured.pixel_to_ras, f.box, thickness)
             label = f.label or "finding"
-            attrs = {**common, "label": label, "score": _fmt(f.score), "box_px": " ".join(f"{v:.2f}" for v in f.box),
-                     "index": str(i + 1)}
+            attrs = {
+                **common,
+                "label": label,
+                "score": _fmt(f.score),
+                "box_px": " ".join(f"{v:.2f}" for v in f.box),
+                "index": str(i + 1),
+            }
             point_label = f"{label} ({f.score:.2f})" if f.score is not None else label
             roi = add_roi(scene, label, center, size, axes, label_color(label), attrs, point_label)
             undo.nodes.append(roi)
             sh.CreateItem(folder, roi)
             out.rois.append(roi)
-        out.text_node = _add_text(scene, undo, folder, f"{name} findings", response.text or "(no text)",
-                                  {**common, "raw_output": response.raw_output, "warnings": " | ".join(response.warnings)})
+        out.text_node = _add_text(
+            scene,
+            undo,
+            folder,
+            f"{name} findings",
+            response.text or "(no text)",
+            {**common, "raw_output": response.raw_output, "warnings": " | ".join(response.warnings)},
+        )
     except BaseException:
         undo.rollback()
         raise
@@ -236,11 +270,17 @@ def finding_rows(scene) -> List[FindingRow]:
             if not node.IsA("vtkMRMLMarkupsROINode"):
                 continue
             score = node.GetAttribute(ATTR + "score")
-            rows.append(FindingRow(
-                node_id=node.GetID(), label=node.GetAttribute(ATTR + "label") or node.GetName(),
-                size_mm=tuple(round(float(s), 1) for s in node.GetSize()), view=node.GetAttribute(ATTR + "view") or "",
-                slice_offset_mm=float(node.GetAttribute(ATTR + "slice_offset") or 0.0),
-                score=float(score) if score else None, analysis=analysis))
+            rows.append(
+                FindingRow(
+                    node_id=node.GetID(),
+                    label=node.GetAttribute(ATTR + "label") or node.GetName(),
+                    size_mm=tuple(round(float(s), 1) for s in node.GetSize()),
+                    view=node.GetAttribute(ATTR + "view") or "",
+                    slice_offset_mm=float(node.GetAttribute(ATTR + "slice_offset") or 0.0),
+                    score=float(score) if score else None,
+                    analysis=analysis,
+                )
+            )
     return rows
 
 
@@ -275,9 +315,19 @@ def box_in_mm(captured, box: Sequence[float]) -> Tuple[float, float]:
     return box_size_mm(captured.pixel_to_ras, box)
 
 
-def add_sweep_results(scene, findings3d: Sequence, *, task: str, engine: str, model: str, view_name: str,
-                      summary: str, offsets_mm: Sequence[float], folder_name: Optional[str] = None,
-                      replace_previous: bool = False) -> AnalysisNodes:
+def add_sweep_results(
+    scene,
+    findings3d: Sequence,
+    *,
+    task: str,
+    engine: str,
+    model: str,
+    view_name: str,
+    summary: str,
+    offsets_mm: Sequence[float],
+    folder_name: Optional[str] = None,
+    replace_previous: bool = False,
+) -> AnalysisNodes:
     """3D findings of a sweep (:class:`.merge3d.Finding3D`) -> one oriented 3D ROI each + a summary text node, under
     one subject-hierarchy folder. All or nothing, like :func:`add_analysis_results`."""
     now = datetime.datetime.now().isoformat(timespec="seconds")
@@ -290,11 +340,17 @@ def add_sweep_results(scene, findings3d: Sequence, *, task: str, engine: str, mo
         out = AnalysisNodes(folder_item=folder, name=name)
         for i, f in enumerate(findings3d):
             best_offset = offsets_mm[f.best_slice_pos]
-            attrs = {**common, "label": f.label, "score": _fmt(f.best_score), "index": str(i + 1),
-                     "slice_offset": f"{best_offset:.3f}",
-                     "slice_range_mm": f"{offsets_mm[f.first]:.3f} {offsets_mm[f.last]:.3f}",
-                     "slices": str(len(f.slice_positions)), "isolated": "1" if f.isolated else "0",
-                     "best_slice_center_ras": " ".join(f"{v:.4f}" for v in f.best_center_ras)}
+            attrs = {
+                **common,
+                "label": f.label,
+                "score": _fmt(f.best_score),
+                "index": str(i + 1),
+                "slice_offset": f"{best_offset:.3f}",
+                "slice_range_mm": f"{offsets_mm[f.first]:.3f} {offsets_mm[f.last]:.3f}",
+                "slices": str(len(f.slice_positions)),
+                "isolated": "1" if f.isolated else "0",
+                "best_slice_center_ras": " ".join(f"{v:.4f}" for v in f.best_center_ras),
+            }
             label = f.label + (" (1 slice)" if f.isolated else "")
             roi = add_roi(scene, label, f.center_ras, f.size_mm, np.asarray(f.axes), label_color(f.label), attrs, label)
             undo.nodes.append(roi)

@@ -110,8 +110,12 @@ def link_tracks(detections: Sequence[SliceDetection], options: MergeOptions) -> 
     return tracks
 
 
-def merge_detections(detections: Sequence[SliceDetection], pixel_to_ras: Sequence[np.ndarray],
-                     slice_spacing_mm: float, options: Optional[MergeOptions] = None) -> List[Finding3D]:
+def merge_detections(
+    detections: Sequence[SliceDetection],
+    pixel_to_ras: Sequence[np.ndarray],
+    slice_spacing_mm: float,
+    options: Optional[MergeOptions] = None,
+) -> List[Finding3D]:
     """Merge 2D detections into 3D findings. ``pixel_to_ras[k]`` is the 4x4 of swept slice ``k`` (continuous PNG
     pixel coordinates [u, v, 0, 1] -> RAS); ``slice_spacing_mm`` is the distance between swept slices."""
     options = options or MergeOptions()
@@ -143,14 +147,24 @@ def merge_detections(detections: Sequence[SliceDetection], pixel_to_ras: Sequenc
         near_max = [i for i, a in enumerate(areas) if a >= 0.95 * max(areas)]
         best = min(near_max, key=lambda i: abs(positions[i] - mid))
         bb = boxes[best]
-        best_c = np.asarray(pixel_to_ras[positions[best]], dtype=float) @ np.array([(bb[0] + bb[2]) / 2, (bb[1] + bb[3]) / 2, 0.0, 1.0])
+        best_c = np.asarray(pixel_to_ras[positions[best]], dtype=float) @ np.array(
+            [(bb[0] + bb[2]) / 2, (bb[1] + bb[3]) / 2, 0.0, 1.0]
+        )
         valid_scores = [s for s in scores if s is not None and math.isfinite(s)]
-        out.append(Finding3D(
-            label=tr[0].label, slice_positions=positions, boxes=boxes, scores=scores,
-            center_ras=(float(center[0]), float(center[1]), float(center[2])), size_mm=size,
-            axes=np.column_stack([ux, uy, normal]).tolist(), best_slice_pos=positions[best],
-            best_center_ras=(float(best_c[0]), float(best_c[1]), float(best_c[2])),
-            best_score=max(valid_scores) if valid_scores else None, isolated=len(positions) < options.min_slices,
-        ))
+        out.append(
+            Finding3D(
+                label=tr[0].label,
+                slice_positions=positions,
+                boxes=boxes,
+                scores=scores,
+                center_ras=(float(center[0]), float(center[1]), float(center[2])),
+                size_mm=size,
+                axes=np.column_stack([ux, uy, normal]).tolist(),
+                best_slice_pos=positions[best],
+                best_center_ras=(float(best_c[0]), float(best_c[1]), float(best_c[2])),
+                best_score=max(valid_scores) if valid_scores else None,
+                isolated=len(positions) < options.min_slices,
+            )
+        )
     out.sort(key=lambda f: (f.isolated, -(f.best_score or 0.0), -len(f.slice_positions)))
     return out

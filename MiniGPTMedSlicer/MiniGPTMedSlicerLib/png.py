@@ -39,7 +39,12 @@ def encode_png(image: np.ndarray, compress_level: int = 1) -> bytes:
     raw[:, 1:] = rows
     ihdr = struct.pack(">IIBBBBB", w, h, depth, color_type, 0, 0, 0)
     return b"".join(
-        [_SIGNATURE, _chunk(b"IHDR", ihdr), _chunk(b"IDAT", zlib.compress(raw.tobytes(), compress_level)), _chunk(b"IEND", b"")]
+        [
+            _SIGNATURE,
+            _chunk(b"IHDR", ihdr),
+            _chunk(b"IDAT", zlib.compress(raw.tobytes(), compress_level)),
+            _chunk(b"IEND", b""),
+        ]
     )
 
 
@@ -94,6 +99,10 @@ def decode_png(data: bytes) -> np.ndarray:
         out[y] = cur
         prev = cur
     if depth == 16:
-        arr = out.view(">u2").astype(np.uint16).reshape(h, w, channels) if channels > 1 else out.view(">u2").astype(np.uint16).reshape(h, w)
+        arr = (
+            out.view(">u2").astype(np.uint16).reshape(h, w, channels)
+            if channels > 1
+            else out.view(">u2").astype(np.uint16).reshape(h, w)
+        )
         return arr
     return out.reshape(h, w, channels) if channels > 1 else out.reshape(h, w)

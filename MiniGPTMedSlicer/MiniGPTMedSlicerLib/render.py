@@ -8,10 +8,16 @@ from __future__ import annotations
 import os
 from typing import Tuple
 
-_MANAGERS = ("vtkMRMLVolumeGlyphSliceDisplayableManager", "vtkMRMLModelSliceDisplayableManager",
-             "vtkMRMLCrosshairDisplayableManager", "vtkMRMLOrientationMarkerDisplayableManager",
-             "vtkMRMLRulerDisplayableManager", "vtkMRMLSegmentationsDisplayableManager2D",
-             "vtkMRMLMarkupsDisplayableManager", "vtkMRMLTransformsDisplayableManager2D")
+_MANAGERS = (
+    "vtkMRMLVolumeGlyphSliceDisplayableManager",
+    "vtkMRMLModelSliceDisplayableManager",
+    "vtkMRMLCrosshairDisplayableManager",
+    "vtkMRMLOrientationMarkerDisplayableManager",
+    "vtkMRMLRulerDisplayableManager",
+    "vtkMRMLSegmentationsDisplayableManager2D",
+    "vtkMRMLMarkupsDisplayableManager",
+    "vtkMRMLTransformsDisplayableManager2D",
+)
 
 
 def render_slice_view(app_logic, slice_logic, path_png: str, size: Tuple[int, int] = (512, 512)) -> str:

@@ -44,8 +44,9 @@ def _parse_region(text: Optional[str]) -> Optional[List[float]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="minigptmed-slicer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="minigptmed-slicer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
@@ -106,13 +107,17 @@ def _setup(args):
     display = vol.GetDisplayNode()
     if args.window is not None or args.level is not None:
         display.AutoWindowLevelOff()
-        display.SetWindowLevel(args.window if args.window is not None else display.GetWindow(),
-                               args.level if args.level is not None else display.GetLevel())
+        display.SetWindowLevel(
+            args.window if args.window is not None else display.GetWindow(),
+            args.level if args.level is not None else display.GetLevel(),
+        )
     view = VIEW_NAMES[args.view]
     sl = S.add_slice_view(ctx, vol, view, ORIENTATIONS[args.view], (args.view_size, args.view_size))
     dims = vol.GetImageData().GetDimensions()
-    _progress(f"volume {dims[0]}x{dims[1]}x{dims[2]}, modality {vol.GetAttribute('DICOM.Modality') or 'unknown'}, "
-              f"window {display.GetWindow():g} / level {display.GetLevel():g}")
+    _progress(
+        f"volume {dims[0]}x{dims[1]}x{dims[2]}, modality {vol.GetAttribute('DICOM.Modality') or 'unknown'}, "
+        f"window {display.GetWindow():g} / level {display.GetLevel():g}"
+    )
     return ctx, vol, sl
 
 
@@ -141,7 +146,9 @@ def run_analyze(args) -> int:
         plan = plan_sweep(sl, vol)
         if args.slice is not None:
             if not 0 <= args.slice < plan.slice_count:
-                raise RunnerError(f"--slice {args.slice} is out of range: this {args.view} view has slices 0..{plan.slice_count - 1}")
+                raise RunnerError(
+                    f"--slice {args.slice} is out of range: this {args.view} view has slices 0..{plan.slice_count - 1}"
+                )
             sl.SetSliceOffset(plan.offsets_mm[args.slice])
         elif args.offset is not None:
             b = [0.0] * 6
@@ -152,8 +159,10 @@ def run_analyze(args) -> int:
         else:
             sl.SetSliceOffset(plan.offsets_mm[plan.slice_count // 2])
         captured = C.capture_slice(sl, export_size=args.export_size)
-        _progress(f"captured the {args.view} slice at {captured.slice_offset_mm:.2f} mm: {captured.width}x{captured.height} px, "
-                  f"{captured.pixel_spacing_mm[0]:.3f} mm/px")
+        _progress(
+            f"captured the {args.view} slice at {captured.slice_offset_mm:.2f} mm: {captured.width}x{captured.height} px, "
+            f"{captured.pixel_spacing_mm[0]:.3f} mm/px"
+        )
         request = C.to_request(captured, args.task, question=args.question, region=_parse_region(args.region))
         with open(os.path.join(args.out, "input.png"), "wb") as f:
             f.write(captured.png)
@@ -169,17 +178,41 @@ def run_analyze(args) -> int:
         findings = []
         for f, roi in zip(response.findings, nodes.rois):
             c = M.roi_center(roi)
-            findings.append({"label": f.label, "score": f.score, "box_px": f.box,
-                             "roi_center_ras": [round(float(v), 4) for v in c],
-                             "roi_size_mm": [round(float(v), 4) for v in roi.GetSize()], "roi_node": roi.GetID()})
-        _write_json(os.path.join(args.out, "findings.json"), {
-            "task": args.task, "question": args.question, "view": args.view, "slice_offset_mm": captured.slice_offset_mm,
-            "image": {"width": captured.width, "height": captured.height, "pixel_spacing_mm": list(captured.pixel_spacing_mm),
-                      "modality": captured.modality, "window": captured.window, "level": captured.level},
-            "pixel_to_ras": np.asarray(captured.pixel_to_ras).round(6).tolist(),
-            "engine": response.engine, "model": response.model, "text": response.text, "raw_output": response.raw_output,
-            "warnings": response.warnings, "timings_ms": response.timings_ms, "findings": findings,
-        })
+            findings.append(
+                {
+                    "label": f.label,
+                    "score": f.score,
+                    "box_px": f.box,
+                    "roi_center_ras": [round(float(v), 4) for v in c],
+                    "roi_size_mm": [round(float(v), 4) for v in roi.GetSize()],
+                    "roi_node": roi.GetID(),
+                }
+            )
+        _write_json(
+            os.path.join(args.out, "findings.json"),
+            {
+                "task": args.task,
+                "question": args.question,
+                "view": args.view,
+                "slice_offset_mm": captured.slice_offset_mm,
+                "image": {
+                    "width": captured.width,
+                    "height": captured.height,
+                    "pixel_spacing_mm": list(captured.pixel_spacing_mm),
+                    "modality": captured.modality,
+                    "window": captured.window,
+                    "level": captured.level,
+                },
+                "pixel_to_ras": np.asarray(captured.pixel_to_ras).round(6).tolist(),
+                "engine": response.engine,
+                "model": response.model,
+                "text": response.text,
+                "raw_output": response.raw_output,
+                "warnings": response.warnings,
+                "timings_ms": response.timings_ms,
+                "findings": findings,
+            },
+        )
         render_slice_view(ctx.app_logic, sl, os.path.join(args.out, "view.png"), (args.view_size, args.view_size))
         S.save_mrb(ctx, os.path.join(args.out, "scene.mrb"))
         _progress(f"wrote {args.out}/findings.json, input.png, view.png, scene.mrb")
@@ -218,30 +251,61 @@ def run_sweep_cmd(args) -> int:
             responses = analyze_sweep(client, captured, args.task, args.question, args.batch_size, progress=progress)
             client.close()
         elapsed = time.perf_counter() - t0
-        findings = merge_sweep(captured, responses, plan, MergeOptions(min_overlap=args.min_overlap, max_gap=args.max_gap))
+        findings = merge_sweep(
+            captured, responses, plan, MergeOptions(min_overlap=args.min_overlap, max_gap=args.max_gap)
+        )
         summary = summarize(findings, plan, args.view, health.engine, health.model)
-        nodes = M.add_sweep_results(ctx.scene, findings, task=args.task, engine=health.engine, model=health.model,
-                                    view_name=sl.GetSliceNode().GetName(), summary=summary, offsets_mm=plan.offsets_mm)
+        nodes = M.add_sweep_results(
+            ctx.scene,
+            findings,
+            task=args.task,
+            engine=health.engine,
+            model=health.model,
+            view_name=sl.GetSliceNode().GetName(),
+            summary=summary,
+            offsets_mm=plan.offsets_mm,
+        )
         out = []
         for f, roi in zip(findings, nodes.rois):
-            out.append({"label": f.label, "isolated": f.isolated, "best_score": f.best_score,
-                        "center_ras": [round(v, 4) for v in f.center_ras], "size_mm": [round(v, 4) for v in f.size_mm],
-                        "axes": f.axes, "slices": [plan.indices[p] for p in f.slice_positions],
-                        "slice_offsets_mm": [round(plan.offsets_mm[p], 4) for p in f.slice_positions],
-                        "best_slice": plan.indices[f.best_slice_pos], "boxes_px": [list(b) for b in f.boxes],
-                        "roi_node": roi.GetID()})
-        _write_json(os.path.join(args.out, "findings.json"), {
-            "task": args.task, "question": args.question, "view": args.view, "slices": plan.indices,
-            "slice_offsets_mm": plan.offsets_mm, "engine": health.engine, "model": health.model,
-            "elapsed_s": round(elapsed, 3), "slices_per_s": round(len(plan.indices) / max(elapsed, 1e-9), 2),
-            "findings": out, "summary": summary,
-        })
+            out.append(
+                {
+                    "label": f.label,
+                    "isolated": f.isolated,
+                    "best_score": f.best_score,
+                    "center_ras": [round(v, 4) for v in f.center_ras],
+                    "size_mm": [round(v, 4) for v in f.size_mm],
+                    "axes": f.axes,
+                    "slices": [plan.indices[p] for p in f.slice_positions],
+                    "slice_offsets_mm": [round(plan.offsets_mm[p], 4) for p in f.slice_positions],
+                    "best_slice": plan.indices[f.best_slice_pos],
+                    "boxes_px": [list(b) for b in f.boxes],
+                    "roi_node": roi.GetID(),
+                }
+            )
+        _write_json(
+            os.path.join(args.out, "findings.json"),
+            {
+                "task": args.task,
+                "question": args.question,
+                "view": args.view,
+                "slices": plan.indices,
+                "slice_offsets_mm": plan.offsets_mm,
+                "engine": health.engine,
+                "model": health.model,
+                "elapsed_s": round(elapsed, 3),
+                "slices_per_s": round(len(plan.indices) / max(elapsed, 1e-9), 2),
+                "findings": out,
+                "summary": summary,
+            },
+        )
         if findings:
             sl.SetSliceOffset(plan.offsets_mm[findings[0].best_slice_pos])
         render_slice_view(ctx.app_logic, sl, os.path.join(args.out, "view.png"), (args.view_size, args.view_size))
         S.save_mrb(ctx, os.path.join(args.out, "scene.mrb"))
-        _progress(f"{len(plan.indices)} slices in {elapsed:.1f} s ({len(plan.indices) / max(elapsed, 1e-9):.1f} slices/s); "
-                  f"wrote {args.out}/findings.json, view.png, scene.mrb")
+        _progress(
+            f"{len(plan.indices)} slices in {elapsed:.1f} s ({len(plan.indices) / max(elapsed, 1e-9):.1f} slices/s); "
+            f"wrote {args.out}/findings.json, view.png, scene.mrb"
+        )
         print(summary)
         return 0
     finally:

@@ -42,7 +42,9 @@ def create_scene() -> SceneContext:
     colors = slicer.vtkSlicerColorLogic()
     colors.SetMRMLApplicationLogic(app)
     verbosity = vtk.vtkLogger.GetCurrentVerbosityCutoff()
-    vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_OFF)  # "HomeDirectory is not set": harmless outside the app
+    vtk.vtkLogger.SetStderrVerbosity(
+        vtk.vtkLogger.VERBOSITY_OFF
+    )  # "HomeDirectory is not set": harmless outside the app
     try:
         colors.SetMRMLScene(scene)
     finally:
@@ -118,10 +120,15 @@ def load_volume(ctx: SceneContext, path: str, name: Optional[str] = None):
     if node is None or node.GetImageData() is None:
         raise VolumeLoadError(f"{path}: cannot read this file as a volume ({_explain_unreadable(path)})")
     image = node.GetImageData()
-    if not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLVectorVolumeNode") or \
-            image.GetNumberOfScalarComponents() != 1:
+    if (
+        not node.IsA("vtkMRMLScalarVolumeNode")
+        or node.IsA("vtkMRMLVectorVolumeNode")
+        or image.GetNumberOfScalarComponents() != 1
+    ):
         _remove_volume(ctx.scene, node)
-        raise VolumeLoadError(f"{path}: not a scalar volume ({image.GetNumberOfScalarComponents()} components per voxel)")
+        raise VolumeLoadError(
+            f"{path}: not a scalar volume ({image.GetNumberOfScalarComponents()} components per voxel)"
+        )
     lo, hi = image.GetScalarRange()
     if modality is None and lo <= -900 and hi >= 300:
         modality = "CT"  # Hounsfield range: air at about -1000 (padding often -1024 / -2048 / -3024)
@@ -145,7 +152,9 @@ def _explain_unreadable(path: str) -> str:
         reader.SetFileName(path)
         reader.ReadImageInformation()
         if reader.GetDimension() > 3:
-            return f"{reader.GetDimension()}D image of size {list(reader.GetSize())}: only 3D scalar volumes are supported"
+            return (
+                f"{reader.GetDimension()}D image of size {list(reader.GetSize())}: only 3D scalar volumes are supported"
+            )
         if reader.GetNumberOfComponents() > 1:
             return f"{reader.GetNumberOfComponents()} components per voxel: only scalar volumes are supported"
     except Exception:
@@ -163,8 +172,7 @@ def _remove_volume(scene, node) -> None:
     scene.RemoveNode(node)
 
 
-def add_slice_view(ctx: SceneContext, volume_node, name: str = "Red", orientation: str = "Axial",
-                   size=(512, 512)):
+def add_slice_view(ctx: SceneContext, volume_node, name: str = "Red", orientation: str = "Axial", size=(512, 512)):
     """A slice view (logic + node) showing ``volume_node`` as background, fitted to the volume like Slicer does."""
     import slicer
 

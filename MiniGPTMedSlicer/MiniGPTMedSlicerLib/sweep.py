@@ -101,8 +101,13 @@ def plan_sweep(slice_logic, volume_node, slice_range: Optional[Tuple[int, int]] 
     return SweepPlan(indices=indices, offsets_mm=offsets, slice_count=count, spacing_mm=spacing, step=step)
 
 
-def capture_sweep(slice_logic, plan: SweepPlan, export_size=None, cancel: Optional[threading.Event] = None,
-                  progress: Optional[ProgressCallback] = None) -> list:
+def capture_sweep(
+    slice_logic,
+    plan: SweepPlan,
+    export_size=None,
+    cancel: Optional[threading.Event] = None,
+    progress: Optional[ProgressCallback] = None,
+) -> list:
     """Capture every planned slice (MRML: call on the main thread). The view's offset is restored afterwards."""
     from .capture import capture_slice
 
@@ -122,9 +127,16 @@ def capture_sweep(slice_logic, plan: SweepPlan, export_size=None, cancel: Option
     return out
 
 
-def analyze_sweep(client, captured: Sequence, task: str = "detect", question: Optional[str] = None,
-                  batch_size: int = 8, cancel: Optional[threading.Event] = None,
-                  progress: Optional[ProgressCallback] = None, **request_options) -> List[protocol.AnalyzeResponse]:
+def analyze_sweep(
+    client,
+    captured: Sequence,
+    task: str = "detect",
+    question: Optional[str] = None,
+    batch_size: int = 8,
+    cancel: Optional[threading.Event] = None,
+    progress: Optional[ProgressCallback] = None,
+    **request_options,
+) -> List[protocol.AnalyzeResponse]:
     """Send the captured slices in batches (network only: safe off the main thread). Cancel is checked before each
     batch and right after its answer arrives (that batch's results are then discarded)."""
     from .capture import to_request
@@ -135,17 +147,26 @@ def analyze_sweep(client, captured: Sequence, task: str = "detect", question: Op
     for i in range(0, len(requests_), max(1, batch_size)):
         if cancel is not None and cancel.is_set():
             raise SweepCancelled("sweep cancelled")
-        chunk = requests_[i: i + batch_size]
-        out.extend(client.analyze_batch(chunk, cancel=cancel) if len(chunk) > 1 else [client.analyze(chunk[0], cancel=cancel)])
+        chunk = requests_[i : i + batch_size]
+        out.extend(
+            client.analyze_batch(chunk, cancel=cancel) if len(chunk) > 1 else [client.analyze(chunk[0], cancel=cancel)]
+        )
         if progress is not None:
             progress(SweepProgress(len(out), len(requests_), time.monotonic() - t0))
     return out
 
 
-def merge_sweep(captured: Sequence, responses: Sequence[protocol.AnalyzeResponse], plan: SweepPlan,
-                options: Optional[MergeOptions] = None) -> List[Finding3D]:
-    dets = [SliceDetection(pos, f.label, (f.box[0], f.box[1], f.box[2], f.box[3]), f.score)
-            for pos, resp in enumerate(responses) for f in resp.findings]
+def merge_sweep(
+    captured: Sequence,
+    responses: Sequence[protocol.AnalyzeResponse],
+    plan: SweepPlan,
+    options: Optional[MergeOptions] = None,
+) -> List[Finding3D]:
+    dets = [
+        SliceDetection(pos, f.label, (f.box[0], f.box[1], f.box[2], f.box[3]), f.score)
+        for pos, resp in enumerate(responses)
+        for f in resp.findings
+    ]
     return merge_detections(dets, [c.pixel_to_ras for c in captured], plan.swept_spacing_mm, options)
 
 
@@ -153,25 +174,45 @@ def summarize(findings: Sequence[Finding3D], plan: SweepPlan, view: str, engine:
     """The sweep's summary text (the text node in the scene, the runner's output)."""
     solid = [f for f in findings if not f.isolated]
     source = f" ({engine}: {model})" if engine else ""
-    lines = [f"{len(solid)} 3D finding(s) and {len(findings) - len(solid)} single-slice box(es) over "
-             f"{len(plan.indices)} {view} slices{source}."]
+    lines = [
+        f"{len(solid)} 3D finding(s) and {len(findings) - len(solid)} single-slice box(es) over "
+        f"{len(plan.indices)} {view} slices{source}."
+    ]
     for i, f in enumerate(findings):
         score = "" if f.best_score is None else f", best score {f.best_score:.2f}"
-        lines.append(f"{i + 1}. {f.label}{' (single slice)' if f.isolated else ''}: {f.size_mm[0]:.1f} × "
-                     f"{f.size_mm[1]:.1f} × {f.size_mm[2]:.1f} mm, slices {plan.indices[f.first]}–"
-                     f"{plan.indices[f.last]}{score}")
+        lines.append(
+            f"{i + 1}. {f.label}{' (single slice)' if f.isolated else ''}: {f.size_mm[0]:.1f} × "
+            f"{f.size_mm[1]:.1f} × {f.size_mm[2]:.1f} mm, slices {plan.indices[f.first]}–"
+            f"{plan.indices[f.last]}{score}"
+        )
     return "\n".join(lines)
 
 
-def run_sweep(slice_logic, volume_node, client, task: str = "detect", question: Optional[str] = None,
-              slice_range: Optional[Tuple[int, int]] = None, step: int = 1, batch_size: int = 8, export_size=None,
-              options: Optional[MergeOptions] = None, cancel: Optional[threading.Event] = None,
-              progress: Optional[ProgressCallback] = None) -> SweepResult:
+def run_sweep(
+    slice_logic,
+    volume_node,
+    client,
+    task: str = "detect",
+    question: Optional[str] = None,
+    slice_range: Optional[Tuple[int, int]] = None,
+    step: int = 1,
+    batch_size: int = 8,
+    export_size=None,
+    options: Optional[MergeOptions] = None,
+    cancel: Optional[threading.Event] = None,
+    progress: Optional[ProgressCallback] = None,
+) -> SweepResult:
     """All three phases in the calling thread (the headless runner). No markups are created here."""
     t0 = time.monotonic()
     plan = plan_sweep(slice_logic, volume_node, slice_range, step)
     captured = capture_sweep(slice_logic, plan, export_size=export_size, cancel=cancel)
     responses = analyze_sweep(client, captured, task, question, batch_size, cancel=cancel, progress=progress)
     findings = merge_sweep(captured, responses, plan, options)
-    return SweepResult(plan=plan, task=task, responses=responses, findings=findings,
-                       pixel_to_ras=[c.pixel_to_ras for c in captured], elapsed_s=time.monotonic() - t0)
+    return SweepResult(
+        plan=plan,
+        task=task,
+        responses=responses,
+        findings=findings,
+        pixel_to_ras=[c.pixel_to_ras for c in captured],
+        elapsed_s=time.monotonic() - t0,
+    )

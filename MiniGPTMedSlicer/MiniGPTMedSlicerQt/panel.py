@@ -13,8 +13,9 @@ from MiniGPTMedSlicerLib.controller import AnalysisController, AnalysisError, Jo
 
 from .qt_compat import find, is_gui_thread, load_ui, prop, qt
 
-UI_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "Resources", "UI",
-                       "MiniGPTMedSlicer.ui")
+UI_PATH = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "Resources", "UI", "MiniGPTMedSlicer.ui"
+)
 SETTINGS_PREFIX = "MiniGPTMedSlicer/"
 POLL_MS = 50
 
@@ -22,8 +23,13 @@ POLL_MS = 50
 class Panel:
     """Composes the form into ``parent`` (a QWidget with a layout, or None for a top-level widget)."""
 
-    def __init__(self, controller: AnalysisController, parent=None, settings=None,
-                 error_display: Optional[Callable[[str], None]] = None):
+    def __init__(
+        self,
+        controller: AnalysisController,
+        parent=None,
+        settings=None,
+        error_display: Optional[Callable[[str], None]] = None,
+    ):
         self.controller = controller
         self.settings = settings
         self.error_display = error_display  # e.g. slicer.util.errorDisplay in Slicer; None: status label only
@@ -105,8 +111,12 @@ class Panel:
         task = str(prop(self.task_combo, "currentText"))
         self.region_combo.setEnabled(task == "Identify region")
         self.range_edit.setEnabled(task == "Sweep volume")
-        placeholder = {"Ask": "the question", "Locate": "the phrase to locate",
-                       "Detect": "kind of finding (optional)", "Sweep volume": "kind of finding (optional)"}
+        placeholder = {
+            "Ask": "the question",
+            "Locate": "the phrase to locate",
+            "Detect": "kind of finding (optional)",
+            "Sweep volume": "kind of finding (optional)",
+        }
         self.question_edit.setEnabled(task in placeholder)
         self.question_edit.setPlaceholderText(placeholder.get(task, "(not used by this task)"))
         if task == "Identify region":
@@ -129,8 +139,13 @@ class Panel:
         self.table.setRowCount(len(rows))
         for r, row in enumerate(rows):
             size = "×".join(f"{v:.1f}" for v in row.size_mm)
-            values = [row.label, size, row.view, f"{row.slice_offset_mm:.1f}",
-                      "" if row.score is None else f"{row.score:.2f}"]
+            values = [
+                row.label,
+                size,
+                row.view,
+                f"{row.slice_offset_mm:.1f}",
+                "" if row.score is None else f"{row.score:.2f}",
+            ]
             for c, v in enumerate(values):
                 item = qt.QTableWidgetItem(str(v))
                 item.setData(qt.Qt.UserRole, str(row.node_id))
@@ -178,10 +193,12 @@ class Panel:
             self.refresh_regions()  # an ROI drawn since the task was picked
         try:
             self.job = self.controller.start(
-                view=str(prop(self.view_combo, "currentText")), task_name=str(prop(self.task_combo, "currentText")),
+                view=str(prop(self.view_combo, "currentText")),
+                task_name=str(prop(self.task_combo, "currentText")),
                 question=str(prop(self.question_edit, "text")),
                 region_roi_id=prop(self.region_combo, "currentData") if prop(self.region_combo, "count") else None,
-                sweep_range=str(prop(self.range_edit, "text")))
+                sweep_range=str(prop(self.range_edit, "text")),
+            )
         except AnalysisError as e:
             self._error(str(e))
             return

@@ -126,7 +126,9 @@ class ImageAnalyzer:
         noise = max(1.4826 * mad, 0.01)
         return r / noise
 
-    def candidates(self, gray: np.ndarray, spacing: tuple[float, float] | None = None) -> tuple[list[Candidate], np.ndarray]:
+    def candidates(
+        self, gray: np.ndarray, spacing: tuple[float, float] | None = None
+    ) -> tuple[list[Candidate], np.ndarray]:
         import SimpleITK as sitk
 
         x = self.normalise(gray.astype(np.float32))
@@ -174,8 +176,13 @@ class BuiltinEngine(Engine):
         import SimpleITK  # noqa: F401  (fail at start, not on the first request)
 
     def info(self) -> EngineInfo:
-        return EngineInfo(engine="builtin", model=MODEL_ID, device="cpu",
-                          tasks=("report", "detect", "ground", "identify"), max_batch=64)
+        return EngineInfo(
+            engine="builtin",
+            model=MODEL_ID,
+            device="cpu",
+            tasks=("report", "detect", "ground", "identify"),
+            max_batch=64,
+        )
 
     def analyze_batch(self, inputs: Sequence[AnalysisInput], stop: StopToken) -> list[AnalysisResult]:
         results = []
@@ -201,8 +208,14 @@ class BuiltinEngine(Engine):
     # -- tasks --------------------------------------------------------------------------------
 
     def _findings(self, inp: AnalysisInput, cands: list[Candidate]) -> list[Finding]:
-        return [Finding(label=polarity_label(c.polarity, inp.modality), box=[float(v) for v in c.box],
-                        score=self.analyzer.score(c)) for c in cands]
+        return [
+            Finding(
+                label=polarity_label(c.polarity, inp.modality),
+                box=[float(v) for v in c.box],
+                score=self.analyzer.score(c),
+            )
+            for c in cands
+        ]
 
     def _filter_by_words(self, text: str | None, cands: list[Candidate]) -> list[Candidate]:
         t = (text or "").lower()
@@ -223,9 +236,14 @@ class BuiltinEngine(Engine):
         cands = self._filter_by_words(inp.question, cands)[: self.cfg.max_findings]
         findings = self._findings(inp, cands)
         if findings:
-            lines = [f"{i + 1}. {f.label}, {_size_text(f.box, inp.pixel_spacing_mm)}, contrast score {f.score:.2f}"
-                     for i, f in enumerate(findings)]
-            text = f"{DISCLAIMER} {len(findings)} candidate region(s) differ from the surrounding tissue:\n" + "\n".join(lines)
+            lines = [
+                f"{i + 1}. {f.label}, {_size_text(f.box, inp.pixel_spacing_mm)}, contrast score {f.score:.2f}"
+                for i, f in enumerate(findings)
+            ]
+            text = (
+                f"{DISCLAIMER} {len(findings)} candidate region(s) differ from the surrounding tissue:\n"
+                + "\n".join(lines)
+            )
         else:
             text = f"{DISCLAIMER} No region stands out from the surrounding tissue."
         return AnalysisResult(text=text, findings=findings, raw_output=text)
@@ -245,14 +263,16 @@ class BuiltinEngine(Engine):
         if findings:
             n_b = sum(1 for c in cands if c.polarity > 0)
             n_d = len(cands) - n_b
-            parts.append(f"{len(findings)} region(s) stand out from the surrounding tissue "
-                         f"({n_b} brighter, {n_d} darker).")
+            parts.append(
+                f"{len(findings)} region(s) stand out from the surrounding tissue ({n_b} brighter, {n_d} darker)."
+            )
             f0 = findings[0]
             cx = (f0.box[0] + f0.box[2]) / 2 / w
             cy = (f0.box[1] + f0.box[3]) / 2 / h
             where = f"{'upper' if cy < 1 / 3 else 'lower' if cy > 2 / 3 else 'middle'} {'left' if cx < 1 / 3 else 'right' if cx > 2 / 3 else 'central'} part of the image"
-            parts.append(f"The most conspicuous is a {f0.label} of {_size_text(f0.box, inp.pixel_spacing_mm)} "
-                         f"in the {where}.")
+            parts.append(
+                f"The most conspicuous is a {f0.label} of {_size_text(f0.box, inp.pixel_spacing_mm)} in the {where}."
+            )
         else:
             parts.append("No region stands out from the surrounding tissue.")
         text = " ".join(parts)
@@ -268,8 +288,10 @@ class BuiltinEngine(Engine):
         best = cands[0]
         label = phrase[:80] if phrase else polarity_label(best.polarity, inp.modality)
         f = Finding(label=label, box=[float(v) for v in best.box], score=self.analyzer.score(best))
-        text = (f"{DISCLAIMER} Best candidate for '{phrase}': a {polarity_label(best.polarity, inp.modality)} of "
-                f"{_size_text(f.box, inp.pixel_spacing_mm)}.")
+        text = (
+            f"{DISCLAIMER} Best candidate for '{phrase}': a {polarity_label(best.polarity, inp.modality)} of "
+            f"{_size_text(f.box, inp.pixel_spacing_mm)}."
+        )
         return AnalysisResult(text=text, findings=[f], raw_output=text)
 
     def _identify(self, inp: AnalysisInput) -> AnalysisResult:
@@ -284,7 +306,7 @@ class BuiltinEngine(Engine):
         inside[i0:i1, j0:j1] = True
         pad = max(3, int(0.5 * max(i1 - i0, j1 - j0)))
         ring = np.zeros_like(inside)
-        ring[max(0, i0 - pad): min(h, i1 + pad), max(0, j0 - pad): min(w, j1 + pad)] = True
+        ring[max(0, i0 - pad) : min(h, i1 + pad), max(0, j0 - pad) : min(w, j1 + pad)] = True
         ring &= ~inside
         mask = self.analyzer.tissue_mask(x)
         ring_t = ring & mask if (ring & mask).sum() >= 8 else ring
@@ -297,14 +319,17 @@ class BuiltinEngine(Engine):
         else:
             kind = polarity_label(1 if contrast > 0 else -1, inp.modality)
         box = [float(x0), float(y0), float(x1), float(y1)]
-        text = (f"{DISCLAIMER} The region ({_size_text(box, inp.pixel_spacing_mm)}) is a {kind}: mean relative "
-                f"intensity {m_in:.2f} against {m_out:.2f} around it ({contrast:+.1f} noise units); "
-                f"{100 * mask[inside].mean():.0f}% of it is tissue.")
+        text = (
+            f"{DISCLAIMER} The region ({_size_text(box, inp.pixel_spacing_mm)}) is a {kind}: mean relative "
+            f"intensity {m_in:.2f} against {m_out:.2f} around it ({contrast:+.1f} noise units); "
+            f"{100 * mask[inside].mean():.0f}% of it is tissue."
+        )
         score = round(1.0 - math.exp(-abs(contrast) / self.cfg.z_threshold), 4)
         return AnalysisResult(text=text, findings=[Finding(label=kind, box=box, score=score)], raw_output=text)
 
 
 # -- small numeric helpers ----------------------------------------------------------------------
+
 
 def _otsu(x: np.ndarray, bins: int = 128) -> float:
     hist, edges = np.histogram(x, bins=bins, range=(0.0, 1.0))

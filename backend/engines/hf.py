@@ -31,8 +31,16 @@ def _device(arg: str) -> str:
 
 
 class HFEngine(Engine):
-    def __init__(self, model_dir: str, family: str = "generic", device: str = "auto", dtype: str = "auto",
-                 quantize: str = "none", default_max_tokens: int = 512, max_batch: int = 4):
+    def __init__(
+        self,
+        model_dir: str,
+        family: str = "generic",
+        device: str = "auto",
+        dtype: str = "auto",
+        quantize: str = "none",
+        default_max_tokens: int = 512,
+        max_batch: int = 4,
+    ):
         if not model_dir:
             raise SystemExit("--engine hf needs --model PATH (a local model folder)")
         self.model_dir = model_dir
@@ -48,16 +56,27 @@ class HFEngine(Engine):
 
     @classmethod
     def from_args(cls, args) -> HFEngine:
-        return cls(model_dir=args.model, family=args.family, device=args.device, dtype=args.dtype,
-                   quantize=getattr(args, "quantize", "none"))
+        return cls(
+            model_dir=args.model,
+            family=args.family,
+            device=args.device,
+            dtype=args.dtype,
+            quantize=getattr(args, "quantize", "none"),
+        )
 
     # -- loading ------------------------------------------------------------------------------
 
     def _dtype(self):
         import torch
 
-        names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                 "float16": torch.float16, "fp16": torch.float16}
+        names = {
+            "float32": torch.float32,
+            "fp32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16,
+            "float16": torch.float16,
+            "fp16": torch.float16,
+        }
         if self.dtype_arg not in (None, "", "auto"):
             if self.dtype_arg not in names:
                 raise SystemExit(f"--dtype must be one of {', '.join(names)} or auto")
@@ -82,9 +101,11 @@ class HFEngine(Engine):
                 from transformers import BitsAndBytesConfig
             except ImportError:
                 raise SystemExit("--quantize needs bitsandbytes: pip install bitsandbytes") from None
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=self.quantize == "8bit",
-                                                               load_in_4bit=self.quantize == "4bit",
-                                                               bnb_4bit_compute_dtype=torch.bfloat16)
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_8bit=self.quantize == "8bit",
+                load_in_4bit=self.quantize == "4bit",
+                bnb_4bit_compute_dtype=torch.bfloat16,
+            )
         t0 = time.perf_counter()
         try:
             if self.family.startswith("qwen"):
@@ -99,15 +120,24 @@ class HFEngine(Engine):
                 self.tokenizer = getattr(self.processor, "tokenizer", None)
             self.model = AutoModelForImageTextToText.from_pretrained(self.model_dir, **kwargs).eval()
         except OSError as e:
-            raise EngineError(f"cannot load the model folder {self.model_dir}: {str(e).splitlines()[0][:300]}") from None
+            raise EngineError(
+                f"cannot load the model folder {self.model_dir}: {str(e).splitlines()[0][:300]}"
+            ) from None
         if self.quantize == "none":
             self.model.to(self.device)
-        log.info("hf engine: %s (%s) on %s in %.1f s", self.model_dir, self.family, self.device, time.perf_counter() - t0)
+        log.info(
+            "hf engine: %s (%s) on %s in %.1f s", self.model_dir, self.family, self.device, time.perf_counter() - t0
+        )
 
     def info(self) -> EngineInfo:
         name = os.path.basename(os.path.normpath(self.model_dir))
-        return EngineInfo(engine="hf", model=f"{name} ({self.family})", device=self.device,
-                          tasks=families.supported_tasks(self.family), max_batch=self.max_batch)
+        return EngineInfo(
+            engine="hf",
+            model=f"{name} ({self.family})",
+            device=self.device,
+            tasks=families.supported_tasks(self.family),
+            max_batch=self.max_batch,
+        )
 
     # -- inference ----------------------------------------------------------------------------
 
@@ -120,7 +150,7 @@ class HFEngine(Engine):
             groups.setdefault(float(inp.temperature or 0.0), []).append(i)
         for idx in groups.values():
             for k in range(0, len(idx), self.max_batch):
-                chunk = idx[k:k + self.max_batch]
+                chunk = idx[k : k + self.max_batch]
                 for i, r in zip(chunk, self._generate([inputs[i] for i in chunk], stop), strict=True):
                     results[i] = r
         return [r for r in results if r is not None]
@@ -157,10 +187,16 @@ class HFEngine(Engine):
         texts = [p[0] for p in preps]
         if self.family.startswith("qwen"):
             enc = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
-            return {**enc, "pixel_values": torch.cat([p[3]["pixel_values"] for p in preps]),
-                    "image_grid_thw": torch.cat([p[3]["image_grid_thw"] for p in preps])}
-        return dict(self.processor(text=texts, images=[[p[1]] for p in preps], return_tensors="pt", padding=True,
-                                   padding_side="left"))
+            return {
+                **enc,
+                "pixel_values": torch.cat([p[3]["pixel_values"] for p in preps]),
+                "image_grid_thw": torch.cat([p[3]["image_grid_thw"] for p in preps]),
+            }
+        return dict(
+            self.processor(
+                text=texts, images=[[p[1]] for p in preps], return_tensors="pt", padding=True, padding_side="left"
+            )
+        )
 
     def _generate(self, inputs: Sequence[AnalysisInput], stop: StopToken) -> list[AnalysisResult]:
         import torch
@@ -174,12 +210,22 @@ class HFEngine(Engine):
         preps = [self._prepare(inp) for inp in inputs]
         model_inputs = self._collate(preps)
         dtype = next(self.model.parameters()).dtype
-        batch = {k: (v.to(self.model.device, dtype=dtype) if k == "pixel_values" and v.is_floating_point()
-                     else v.to(self.model.device)) for k, v in model_inputs.items() if hasattr(v, "to")}
+        batch = {
+            k: (
+                v.to(self.model.device, dtype=dtype)
+                if k == "pixel_values" and v.is_floating_point()
+                else v.to(self.model.device)
+            )
+            for k, v in model_inputs.items()
+            if hasattr(v, "to")
+        }
         limits = [inp.max_new_tokens or self.default_max_tokens for inp in inputs]
         temperature = inputs[0].temperature or 0.0
-        gen_kwargs = {"max_new_tokens": max(limits), "do_sample": temperature > 0,
-                      "stopping_criteria": StoppingCriteriaList([_Stop()])}
+        gen_kwargs = {
+            "max_new_tokens": max(limits),
+            "do_sample": temperature > 0,
+            "stopping_criteria": StoppingCriteriaList([_Stop()]),
+        }
         if temperature > 0:
             gen_kwargs["temperature"] = temperature
         else:  # the folder's generation_config may ask for sampling: greedy must win
@@ -194,15 +240,25 @@ class HFEngine(Engine):
         ends.update([eos] if isinstance(eos, int) else (eos or []))
         results = []
         for row, inp, limit, (_text, _img, g, _im) in zip(out, inputs, limits, preps, strict=True):
-            new = row[batch["input_ids"].shape[1]:].tolist()[:limit]
+            new = row[batch["input_ids"].shape[1] :].tolist()[:limit]
             n = next((i for i, tid in enumerate(new) if tid in ends), len(new))
             raw = self.tokenizer.decode(new[:n], skip_special_tokens=True)
             default_label = inp.question or families.default_detect_label(inp.modality)
             dec = families.decode_output(self.family, raw, g, default_label=default_label)
             if inp.task in ("report", "vqa") and self.family == "generic":
                 dec.findings = []
-            results.append(AnalysisResult(
-                text=dec.text, findings=dec.findings, raw_output=raw, warnings=dec.warnings,
-                timings_ms={"preprocess": (t1 - t0) * 1000, "generate": (t2 - t1) * 1000, "new_tokens": float(n),
-                            "batch": float(len(inputs))}))
+            results.append(
+                AnalysisResult(
+                    text=dec.text,
+                    findings=dec.findings,
+                    raw_output=raw,
+                    warnings=dec.warnings,
+                    timings_ms={
+                        "preprocess": (t1 - t0) * 1000,
+                        "generate": (t2 - t1) * 1000,
+                        "new_tokens": float(n),
+                        "batch": float(len(inputs)),
+                    },
+                )
+            )
         return results

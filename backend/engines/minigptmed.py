@@ -78,10 +78,22 @@ class _Item:
 
 
 class MiniGPTMedEngine(Engine):
-    def __init__(self, eva: str | None = None, llama: str | None = None, checkpoint: str | None = None,
-                 converted: str | None = None, model_config: str | None = None, device: str = "auto",
-                 dtype: str = "auto", quantize: str = "none", sampling: str = "greedy", merge_lora: bool = True,
-                 max_batch: int = 8, cache_size: int = 32, seed: int | None = None):
+    def __init__(
+        self,
+        eva: str | None = None,
+        llama: str | None = None,
+        checkpoint: str | None = None,
+        converted: str | None = None,
+        model_config: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        quantize: str = "none",
+        sampling: str = "greedy",
+        merge_lora: bool = True,
+        max_batch: int = 8,
+        cache_size: int = 32,
+        seed: int | None = None,
+    ):
         self.paths: dict[str, Any] = {"eva": eva, "llama": llama, "checkpoint": checkpoint, "converted": converted}
         self.model_config = model_config
         self.device_arg, self.dtype_arg, self.quantize = device, dtype, quantize
@@ -104,11 +116,18 @@ class MiniGPTMedEngine(Engine):
 
     @classmethod
     def from_args(cls, args) -> MiniGPTMedEngine:
-        engine = cls(eva=getattr(args, "eva", None), llama=getattr(args, "llama", None),
-                     checkpoint=getattr(args, "checkpoint", None), converted=getattr(args, "converted", None),
-                     model_config=getattr(args, "model_config", None), device=getattr(args, "device", "auto"),
-                     dtype=getattr(args, "dtype", "auto"), quantize=getattr(args, "quantize", "none"),
-                     sampling=getattr(args, "sampling", "greedy"), merge_lora=not getattr(args, "no_merge_lora", False))
+        engine = cls(
+            eva=getattr(args, "eva", None),
+            llama=getattr(args, "llama", None),
+            checkpoint=getattr(args, "checkpoint", None),
+            converted=getattr(args, "converted", None),
+            model_config=getattr(args, "model_config", None),
+            device=getattr(args, "device", "auto"),
+            dtype=getattr(args, "dtype", "auto"),
+            quantize=getattr(args, "quantize", "none"),
+            sampling=getattr(args, "sampling", "greedy"),
+            merge_lora=not getattr(args, "no_merge_lora", False),
+        )
         if getattr(args, "static_decode", False):
             engine.static_decode = True  # same as MINIGPTMED_STATIC_DECODE=1
         return engine
@@ -154,8 +173,9 @@ class MiniGPTMedEngine(Engine):
                 if missing:
                     raise WeightsError(f"the MiniGPT-Med engine needs {', '.join(missing)} (or --converted)")
                 self.cfg = MiniGPTMedConfig.from_json(self.model_config)
-                self.model, self.report = load_original(self.paths["eva"], self.paths["llama"],
-                                                        self.paths["checkpoint"], self.cfg, opts)
+                self.model, self.report = load_original(
+                    self.paths["eva"], self.paths["llama"], self.paths["checkpoint"], self.cfg, opts
+                )
                 tok_dir = self.paths["llama"]
             self.tokenizer = MiniGPTTokenizer(tok_dir)
         except WeightsError as e:
@@ -165,17 +185,25 @@ class MiniGPTMedEngine(Engine):
             self.static_decode = False
         if self.static_decode:
             self._warm_static()
-        log.info("MiniGPT-Med loaded from %s files in %.1f s on %s (%s, LoRA %s); generation settings: %s "
-                 "(the LLaMA folder's generation_config.json is not used)", self.report.source, self.report.seconds,
-                 self.device, str(self.dtype).replace("torch.", ""), self.report.lora, self.sampling)
+        log.info(
+            "MiniGPT-Med loaded from %s files in %.1f s on %s (%s, LoRA %s); generation settings: %s "
+            "(the LLaMA folder's generation_config.json is not used)",
+            self.report.source,
+            self.report.seconds,
+            self.device,
+            str(self.dtype).replace("torch.", ""),
+            self.report.lora,
+            self.sampling,
+        )
 
     def _decoder(self, rows: int):
         from backend.minigpt.generate import StaticDecoder
 
         size = 1 if rows == 1 else self.max_batch
         if size not in self._decoders:
-            self._decoders[size] = StaticDecoder(self.model.llm, size, self.static_max_len,
-                                                 compile=self.device.startswith("cuda"))
+            self._decoders[size] = StaticDecoder(
+                self.model.llm, size, self.static_max_len, compile=self.device.startswith("cuda")
+            )
         return self._decoders[size]
 
     def _warm_static(self) -> None:
@@ -195,8 +223,9 @@ class MiniGPTMedEngine(Engine):
         dt = str(self.dtype).replace("torch.", "") if self.dtype is not None else "?"
         q = "" if self.quantize == "none" else f", {self.quantize}"
         name = self.cfg.name if self.cfg else "MiniGPT-Med"
-        return EngineInfo(engine="minigptmed", model=name, device=f"{self.device} ({dt}{q})", tasks=TASKS,
-                          max_batch=self.max_batch)
+        return EngineInfo(
+            engine="minigptmed", model=name, device=f"{self.device} ({dt}{q})", tasks=TASKS, max_batch=self.max_batch
+        )
 
     def close(self) -> None:
         self.model = None
@@ -293,18 +322,30 @@ class MiniGPTMedEngine(Engine):
                     groups.setdefault(it.settings, []).append(i)
                 for s, idx in groups.items():
                     for start in range(0, len(idx), self.max_batch):
-                        chunk = idx[start:start + self.max_batch]
+                        chunk = idx[start : start + self.max_batch]
                         prompts = [self._embed_prompt(items[i].instruction, embs[items[i].key]) for i in chunk]
                         maxes = [items[i].max_new for i in chunk]
-                        kw = dict(eos_id=self.tokenizer.eos_id, bos_id=self.tokenizer.bos_id, settings=s, stop=stop,
-                                  seed=self.seed)
+                        kw = dict(
+                            eos_id=self.tokenizer.eos_id,
+                            bos_id=self.tokenizer.bos_id,
+                            settings=s,
+                            stop=stop,
+                            seed=self.seed,
+                        )
                         if self.static_decode and max(p.shape[0] for p in prompts) + max(maxes) <= self.static_max_len:
                             g = self._decoder(len(chunk)).generate(prompts, maxes, **kw)
                         else:
                             g = generate(self.model.llm, prompts, maxes, **kw)
                         for j, i in enumerate(chunk):
-                            results[i] = self._result(items[i], g, j, timings, s, parse_answer,
-                                                      postprocess_demo if s.do_sample else postprocess_benchmark)
+                            results[i] = self._result(
+                                items[i],
+                                g,
+                                j,
+                                timings,
+                                s,
+                                parse_answer,
+                                postprocess_demo if s.do_sample else postprocess_benchmark,
+                            )
             except torch.cuda.OutOfMemoryError as e:
                 raise EngineError(f"GPU out of memory: {e}") from e
         return [r for r in results if r is not None]
@@ -312,8 +353,12 @@ class MiniGPTMedEngine(Engine):
     def _result(self, it: _Item, g, j: int, timings: dict, s, parse_answer, post) -> AnalysisResult:
         answer = post(self.tokenizer.decode(g.tokens[j]))
         t = dict(timings)
-        t.update(prefill_ms=g.prefill_s * 1000, decode_ms=g.decode_s * 1000, new_tokens=float(len(g.tokens[j])),
-                 prompt_tokens=float(g.prompt_lengths[j]))
+        t.update(
+            prefill_ms=g.prefill_s * 1000,
+            decode_ms=g.decode_s * 1000,
+            new_tokens=float(len(g.tokens[j])),
+            prompt_tokens=float(g.prompt_lengths[j]),
+        )
         warnings = []
         if not g.finished[j]:
             warnings.append(f"answer cut at max_new_tokens={it.max_new}")
@@ -327,5 +372,6 @@ class MiniGPTMedEngine(Engine):
         warnings += parsed.warnings
         if inp.task in ("detect", "ground") and not findings:
             warnings.append("the model answered without a box")
-        return AnalysisResult(text=parsed.text or answer, findings=findings, raw_output=answer, warnings=warnings,
-                              timings_ms=t)
+        return AnalysisResult(
+            text=parsed.text or answer, findings=findings, raw_output=answer, warnings=warnings, timings_ms=t
+        )

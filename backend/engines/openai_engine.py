@@ -21,8 +21,16 @@ from .base import AnalysisInput, AnalysisResult, Engine, EngineError, EngineInfo
 
 
 class OpenAIEngine(Engine):
-    def __init__(self, url: str, model: str | None = None, family: str = "generic", api_key: str | None = None,
-                 timeout_s: float = 120.0, max_concurrency: int = 8, default_max_tokens: int = 512):
+    def __init__(
+        self,
+        url: str,
+        model: str | None = None,
+        family: str = "generic",
+        api_key: str | None = None,
+        timeout_s: float = 120.0,
+        max_concurrency: int = 8,
+        default_max_tokens: int = 512,
+    ):
         if not url:
             raise SystemExit("--engine openai needs --url, e.g. http://127.0.0.1:8000/v1")
         self.url = url.rstrip("/")
@@ -38,8 +46,9 @@ class OpenAIEngine(Engine):
 
     @classmethod
     def from_args(cls, args) -> OpenAIEngine:
-        return cls(url=args.url, model=args.model, family=args.family, api_key=args.api_key,
-                   timeout_s=args.remote_timeout)
+        return cls(
+            url=args.url, model=args.model, family=args.family, api_key=args.api_key, timeout_s=args.remote_timeout
+        )
 
     def _headers(self) -> dict[str, str]:
         h = {"Content-Type": "application/json"}
@@ -50,10 +59,13 @@ class OpenAIEngine(Engine):
     def _call(self, method: str, path: str, body: dict | None = None, timeout: float | None = None) -> dict:
         url = f"{self.url}{path}"
         try:
-            r = self.session.request(method, url, json=body, headers=self._headers(),
-                                     timeout=(5.0, timeout or self.timeout_s))
+            r = self.session.request(
+                method, url, json=body, headers=self._headers(), timeout=(5.0, timeout or self.timeout_s)
+            )
         except requests.exceptions.Timeout:
-            raise EngineError(f"the model server at {self.url} did not answer within {timeout or self.timeout_s:g} s") from None
+            raise EngineError(
+                f"the model server at {self.url} did not answer within {timeout or self.timeout_s:g} s"
+            ) from None
         except requests.exceptions.ConnectionError:
             raise EngineError(f"cannot reach the model server at {self.url}: is it running?") from None
         if r.status_code >= 400:
@@ -78,8 +90,13 @@ class OpenAIEngine(Engine):
             raise EngineError(f"the model server at {self.url} serves {', '.join(map(str, ids))}, not {self.model}")
 
     def info(self) -> EngineInfo:
-        return EngineInfo(engine="openai", model=f"{self.model} ({self.family}) at {self.url}", device="remote",
-                          tasks=families.supported_tasks(self.family), max_batch=self.max_concurrency)
+        return EngineInfo(
+            engine="openai",
+            model=f"{self.model} ({self.family}) at {self.url}",
+            device="remote",
+            tasks=families.supported_tasks(self.family),
+            max_batch=self.max_concurrency,
+        )
 
     def analyze_batch(self, inputs: Sequence[AnalysisInput], stop: StopToken) -> list[AnalysisResult]:
         for inp in inputs:
@@ -110,10 +127,20 @@ class OpenAIEngine(Engine):
         img.save(buf, format="PNG")
         data_uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
         prompt = inp.prompt or families.prompt_for(self.family, inp.task, inp.question, inp.region, g, inp.modality)
-        body = {"model": self.model, "temperature": inp.temperature if inp.temperature is not None else 0.0,
-                "max_tokens": inp.max_new_tokens or self.default_max_tokens,
-                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri}},
-                                                          {"type": "text", "text": prompt}]}]}
+        body = {
+            "model": self.model,
+            "temperature": inp.temperature if inp.temperature is not None else 0.0,
+            "max_tokens": inp.max_new_tokens or self.default_max_tokens,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": data_uri}},
+                        {"type": "text", "text": prompt},
+                    ],
+                }
+            ],
+        }
         remaining = None
         if stop.deadline is not None:
             remaining = max(1.0, stop.deadline - time.monotonic())
@@ -128,18 +155,29 @@ class OpenAIEngine(Engine):
             if not isinstance(raw, str):
                 raise TypeError
         except (KeyError, IndexError, TypeError):
-            raise EngineError(f"the model server at {self.url} sent a reply without choices[0].message.content") from None
+            raise EngineError(
+                f"the model server at {self.url} sent a reply without choices[0].message.content"
+            ) from None
         default_label = inp.question or families.default_detect_label(inp.modality)
-        dec = families.decode_output(self.family, raw, g, default_label=default_label if inp.task != "report" else "finding")
+        dec = families.decode_output(
+            self.family, raw, g, default_label=default_label if inp.task != "report" else "finding"
+        )
         if choice.get("finish_reason") == "length":
-            dec.warnings.append(f"the answer was cut at max_tokens ({body['max_tokens']}); raise max_new_tokens if "
-                                "text or boxes are missing")
+            dec.warnings.append(
+                f"the answer was cut at max_tokens ({body['max_tokens']}); raise max_new_tokens if "
+                "text or boxes are missing"
+            )
         if not raw.strip():
             dec.warnings.append("the model server returned an empty answer")
         if inp.task in ("report", "vqa"):
             dec.findings = [] if self.family == "generic" else dec.findings
-        return AnalysisResult(text=dec.text, findings=dec.findings, raw_output=raw, warnings=dec.warnings,
-                              timings_ms={"remote": (time.perf_counter() - t0) * 1000})
+        return AnalysisResult(
+            text=dec.text,
+            findings=dec.findings,
+            raw_output=raw,
+            warnings=dec.warnings,
+            timings_ms={"remote": (time.perf_counter() - t0) * 1000},
+        )
 
     def close(self) -> None:
         self.session.close()

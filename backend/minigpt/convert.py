@@ -34,8 +34,14 @@ from .weights import (
 
 log = logging.getLogger("minigptmed.convert")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def folder_dtype(llama_cfg: dict) -> torch.dtype:
@@ -43,8 +49,15 @@ def folder_dtype(llama_cfg: dict) -> torch.dtype:
     return DTYPES.get(str(name), torch.float32)
 
 
-def convert(eva: str, llama: str, checkpoint: str, out: str | Path, cfg: MiniGPTMedConfig, keep_lora: bool = False,
-            dtype: torch.dtype | None = None) -> dict:
+def convert(
+    eva: str,
+    llama: str,
+    checkpoint: str,
+    out: str | Path,
+    cfg: MiniGPTMedConfig,
+    keep_lora: bool = False,
+    dtype: torch.dtype | None = None,
+) -> dict:
     t0 = time.perf_counter()
     out = Path(out)
     llama_cfg, parts, vision_sd, eva_ignored = read_original_parts(eva, llama, checkpoint, cfg)
@@ -72,10 +85,15 @@ def convert(eva: str, llama: str, checkpoint: str, out: str | Path, cfg: MiniGPT
         save_file({k: v.contiguous() for k, v in parts.lora.items()}, str(out / "lora.safetensors"))
     elif (out / "lora.safetensors").exists():
         (out / "lora.safetensors").unlink()
-    meta = {"format": "minigptmed-converted", "version": 1, "model_config": cfg.to_dict(),
-            "lora": "separate" if keep_lora else "merged", "llm_dtype": str(dtype).replace("torch.", ""),
-            "sources": {"eva": str(eva), "llama": str(llama), "checkpoint": str(checkpoint)},
-            "ignored": {"eva": len(eva_ignored), "checkpoint": len(parts.ignored)}}
+    meta = {
+        "format": "minigptmed-converted",
+        "version": 1,
+        "model_config": cfg.to_dict(),
+        "lora": "separate" if keep_lora else "merged",
+        "llm_dtype": str(dtype).replace("torch.", ""),
+        "sources": {"eva": str(eva), "llama": str(llama), "checkpoint": str(checkpoint)},
+        "ignored": {"eva": len(eva_ignored), "checkpoint": len(parts.ignored)},
+    }
     (out / CONVERTED_MARKER).write_text(json.dumps(meta, indent=2))
     return {"seconds": time.perf_counter() - t0, "out": str(out), **meta}
 

@@ -50,7 +50,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _warp(logits: torch.Tensor, s: SamplingSettings, history: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+def _warp(
+    logits: torch.Tensor, s: SamplingSettings, history: torch.Tensor, gen: torch.Generator | None
+) -> torch.Tensor:
     """Next tokens [B] from logits [B,V] (fp32)."""
     if s.repetition_penalty != 1.0:
         score = torch.gather(logits, 1, history)
@@ -73,8 +75,19 @@ def _warp(logits: torch.Tensor, s: SamplingSettings, history: torch.Tensor, gen:
     return torch.multinomial(probs, 1, generator=gen).squeeze(1)
 
 
-def _decode_loop(logits: torch.Tensor, step_fn, b: int, maxes: list[int], eos_id: int, bos_id: int,
-                 settings: SamplingSettings, stop, gen, ignore_eos: bool, check_every: int = 8):
+def _decode_loop(
+    logits: torch.Tensor,
+    step_fn,
+    b: int,
+    maxes: list[int],
+    eos_id: int,
+    bos_id: int,
+    settings: SamplingSettings,
+    stop,
+    gen,
+    ignore_eos: bool,
+    check_every: int = 8,
+):
     """Token choice + feeding back, without a host sync per step: tokens stay on the device and finished rows are
     checked every ``check_every`` steps (the extra steps of finished rows are discarded). ``logits`` has
     >= b rows; ``step_fn(next_ids [rows])`` returns the next logits. Returns (tokens per row, finished, steps)."""
@@ -103,9 +116,9 @@ def _decode_loop(logits: torch.Tensor, step_fn, b: int, maxes: list[int], eos_id
     ids = torch.stack(cols, 1).tolist() if cols else [[] for _ in range(rows)]
     tokens, finished = [], []
     for i in range(b):
-        row = ids[i][:maxes[i]]
+        row = ids[i][: maxes[i]]
         if not ignore_eos and eos_id in row:
-            row = row[:row.index(eos_id)]
+            row = row[: row.index(eos_id)]
             finished.append(True)
         else:
             finished.append(False)
@@ -114,9 +127,17 @@ def _decode_loop(logits: torch.Tensor, step_fn, b: int, maxes: list[int], eos_id
 
 
 @torch.no_grad()
-def generate(llm, embeds: Sequence[torch.Tensor], max_new_tokens: Sequence[int] | int, eos_id: int, bos_id: int,
-             settings: SamplingSettings = GREEDY, stop=None, seed: int | None = None,
-             ignore_eos: bool = False) -> GenerationOutput:
+def generate(
+    llm,
+    embeds: Sequence[torch.Tensor],
+    max_new_tokens: Sequence[int] | int,
+    eos_id: int,
+    bos_id: int,
+    settings: SamplingSettings = GREEDY,
+    stop=None,
+    seed: int | None = None,
+    ignore_eos: bool = False,
+) -> GenerationOutput:
     """``embeds``: one [L_i, H] prompt embedding per row. Returns the generated ids per row."""
     from transformers import DynamicCache
 
@@ -128,8 +149,8 @@ def generate(llm, embeds: Sequence[torch.Tensor], max_new_tokens: Sequence[int] 
     x = torch.zeros(b, L, H, dtype=embeds[0].dtype, device=device)
     mask = torch.zeros(b, L, dtype=torch.long, device=device)
     for i, e in enumerate(embeds):
-        x[i, L - lens[i]:] = e
-        mask[i, L - lens[i]:] = 1
+        x[i, L - lens[i] :] = e
+        mask[i, L - lens[i] :] = 1
     pos = mask.cumsum(-1) - 1
     pos.masked_fill_(mask == 0, 1)
     gen = None
@@ -138,8 +159,9 @@ def generate(llm, embeds: Sequence[torch.Tensor], max_new_tokens: Sequence[int] 
         gen.manual_seed(seed if seed is not None else int(torch.seed() % (2**63)))
     cache = DynamicCache(config=llm.config)
     t0 = time.perf_counter()
-    out = llm(inputs_embeds=x, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-              logits_to_keep=1)
+    out = llm(
+        inputs_embeds=x, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1
+    )
     logits = out.logits[:, -1].float()
     _sync(device)
     t1 = time.perf_counter()
@@ -148,15 +170,21 @@ def generate(llm, embeds: Sequence[torch.Tensor], max_new_tokens: Sequence[int] 
     def step(nxt):
         state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(b, 1)], dim=1)
         state["pos"] = state["pos"] + 1
-        o = llm(input_ids=nxt[:, None], attention_mask=state["mask"], position_ids=state["pos"], past_key_values=cache,
-                use_cache=True)
+        o = llm(
+            input_ids=nxt[:, None],
+            attention_mask=state["mask"],
+            position_ids=state["pos"],
+            past_key_values=cache,
+            use_cache=True,
+        )
         return o.logits[:, -1].float()
 
     tokens, finished, steps = _decode_loop(logits, step, b, maxes, eos_id, bos_id, settings, stop, gen, ignore_eos)
     _sync(device)
     t2 = time.perf_counter()
-    return GenerationOutput(tokens=tokens, finished=finished, prefill_s=t1 - t0, decode_s=t2 - t1, steps=steps,
-                            prompt_lengths=lens)
+    return GenerationOutput(
+        tokens=tokens, finished=finished, prefill_s=t1 - t0, decode_s=t2 - t1, steps=steps, prompt_lengths=lens
+    )
 
 
 class StaticDecoder:
@@ -170,18 +198,35 @@ class StaticDecoder:
         self.max_len = max_len
         self.compiled = compile
         self.cache: Any = None
-        self._step = torch.compile(self._forward_step, mode="reduce-overhead", fullgraph=False) if compile \
+        self._step = (
+            torch.compile(self._forward_step, mode="reduce-overhead", fullgraph=False)
+            if compile
             else self._forward_step
+        )
 
     def _forward_step(self, ids, mask, pos, cache_position):
-        out = self.llm(input_ids=ids, attention_mask=mask, position_ids=pos, cache_position=cache_position,
-                       past_key_values=self.cache, use_cache=True)
+        out = self.llm(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            cache_position=cache_position,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
         return out.logits[:, -1].float()
 
     @torch.no_grad()
-    def generate(self, embeds: Sequence[torch.Tensor], max_new_tokens: Sequence[int] | int, eos_id: int, bos_id: int,
-                 settings: SamplingSettings = GREEDY, stop=None, seed: int | None = None,
-                 ignore_eos: bool = False) -> GenerationOutput:
+    def generate(
+        self,
+        embeds: Sequence[torch.Tensor],
+        max_new_tokens: Sequence[int] | int,
+        eos_id: int,
+        bos_id: int,
+        settings: SamplingSettings = GREEDY,
+        stop=None,
+        seed: int | None = None,
+        ignore_eos: bool = False,
+    ) -> GenerationOutput:
         from transformers import StaticCache
 
         b = len(embeds)
@@ -197,8 +242,8 @@ class StaticDecoder:
         x = torch.zeros(bp, L, H, dtype=embeds[0].dtype, device=device)
         mask = torch.zeros(bp, self.max_len, dtype=torch.long, device=device)
         for i, e in enumerate(embeds):
-            x[i, L - lens[i]:] = e
-            mask[i, L - lens[i]:L] = 1
+            x[i, L - lens[i] :] = e
+            mask[i, L - lens[i] : L] = 1
         mask[b:, L - 1] = 1  # keep padding rows finite
         pos = mask[:, :L].cumsum(-1) - 1
         pos.masked_fill_(mask[:, :L] == 0, 1)
@@ -211,9 +256,15 @@ class StaticDecoder:
             gen = torch.Generator(device=device)
             gen.manual_seed(seed if seed is not None else int(torch.seed() % (2**63)))
         t0 = time.perf_counter()
-        out = self.llm(inputs_embeds=x, attention_mask=mask[:, :L], position_ids=pos,
-                       cache_position=torch.arange(L, device=device), past_key_values=self.cache, use_cache=True,
-                       logits_to_keep=1)
+        out = self.llm(
+            inputs_embeds=x,
+            attention_mask=mask[:, :L],
+            position_ids=pos,
+            cache_position=torch.arange(L, device=device),
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         logits = out.logits[:, -1].float()
         _sync(device)
         t1 = time.perf_counter()
@@ -230,5 +281,6 @@ class StaticDecoder:
         tokens, finished, steps = _decode_loop(logits, step, b, maxes, eos_id, bos_id, settings, stop, gen, ignore_eos)
         _sync(device)
         t2 = time.perf_counter()
-        return GenerationOutput(tokens=tokens, finished=finished, prefill_s=t1 - t0, decode_s=t2 - t1, steps=steps,
-                                prompt_lengths=lens)
+        return GenerationOutput(
+            tokens=tokens, finished=finished, prefill_s=t1 - t0, decode_s=t2 - t1, steps=steps, prompt_lengths=lens
+        )

@@ -18,7 +18,11 @@ def to_rgb_pil(img):
             raise ValueError("arrays must be uint8 (use DecodedImage.rgb8() for 16-bit images)")
         img = Image.fromarray(img)
     if img.mode != "RGB":
-        img = img.convert("L").convert("RGB") if img.mode in ("L", "I", "I;16", "F", "1", "P", "LA") else img.convert("RGB")
+        img = (
+            img.convert("L").convert("RGB")
+            if img.mode in ("L", "I", "I;16", "F", "1", "P", "LA")
+            else img.convert("RGB")
+        )
     return img
 
 

@@ -29,8 +29,18 @@ def build_prompt(instruction: str) -> str:
 
 def _clean_up_tokenization(s: str) -> str:
     """transformers' ``clean_up_tokenization`` (used when clean_up_tokenization_spaces is true)."""
-    return (s.replace(" .", ".").replace(" ?", "?").replace(" !", "!").replace(" ,", ",").replace(" ' ", "'")
-            .replace(" n't", "n't").replace(" 'm", "'m").replace(" 's", "'s").replace(" 've", "'ve").replace(" 're", "'re"))
+    return (
+        s.replace(" .", ".")
+        .replace(" ?", "?")
+        .replace(" !", "!")
+        .replace(" ,", ",")
+        .replace(" ' ", "'")
+        .replace(" n't", "n't")
+        .replace(" 'm", "'m")
+        .replace(" 's", "'s")
+        .replace(" 've", "'ve")
+        .replace(" 're", "'re")
+    )
 
 
 class MiniGPTTokenizer:
@@ -48,7 +58,9 @@ class MiniGPTTokenizer:
         self.clean_up_spaces = bool(cfg.get("clean_up_tokenization_spaces", True))  # 4.30 default: True
         self.unk_id, self.bos_id, self.eos_id = self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id()
         self.specials = {self.sp.id_to_piece(i): i for i in (self.unk_id, self.bos_id, self.eos_id) if i >= 0}
-        self._split = re.compile("(" + "|".join(re.escape(t) for t in sorted(self.specials, key=len, reverse=True)) + ")")
+        self._split = re.compile(
+            "(" + "|".join(re.escape(t) for t in sorted(self.specials, key=len, reverse=True)) + ")"
+        )
         pad = self.sp.piece_to_id(PAD_TOKEN)
         self.pad_id = pad  # = unk if '$$' is not one piece (as in 4.30: unknown token -> unk id)
         self.skip_ids = {i for i in (self.unk_id, self.bos_id, self.eos_id, self.pad_id) if i is not None and i >= 0}

@@ -35,12 +35,16 @@ CKPT_PREFIX = "llama_model.base_model.model.model."
 # ---- declared key map ---------------------------------------------------------------------------------------
 # MiniGPT-Med checkpoint 'model' dict -> our names
 RE_PROJ = re.compile(r"^llama_proj\.(weight|bias)$")
-RE_LORA = re.compile(r"^llama_model\.base_model\.model\.model\.layers\.(\d+)\.self_attn\.(\w+)\.lora_(A|B)(?:\.default)?\.weight$")
+RE_LORA = re.compile(
+    r"^llama_model\.base_model\.model\.model\.layers\.(\d+)\.self_attn\.(\w+)\.lora_(A|B)(?:\.default)?\.weight$"
+)
 RE_INV_FREQ = re.compile(r"^llama_model\.base_model\.model\.model\.layers\.(\d+)\.self_attn\.rotary_emb\.inv_freq$")
 # eva_vit_g.pth keys the original model does not have (it loads with strict=False and drops them)
 RE_EVA_EXTRA_BLOCK = re.compile(r"^blocks\.(\d+)\.")
-EVA_IGNORABLE = (re.compile(r"^(norm|fc_norm|head|rel_pos_bias)\."),
-                 re.compile(r"\.relative_position_(bias_table|index)$"))
+EVA_IGNORABLE = (
+    re.compile(r"^(norm|fc_norm|head|rel_pos_bias)\."),
+    re.compile(r"\.relative_position_(bias_table|index)$"),
+)
 RE_EVA_MATMUL = re.compile(r"(^patch_embed\.proj\.|\.(qkv|proj|fc1|fc2)\.)")
 # MiniGPT-4 (v1) markers
 V1_MARKERS = ("query_tokens", "Qformer.", "llama_model.model.", "ln_vision.")
@@ -86,16 +90,21 @@ def torch_load(path: str | Path) -> Any:
 
 
 def _unsafe_msg(path, e) -> str:
-    return (f"{path}: cannot be read as a plain tensor checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-            "It may hold arbitrary Python objects; if you trust the file, set MINIGPTMED_TRUST_CHECKPOINTS=1.")
+    return (
+        f"{path}: cannot be read as a plain tensor checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+        "It may hold arbitrary Python objects; if you trust the file, set MINIGPTMED_TRUST_CHECKPOINTS=1."
+    )
 
 
 # ---- LLaMA folder ---------------------------------------------------------------------------------------------
 
+
 def read_llama_config(folder: str | Path) -> dict:
     p = Path(folder) / "config.json"
     if not p.is_file():
-        raise WeightsError(f"{folder}: not a Hugging Face LLaMA folder (no config.json); pass the Llama-2-7b-chat-hf folder")
+        raise WeightsError(
+            f"{folder}: not a Hugging Face LLaMA folder (no config.json); pass the Llama-2-7b-chat-hf folder"
+        )
     cfg = json.loads(p.read_text())
     if cfg.get("model_type") not in (None, "llama"):
         raise WeightsError(f"{folder}: model_type is {cfg.get('model_type')!r}; MiniGPT-Med needs LLaMA-2-7B-chat")
@@ -106,11 +115,14 @@ def check_llm_hidden(llama_cfg: dict, expected: int | None, folder: str | Path) 
     got = int(llama_cfg.get("hidden_size", -1))
     if expected is not None and got != expected:
         hint = " (that is a 13B model)" if got == 5120 else ""
-        raise WeightsError(f"MiniGPT-Med needs the 7B LLaMA-2 base: hidden size {expected} expected, found {got} "
-                           f"in {folder}/config.json{hint}. Use Llama-2-7b-chat-hf.")
+        raise WeightsError(
+            f"MiniGPT-Med needs the 7B LLaMA-2 base: hidden size {expected} expected, found {got} "
+            f"in {folder}/config.json{hint}. Use Llama-2-7b-chat-hf."
+        )
 
 
 # ---- MiniGPT-Med checkpoint -------------------------------------------------------------------------------------
+
 
 @dataclass
 class CheckpointParts:
@@ -128,16 +140,21 @@ def load_checkpoint(path: str | Path, cfg: MiniGPTMedConfig, n_layers: int, hidd
         if any(k.startswith(("llama_proj.", "llama_model.")) for k in obj):
             sd = obj
         else:
-            raise WeightsError(f"{path}: no 'model' entry (top-level keys: {_names(obj.keys())}); "
-                               "is this the MiniGPT-Med checkpoint?")
+            raise WeightsError(
+                f"{path}: no 'model' entry (top-level keys: {_names(obj.keys())}); is this the MiniGPT-Med checkpoint?"
+            )
     keys = list(sd.keys())
     pw = sd.get("llama_proj.weight")
     has_lora = any(RE_LORA.match(k) for k in keys)
-    if any(k.startswith(V1_MARKERS[:2]) for k in keys) or (pw is not None and not has_lora and pw.shape[1] != cfg.proj_in):
+    if any(k.startswith(V1_MARKERS[:2]) for k in keys) or (
+        pw is not None and not has_lora and pw.shape[1] != cfg.proj_in
+    ):
         in_f = None if pw is None else pw.shape[1]
-        raise WeightsError(f"{path} looks like a MiniGPT-4 (v1) checkpoint (Q-Former based, llama_proj takes {in_f} "
-                           f"features, no LoRA); MiniGPT-Med is MiniGPT-v2-based and needs its own checkpoint "
-                           f"(llama_proj {cfg.proj_in} -> {hidden} plus LoRA tensors)")
+        raise WeightsError(
+            f"{path} looks like a MiniGPT-4 (v1) checkpoint (Q-Former based, llama_proj takes {in_f} "
+            f"features, no LoRA); MiniGPT-Med is MiniGPT-v2-based and needs its own checkpoint "
+            f"(llama_proj {cfg.proj_in} -> {hidden} plus LoRA tensors)"
+        )
     proj, lora, ignored, unexpected = {}, {}, [], []
     for k in keys:
         t = sd[k]
@@ -158,19 +175,26 @@ def load_checkpoint(path: str | Path, cfg: MiniGPTMedConfig, n_layers: int, hidd
             unexpected.append(k)
     if unexpected:
         raise WeightsError(f"{path}: unexpected keys in the checkpoint: {_names(unexpected)}")
-    expected_lora = {f"layers.{i}.self_attn.{m}.lora_{ab}.weight" for i in range(n_layers)
-                     for m in cfg.lora.targets for ab in "AB"}
+    expected_lora = {
+        f"layers.{i}.self_attn.{m}.lora_{ab}.weight" for i in range(n_layers) for m in cfg.lora.targets for ab in "AB"
+    }
     missing = sorted(expected_lora - set(lora)) + [f"llama_proj.{n}" for n in ("weight", "bias") if n not in proj]
     if missing:
-        raise WeightsError(f"{path}: missing keys in the checkpoint: {_names(missing)}"
-                           + (" (no LoRA tensors at all: is this a MiniGPT-Med checkpoint?)" if not lora else ""))
+        raise WeightsError(
+            f"{path}: missing keys in the checkpoint: {_names(missing)}"
+            + (" (no LoRA tensors at all: is this a MiniGPT-Med checkpoint?)" if not lora else "")
+        )
     if tuple(proj["weight"].shape) != (hidden, cfg.proj_in):
         got = tuple(proj["weight"].shape)
         if got[0] != hidden:
-            raise WeightsError(f"{path}: llama_proj maps to {got[0]} features but the LLaMA base has hidden size "
-                               f"{hidden}; MiniGPT-Med needs the 7B LLaMA-2 base: hidden size {got[0]} expected, found {hidden}")
-        raise WeightsError(f"{path}: llama_proj.weight has shape {got}, expected {(hidden, cfg.proj_in)} "
-                           f"(vision width {cfg.vision.width} x {cfg.tokens_per_group})")
+            raise WeightsError(
+                f"{path}: llama_proj maps to {got[0]} features but the LLaMA base has hidden size "
+                f"{hidden}; MiniGPT-Med needs the 7B LLaMA-2 base: hidden size {got[0]} expected, found {hidden}"
+            )
+        raise WeightsError(
+            f"{path}: llama_proj.weight has shape {got}, expected {(hidden, cfg.proj_in)} "
+            f"(vision width {cfg.vision.width} x {cfg.tokens_per_group})"
+        )
     r = cfg.lora.r
     for name, t in lora.items():
         want = (r, hidden) if ".lora_A." in name else (None, r)
@@ -180,6 +204,7 @@ def load_checkpoint(path: str | Path, cfg: MiniGPTMedConfig, n_layers: int, hidd
 
 
 # ---- EVA ---------------------------------------------------------------------------------------------------------
+
 
 def load_eva(path: str | Path, cfg: MiniGPTMedConfig, expected_keys: dict[str, torch.Size]) -> tuple[dict, list[str]]:
     obj = torch_load(path)
@@ -191,7 +216,7 @@ def load_eva(path: str | Path, cfg: MiniGPTMedConfig, expected_keys: dict[str, t
         raise WeightsError(f"{path}: not a state dict")
     out, ignored, unexpected = {}, [], []
     for k, t in obj.items():
-        k2 = k[len("visual_encoder."):] if k.startswith("visual_encoder.") else k
+        k2 = k[len("visual_encoder.") :] if k.startswith("visual_encoder.") else k
         if k2 in expected_keys:
             out[k2] = t
             continue
@@ -209,12 +234,15 @@ def load_eva(path: str | Path, cfg: MiniGPTMedConfig, expected_keys: dict[str, t
         out["pos_embed"] = interpolate_pos_embed(out["pos_embed"], cfg.vision.grid)
     for k, shape in expected_keys.items():
         if tuple(out[k].shape) != tuple(shape):
-            raise WeightsError(f"{path}: {k} has shape {tuple(out[k].shape)}, expected {tuple(shape)} "
-                               f"(EVA ViT-g width {cfg.vision.width}, {cfg.vision.heads} heads, mlp {cfg.vision.mlp_dim})")
+            raise WeightsError(
+                f"{path}: {k} has shape {tuple(out[k].shape)}, expected {tuple(shape)} "
+                f"(EVA ViT-g width {cfg.vision.width}, {cfg.vision.heads} heads, mlp {cfg.vision.mlp_dim})"
+            )
     return out, ignored
 
 
 # ---- assembly -----------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class LoadOptions:
@@ -231,8 +259,10 @@ def _quant_config(quantize: str, dtype: torch.dtype):
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
     except ImportError as e:
-        raise WeightsError(f"--quantize {quantize} needs the bitsandbytes package (pip install bitsandbytes); "
-                           f"it is not importable here: {e}") from e
+        raise WeightsError(
+            f"--quantize {quantize} needs the bitsandbytes package (pip install bitsandbytes); "
+            f"it is not importable here: {e}"
+        ) from e
     if quantize == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
@@ -256,8 +286,10 @@ def _load_llm(folder: str | Path, opts: LoadOptions):
     unexpected = [k for k in info.get("unexpected_keys", []) if "inv_freq" not in k]
     mism = info.get("mismatched_keys", [])
     if missing or unexpected or mism:
-        raise WeightsError(f"{folder}: LLaMA weights do not match config.json: missing {_names(missing) or 'none'}; "
-                           f"unexpected {_names(unexpected) or 'none'}; mismatched {_names([m[0] for m in mism]) or 'none'}")
+        raise WeightsError(
+            f"{folder}: LLaMA weights do not match config.json: missing {_names(missing) or 'none'}; "
+            f"unexpected {_names(unexpected) or 'none'}; mismatched {_names([m[0] for m in mism]) or 'none'}"
+        )
     llm.eval()
     return llm
 
@@ -280,8 +312,9 @@ def attach_lora(llm, cfg: MiniGPTMedConfig, lora: dict[str, torch.Tensor], dtype
     return len(used)
 
 
-def _assemble(cfg: MiniGPTMedConfig, llm, vision_sd: dict, proj: dict, lora: dict | None,
-              opts: LoadOptions, report: LoadReport) -> MiniGPTMed:
+def _assemble(
+    cfg: MiniGPTMedConfig, llm, vision_sd: dict, proj: dict, lora: dict | None, opts: LoadOptions, report: LoadReport
+) -> MiniGPTMed:
     hidden = llm.config.hidden_size
     with torch.device("meta"):
         model = MiniGPTMed(cfg, None, hidden)
@@ -296,11 +329,13 @@ def _assemble(cfg: MiniGPTMedConfig, llm, vision_sd: dict, proj: dict, lora: dic
         vis[k] = t.to(device=dev, dtype=tgt)
     model.visual_encoder.load_state_dict(vis, strict=True, assign=True)
     w = cfg.vision.width
-    model.ln_vision.load_state_dict({"weight": torch.ones(w, device=dev), "bias": torch.zeros(w, device=dev)},
-                                    strict=True, assign=True)
+    model.ln_vision.load_state_dict(
+        {"weight": torch.ones(w, device=dev), "bias": torch.zeros(w, device=dev)}, strict=True, assign=True
+    )
     proj_dtype = torch.float32 if mixed else opts.dtype
-    model.llama_proj.load_state_dict({k: v.to(device=dev, dtype=proj_dtype) for k, v in proj.items()},
-                                     strict=True, assign=True)
+    model.llama_proj.load_state_dict(
+        {k: v.to(device=dev, dtype=proj_dtype) for k, v in proj.items()}, strict=True, assign=True
+    )
     model.vision_autocast = opts.dtype if mixed else None
     report.loaded["vision"] = len(vis)
     report.loaded["llama_proj"] = len(proj)
@@ -333,8 +368,9 @@ def read_original_parts(eva: str | Path, llama: str | Path, checkpoint: str | Pa
     return llama_cfg, parts, vision_sd, eva_ignored
 
 
-def load_original(eva: str | Path, llama: str | Path, checkpoint: str | Path, cfg: MiniGPTMedConfig,
-                  opts: LoadOptions) -> tuple[MiniGPTMed, LoadReport]:
+def load_original(
+    eva: str | Path, llama: str | Path, checkpoint: str | Path, cfg: MiniGPTMedConfig, opts: LoadOptions
+) -> tuple[MiniGPTMed, LoadReport]:
     t0 = time.perf_counter()
     for label, p in (("--eva", eva), ("--llama", llama), ("--checkpoint", checkpoint)):
         if not p or not os.path.exists(p):
@@ -359,8 +395,10 @@ def load_converted(folder: str | Path, opts: LoadOptions) -> tuple[MiniGPTMed, M
     t0 = time.perf_counter()
     folder = Path(folder)
     if not is_converted(folder):
-        raise WeightsError(f"{folder}: not a converted MiniGPT-Med folder (no {CONVERTED_MARKER}); "
-                           "write one with 'minigptmed-backend convert'")
+        raise WeightsError(
+            f"{folder}: not a converted MiniGPT-Med folder (no {CONVERTED_MARKER}); "
+            "write one with 'minigptmed-backend convert'"
+        )
     meta = json.loads((folder / CONVERTED_MARKER).read_text())
     cfg = MiniGPTMedConfig.from_dict(meta["model_config"])
     from .eva_vit import EvaViT
@@ -368,12 +406,14 @@ def load_converted(folder: str | Path, opts: LoadOptions) -> tuple[MiniGPTMed, M
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in EvaViT(cfg.vision).state_dict().items()}
     vsd = load_file(str(folder / "vision.safetensors"))
-    vision_sd = {k[len("visual_encoder."):]: v for k, v in vsd.items() if k.startswith("visual_encoder.")}
-    proj = {k[len("llama_proj."):]: v for k, v in vsd.items() if k.startswith("llama_proj.")}
+    vision_sd = {k[len("visual_encoder.") :]: v for k, v in vsd.items() if k.startswith("visual_encoder.")}
+    proj = {k[len("llama_proj.") :]: v for k, v in vsd.items() if k.startswith("llama_proj.")}
     extra = set(vsd) - {f"visual_encoder.{k}" for k in vision_sd} - {f"llama_proj.{k}" for k in proj}
     missing = set(shapes) - set(vision_sd)
     if extra or missing or set(proj) != {"weight", "bias"}:
-        raise WeightsError(f"{folder}/vision.safetensors: missing {_names(missing) or 'none'}, unexpected {_names(extra) or 'none'}")
+        raise WeightsError(
+            f"{folder}/vision.safetensors: missing {_names(missing) or 'none'}, unexpected {_names(extra) or 'none'}"
+        )
     llm = _load_llm(folder / "llm", opts)
     lora = None
     if meta.get("lora") == "separate":
