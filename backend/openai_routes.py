@@ -84,9 +84,9 @@ def parse_chat_request(body: Any, engine_tasks: tuple[str, ...]) -> AnalyzeReque
     temperature = body.get("temperature")
     try:
         return AnalyzeRequest(
-            task=task,
+            task=task,  # type: ignore[arg-type]
             image=image,
-            question=text or None,  # type: ignore[arg-type]
+            question=text or None,
             region=[float(v) for v in region] if isinstance(region, list) else None,
             max_new_tokens=int(max_tokens) if max_tokens is not None else None,
             temperature=float(temperature) if temperature is not None else None,
