@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   -> .venv, a real chest CT, the headless runner with the built-in engine, outputs in out/demo
+#   make demo   -> .venv, a real chest CT, the headless runner (headless/) with the built-in engine, outputs in out/demo
 #   make test   -> .venv, then the whole test suite
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
@@ -35,7 +35,7 @@ $(STAMP): pyproject.toml Makefile
 	@touch $@
 
 demo: $(STAMP)
-	$(BIN)/python -m MiniGPTMedSlicerLib.demo --out out/demo
+	$(BIN)/python -m headless.demo --out out/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -181,8 +181,9 @@ def test_box_becomes_roi_at_ras_of_its_pixels(ctx, volumes):
 
 
 def test_render_round_trip_within_2px(ctx, volumes, tmp_path):
-    from MiniGPTMedSlicerLib.render import render_slice_view
     from PIL import Image
+
+    from headless.render import render_slice_view
 
     sl = S.add_slice_view(ctx, volumes["chest_ct"], "RenderView", "Axial", (320, 320))
     sl.SetSliceOffset(-157.5)

@@ -23,16 +23,16 @@ from MiniGPTMedSlicerLib.sweep import (
     capture_sweep,
     merge_sweep,
     plan_sweep,
-    run_sweep,
 )
 
 from backend.engines.builtin import BuiltinEngine
 from backend.server_thread import ServerThread, free_port
+from headless.sweep import run_sweep
 
 
 def _runner(*args, timeout=180):
     return subprocess.run(
-        [sys.executable, "-m", "MiniGPTMedSlicerLib.runner", *args],
+        [sys.executable, "-m", "headless.runner", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -132,7 +132,7 @@ def _match(findings, centre):
 
 
 def test_sweep_runner_gives_one_3d_finding_per_lesion(lesion_volume, tmp_path):
-    from MiniGPTMedSlicerLib.runner import main
+    from headless.runner import main
 
     path, centres = lesion_volume
     out = tmp_path / "sweep"

@@ -21,6 +21,9 @@ def test_module_cmakelists_lists_every_file():
     text = (MODULE / "CMakeLists.txt").read_text()
     listed = set(re.findall(r"^\s+(MiniGPTMedSlicer(?:Lib|Qt)/\S+\.py)\s*$", text, re.M))
     assert listed == set(_module_py_files()), "MiniGPTMedSlicer/CMakeLists.txt must list every module .py file"
+    # only what runs inside Slicer: the module script and its two packages (not the headless tools, not the backend)
+    scripts = set(re.findall(r"^\s+(\S+\.py)\s*$", text, re.M))
+    assert scripts == listed | {"${MODULE_NAME}.py"}, scripts - listed
     assert "${MODULE_NAME}.py" in text and "slicerMacroBuildScriptedModule" in text
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
     for res in re.findall(r"^\s+(Resources/\S+)\s*$", text, re.M):

@@ -7,14 +7,16 @@ Three phases, so that the Slicer module can keep MRML on the main thread and the
 2. :func:`analyze_sweep` (network only; any thread): the captured PNGs go to ``POST /v1/analyze/batch`` in batches,
    with progress (slices done, ETA) and cancellation between batches.
 3. :func:`merge_sweep` (pure): 2D boxes -> 3D findings with :mod:`.merge3d`; the markups are created by
-   :func:`.markups3d.add_sweep_results` (MRML; main thread; all or nothing).
+   :func:`.markups.add_sweep_results` (MRML; main thread; all or nothing).
+
+The headless driver that runs all three in one thread is :func:`headless.sweep.run_sweep`.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from . import protocol
@@ -56,16 +58,6 @@ class SweepProgress:
 
 
 ProgressCallback = Callable[[SweepProgress], None]
-
-
-@dataclass
-class SweepResult:
-    plan: SweepPlan
-    task: str
-    responses: List[protocol.AnalyzeResponse]
-    findings: List[Finding3D]
-    pixel_to_ras: list = field(default_factory=list)  # one 4x4 per swept slice
-    elapsed_s: float = 0.0
 
 
 def parse_range(text: Optional[str], count: int) -> Tuple[int, int]:
@@ -186,33 +178,3 @@ def summarize(findings: Sequence[Finding3D], plan: SweepPlan, view: str, engine:
             f"{plan.indices[f.last]}{score}"
         )
     return "\n".join(lines)
-
-
-def run_sweep(
-    slice_logic,
-    volume_node,
-    client,
-    task: str = "detect",
-    question: Optional[str] = None,
-    slice_range: Optional[Tuple[int, int]] = None,
-    step: int = 1,
-    batch_size: int = 8,
-    export_size=None,
-    options: Optional[MergeOptions] = None,
-    cancel: Optional[threading.Event] = None,
-    progress: Optional[ProgressCallback] = None,
-) -> SweepResult:
-    """All three phases in the calling thread (the headless runner). No markups are created here."""
-    t0 = time.monotonic()
-    plan = plan_sweep(slice_logic, volume_node, slice_range, step)
-    captured = capture_sweep(slice_logic, plan, export_size=export_size, cancel=cancel)
-    responses = analyze_sweep(client, captured, task, question, batch_size, cancel=cancel, progress=progress)
-    findings = merge_sweep(captured, responses, plan, options)
-    return SweepResult(
-        plan=plan,
-        task=task,
-        responses=responses,
-        findings=findings,
-        pixel_to_ras=[c.pixel_to_ras for c in captured],
-        elapsed_s=time.monotonic() - t0,
-    )

