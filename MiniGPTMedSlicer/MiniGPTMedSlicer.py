@@ -1,8 +1,5 @@
-import logging
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import time
 from typing import Annotated, Dict, Optional
@@ -10,9 +7,11 @@ from typing import Annotated, Dict, Optional
 import qt
 import slicer
 import vtk
-from MiniGPTMedSlicerLib.controller import TASKS, AnalysisController, Outcome
+from MiniGPTMedSlicerLib.local_backend import LocalBackend, find_launcher, find_or_start_backend
+from MiniGPTMedSlicerLib.logic import TASKS, AnalysisLogic
 from MiniGPTMedSlicerQt.qt_compat import prop
-from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer import vtkMRMLMarkupsROINode
+from slicer.parameterNodeWrapper import Choice, SlicerParameterNamePropertyName, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -54,9 +53,13 @@ class MiniGPTMedSlicer(ScriptedLoadableModule):
 
 @parameterNodeWrapper
 class MiniGPTMedSlicerParameterNode:
+    """What the user sets in the panel, saved with the scene. The Widget binds it to the panel's widgets."""
+
     view: Annotated[str, Choice(["Red", "Yellow", "Green"])] = "Red"
     task: Annotated[str, Choice(list(TASKS))] = "Detect"
     question: str = ""
+    regionRoi: vtkMRMLMarkupsROINode
+    sweepRange: str = ""
     keepResults: bool = True
 
 
@@ -64,9 +67,19 @@ class MiniGPTMedSlicerParameterNode:
 # MiniGPTMedSlicerWidget
 #
 
+# parameter -> the panel widget it is bound to (through the SlicerParameterName property, as in Slicer's template)
+_BOUND_WIDGETS = {
+    "view": "view_combo",
+    "task": "task_combo",
+    "question": "question_edit",
+    "sweepRange": "range_edit",
+    "keepResults": "keep_check",
+}
+
 
 class MiniGPTMedSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """A thin shell: the panel (MiniGPTMedSlicerQt.panel) does the GUI, the controller does the work."""
+    """GUI only: puts the panel (MiniGPTMedSlicerQt.panel) in the module, hands it the Logic and binds the parameter
+    node to its widgets."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -74,6 +87,7 @@ class MiniGPTMedSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self.panel = None
         self._parameterNode = None
+        self._parameterNodeGuiTag = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -85,16 +99,16 @@ class MiniGPTMedSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         container.layout().setContentsMargins(0, 0, 0, 0)
         self.layout.addWidget(container)
         self.panel = Panel(
-            self.logic.controller,
+            self.logic,
             parent=container,
             settings=qt.QSettings(),
             error_display=lambda msg: slicer.util.errorDisplay(msg, windowTitle="MiniGPT-Med"),
         )
         self.layout.addStretch(1)
-        self.panel.view_combo.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
-        self.panel.task_combo.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
-        self.panel.question_edit.editingFinished.connect(self.updateParameterNodeFromGUI)
-        self.panel.keep_check.toggled.connect(self.updateParameterNodeFromGUI)
+        for parameter, attribute in _BOUND_WIDGETS.items():
+            getattr(self.panel, attribute).setProperty(SlicerParameterNamePropertyName, parameter)
+        # the Region ROI list is filled by the panel (user-drawn ROIs only), so it is synced here rather than bound
+        self.panel.region_combo.currentIndexChanged.connect(self.onRegionChanged)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodeAdded)
@@ -103,6 +117,7 @@ class MiniGPTMedSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         self.removeObservers()
+        self.setParameterNode(None)
         if self.panel is not None:
             self.panel.cleanup()
 
@@ -112,10 +127,13 @@ class MiniGPTMedSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.panel.refresh_regions()
             self.panel.refresh_table()
 
+    def exit(self) -> None:
+        self.setParameterNode(None)
+
     def onSceneStartClose(self, caller, event) -> None:
         if self.panel is not None:
             self.panel.on_cancel()
-        self._parameterNode = None
+        self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -136,21 +154,24 @@ class MiniGPTMedSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             qt.QTimer.singleShot(0, self.panel.refresh_regions)
 
     def initializeParameterNode(self) -> None:
-        self._parameterNode = self.logic.getParameterNode()
-        p = self._parameterNode
-        self.panel.view_combo.setCurrentIndex(max(0, self.panel.view_combo.findText(p.view)))
-        self.panel.task_combo.setCurrentIndex(max(0, self.panel.task_combo.findText(p.task)))
-        self.panel.question_edit.setText(p.question)
-        self.panel.keep_check.setChecked(p.keepResults)
+        self.setParameterNode(self.logic.getParameterNode())
 
-    def updateParameterNodeFromGUI(self, *args) -> None:
-        if self._parameterNode is None:
-            return
-        p = self._parameterNode
-        p.view = str(prop(self.panel.view_combo, "currentText"))
-        p.task = str(prop(self.panel.task_combo, "currentText"))
-        p.question = str(prop(self.panel.question_edit, "text"))
-        p.keepResults = bool(prop(self.panel.keep_check, "checked"))
+    def setParameterNode(self, parameterNode) -> None:
+        if self._parameterNode is not None and self._parameterNodeGuiTag is not None:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+        self._parameterNode = parameterNode
+        if self._parameterNode is not None:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.panel.widget)
+            roi = self._parameterNode.regionRoi
+            index = self.panel.region_combo.findData(roi.GetID()) if roi is not None else -1
+            if index >= 0:
+                self.panel.region_combo.setCurrentIndex(index)
+
+    def onRegionChanged(self, *args) -> None:
+        if self._parameterNode is not None:
+            nodeId = prop(self.panel.region_combo, "currentData")
+            self._parameterNode.regionRoi = slicer.mrmlScene.GetNodeByID(nodeId) if nodeId else None
 
 
 #
@@ -158,12 +179,13 @@ class MiniGPTMedSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 #
 
 
-class MiniGPTMedSlicerLogic(ScriptedLoadableModuleLogic):
-    """Usable without the Widget (Python console, scripts, the self-test)."""
+class MiniGPTMedSlicerLogic(AnalysisLogic, ScriptedLoadableModuleLogic):
+    """The module's logic (MiniGPTMedSlicerLib.logic.AnalysisLogic) on the application's scene and slice views, with
+    its parameter node. Usable without the Widget (Python console, scripts, the self-test)."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.controller = AnalysisController(slicer.mrmlScene, self.sliceLogics)
+        AnalysisLogic.__init__(self, slicer.mrmlScene, self.sliceLogics)
 
     def getParameterNode(self):
         return MiniGPTMedSlicerParameterNode(super().getParameterNode())
@@ -175,29 +197,8 @@ class MiniGPTMedSlicerLogic(ScriptedLoadableModuleLogic):
             return {}
         return {name: lm.sliceWidget(name).sliceLogic() for name in lm.sliceViewNames()}
 
-    def analyze(
-        self,
-        view: str = "Red",
-        taskName: str = "Detect",
-        question: str = "",
-        backendUrl: Optional[str] = None,
-        token: Optional[str] = None,
-        keepPrevious: bool = True,
-        timeoutS: float = 300.0,
-    ) -> Outcome:
-        """Run one analysis and wait for it, processing events meanwhile (for scripts and tests)."""
-        if backendUrl:
-            self.controller.configure(backendUrl, token)
-        startTime = time.time()
-        job = self.controller.start(view, taskName, question)
-        while not job.done.wait(0.02):
-            slicer.app.processEvents()
-            if time.time() - startTime > timeoutS:
-                job.cancel.set()
-                break
-        outcome = self.controller.finish(job, keep_previous=keepPrevious)
-        logging.info(f"MiniGPT-Med {taskName} on {view}: {outcome.message} ({time.time() - startTime:.2f} s)")
-        return outcome
+    def process_events(self) -> None:
+        slicer.app.processEvents()
 
 
 #
@@ -206,13 +207,13 @@ class MiniGPTMedSlicerLogic(ScriptedLoadableModuleLogic):
 
 
 class MiniGPTMedSlicerTest(ScriptedLoadableModuleTest):
-    """Starts a backend with the built-in engine on a free loopback port, analyzes a synthetic volume through the Logic
-    and through the module's panel, and checks the ROIs.
+    """Analyzes a synthetic volume through the Logic and through the module's panel, and checks the ROIs.
 
-    The backend needs FastAPI and uvicorn. It is started as ``PythonSlicer -m backend.cli serve --engine builtin
-    --port <free>`` when Slicer's Python can import the ``backend`` package (from this repository or installed with
-    ``PythonSlicer -m pip install -e <repository>``); otherwise with the ``minigptmed-backend`` script from
-    ``$MINIGPTMED_BACKEND``, PATH or the repository's ``.venv``. With neither, the test says so and is skipped.
+    The backend is one serving the built-in engine at the default URL, or one this test starts on a free loopback port
+    (MiniGPTMedSlicerLib.local_backend): ``PythonSlicer -m backend.cli serve --engine builtin`` when Slicer's Python
+    can import the ``backend`` package with FastAPI and uvicorn (this repository, or installed with ``PythonSlicer -m
+    pip install -e <repository>``), else the ``minigptmed-backend`` script from ``$MINIGPTMED_BACKEND``, PATH or the
+    repository's ``.venv``. With neither, the test says so and is skipped.
     """
 
     def setUp(self):
@@ -225,66 +226,15 @@ class MiniGPTMedSlicerTest(ScriptedLoadableModuleTest):
         self.test_PanelInModuleWidget()
 
     @staticmethod
-    def _repositoryRoot():
-        return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-    @classmethod
-    def _backendCommand(cls, port):
-        """The command line that serves the built-in engine on ``port``, and the folder to run it in (or None, None)."""
-        import importlib.util
-
-        root = cls._repositoryRoot()
-        serve = ["serve", "--engine", "builtin", "--host", "127.0.0.1", "--port", str(port)]
-        haveBackend = importlib.util.find_spec("backend.cli") is not None or os.path.isfile(
-            os.path.join(root, "backend", "cli.py")
-        )
-        haveServer = all(importlib.util.find_spec(m) is not None for m in ("fastapi", "uvicorn"))
-        if haveBackend and haveServer:
-            exe = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
-            pythonSlicer = shutil.which("PythonSlicer") or os.path.join(slicer.app.slicerHome, "bin", exe)
-            if not os.path.exists(pythonSlicer):
-                pythonSlicer = sys.executable
-            return [pythonSlicer, "-m", "backend.cli", *serve], root
+    def _backend() -> Optional[LocalBackend]:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        exe = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
+        python = shutil.which("PythonSlicer") or os.path.join(slicer.app.slicerHome, "bin", exe)
         venvScript = os.path.join(root, ".venv", "Scripts" if os.name == "nt" else "bin", "minigptmed-backend")
-        for script in (os.environ.get("MINIGPTMED_BACKEND"), shutil.which("minigptmed-backend"), venvScript):
-            if script and os.path.exists(script):
-                return [script, *serve], root
-        return None, None
-
-    def _startBackend(self):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        command, cwd = self._backendCommand(port)
-        if command is None:
-            return None, None
-        logging.info("Starting the test backend: " + " ".join(command))
-        proc = subprocess.Popen(command, cwd=cwd)
-        url = f"http://127.0.0.1:{port}"
-        probe = AnalysisController(slicer.mrmlScene, dict)
-        probe.configure(url, None)
-        deadline = time.time() + 60.0
-        while time.time() < deadline:
-            try:
-                probe.client().health(retries=0)
-                return proc, url
-            except Exception:
-                if proc.poll() is not None:
-                    raise RuntimeError(
-                        f"The test backend exited with code {proc.returncode}: {' '.join(command)}"
-                    ) from None
-                time.sleep(0.2)
-        proc.terminate()
-        raise RuntimeError(f"The test backend did not answer at {url} within 60 s")
-
-    @staticmethod
-    def _stopBackend(proc):
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        launcher = find_launcher(
+            python if os.path.exists(python) else sys.executable, (os.environ.get("MINIGPTMED_BACKEND"), venvScript)
+        )
+        return find_or_start_backend(launcher, engine="builtin", cwd=root)
 
     @staticmethod
     def _loadTestVolume():
@@ -301,37 +251,33 @@ class MiniGPTMedSlicerTest(ScriptedLoadableModuleTest):
         return volume
 
     def test_AnalyzeWithBuiltinBackend(self):
-        proc, url = self._startBackend()
-        if proc is None:
-            self.delayDisplay(
-                "No backend: install the repository into Slicer's Python or set MINIGPTMED_BACKEND to the "
-                "minigptmed-backend script. Skipped."
-            )
+        backend = self._backend()
+        if backend is None:
+            self.delayDisplay("No backend (see the class docstring). Skipped.")
             return
-        try:
+        with backend:
             self._loadTestVolume()
             logic = MiniGPTMedSlicerLogic()
-            outcome = logic.analyze("Red", "Detect", backendUrl=url)
+            logic.configure(backend.url, None)
+            outcome = logic.analyze("Red", "Detect")
             self.assertTrue(outcome.ok, outcome.message)
             self.assertGreaterEqual(outcome.n_findings, 1)
             rois = slicer.util.getNodesByClass("vtkMRMLMarkupsROINode")
             self.assertEqual(len(rois), outcome.n_findings)
             self.delayDisplay(f"Logic test passed: {outcome.message}")
-        finally:
-            self._stopBackend(proc)
 
     def test_PanelInModuleWidget(self):
         """The real module widget in the running app: Analyze from the panel, the table fills, a row click selects."""
-        proc, url = self._startBackend()
-        if proc is None:
+        backend = self._backend()
+        if backend is None:
             self.delayDisplay("No backend (see the class docstring). Skipped.")
             return
-        try:
+        with backend:
             self._loadTestVolume()
             slicer.util.selectModule("MiniGPTMedSlicer")
             widget = slicer.modules.minigptmedslicer.widgetRepresentation().self()
             panel = widget.panel
-            panel.url_edit.setText(url)
+            panel.url_edit.setText(backend.url)
             panel.view_combo.setCurrentIndex(panel.view_combo.findText("Red"))
             panel.task_combo.setCurrentIndex(panel.task_combo.findText("Detect"))
             panel.on_analyze()
@@ -350,5 +296,3 @@ class MiniGPTMedSlicerTest(ScriptedLoadableModuleTest):
             panel.on_clear()
             self.assertEqual(len(slicer.util.getNodesByClass("vtkMRMLMarkupsROINode")), 0)
             self.delayDisplay("Panel test passed")
-        finally:
-            self._stopBackend(proc)

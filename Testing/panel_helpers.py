@@ -5,14 +5,14 @@ from __future__ import annotations
 import itertools
 import time
 
-from MiniGPTMedSlicerLib.controller import AnalysisController
+from MiniGPTMedSlicerLib.logic import AnalysisLogic
 from MiniGPTMedSlicerQt.panel import Panel
 from MiniGPTMedSlicerQt.qt_compat import qt
 
 
 def make_panel(qtbot, mrml, url=None, settings=None, timeouts=None) -> Panel:
-    controller = AnalysisController(mrml.scene, lambda: dict(mrml.slice_logics), timeouts=timeouts)
-    p = Panel(controller, settings=settings)
+    logic = AnalysisLogic(mrml.scene, lambda: dict(mrml.slice_logics), timeouts=timeouts)
+    p = Panel(logic, settings=settings)
     qtbot.addWidget(p.widget)
     p.widget.show()
     if url is not None:

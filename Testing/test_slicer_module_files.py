@@ -65,7 +65,8 @@ def test_module_follows_the_scripted_module_template():
     classes = {n.name: [ast.unparse(b) for b in n.bases] for n in tree.body if isinstance(n, ast.ClassDef)}
     assert classes["MiniGPTMedSlicer"] == ["ScriptedLoadableModule"]
     assert "ScriptedLoadableModuleWidget" in classes["MiniGPTMedSlicerWidget"]
-    assert classes["MiniGPTMedSlicerLogic"] == ["ScriptedLoadableModuleLogic"]
+    # the Logic is the Qt-free AnalysisLogic plus Slicer glue (AnalysisLogic first: Slicer's base calls super().__init__())
+    assert classes["MiniGPTMedSlicerLogic"] == ["AnalysisLogic", "ScriptedLoadableModuleLogic"]
     assert classes["MiniGPTMedSlicerTest"] == ["ScriptedLoadableModuleTest"]
     assert "MiniGPTMedSlicerParameterNode" in classes
 

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> int:
     from MiniGPTMedSlicerLib import scene as S
-    from MiniGPTMedSlicerLib.controller import AnalysisController
+    from MiniGPTMedSlicerLib.logic import AnalysisLogic
     from MiniGPTMedSlicerQt.panel import Panel
     from qtpy import QtWidgets
 
@@ -32,7 +32,7 @@ def main() -> int:
     red = S.add_slice_view(ctx, vol, "Red", "Axial", (512, 512))
     red.SetSliceOffset(-157.5)
     with ServerThread(BuiltinEngine()) as url:
-        panel = Panel(AnalysisController(ctx.scene, lambda: dict(ctx.slice_logics)))
+        panel = Panel(AnalysisLogic(ctx.scene, lambda: dict(ctx.slice_logics)))
         panel.widget.resize(470, 900)
         panel.widget.show()
         panel.url_edit.setText(url)

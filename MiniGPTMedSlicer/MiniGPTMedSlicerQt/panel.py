@@ -1,4 +1,4 @@
-"""The MiniGPT-Med panel: the .ui form wired to an :class:`MiniGPTMedSlicerLib.controller.AnalysisController`.
+"""The MiniGPT-Med panel: the .ui form wired to the module's logic (:class:`MiniGPTMedSlicerLib.logic.AnalysisLogic`).
 
 Runs in Slicer (PythonQt) and under PySide6 offscreen (tests). The HTTP call runs on a worker thread; a QTimer on the
 main thread polls it, updates progress, and applies results (MRML only on the main thread).
@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Callable, Optional
 
-from MiniGPTMedSlicerLib.controller import AnalysisController, AnalysisError, Job, describe_error
+from MiniGPTMedSlicerLib.logic import AnalysisError, AnalysisLogic, Job, describe_error
 
 from .qt_compat import find, is_gui_thread, load_ui, prop, qt
 
@@ -21,16 +21,17 @@ POLL_MS = 50
 
 
 class Panel:
-    """Composes the form into ``parent`` (a QWidget with a layout, or None for a top-level widget)."""
+    """Composes the form into ``parent`` (a QWidget with a layout, or None for a top-level widget). ``logic``: the
+    module's Logic in Slicer, an :class:`AnalysisLogic` on a slicer-core scene outside it."""
 
     def __init__(
         self,
-        controller: AnalysisController,
+        logic: AnalysisLogic,
         parent=None,
         settings=None,
         error_display: Optional[Callable[[str], None]] = None,
     ):
-        self.controller = controller
+        self.logic = logic
         self.settings = settings
         self.error_display = error_display  # e.g. slicer.util.errorDisplay in Slicer; None: status label only
         self.widget = load_ui(UI_PATH)
@@ -102,7 +103,7 @@ class Panel:
             self.settings.setValue(SETTINGS_PREFIX + "accessToken", str(prop(self.token_edit, "text")))
 
     def _configure(self) -> None:
-        self.controller.configure(str(prop(self.url_edit, "text")), str(prop(self.token_edit, "text")))
+        self.logic.configure(str(prop(self.url_edit, "text")), str(prop(self.token_edit, "text")))
         self._save_settings()
 
     # -- widgets ------------------------------------------------------------------------------
@@ -125,7 +126,7 @@ class Panel:
     def refresh_regions(self) -> None:
         current = prop(self.region_combo, "currentData")
         self.region_combo.clear()
-        for node in self.controller.roi_nodes():
+        for node in self.logic.roi_nodes():
             self.region_combo.addItem(str(node.GetName()), str(node.GetID()))
         if current is not None:
             idx = self.region_combo.findData(current)
@@ -134,7 +135,7 @@ class Panel:
 
     def refresh_table(self) -> None:
         assert is_gui_thread(), "widgets and MRML are touched only on the main thread"
-        rows = self.controller.rows()
+        rows = self.logic.rows()
         self.table.setRowCount(0)
         self.table.setRowCount(len(rows))
         for r, row in enumerate(rows):
@@ -181,7 +182,7 @@ class Panel:
             return
         self._configure()
         self.connection_label.setText("Connecting…")
-        self.job = self.controller.start_health()
+        self.job = self.logic.start_health()
         self._set_busy(True, "Testing the connection…")
         self.timer.start()
 
@@ -192,7 +193,7 @@ class Panel:
         if str(prop(self.task_combo, "currentText")) == "Identify region":
             self.refresh_regions()  # an ROI drawn since the task was picked
         try:
-            self.job = self.controller.start(
+            self.job = self.logic.start(
                 view=str(prop(self.view_combo, "currentText")),
                 task_name=str(prop(self.task_combo, "currentText")),
                 question=str(prop(self.question_edit, "text")),
@@ -220,7 +221,7 @@ class Panel:
         self._ok("Cancelled. Nothing was added to the scene.")
 
     def on_clear(self) -> None:
-        n = self.controller.clear()
+        n = self.logic.clear()
         self.text_edit.setPlainText("")
         self.refresh_table()
         self._ok(f"Removed {n} analysis result(s).")
@@ -231,7 +232,7 @@ class Panel:
             return
         node_id = item.data(qt.Qt.UserRole)
         if node_id:
-            self.controller.jump_to(str(node_id))
+            self.logic.jump_to(str(node_id))
 
     def _poll(self) -> None:
         assert is_gui_thread(), "widgets and MRML are touched only on the main thread"
@@ -254,7 +255,7 @@ class Panel:
         self.timer.stop()
         self.job = None
         try:
-            outcome = self.controller.finish(job, keep_previous=bool(prop(self.keep_check, "checked")))
+            outcome = self.logic.finish(job, keep_previous=bool(prop(self.keep_check, "checked")))
         except Exception as e:  # markups creation failed: the scene is unchanged (all or nothing)
             self._set_busy(False, "")
             self._error(f"Could not add the results to the scene: {describe_error(e)}")

@@ -1,13 +1,16 @@
-"""What the module's panel does, without Qt: capture on the main thread, talk to the backend on a worker thread,
-apply results on the main thread, all or nothing.
+"""The module's logic, without Qt or the Slicer app: capture on the main thread, talk to the backend on a worker
+thread, apply results on the main thread, all or nothing.
 
-The panel (or any other shell) calls :meth:`AnalysisController.start` on the main thread, then polls the returned
-:class:`Job` from a timer on the main thread and calls :meth:`AnalysisController.finish` when it is done. The worker
-thread touches only the network and plain data, never MRML.
+``MiniGPTMedSlicerLogic`` (the Slicer module's Logic class) is :class:`AnalysisLogic` bound to ``slicer.mrmlScene`` and
+the app's slice views; the tests and the headless tools build one on a slicer-core scene. The panel (or any other
+shell) calls :meth:`AnalysisLogic.start` on the main thread, then polls the returned :class:`Job` from a timer on the
+main thread and calls :meth:`AnalysisLogic.finish` when it is done. The worker thread touches only the network and
+plain data, never MRML.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -15,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 from . import protocol
-from .client import BackendClient, BackendError, Timeouts
+from .client import DEFAULT_URL, BackendClient, BackendError, Timeouts
 
 #: The panel's task names -> wire tasks ("sweep" runs detect or ground over slices).
 TASKS: Dict[str, str] = {
@@ -55,7 +58,7 @@ class Job:
 
 @dataclass
 class Outcome:
-    """What :meth:`AnalysisController.finish` reports back to the panel."""
+    """What :meth:`AnalysisLogic.finish` reports back to the panel."""
 
     ok: bool
     message: str
@@ -63,14 +66,17 @@ class Outcome:
     n_findings: int = 0
 
 
-class AnalysisController:
-    """``slice_logics``: a callable returning {view name: slice logic} (the app's or slicer-core's)."""
+class AnalysisLogic:
+    """``scene``: the MRML scene; ``slice_logics``: a callable returning {view name: slice logic} (the app's or
+    slicer-core's)."""
 
-    def __init__(self, scene, slice_logics: Callable[[], Dict[str, Any]], timeouts: Optional[Timeouts] = None):
+    def __init__(
+        self, scene: Any, slice_logics: Callable[[], Dict[str, Any]], timeouts: Optional[Timeouts] = None
+    ) -> None:
         self.scene = scene
         self.slice_logics = slice_logics
         self.timeouts = timeouts or Timeouts()
-        self.base_url = "http://127.0.0.1:8765"
+        self.base_url = DEFAULT_URL
         self.token: Optional[str] = None
         self.export_size: Optional[int] = None
         self.batch_size = 8
@@ -78,7 +84,7 @@ class AnalysisController:
     # -- backend ------------------------------------------------------------------------------
 
     def configure(self, base_url: str, token: Optional[str]) -> None:
-        self.base_url = (base_url or "").strip() or "http://127.0.0.1:8765"
+        self.base_url = (base_url or "").strip() or DEFAULT_URL
         self.token = (token or "").strip() or None
 
     def client(self) -> BackendClient:
@@ -86,15 +92,7 @@ class AnalysisController:
 
     def start_health(self) -> Job:
         job = Job(kind="health", task="health", view="")
-
-        def work() -> Any:
-            client = self.client()
-            try:
-                return client.health()
-            finally:
-                client.close()
-
-        self._run(job, work)
+        self._run(job, lambda client: client.health())
         return job
 
     # -- analyses -----------------------------------------------------------------------------
@@ -146,15 +144,7 @@ class AnalysisController:
                 raise AnalysisError(f"The ROI {roi.GetName()!r} is not in the {view} view: {e}") from None
         request = to_request(captured, task, question=question or None, region=region)
         job = Job(kind="analyze", task=task, view=view, context={"captured": captured})
-
-        def work() -> Any:
-            client = self.client()
-            try:
-                return client.analyze(request, cancel=job.cancel)
-            finally:
-                client.close()
-
-        self._run(job, work)
+        self._run(job, lambda client: client.analyze(request, cancel=job.cancel))
         return job
 
     def _start_sweep(self, view: str, sl, volume, question: str, sweep_range: str) -> Job:
@@ -176,30 +166,31 @@ class AnalysisController:
         captured = capture_sweep(sl, plan, export_size=self.export_size, cancel=job.cancel)
         job.context.update(captured=captured, plan=plan)
 
-        def work() -> Any:
-            client = self.client()
-            try:
-                health = client.health()
-                job.context["health"] = health
-                return analyze_sweep(
-                    client,
-                    captured,
-                    task,
-                    question or None,
-                    self.batch_size,
-                    cancel=job.cancel,
-                    progress=lambda p: job.progress.put(str(p)),
-                )
-            finally:
-                client.close()
+        def work(client: BackendClient) -> Any:
+            job.context["health"] = client.health()
+            return analyze_sweep(
+                client,
+                captured,
+                task,
+                question or None,
+                self.batch_size,
+                cancel=job.cancel,
+                progress=lambda p: job.progress.put(str(p)),
+            )
 
         self._run(job, work)
         return job
 
-    def _run(self, job: Job, work: Callable[[], Any]) -> None:
+    def _run(self, job: Job, work: Callable[[BackendClient], Any]) -> None:
+        """Run ``work`` with a fresh client on a worker thread; its result or error lands in ``job``."""
+
         def target() -> None:
             try:
-                job.result = work()
+                client = self.client()
+                try:
+                    job.result = work(client)
+                finally:
+                    client.close()
             except BaseException as e:  # reported to the main thread
                 job.error = e
             finally:
@@ -254,6 +245,31 @@ class AnalysisController:
             True,
             f"Connected: {health.engine} engine, {health.model} on {health.device}; tasks: {', '.join(health.tasks)}.",
         )
+
+    def analyze(
+        self,
+        view: str = "Red",
+        task_name: str = "Detect",
+        question: str = "",
+        region_roi_id: Optional[str] = None,
+        sweep_range: str = "",
+        keep_previous: bool = True,
+        timeout_s: float = 300.0,
+    ) -> Outcome:
+        """Run one analysis and wait for it (scripts, the Python console, the module's self-test), calling
+        :meth:`process_events` meanwhile. Past ``timeout_s`` the analysis is cancelled and nothing is added."""
+        job = self.start(view, task_name, question, region_roi_id, sweep_range)
+        while not job.done.wait(0.02):
+            self.process_events()
+            if job.elapsed() > timeout_s:
+                job.cancel.set()
+                break
+        outcome = self.finish(job, keep_previous=keep_previous)
+        logging.info(f"MiniGPT-Med {task_name} on {view}: {outcome.message} ({job.elapsed():.2f} s)")
+        return outcome
+
+    def process_events(self) -> None:
+        """Called while :meth:`analyze` waits; the Slicer Logic keeps the application responsive here."""
 
     # -- results ------------------------------------------------------------------------------
 
