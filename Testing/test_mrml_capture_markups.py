@@ -224,6 +224,40 @@ def test_failure_midway_leaves_scene_unchanged(ctx, volumes, monkeypatch):
     assert len(M.list_results(ctx.scene)) == items_before
 
 
+def test_sweep_failure_midway_keeps_scene_and_earlier_results(ctx, volumes, monkeypatch):
+    from MiniGPTMedSlicerLib.merge3d import Finding3D
+
+    sl = S.add_slice_view(ctx, volumes["mni"], "AtomicSweepView", "Axial", (128, 128))
+    M.clear_results(ctx.scene)
+    earlier = M.add_analysis_results(ctx.scene, C.capture_slice(sl), _response([[1, 1, 5, 5]]))
+    before = ctx.scene.GetNumberOfNodes()
+    findings = [
+        Finding3D(
+            "mass", [0, 1], [(1, 1, 5, 5)] * 2, [0.5, 0.5], (10.0 * i, 0.0, 0.0), (5.0, 5.0, 2.0), np.eye(3).tolist()
+        )
+        for i in range(3)
+    ]
+    sweep = dict(task="detect", engine="builtin", model="m", view_name="AtomicSweepView", summary="s")
+    real_add_roi = M.add_roi
+    calls = {"n": 0}
+
+    def failing_add_roi(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected failure")
+        return real_add_roi(*a, **kw)
+
+    monkeypatch.setattr(M, "add_roi", failing_add_roi)
+    with pytest.raises(RuntimeError, match="injected"):
+        M.add_sweep_results(ctx.scene, findings, offsets_mm=[0.0, 1.0], replace_previous=True, **sweep)
+    assert ctx.scene.GetNumberOfNodes() == before
+    assert M.list_results(ctx.scene) == [earlier.folder_item]  # the earlier analysis is not replaced by a failure
+    monkeypatch.setattr(M, "add_roi", real_add_roi)
+    done = M.add_sweep_results(ctx.scene, findings, offsets_mm=[0.0, 1.0], replace_previous=True, **sweep)
+    assert M.list_results(ctx.scene) == [done.folder_item] and len(M.finding_rows(ctx.scene)) == 3
+    M.remove_analysis(ctx.scene, done.folder_item)
+
+
 def test_replace_clear_rows_and_jump(ctx, volumes):
     sl = S.add_slice_view(ctx, volumes["mni"], "RowsView", "Axial", (200, 200))
     cap = C.capture_slice(sl)

@@ -9,12 +9,11 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import requests
 
@@ -40,10 +39,6 @@ class Timeouts:
     connect_s: float = 3.0
     health_s: float = 5.0
     analyze_s: float = 300.0
-
-
-def encode_image(png_or_jpeg: bytes) -> str:
-    return base64.b64encode(png_or_jpeg).decode("ascii")
 
 
 class BackendClient:
@@ -212,6 +207,3 @@ def _decode_response(resp: requests.Response, base_url: str) -> Any:
 def _short(e: Exception, limit: int = 200) -> str:
     s = str(e)
     return s if len(s) <= limit else s[:limit] + "…"
-
-
-ProgressCallback = Callable[[int, int], None]

@@ -32,11 +32,6 @@ def slice_axes(m: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray, float
     return ux, uy, np.cross(ux, uy), sx, sy
 
 
-def box_size_mm(m: np.ndarray, box: Sequence[float]) -> Tuple[float, float]:
-    _, _, _, sx, sy = slice_axes(m)
-    return float((box[2] - box[0]) * sx), float((box[3] - box[1]) * sy)
-
-
 def box_to_plane_roi(
     m: np.ndarray, box: Sequence[float], thickness_mm: float
 ) -> Tuple[np.ndarray, Tuple[float, float, float], np.ndarray]:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import datetime
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from . import protocol
-from .geometry import box_size_mm, box_to_plane_roi
+from .geometry import box_to_plane_roi
 
 ATTR = "MiniGPTMed."
 FOLDER_ATTR = ATTR + "analysis"
@@ -169,6 +169,21 @@ def _fmt(v: Optional[float]) -> str:
     return "" if v is None else f"{v:.4g}"
 
 
+def _create_all_or_nothing(scene, replace_previous: bool, build: Callable[[_Undo], AnalysisNodes]) -> AnalysisNodes:
+    """Run ``build`` (which records what it creates in the undo list); if it fails remove all of that and re-raise,
+    else remove the earlier analyses when ``replace_previous``."""
+    previous = list_results(scene) if replace_previous else []
+    undo = _Undo(scene)
+    try:
+        out = build(undo)
+    except BaseException:
+        undo.rollback()
+        raise
+    for item in previous:
+        remove_analysis(scene, item)
+    return out
+
+
 def add_analysis_results(
     scene,
     captured,
@@ -182,9 +197,8 @@ def add_analysis_results(
     now = datetime.datetime.now().isoformat(timespec="seconds")
     name = folder_name or f"MiniGPT-Med {response.task} ({captured.view_name}, {captured.slice_offset_mm:.1f} mm)"
     thickness = float(thickness_mm or captured.slice_thickness_mm or 1.0)
-    previous = list_results(scene) if replace_previous else []
-    undo = _Undo(scene)
-    try:
+
+    def build(undo: _Undo) -> AnalysisNodes:
         common = {
             "task": response.task,
             "engine": response.engine,
@@ -219,12 +233,9 @@ def add_analysis_results(
             response.text or "(no text)",
             {**common, "raw_output": response.raw_output, "warnings": " | ".join(response.warnings)},
         )
-    except BaseException:
-        undo.rollback()
-        raise
-    for item in previous:
-        remove_analysis(scene, item)
-    return out
+        return out
+
+    return _create_all_or_nothing(scene, replace_previous, build)
 
 
 def list_results(scene) -> List[int]:
@@ -311,10 +322,6 @@ def _all_rois(scene) -> list:
     return [col.GetItemAsObject(i) for i in range(col.GetNumberOfItems())]
 
 
-def box_in_mm(captured, box: Sequence[float]) -> Tuple[float, float]:
-    return box_size_mm(captured.pixel_to_ras, box)
-
-
 def add_sweep_results(
     scene,
     findings3d: Sequence,
@@ -332,9 +339,8 @@ def add_sweep_results(
     one subject-hierarchy folder. All or nothing, like :func:`add_analysis_results`."""
     now = datetime.datetime.now().isoformat(timespec="seconds")
     name = folder_name or f"MiniGPT-Med sweep {task} ({view_name}, {len(offsets_mm)} slices)"
-    previous = list_results(scene) if replace_previous else []
-    undo = _Undo(scene)
-    try:
+
+    def build(undo: _Undo) -> AnalysisNodes:
         common = {"task": task, "engine": engine, "model": model, "view": view_name, "time": now, "sweep": "1"}
         sh, folder = _new_folder(scene, undo, name, {**common, "findings": str(len(findings3d))})
         out = AnalysisNodes(folder_item=folder, name=name)
@@ -357,9 +363,6 @@ def add_sweep_results(
             sh.CreateItem(folder, roi)
             out.rois.append(roi)
         out.text_node = _add_text(scene, undo, folder, f"{name} summary", summary, common)
-    except BaseException:
-        undo.rollback()
-        raise
-    for item in previous:
-        remove_analysis(scene, item)
-    return out
+        return out
+
+    return _create_all_or_nothing(scene, replace_previous, build)

@@ -77,9 +77,3 @@ def is_gui_thread() -> bool:
     """True on the thread that runs the Qt event loop (the only one allowed to touch widgets or MRML)."""
     app = qt.QApplication.instance()
     return app is not None and qt.QThread.currentThread() == app.thread()
-
-
-def to_bool(v, default: bool = False) -> bool:
-    if v is None:
-        return default
-    return str(v).strip().lower() in ("1", "true", "yes", "on")

@@ -68,10 +68,6 @@ class DecodedImage:
     def width(self) -> int:
         return int(self.array.shape[1])
 
-    @property
-    def is_gray(self) -> bool:
-        return self.array.ndim == 2
-
     def gray_float(self) -> np.ndarray:
         """Intensities as float32 (H, W); RGB is averaged (medical slices are gray)."""
         a = self.array.astype(np.float32)
