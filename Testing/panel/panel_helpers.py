@@ -1,4 +1,4 @@
-"""Helpers of the panel tests (Testing/test_panel_*.py). No mocks: the backend is a real server on a loopback port."""
+"""Helpers of the panel tests (Testing/panel/test_panel_*.py). No mocks: the backend is a real server on a loopback port."""
 
 from __future__ import annotations
 
