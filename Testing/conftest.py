@@ -17,6 +17,9 @@ os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# the panel scenarios run under pytest and inside the PythonQt host: plain asserts, rewritten here for messages
+pytest.register_assert_rewrite("panel_scenarios")
+
 ROOT = Path(__file__).resolve().parents[1]
 SITE = Path(sysconfig.get_paths()["purelib"])
 

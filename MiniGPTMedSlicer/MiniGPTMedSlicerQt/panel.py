@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 from MiniGPTMedSlicerLib.logic import AnalysisError, AnalysisLogic, Job, describe_error
 
-from .qt_compat import find, is_gui_thread, load_ui, prop, qt
+from .qt_compat import find, font_metrics, is_gui_thread, load_ui, prop, qt, to_str
 
 UI_PATH = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "Resources", "UI", "MiniGPTMedSlicer.ui"
@@ -63,10 +63,10 @@ class Panel:
         rows = self.table.verticalHeader()
         rows.setVisible(False)
         rows.setSectionResizeMode(qt.QHeaderView.Fixed)
-        rows.setDefaultSectionSize(self.table.fontMetrics().height() + 8)  # compact rows: more findings in view
+        rows.setDefaultSectionSize(font_metrics(self.table).height() + 8)  # compact rows: more findings in view
         self.table.setWordWrap(False)
         self.table.setMinimumHeight(160)
-        self.text_edit.setMinimumHeight(6 * self.text_edit.fontMetrics().lineSpacing())
+        self.text_edit.setMinimumHeight(6 * font_metrics(self.text_edit).lineSpacing())
         self.progress.setRange(0, 100)
         self.progress.setValue(0)
 
@@ -92,8 +92,8 @@ class Panel:
         url = "http://127.0.0.1:8765"
         token = ""
         if self.settings is not None:
-            url = str(self.settings.value(SETTINGS_PREFIX + "backendUrl", url) or url)
-            token = str(self.settings.value(SETTINGS_PREFIX + "accessToken", "") or "")
+            url = to_str(self.settings.value(SETTINGS_PREFIX + "backendUrl", url)) or url
+            token = to_str(self.settings.value(SETTINGS_PREFIX + "accessToken", ""))
         self.url_edit.setText(url)
         self.token_edit.setText(token)
 

@@ -142,9 +142,13 @@ def _pythonqt_problems(src: str) -> list[str]:
     for n in ast.walk(ast.parse(src)):
         if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute):
             name, recv = n.func.attr, n.func.value
-            font_metrics = isinstance(recv, ast.Call) and getattr(recv.func, "attr", "") == "fontMetrics"
+            font_metrics = isinstance(recv, ast.Call) and ast.unparse(recv.func).endswith(
+                ("font_metrics", "fontMetrics")
+            )
             if name in _SHADOWED_GETTERS and not n.args and not n.keywords and not font_metrics:
                 problems.append(f"line {n.lineno}: .{name}() is shadowed by a property in PythonQt; use prop()")
+            if name == "fontMetrics" and not n.args:
+                problems.append(f"line {n.lineno}: widget.fontMetrics() raises on Slicer 5.8; use font_metrics(w)")
             if (
                 name == "connect"
                 and n.args
@@ -164,6 +168,8 @@ def _pythonqt_problems(src: str) -> list[str]:
                     and ast.unparse(t.value) != "self.parent"
                 ):
                     problems.append(f"line {n.lineno}: assigning .{t.attr} does nothing under PySide6; call the setter")
+        if isinstance(n, ast.Attribute) and ast.unparse(n) == "qt.QThread":
+            problems.append(f"line {n.lineno}: Slicer 5.8's PythonQt has no qt.QThread")
         if isinstance(n, ast.ClassDef):
             bases = [ast.unparse(b) for b in n.bases]
             if any(b.endswith(("QThread", "QRunnable")) for b in bases):
@@ -191,13 +197,13 @@ def test_qt_code_follows_the_pythonqt_rules(rel):
 def test_pythonqt_rule_check_catches_the_pitfalls():
     bad = (
         "w.text = 'x'\nv = w.text()\nb.connect('clicked()', f)\nqt.Qt.AlignmentFlag.AlignLeft\nd.exec_()\n"
-        "class T(qt.QThread):\n    pass\n"
+        "class T(qt.QThread):\n    pass\nh = w.fontMetrics().height()\n"
     )
-    assert len(_pythonqt_problems(bad)) == 6
+    assert len(_pythonqt_problems(bad)) == 8
     assert (
         _pythonqt_problems(
             "w.setText('x')\nv = prop(w, 'text')\nb.clicked.connect(f)\nqt.Qt.AlignLeft\n"
-            "h = t.fontMetrics().height()\ns.value('k', '')\n"
+            "h = font_metrics(t).height()\ns.value('k', '')\n"
         )
         == []
     )

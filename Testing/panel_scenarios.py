@@ -1,0 +1,476 @@
+"""The panel's scenarios, written once: they run under pytest-qt/PySide6 (Testing/test_panel_*.py) and as a script
+inside the PythonQt host for Slicer 5.8 and 5.10 (Testing/host_panel_scenarios.py, run by
+Testing/test_panel_pythonqt.py).
+
+Each scenario is a plain function ``f(env)``: it drives the real panel through ``env.ui`` (Qt's own clicks and mouse
+events, waits that run the event loop), checks with plain ``assert`` (rewritten by pytest, reported as text by the
+host script), and may return a dict of measurements. Widgets are read only through ``qt_compat.prop`` and getters
+that PythonQt does not shadow (``isEnabled()``, ``toPlainText()``, ``item().data()``), so the same lines hold in both.
+The backends are real servers on loopback ports, run by the caller (pytest's process), never inside the host: a
+uvicorn thread there would compete for the GIL that Slicer's main thread keeps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from MiniGPTMedSlicerLib import markups as M
+from MiniGPTMedSlicerLib.capture import capture_slice, to_request
+from MiniGPTMedSlicerLib.client import BackendClient, Timeouts
+from MiniGPTMedSlicerLib.controller import AnalysisController
+from MiniGPTMedSlicerLib.geometry import box_to_plane_roi
+from MiniGPTMedSlicerQt.panel import Panel
+from MiniGPTMedSlicerQt.qt_compat import is_gui_thread, prop, qt
+
+SLOW_DELAY_S = 1.5  # the slow engine's default delay (the responsiveness scenario)
+TICK_MS = 20
+TOKEN = "s3cret-token"  # the access token of the "token" backend
+
+
+class Ui:
+    """Drives Qt without QTest (PythonQt has none): ``QAbstractButton.click()`` emits the real ``clicked``; a table
+    cell gets a real mouse press and release; waits run a nested event loop, so timers fire as in ``app.exec()``
+    (inside the host the main thread keeps the GIL there, as Slicer's does)."""
+
+    def click(self, button) -> None:
+        button.click()
+
+    def click_cell(self, table, row: int, column: int = 0) -> None:
+        pos = qt.QPointF(table.visualItemRect(table.item(row, column)).center())
+        for kind in (qt.QEvent.MouseButtonPress, qt.QEvent.MouseButtonRelease):
+            event = qt.QMouseEvent(kind, pos, qt.Qt.LeftButton, qt.Qt.LeftButton, qt.Qt.NoModifier)
+            qt.QApplication.sendEvent(table.viewport(), event)
+
+    def wait(self, ms: int) -> None:
+        loop = qt.QEventLoop()
+        qt.QTimer.singleShot(int(ms), loop.quit)
+        loop.exec()
+
+    def wait_until(self, cond: Callable[[], Any], timeout_ms: int = 20000) -> None:
+        t_end = time.monotonic() + timeout_ms / 1000
+        while not cond():
+            if time.monotonic() > t_end:
+                raise TimeoutError(f"waited {timeout_ms} ms for {getattr(cond, '__name__', cond)}")
+            self.wait(10)
+
+
+@dataclass
+class Env:
+    mrml: Any  # MiniGPTMedSlicerLib.scene.SceneContext with Red/Yellow/Green views of the MNI volume
+    ui: Ui
+    urls: dict[str, str]  # builtin, slow, not_backend (404 for everything), token, closed
+    tmp_dir: str
+    register: Callable[[Any], None] = lambda widget: None  # pytest-qt: qtbot.addWidget
+    slow_started: Callable[[], int] | None = None  # requests the slow engine has begun (None: not visible here)
+    panels: list[Panel] = field(default_factory=list)
+
+    def panel(self, url: str | None = "builtin", settings=None, timeouts: Timeouts | None = None) -> Panel:
+        """A fresh real panel on the shared scene, its results cleared; ``url``: a key of ``urls`` or a URL."""
+        M.clear_results(self.mrml.scene)
+        mrml = self.mrml
+        controller = AnalysisController(mrml.scene, lambda: dict(mrml.slice_logics), timeouts=timeouts)
+        p = Panel(controller, settings=settings)
+        self.register(p.widget)
+        p.widget.show()
+        if url is not None:
+            p.url_edit.setText(self.urls.get(url, url))
+        self.panels.append(p)
+        return p
+
+    def close(self) -> None:
+        for p in self.panels:
+            p.cleanup()
+        self.panels.clear()
+        M.clear_results(self.mrml.scene)
+
+
+# -- reading the panel ---------------------------------------------------------------------------
+
+
+def text(w) -> str:
+    return str(prop(w, "text"))
+
+
+def rows(p: Panel) -> int:
+    return int(prop(p.table, "rowCount"))
+
+
+def cell(p: Panel, r: int, c: int) -> str:
+    return str(p.table.item(r, c).text())  # a QTableWidgetItem is no QObject: nothing shadows text()
+
+
+def idle(p: Panel) -> bool:
+    return p.job is None and p.analyze_button.isEnabled() and not p.cancel_button.isEnabled()
+
+
+def select_task(p: Panel, name: str) -> None:
+    i = p.task_combo.findText(name)
+    assert i >= 0, name
+    p.task_combo.setCurrentIndex(i)
+
+
+def select_view(p: Panel, name: str) -> None:
+    p.view_combo.setCurrentIndex(p.view_combo.findText(name))
+
+
+def run_and_wait(env: Env, p: Panel, timeout_ms: int = 20000) -> str:
+    """Click Analyze, wait until the panel is idle again, return the status line."""
+    env.ui.click(p.analyze_button)
+    env.ui.wait_until(lambda: idle(p), timeout_ms)
+    return text(p.status_label)
+
+
+class SceneUnchanged:
+    def __init__(self, scene):
+        self.scene = scene
+
+    def __enter__(self):
+        self.before = (self.scene.GetNumberOfNodes(), len(M.list_results(self.scene)))
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            after = (self.scene.GetNumberOfNodes(), len(M.list_results(self.scene)))
+            assert after == self.before, (after, self.before)
+
+
+def assert_error_shown(p: Panel, *needles: str) -> None:
+    status = text(p.status_label)
+    assert status.startswith("Error: "), status
+    for n in needles:
+        assert n in status, (n, status)
+    assert "c62828" in str(prop(p.status_label, "styleSheet"))  # shown in red
+    assert idle(p)
+
+
+class Heartbeat:
+    """A QTimer on the GUI thread recording when it fired: gaps show when the event loop was blocked."""
+
+    def __init__(self, parent, interval_ms: int = TICK_MS):
+        self.ticks: list[float] = []
+        self.timer = qt.QTimer(parent)
+        self.timer.setInterval(interval_ms)
+        self.timer.timeout.connect(lambda: self.ticks.append(time.monotonic()))
+
+    def start(self) -> None:
+        self.ticks.clear()
+        self.timer.start()
+
+    def stop(self) -> None:
+        self.timer.stop()
+
+    def between(self, t0: float, t1: float) -> list[float]:
+        return [t for t in self.ticks if t0 <= t <= t1]
+
+    def largest_gap(self, t0: float, t1: float) -> float:
+        ts = [t0, *self.between(t0, t1), t1]
+        return max(b - a for a, b in itertools.pairwise(ts))
+
+
+# -- the scenarios -------------------------------------------------------------------------------
+
+
+def connection(env: Env) -> dict:
+    """Test connection shows the engine, the model and the tasks the server reports."""
+    health = BackendClient(env.urls["builtin"]).health()
+    p = env.panel()
+    t0 = time.monotonic()
+    env.ui.click(p.test_button)
+    assert not p.test_button.isEnabled()  # the request runs off the GUI thread
+    env.ui.wait_until(lambda: idle(p), 10000)
+    elapsed = time.monotonic() - t0
+    label = text(p.connection_label)
+    assert health.engine in label and health.model in label, label
+    assert all(t in label for t in health.tasks), label
+    return {"health_s": elapsed}
+
+
+def detect_table_rois_and_row_click(env: Env) -> dict:
+    """Detect fills the table and the scene (one ROI per row); a row click moves the other views onto the finding."""
+    p = env.panel()
+    mrml = env.mrml
+    select_task(p, "Detect")
+    select_view(p, "Red")
+    mrml.slice_logics["Red"].SetSliceOffset(10.0)
+    t0 = time.monotonic()
+    env.ui.click(p.analyze_button)
+    assert p.cancel_button.isEnabled() and not p.analyze_button.isEnabled()
+    env.ui.wait_until(lambda: idle(p), 20000)
+    elapsed = time.monotonic() - t0
+    found = M.finding_rows(mrml.scene)
+    assert len(found) > 0, text(p.status_label)
+    assert rows(p) == len(found)
+    assert mrml.scene.GetNodesByClass("vtkMRMLMarkupsROINode").GetNumberOfItems() == len(found)
+    assert "not a diagnosis" in p.text_edit.toPlainText()
+    assert "finding(s) from builtin" in text(p.status_label)
+    assert cell(p, 0, 2) == "Red" and cell(p, 0, 3) == "10.0"
+    assert "×" in cell(p, 0, 1) and float(cell(p, 0, 4)) > 0
+    # click the last row: the Yellow (sagittal) and Green (coronal) views move onto that finding, the markup is selected
+    r = rows(p) - 1
+    node_id = p.table.item(r, 0).data(qt.Qt.UserRole)
+    assert isinstance(node_id, str), node_id
+    roi = mrml.scene.GetNodeByID(node_id)
+    assert not roi.GetSelected()
+    env.ui.click_cell(p.table, r, 0)
+    c = M.roi_center(roi)
+    assert roi.GetSelected()
+    yellow = mrml.slice_logics["Yellow"].GetSliceNode().GetSliceToRAS()
+    green = mrml.slice_logics["Green"].GetSliceNode().GetSliceToRAS()
+    assert abs(yellow.GetElement(0, 3) - c[0]) < 1e-3  # the sagittal plane passes through the finding (R)
+    assert abs(green.GetElement(1, 3) - c[1]) < 1e-3  # the coronal plane too (A)
+    return {"detect_s": elapsed}
+
+
+def keep_replace_and_clear(env: Env) -> None:
+    p = env.panel()
+    mrml = env.mrml
+    before = mrml.scene.GetNumberOfNodes()
+    select_task(p, "Detect")
+    assert p.keep_check.isChecked()
+    run_and_wait(env, p)
+    run_and_wait(env, p)
+    assert len(M.list_results(mrml.scene)) == 2  # kept
+    p.keep_check.setChecked(False)
+    run_and_wait(env, p)
+    assert len(M.list_results(mrml.scene)) == 1  # replaced
+    assert rows(p) == len(M.finding_rows(mrml.scene)) > 0
+    env.ui.click(p.clear_button)
+    assert rows(p) == 0 and M.list_results(mrml.scene) == []
+    assert p.text_edit.toPlainText() == "" and "Removed 1" in text(p.status_label)
+    assert mrml.scene.GetNodesByClass("vtkMRMLMarkupsROINode").GetNumberOfItems() == 0
+    assert mrml.scene.GetNumberOfNodes() == before
+
+
+def identify_with_a_drawn_roi(env: Env) -> None:
+    p = env.panel()
+    mrml = env.mrml
+    red = mrml.slice_logics["Red"]
+    red.SetSliceOffset(10.0)
+    select_task(p, "Identify region")
+    assert int(prop(p.region_combo, "count")) == 0  # nothing drawn yet
+    cap = capture_slice(red)
+    centre, size, axes = box_to_plane_roi(cap.pixel_to_ras, [100, 100, 140, 130], 4.0)
+    roi = M.add_roi(mrml.scene, "my region", centre, size, axes, (1, 1, 0), {}, "my region")
+    for key in list(roi.GetAttributeNames() or []):  # a plain user-drawn ROI, not one of ours
+        roi.RemoveAttribute(key)
+    try:
+        assert p.region_combo.isEnabled()
+        run_and_wait(env, p)  # the ROI drawn after the task was picked is found when Analyze is clicked
+        i = p.region_combo.findData(roi.GetID())
+        assert i >= 0 and p.region_combo.itemText(i) == "my region"
+        assert int(prop(p.region_combo, "currentIndex")) == i
+        found = M.finding_rows(mrml.scene)
+        assert len(found) == 1 and "region" in found[0].label, text(p.status_label)
+        got = mrml.scene.GetNodeByID(found[0].node_id)
+        assert np.allclose(M.roi_center(got), centre, atol=0.05)  # the answer sits on the drawn region
+    finally:
+        M.remove_node(mrml.scene, roi)
+
+
+def sweep(env: Env) -> dict:
+    p = env.panel()
+    select_task(p, "Sweep volume")
+    assert p.range_edit.isEnabled()
+    select_view(p, "Red")
+    p.range_edit.setText("80:110:3")
+    t0 = time.monotonic()
+    status = run_and_wait(env, p, 60000)
+    elapsed = time.monotonic() - t0
+    assert "over 10 slices" in status, status
+    assert M.list_results(env.mrml.scene) and "over 10 Red slices" in p.text_edit.toPlainText()
+    return {"sweep10_s": elapsed}
+
+
+def settings_round_trip(env: Env) -> None:
+    """Settings are stored as strings and a fresh panel reads them back."""
+    path = os.path.join(env.tmp_dir, "settings.ini")
+    p = env.panel("http://127.0.0.1:9", settings=qt.QSettings(path, qt.QSettings.IniFormat))
+    p.token_edit.setText("tok")
+    p._configure()
+    p.settings.sync()
+    with open(path) as f:
+        stored = f.read()
+    assert "backendUrl=http://127.0.0.1:9" in stored and "accessToken=tok" in stored, stored
+    p2 = env.panel(None, settings=qt.QSettings(path, qt.QSettings.IniFormat))
+    assert text(p2.url_edit) == "http://127.0.0.1:9" and text(p2.token_edit) == "tok"
+
+
+def backend_down(env: Env) -> None:
+    p = env.panel("closed")
+    select_task(p, "Report")
+    with SceneUnchanged(env.mrml.scene):
+        run_and_wait(env, p)
+    assert_error_shown(p, "Cannot reach the backend", "Is it running?", "minigptmed-backend serve")
+    assert rows(p) == 0 and p.text_edit.toPlainText() == ""
+    env.ui.click(p.test_button)
+    env.ui.wait_until(lambda: idle(p), 20000)
+    assert text(p.connection_label) == "Not connected"
+    assert_error_shown(p, "Is it running?")
+
+
+def wrong_url(env: Env) -> None:
+    p = env.panel("not_backend")  # a web server, but not ours
+    select_task(p, "Detect")
+    with SceneUnchanged(env.mrml.scene):
+        run_and_wait(env, p)
+    assert_error_shown(p, "was not found", "Is http://127.0.0.1:", "the address of a MiniGPTMedSlicer backend?")
+    p.url_edit.setText("127.0.0.1:8765")  # no scheme
+    with SceneUnchanged(env.mrml.scene):
+        run_and_wait(env, p)
+    assert_error_shown(p, "must start with http:// or https://")
+
+
+def server_4xx_and_panel_checks(env: Env) -> None:
+    p = env.panel()
+    with SceneUnchanged(env.mrml.scene):
+        select_task(p, "Ask")
+        p.question_edit.setText("Is there a haemorrhage?")
+        run_and_wait(env, p)
+        # the builtin engine cannot answer questions: the server's 501 message names the engines that can
+        assert_error_shown(p, "--engine minigptmed", "501")
+        # checked in the panel before anything is sent
+        p.question_edit.setText("")
+        env.ui.click(p.analyze_button)
+        assert_error_shown(p, "Type a question")
+        select_task(p, "Locate")
+        env.ui.click(p.analyze_button)
+        assert_error_shown(p, "phrase to locate")
+        select_task(p, "Identify region")
+        assert int(prop(p.region_combo, "count")) == 0
+        env.ui.click(p.analyze_button)
+        assert_error_shown(p, "needs an ROI")
+
+
+def server_400_message(env: Env) -> None:
+    """The server's own 400 message (not a check in the panel) reaches the status line."""
+    p = env.panel()
+    select_task(p, "Detect")
+    p.question_edit.setText("mass " * 420)  # 2100 characters: over the server's question limit
+    with SceneUnchanged(env.mrml.scene):
+        run_and_wait(env, p)
+    assert_error_shown(p, "question is 2099 characters; the limit is 2000", "(HTTP 400)")
+
+
+def read_timeout(env: Env) -> None:
+    p = env.panel("slow", timeouts=Timeouts(connect_s=2.0, health_s=2.0, analyze_s=0.5))
+    select_task(p, "Report")  # the slow engine takes SLOW_DELAY_S > 0.5 s
+    with SceneUnchanged(env.mrml.scene):
+        run_and_wait(env, p, 10000)
+    assert_error_shown(p, "did not answer within 0.5 s")
+
+
+def access_token(env: Env) -> None:
+    """A backend started with a token: without it the server's 401 message is shown; with it the analysis runs."""
+    p = env.panel("token")
+    select_task(p, "Detect")
+    with SceneUnchanged(env.mrml.scene):
+        run_and_wait(env, p)
+    assert_error_shown(p, "Not authorised (401)")
+    p.token_edit.setText(TOKEN)
+    status = run_and_wait(env, p)
+    assert "finding(s) from builtin" in status, status
+    assert len(M.list_results(env.mrml.scene)) == 1
+
+
+def responsive_during_a_slow_analysis(env: Env) -> dict:
+    """A heartbeat QTimer keeps ticking while a slow request is in flight; the answer is applied when it comes."""
+    p = env.panel("slow")
+    select_task(p, "Report")
+    beat = Heartbeat(p.widget)
+    beat.start()
+    t0 = time.monotonic()
+    env.ui.click(p.analyze_button)
+    assert time.monotonic() - t0 < 0.5  # the click handler returned while the request is in flight
+    assert p.job is not None and not p.analyze_button.isEnabled() and p.cancel_button.isEnabled()
+    assert int(prop(p.progress, "maximum")) == 0  # busy indicator
+    env.ui.wait_until(lambda: idle(p), 15000)
+    t1 = time.monotonic()
+    beat.stop()
+    assert t1 - t0 >= SLOW_DELAY_S, "the slow engine was not slow"
+    window = beat.between(t0, t0 + SLOW_DELAY_S)
+    gap = beat.largest_gap(t0, t1)
+    assert len(window) >= 0.5 * SLOW_DELAY_S * 1000 / TICK_MS, len(window)
+    assert gap < 0.25, gap
+    assert f"slept {SLOW_DELAY_S:.2f}s" in p.text_edit.toPlainText(), text(p.status_label)
+    assert len(M.list_results(env.mrml.scene)) == 1
+    return {"largest_gap_s": gap, "ticks": len(window), "elapsed_s": t1 - t0}
+
+
+def negative_control_blocking_call(env: Env) -> dict:
+    """The same heartbeat sees a gap when the same request is made on the GUI thread (what the panel must not do)."""
+    p = env.panel("slow")
+    beat = Heartbeat(p.widget)
+    beat.start()
+    env.ui.wait(100)
+    t0 = time.monotonic()
+    BackendClient(env.urls["slow"]).analyze(to_request(capture_slice(env.mrml.slice_logics["Red"]), "report"))
+    env.ui.wait(100)
+    t1 = time.monotonic()
+    beat.stop()
+    gap = beat.largest_gap(t0, t1)
+    assert gap >= SLOW_DELAY_S * 0.9, gap
+    return {"largest_gap_s": gap}
+
+
+def cancel_during_a_slow_request(env: Env) -> None:
+    mrml = env.mrml
+    p = env.panel("slow")
+    before = mrml.scene.GetNumberOfNodes()
+    select_task(p, "Detect")
+    started = env.slow_started() if env.slow_started else 0
+    env.ui.click(p.analyze_button)
+    if env.slow_started is not None:
+        slow_started = env.slow_started
+        env.ui.wait_until(lambda: slow_started() > started, 5000)  # the request reached the engine
+    else:
+        env.ui.wait(500)  # the caller checks afterwards that the request reached the engine
+    assert p.job is not None and not p.analyze_button.isEnabled()
+    job = p.job
+    env.ui.click(p.cancel_button)
+    assert idle(p) and "Cancelled" in text(p.status_label)
+    assert int(prop(p.progress, "maximum")) == 100 and int(prop(p.progress, "value")) == 0
+    env.ui.wait_until(job.done.is_set, 10000)  # the late answer arrives on the worker ...
+    env.ui.wait(200)  # ... and the (stopped) poll timer never applies it
+    assert not p.timer.isActive()
+    assert mrml.scene.GetNumberOfNodes() == before and M.list_results(mrml.scene) == []
+    assert rows(p) == 0 and p.text_edit.toPlainText() == ""
+
+
+def gui_thread_check(env: Env) -> None:
+    import threading
+
+    seen: list[bool] = []
+    t = threading.Thread(target=lambda: seen.append(is_gui_thread()))
+    t.start()
+    t.join(5)
+    assert seen == [False] and is_gui_thread()
+
+
+#: Every scenario, in the order the host runs them.
+SCENARIOS: dict[str, Callable[[Env], Any]] = {
+    f.__name__: f
+    for f in (
+        connection,
+        detect_table_rois_and_row_click,
+        keep_replace_and_clear,
+        identify_with_a_drawn_roi,
+        sweep,
+        settings_round_trip,
+        backend_down,
+        wrong_url,
+        server_4xx_and_panel_checks,
+        server_400_message,
+        read_timeout,
+        access_token,
+        responsive_during_a_slow_analysis,
+        negative_control_blocking_call,
+        cancel_during_a_slow_request,
+        gui_thread_check,
+    )
+}
