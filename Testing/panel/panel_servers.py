@@ -1,4 +1,4 @@
-"""The real servers the panel scenarios talk to (Testing/panel_scenarios.py), on loopback ports in the test process:
+"""The real servers the panel scenarios talk to (panel_scenarios.py), on loopback ports in the test process:
 the built-in engine, a slow engine, a backend that wants a token, some other web server that answers 404, and a
 closed port."""
 

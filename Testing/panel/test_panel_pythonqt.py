@@ -16,7 +16,7 @@ from panel_scenarios import SCENARIOS
 from panel_servers import panel_servers
 from pythonqt_host import BUILDS, ROOT, run_script, unavailable_reason
 
-SCRIPT = ROOT / "Testing" / "host_panel_scenarios.py"
+SCRIPT = ROOT / "Testing" / "panel" / "host_panel_scenarios.py"
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
-"""The panel's scenarios, written once: they run under pytest-qt/PySide6 (Testing/test_panel_*.py) and as a script
-inside the PythonQt host for Slicer 5.8 and 5.10 (Testing/host_panel_scenarios.py, run by
-Testing/test_panel_pythonqt.py).
+"""The panel's scenarios, written once: they run under pytest-qt/PySide6 (test_panel_*.py) and as a script
+inside the PythonQt host for Slicer 5.8 and 5.10 (host_panel_scenarios.py, run by test_panel_pythonqt.py).
 
 Each scenario is a plain function ``f(env)``: it drives the real panel through ``env.ui`` (Qt's own clicks and mouse
 events, waits that run the event loop), checks with plain ``assert`` (rewritten by pytest, reported as text by the
@@ -23,8 +22,8 @@ import numpy as np
 from MiniGPTMedSlicerLib import markups as M
 from MiniGPTMedSlicerLib.capture import capture_slice, to_request
 from MiniGPTMedSlicerLib.client import BackendClient, Timeouts
-from MiniGPTMedSlicerLib.controller import AnalysisController
 from MiniGPTMedSlicerLib.geometry import box_to_plane_roi
+from MiniGPTMedSlicerLib.logic import AnalysisLogic
 from MiniGPTMedSlicerQt.panel import Panel
 from MiniGPTMedSlicerQt.qt_compat import is_gui_thread, prop, qt
 
@@ -74,8 +73,8 @@ class Env:
         """A fresh real panel on the shared scene, its results cleared; ``url``: a key of ``urls`` or a URL."""
         M.clear_results(self.mrml.scene)
         mrml = self.mrml
-        controller = AnalysisController(mrml.scene, lambda: dict(mrml.slice_logics), timeouts=timeouts)
-        p = Panel(controller, settings=settings)
+        logic = AnalysisLogic(mrml.scene, lambda: dict(mrml.slice_logics), timeouts=timeouts)
+        p = Panel(logic, settings=settings)
         self.register(p.widget)
         p.widget.show()
         if url is not None:

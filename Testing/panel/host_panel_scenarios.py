@@ -1,5 +1,5 @@
 """The panel scenarios (panel_scenarios.py) as a script for the PythonQt host (../shared/pythonqt/run.sh), the way
-Slicer runs the panel: ``run.sh Testing/host_panel_scenarios.py CONFIG.json``.
+Slicer runs the panel: ``run.sh Testing/panel/host_panel_scenarios.py CONFIG.json``.
 
 CONFIG: ``{"urls": {...}, "volume": path of the MNI volume, "tmp_dir": ..., "only": [names] or null,
 "repeat": n}``. Writes ``{"build", "pythonqt", "results": {name: {"ok", "error", "s", "data"}}}`` as JSON to
@@ -13,7 +13,7 @@ import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "MiniGPTMedSlicer"), HERE]  # this checkout before anything installed
 
 
