@@ -268,15 +268,16 @@ class StaticDecoder:
         logits = out.logits[:, -1].float()
         _sync(device)
         t1 = time.perf_counter()
-        state = {"pos": pos[:, -1:].clone(), "cur": L}
+        step_pos = pos[:, -1:].clone()
+        cur = L
 
-        def step(nxt):
-            cur = state["cur"]
+        def step(nxt: torch.Tensor) -> torch.Tensor:
+            nonlocal step_pos, cur
             mask[:, cur] = 1
-            state["pos"] = state["pos"] + 1
-            state["cur"] = cur + 1
+            step_pos = step_pos + 1
             cache_position = torch.tensor([cur], device=device)
-            return self._step(nxt[:, None].clone(), mask, state["pos"].clone(), cache_position).clone()
+            cur += 1
+            return self._step(nxt[:, None].clone(), mask, step_pos.clone(), cache_position).clone()
 
         tokens, finished, steps = _decode_loop(logits, step, b, maxes, eos_id, bos_id, settings, stop, gen, ignore_eos)
         _sync(device)
