@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import protocol
 from .geometry import ras_to_pixel
 from .png import encode_png
+
+if TYPE_CHECKING:  # Slicer's MRML classes (the app's or slicer-core's); without stubs, mypy sees them as Any
+    from slicer import vtkMRMLMarkupsROINode, vtkMRMLSliceLogic, vtkMRMLSliceNode, vtkMRMLVolumeNode
 
 
 @dataclass
@@ -57,7 +60,9 @@ def _np_to_vtk(a: np.ndarray):
     return m
 
 
-def export_geometry(slice_node, export_size: Union[int, Sequence[int], None] = None) -> Tuple[int, int, np.ndarray]:
+def export_geometry(
+    slice_node: vtkMRMLSliceNode, export_size: Union[int, Sequence[int], None] = None
+) -> Tuple[int, int, np.ndarray]:
     """(W, H, XY->RAS) of the image to capture. ``None``: the view's own pixels (identical to Slicer's XYToRAS).
     An int N: the longer side N pixels, square pixels, same field of view. (W, H): exactly that, same field of view."""
     dims = slice_node.GetDimensions()
@@ -82,7 +87,7 @@ def export_geometry(slice_node, export_size: Union[int, Sequence[int], None] = N
     return w, h, _vtk_to_np(slice_node.GetSliceToRAS()) @ xy2slice
 
 
-def reslice(volume_node, xy_to_ras: np.ndarray, w: int, h: int, interpolate: bool) -> np.ndarray:
+def reslice(volume_node: vtkMRMLVolumeNode, xy_to_ras: np.ndarray, w: int, h: int, interpolate: bool) -> np.ndarray:
     """Raw scalar values of ``volume_node`` on the XY grid (VTK row order: row 0 at the bottom), float32, NaN where
     the grid lies outside the volume."""
     import vtk
@@ -123,7 +128,7 @@ def window_level(raw: np.ndarray, window: float, level: float) -> np.ndarray:
 
 
 def capture_slice(
-    slice_logic, export_size: Union[int, Sequence[int], None] = None, compress_level: int = 1
+    slice_logic: vtkMRMLSliceLogic, export_size: Union[int, Sequence[int], None] = None, compress_level: int = 1
 ) -> CapturedSlice:
     """Capture the background volume of a slice view as the radiologist sees it."""
     from .scene import volume_of
@@ -171,7 +176,9 @@ def to_request(
     task: str,
     question: Optional[str] = None,
     region: Optional[Sequence[float]] = None,
-    **options,
+    max_new_tokens: Optional[int] = None,
+    temperature: Optional[float] = None,
+    prompt: Optional[str] = None,
 ) -> protocol.AnalyzeRequest:
     """The request for a captured slice: pixels, spacing and modality only (no names, no DICOM tags)."""
     return protocol.AnalyzeRequest(
@@ -181,13 +188,13 @@ def to_request(
         region=[float(v) for v in region] if region is not None else None,
         pixel_spacing_mm=[captured.pixel_spacing_mm[0], captured.pixel_spacing_mm[1]],
         modality=captured.modality,
-        max_new_tokens=options.get("max_new_tokens"),
-        temperature=options.get("temperature"),
-        prompt=options.get("prompt"),
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        prompt=prompt,
     )
 
 
-def region_from_roi(captured: CapturedSlice, roi_node) -> Tuple[float, float, float, float]:
+def region_from_roi(captured: CapturedSlice, roi_node: vtkMRMLMarkupsROINode) -> Tuple[float, float, float, float]:
     """The pixel box of an ROI markup (e.g. a rectangle the user drew) in the captured image, clipped to it."""
     m = _vtk_to_np(roi_node.GetObjectToWorldMatrix())
     sx, sy, sz = roi_node.GetSize()

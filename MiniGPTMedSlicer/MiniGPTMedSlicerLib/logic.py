@@ -15,10 +15,16 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from . import protocol
 from .client import DEFAULT_URL, BackendClient, BackendError, Timeouts
+
+if TYPE_CHECKING:  # Slicer's MRML classes (the app's or slicer-core's); without stubs, mypy sees them as Any
+    import numpy as np
+    from slicer import vtkMRMLMarkupsROINode, vtkMRMLScene, vtkMRMLSliceLogic
+
+    from .markups import FindingRow
 
 #: The panel's task names -> wire tasks ("sweep" runs detect or ground over slices).
 TASKS: Dict[str, str] = {
@@ -71,7 +77,10 @@ class AnalysisLogic:
     slicer-core's)."""
 
     def __init__(
-        self, scene: Any, slice_logics: Callable[[], Dict[str, Any]], timeouts: Optional[Timeouts] = None
+        self,
+        scene: vtkMRMLScene,
+        slice_logics: Callable[[], Dict[str, vtkMRMLSliceLogic]],
+        timeouts: Optional[Timeouts] = None,
     ) -> None:
         self.scene = scene
         self.slice_logics = slice_logics
@@ -97,13 +106,13 @@ class AnalysisLogic:
 
     # -- analyses -----------------------------------------------------------------------------
 
-    def slice_logic(self, view: str):
+    def slice_logic(self, view: str) -> vtkMRMLSliceLogic:
         logics = self.slice_logics()
         if view not in logics:
             raise AnalysisError(f"there is no {view} slice view")
         return logics[view]
 
-    def roi_nodes(self) -> List[Any]:
+    def roi_nodes(self) -> List[vtkMRMLMarkupsROINode]:
         col = self.scene.GetNodesByClass("vtkMRMLMarkupsROINode")
         nodes = [col.GetItemAsObject(i) for i in range(col.GetNumberOfItems())]
         return [n for n in nodes if n.GetAttribute("MiniGPTMed.task") is None]  # user-drawn ROIs only
@@ -273,12 +282,12 @@ class AnalysisLogic:
 
     # -- results ------------------------------------------------------------------------------
 
-    def rows(self):
+    def rows(self) -> List[FindingRow]:
         from .markups import finding_rows
 
         return finding_rows(self.scene)
 
-    def jump_to(self, node_id: str):
+    def jump_to(self, node_id: str) -> Optional[np.ndarray]:
         from .markups import jump_to_finding
 
         roi = self.scene.GetNodeByID(node_id)

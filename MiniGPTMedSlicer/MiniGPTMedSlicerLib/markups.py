@@ -9,12 +9,18 @@ from __future__ import annotations
 import datetime
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import protocol
 from .geometry import box_to_plane_roi
+
+if TYPE_CHECKING:  # Slicer's MRML classes (the app's or slicer-core's); without stubs, mypy sees them as Any
+    from slicer import vtkMRMLMarkupsROINode, vtkMRMLNode, vtkMRMLScene, vtkMRMLSliceNode, vtkMRMLSubjectHierarchyNode
+
+    from .capture import CapturedSlice
+    from .merge3d import Finding3D
 
 ATTR = "MiniGPTMed."
 FOLDER_ATTR = ATTR + "analysis"
@@ -66,7 +72,7 @@ def label_color(label: str) -> Tuple[float, float, float]:
     return _PALETTE[2 + h % (len(_PALETTE) - 2)]
 
 
-def subject_hierarchy(scene):
+def subject_hierarchy(scene: vtkMRMLScene) -> vtkMRMLSubjectHierarchyNode:
     import slicer
 
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
@@ -86,7 +92,7 @@ def _matrix(axes: np.ndarray, center: np.ndarray):
     return m
 
 
-def remove_node(scene, node) -> None:
+def remove_node(scene: vtkMRMLScene, node: vtkMRMLNode) -> None:
     """Remove a node with its display and storage nodes."""
     if node is None or scene.GetNodeByID(node.GetID()) is None:
         return
@@ -103,7 +109,16 @@ def remove_node(scene, node) -> None:
     scene.RemoveNode(node)
 
 
-def add_roi(scene, name: str, center, size, axes: np.ndarray, color, attributes: dict, point_label: str):
+def add_roi(
+    scene: vtkMRMLScene,
+    name: str,
+    center: Union[Sequence[float], np.ndarray],
+    size: Sequence[float],
+    axes: np.ndarray,
+    color: Tuple[float, float, float],
+    attributes: Dict[str, str],
+    point_label: str,
+) -> vtkMRMLMarkupsROINode:
     roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", name)
     roi.CreateDefaultDisplayNodes()
     roi.SetAndObserveObjectToNodeMatrix(_matrix(axes, np.asarray(center)))  # before SetSize: it sets the centre
@@ -169,7 +184,9 @@ def _fmt(v: Optional[float]) -> str:
     return "" if v is None else f"{v:.4g}"
 
 
-def _create_all_or_nothing(scene, replace_previous: bool, build: Callable[[_Undo], AnalysisNodes]) -> AnalysisNodes:
+def _create_all_or_nothing(
+    scene: vtkMRMLScene, replace_previous: bool, build: Callable[[_Undo], AnalysisNodes]
+) -> AnalysisNodes:
     """Run ``build`` (which records what it creates in the undo list); if it fails remove all of that and re-raise,
     else remove the earlier analyses when ``replace_previous``."""
     previous = list_results(scene) if replace_previous else []
@@ -185,8 +202,8 @@ def _create_all_or_nothing(scene, replace_previous: bool, build: Callable[[_Undo
 
 
 def add_analysis_results(
-    scene,
-    captured,
+    scene: vtkMRMLScene,
+    captured: CapturedSlice,
     response: protocol.AnalyzeResponse,
     *,
     replace_previous: bool = False,
@@ -238,7 +255,7 @@ def add_analysis_results(
     return _create_all_or_nothing(scene, replace_previous, build)
 
 
-def list_results(scene) -> List[int]:
+def list_results(scene: vtkMRMLScene) -> List[int]:
     """Subject-hierarchy folder items of the analyses in the scene, oldest first."""
     import vtk
 
@@ -248,7 +265,7 @@ def list_results(scene) -> List[int]:
     return [ids.GetId(i) for i in range(ids.GetNumberOfIds()) if sh.GetItemAttribute(ids.GetId(i), FOLDER_ATTR) == "1"]
 
 
-def analysis_nodes(scene, folder_item: int) -> list:
+def analysis_nodes(scene: vtkMRMLScene, folder_item: int) -> List[vtkMRMLNode]:
     import vtk
 
     sh = subject_hierarchy(scene)
@@ -258,20 +275,20 @@ def analysis_nodes(scene, folder_item: int) -> list:
     return [n for n in nodes if n is not None]
 
 
-def remove_analysis(scene, folder_item: int) -> None:
+def remove_analysis(scene: vtkMRMLScene, folder_item: int) -> None:
     for node in analysis_nodes(scene, folder_item):
         remove_node(scene, node)
     subject_hierarchy(scene).RemoveItem(folder_item, False, True)
 
 
-def clear_results(scene) -> int:
+def clear_results(scene: vtkMRMLScene) -> int:
     items = list_results(scene)
     for item in items:
         remove_analysis(scene, item)
     return len(items)
 
 
-def finding_rows(scene) -> List[FindingRow]:
+def finding_rows(scene: vtkMRMLScene) -> List[FindingRow]:
     """One row per finding ROI of every analysis, for the module's findings table."""
     sh = subject_hierarchy(scene)
     rows = []
@@ -295,13 +312,15 @@ def finding_rows(scene) -> List[FindingRow]:
     return rows
 
 
-def roi_center(roi) -> np.ndarray:
+def roi_center(roi: vtkMRMLMarkupsROINode) -> np.ndarray:
     c = [0.0, 0.0, 0.0]
     roi.GetCenterWorld(c)
     return np.array(c)
 
 
-def jump_to_finding(slice_nodes: Sequence, roi, select: bool = True) -> np.ndarray:
+def jump_to_finding(
+    slice_nodes: Sequence[vtkMRMLSliceNode], roi: vtkMRMLMarkupsROINode, select: bool = True
+) -> np.ndarray:
     """Move the given slice views onto the finding (each keeps its orientation) and select the markup. A 3D finding
     from a sweep is shown on its best slice (the largest box), centred on that box."""
     c = roi_center(roi)
@@ -323,8 +342,8 @@ def _all_rois(scene) -> list:
 
 
 def add_sweep_results(
-    scene,
-    findings3d: Sequence,
+    scene: vtkMRMLScene,
+    findings3d: Sequence[Finding3D],
     *,
     task: str,
     engine: str,

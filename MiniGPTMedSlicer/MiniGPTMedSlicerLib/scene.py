@@ -9,7 +9,10 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+
+if TYPE_CHECKING:  # Slicer's MRML classes (the app's or slicer-core's); without stubs, mypy sees them as Any
+    from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSliceLogic, vtkMRMLVolumeNode
 
 # Loading options of vtkSlicerVolumesLogic.AddArchetypeVolume (bit mask)
 _LABELMAP, _CENTERED, _SINGLE_FILE, _AUTO_WL = 1, 2, 4, 8
@@ -96,7 +99,7 @@ def _dicom_modality(path: str) -> Optional[str]:
         return None
 
 
-def load_volume(ctx: SceneContext, path: str, name: Optional[str] = None):
+def load_volume(ctx: SceneContext, path: str, name: Optional[str] = None) -> vtkMRMLScalarVolumeNode:
     """Load a NIfTI/NRRD/MHA file, a DICOM file or a DICOM folder as a scalar volume. CT gets a soft-tissue window."""
     import vtk
 
@@ -172,7 +175,13 @@ def _remove_volume(scene, node) -> None:
     scene.RemoveNode(node)
 
 
-def add_slice_view(ctx: SceneContext, volume_node, name: str = "Red", orientation: str = "Axial", size=(512, 512)):
+def add_slice_view(
+    ctx: SceneContext,
+    volume_node: vtkMRMLVolumeNode,
+    name: str = "Red",
+    orientation: str = "Axial",
+    size: Sequence[int] = (512, 512),
+) -> vtkMRMLSliceLogic:
     """A slice view (logic + node) showing ``volume_node`` as background, fitted to the volume like Slicer does."""
     import slicer
 
@@ -189,7 +198,7 @@ def add_slice_view(ctx: SceneContext, volume_node, name: str = "Red", orientatio
     return sl
 
 
-def volume_of(slice_logic):
+def volume_of(slice_logic: vtkMRMLSliceLogic) -> Optional[vtkMRMLVolumeNode]:
     """The background volume node shown by a slice logic (None when the view is empty)."""
     comp = slice_logic.GetSliceCompositeNode()
     vid = comp.GetBackgroundVolumeID() if comp is not None else None

@@ -17,10 +17,16 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple, Union
 
 from . import protocol
 from .merge3d import Finding3D, MergeOptions, SliceDetection, merge_detections
+
+if TYPE_CHECKING:  # Slicer's MRML classes (the app's or slicer-core's); without stubs, mypy sees them as Any
+    from slicer import vtkMRMLSliceLogic, vtkMRMLVolumeNode
+
+    from .capture import CapturedSlice
+    from .client import BackendClient
 
 
 class SweepCancelled(Exception):
@@ -76,7 +82,12 @@ def parse_range(text: Optional[str], count: int) -> Tuple[int, int]:
     return start, stop
 
 
-def plan_sweep(slice_logic, volume_node, slice_range: Optional[Tuple[int, int]] = None, step: int = 1) -> SweepPlan:
+def plan_sweep(
+    slice_logic: vtkMRMLSliceLogic,
+    volume_node: vtkMRMLVolumeNode,
+    slice_range: Optional[Tuple[int, int]] = None,
+    step: int = 1,
+) -> SweepPlan:
     """The slice offsets of ``volume_node`` along the normal of ``slice_logic``'s view: every ``step``-th slice of
     ``slice_range`` (default: all). Works for oblique views too (Slicer's volume slice bounds and spacing)."""
     if step < 1:
@@ -94,12 +105,12 @@ def plan_sweep(slice_logic, volume_node, slice_range: Optional[Tuple[int, int]] 
 
 
 def capture_sweep(
-    slice_logic,
+    slice_logic: vtkMRMLSliceLogic,
     plan: SweepPlan,
-    export_size=None,
+    export_size: Union[int, Sequence[int], None] = None,
     cancel: Optional[threading.Event] = None,
     progress: Optional[ProgressCallback] = None,
-) -> list:
+) -> List[CapturedSlice]:
     """Capture every planned slice (MRML: call on the main thread). The view's offset is restored afterwards."""
     from .capture import capture_slice
 
@@ -120,14 +131,14 @@ def capture_sweep(
 
 
 def analyze_sweep(
-    client,
-    captured: Sequence,
+    client: BackendClient,
+    captured: Sequence[CapturedSlice],
     task: str = "detect",
     question: Optional[str] = None,
     batch_size: int = 8,
     cancel: Optional[threading.Event] = None,
     progress: Optional[ProgressCallback] = None,
-    **request_options,
+    **request_options: Any,
 ) -> List[protocol.AnalyzeResponse]:
     """Send the captured slices in batches (network only: safe off the main thread). Cancel is checked before each
     batch and right after its answer arrives (that batch's results are then discarded)."""
