@@ -12,9 +12,13 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from MiniGPTMedSlicerLib.protocol import Finding
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 class TaskNotSupported(Exception):
@@ -85,7 +89,7 @@ class DecodedImage:
             a = np.repeat(a[:, :, None], 3, axis=2)
         return np.ascontiguousarray(a)
 
-    def pil_rgb(self):  # -> PIL.Image.Image
+    def pil_rgb(self) -> Image.Image:
         from PIL import Image
 
         return Image.fromarray(self.rgb8(), mode="RGB")

@@ -3,13 +3,19 @@ kept), to [0, 1], CLIP mean/std."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def to_rgb_pil(img):
+def to_rgb_pil(img: Image.Image | np.ndarray) -> Image.Image:
     """PIL image or (H,W)/(H,W,3) uint8 array -> RGB PIL image (gray replicated, as convert('L') + paste into RGB)."""
     from PIL import Image
 
@@ -26,7 +32,7 @@ def to_rgb_pil(img):
     return img
 
 
-def resized_rgb(img, size: int = 448) -> np.ndarray:
+def resized_rgb(img: Image.Image | np.ndarray, size: int = 448) -> np.ndarray:
     """(size, size, 3) uint8 after the bicubic squash-resize."""
     from PIL import Image
 
@@ -34,7 +40,7 @@ def resized_rgb(img, size: int = 448) -> np.ndarray:
     return np.asarray(pil, dtype=np.uint8)
 
 
-def normalize(rgb: np.ndarray):
+def normalize(rgb: np.ndarray) -> torch.Tensor:
     """(S,S,3) uint8 -> torch float32 [3,S,S] (ToTensor + Normalize)."""
     import torch
 
@@ -44,5 +50,5 @@ def normalize(rgb: np.ndarray):
     return (x - mean) / std
 
 
-def preprocess(img, size: int = 448):
+def preprocess(img: Image.Image | np.ndarray, size: int = 448) -> torch.Tensor:
     return normalize(resized_rgb(img, size))
