@@ -6,6 +6,10 @@ Needs an OpenGL context: with no display, set ``VTK_DEFAULT_OPENGL_WINDOW=vtkEGL
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # Slicer's MRML classes; without stubs, mypy sees them as Any
+    from slicer import vtkMRMLSliceLogic, vtkSlicerApplicationLogic
 
 _MANAGERS = (
     "vtkMRMLVolumeGlyphSliceDisplayableManager",
@@ -19,7 +23,12 @@ _MANAGERS = (
 )
 
 
-def render_slice_view(app_logic, slice_logic, path_png: str, size: tuple[int, int] = (512, 512)) -> str:
+def render_slice_view(
+    app_logic: vtkSlicerApplicationLogic,
+    slice_logic: vtkMRMLSliceLogic,
+    path_png: str,
+    size: tuple[int, int] = (512, 512),
+) -> str:
     """Render ``slice_logic``'s view (image + markups) to a PNG file. The view keeps its field of view; its pixel
     dimensions become ``size`` for the render."""
     os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")

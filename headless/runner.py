@@ -132,7 +132,7 @@ def _write_json(path: str, data) -> None:
         f.flush()
 
 
-def run_analyze(args) -> int:
+def run_analyze(args: argparse.Namespace) -> int:
     from MiniGPTMedSlicerLib import capture as C
     from MiniGPTMedSlicerLib import markups as M
     from MiniGPTMedSlicerLib import scene as S
@@ -222,7 +222,7 @@ def run_analyze(args) -> int:
         S.close(ctx)
 
 
-def run_sweep_cmd(args) -> int:
+def run_sweep_cmd(args: argparse.Namespace) -> int:
     from MiniGPTMedSlicerLib import markups as M
     from MiniGPTMedSlicerLib import scene as S
     from MiniGPTMedSlicerLib.merge3d import MergeOptions

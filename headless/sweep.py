@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from MiniGPTMedSlicerLib import protocol
+from MiniGPTMedSlicerLib.client import BackendClient
 from MiniGPTMedSlicerLib.merge3d import Finding3D, MergeOptions
 from MiniGPTMedSlicerLib.sweep import ProgressCallback, SweepPlan, analyze_sweep, capture_sweep, merge_sweep, plan_sweep
+
+if TYPE_CHECKING:  # Slicer's MRML classes; without stubs, mypy sees them as Any
+    from slicer import vtkMRMLSliceLogic, vtkMRMLVolumeNode
 
 
 @dataclass
@@ -23,15 +29,15 @@ class SweepResult:
 
 
 def run_sweep(
-    slice_logic,
-    volume_node,
-    client,
+    slice_logic: vtkMRMLSliceLogic,
+    volume_node: vtkMRMLVolumeNode,
+    client: BackendClient,
     task: str = "detect",
     question: str | None = None,
     slice_range: tuple[int, int] | None = None,
     step: int = 1,
     batch_size: int = 8,
-    export_size=None,
+    export_size: int | Sequence[int] | None = None,
     options: MergeOptions | None = None,
     cancel: threading.Event | None = None,
     progress: ProgressCallback | None = None,
