@@ -61,7 +61,11 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await asyncio.get_running_loop().run_in_executor(None, service.start)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, service.start)
+        except Exception as e:
+            app.state.start_error = e  # the command line reports it in its own words
+            raise
         yield
         await asyncio.get_running_loop().run_in_executor(None, service.stop)
 

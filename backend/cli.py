@@ -10,23 +10,74 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Mapping
 
-from .settings import LOOPBACK_HOSTS, TOKEN_ENV, ServerSettings
+from .errors import SettingError
+from .settings import (
+    LOOPBACK_HOSTS,
+    TOKEN_ENV,
+    ConvertSettings,
+    EngineSettings,
+    HFSettings,
+    MiniGPTMedSettings,
+    OpenAISettings,
+    ServerSettings,
+)
+
+# Settings that may also come from the environment (a flag, when given, wins).
+ENV = {
+    "eva": "MINIGPTMED_EVA",
+    "llama": "MINIGPTMED_LLAMA",
+    "checkpoint": "MINIGPTMED_CHECKPOINT",
+    "converted": "MINIGPTMED_CONVERTED",
+    "model": "MINIGPTMED_MODEL",
+    "url": "MINIGPTMED_OPENAI_URL",
+    "api_key": "MINIGPTMED_OPENAI_API_KEY",
+    "token": TOKEN_ENV,
+    "static_decode": "MINIGPTMED_STATIC_DECODE",  # "1" turns it on
+    "static_max_len": "MINIGPTMED_STATIC_MAX_LEN",
+    "trust_checkpoints": "MINIGPTMED_TRUST_CHECKPOINTS",  # "1" turns it on
+}
+# How a setting named in an error is written on this command line.
+FLAGS = {
+    "engine": "--engine",
+    "eva": "--eva",
+    "llama": "--llama",
+    "checkpoint": "--checkpoint",
+    "converted": "--converted",
+    "model_config": "--model-config",
+    "device": "--device",
+    "dtype": "--dtype",
+    "quantize": "--quantize",
+    "sampling": "--sampling",
+    "merge_lora": "--no-merge-lora",
+    "static_decode": "--static-decode",
+    "static_max_len": ENV["static_max_len"],
+    "trust_checkpoints": f"--trust-checkpoints (or {ENV['trust_checkpoints']}=1)",
+    "model": "--model",
+    "family": "--family",
+    "url": "--url",
+    "api_key": "--api-key",
+    "timeout_s": "--remote-timeout",
+    "token": "--token",
+    "out": "--out",
+    "keep_lora": "--keep-lora",
+}
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(name, default)
+def flag_message(err: SettingError) -> str:
+    """A setting error as this command line names it."""
+    return err.render(FLAGS)
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("MiniGPT-Med engine (--engine minigptmed)")
-    g.add_argument("--eva", default=_env("MINIGPTMED_EVA"), help="eva_vit_g.pth (EVA ViT-g/14 weights)")
-    g.add_argument("--llama", default=_env("MINIGPTMED_LLAMA"), help="Llama-2-7b-chat-hf folder")
-    g.add_argument("--checkpoint", default=_env("MINIGPTMED_CHECKPOINT"), help="MiniGPT-Med checkpoint .pth")
+    g.add_argument("--eva", help=f"eva_vit_g.pth (EVA ViT-g/14 weights; or set {ENV['eva']})")
+    g.add_argument("--llama", help=f"Llama-2-7b-chat-hf folder (or set {ENV['llama']})")
+    g.add_argument("--checkpoint", help=f"MiniGPT-Med checkpoint .pth (or set {ENV['checkpoint']})")
     g.add_argument(
         "--converted",
-        default=_env("MINIGPTMED_CONVERTED"),
-        help="a folder written by 'minigptmed-backend convert' (instead of the three files)",
+        help=f"a folder written by 'minigptmed-backend convert' (instead of the three files; or set {ENV['converted']})",
     )
     g.add_argument(
         "--model-config",
@@ -53,24 +104,24 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--static-decode",
         action="store_true",
-        help="static KV cache + CUDA-graph decode step (about 3.5x faster decode on a GPU; compiles at start)",
+        help="static KV cache + CUDA-graph decode step (about 3.5x faster decode on a GPU; compiles at start; "
+        f"or set {ENV['static_decode']}=1)",
+    )
+    g.add_argument(
+        "--trust-checkpoints",
+        action="store_true",
+        help=f"allow .pth files that hold Python objects (only files you trust; or set {ENV['trust_checkpoints']}=1)",
     )
     h = p.add_argument_group("transformers VLMs (--engine hf) and OpenAI-compatible servers (--engine openai)")
-    h.add_argument(
-        "--model", default=_env("MINIGPTMED_MODEL"), help="hf: local model folder; openai: served model name"
-    )
+    h.add_argument("--model", help=f"hf: local model folder; openai: served model name (or set {ENV['model']})")
     h.add_argument(
         "--family",
         default="generic",
         choices=["medgemma", "qwen2_5_vl", "qwen3_vl", "generic"],
         help="prompt format and box decoder of the model family",
     )
-    h.add_argument(
-        "--url", default=_env("MINIGPTMED_OPENAI_URL"), help="openai: base URL, e.g. http://127.0.0.1:8000/v1"
-    )
-    h.add_argument(
-        "--api-key", default=_env("MINIGPTMED_OPENAI_API_KEY"), help="openai: API key of that server, if any"
-    )
+    h.add_argument("--url", help=f"openai: base URL, e.g. http://127.0.0.1:8000/v1 (or set {ENV['url']})")
+    h.add_argument("--api-key", help=f"openai: API key of that server, if any (or set {ENV['api_key']})")
     h.add_argument("--remote-timeout", type=float, default=120.0, help="openai: seconds to wait for the remote server")
 
 
@@ -99,10 +150,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+def _value(args: argparse.Namespace, env: Mapping[str, str], name: str) -> str | None:
+    """The flag's value when given, else the environment's."""
+    v = getattr(args, name, None)
+    return v if v is not None else env.get(ENV[name])
+
+
+def _switch(args: argparse.Namespace, env: Mapping[str, str], name: str) -> bool:
+    return bool(getattr(args, name, False)) or env.get(ENV[name]) == "1"
+
+
+def engine_settings(args: argparse.Namespace, env: Mapping[str, str]) -> EngineSettings:
+    model = _value(args, env, "model")
+    return EngineSettings(
+        engine=args.engine,
+        minigptmed=MiniGPTMedSettings(
+            eva=_value(args, env, "eva"),
+            llama=_value(args, env, "llama"),
+            checkpoint=_value(args, env, "checkpoint"),
+            converted=_value(args, env, "converted"),
+            model_config=args.model_config,
+            device=args.device,
+            dtype=args.dtype,
+            quantize=args.quantize,
+            sampling=args.sampling,
+            merge_lora=not args.no_merge_lora,
+            static_decode=_switch(args, env, "static_decode"),
+            static_max_len=int(env.get(ENV["static_max_len"], "1024")),
+            trust_checkpoints=_switch(args, env, "trust_checkpoints"),
+        ),
+        hf=HFSettings(model=model, family=args.family, device=args.device, dtype=args.dtype, quantize=args.quantize),
+        openai=OpenAISettings(
+            url=_value(args, env, "url"),
+            model=model,
+            family=args.family,
+            api_key=_value(args, env, "api_key"),
+            timeout_s=args.remote_timeout,
+        ),
+    )
+
+
+def server_settings(args: argparse.Namespace, env: Mapping[str, str]) -> ServerSettings:
     from .images import ImageLimits
 
-    token = args.token or os.environ.get(TOKEN_ENV) or None
+    token = _value(args, env, "token") or None
     if args.host not in LOOPBACK_HOSTS and not token:
         raise SystemExit(
             f"refusing to listen on {args.host} without an access token: anyone who can reach this "
@@ -123,28 +214,75 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     )
 
 
-def serve(args: argparse.Namespace) -> int:
+def convert_settings(args: argparse.Namespace, env: Mapping[str, str]) -> ConvertSettings:
+    return ConvertSettings(
+        eva=_value(args, env, "eva"),
+        llama=_value(args, env, "llama"),
+        checkpoint=_value(args, env, "checkpoint"),
+        out=args.out,
+        model_config=args.model_config,
+        dtype=args.dtype,
+        keep_lora=args.keep_lora,
+        trust_checkpoints=_switch(args, env, "trust_checkpoints"),
+    )
+
+
+def serve(server: ServerSettings, engines: EngineSettings, log_level: str = "info") -> int:
     import uvicorn
 
     from .app import create_app
     from .engines import build_engine
 
-    settings = settings_from_args(args)
-    engine = build_engine(args)
-    app = create_app(engine, settings)
+    engine = build_engine(engines)
+    app = create_app(engine, server)
     logging.getLogger("minigptmed").info(
-        "listening on %s://%s:%d", "https" if settings.ssl_certfile else "http", settings.host, settings.port
+        "listening on %s://%s:%d", "https" if server.ssl_certfile else "http", server.host, server.port
     )
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
-        host=settings.host,
-        port=settings.port,
-        log_level=args.log_level,
+        host=server.host,
+        port=server.port,
+        log_level=log_level,
         access_log=False,
-        ssl_certfile=settings.ssl_certfile,
-        ssl_keyfile=settings.ssl_keyfile,
+        ssl_certfile=server.ssl_certfile,
+        ssl_keyfile=server.ssl_keyfile,
         timeout_graceful_shutdown=5,
     )
+    uv = uvicorn.Server(config)
+    uv.run()
+    err = getattr(app.state, "start_error", None)
+    if isinstance(err, SettingError):
+        raise err
+    return 0 if uv.started else 3  # 3: uvicorn's start-up failure
+
+
+def convert(s: ConvertSettings) -> int:
+    from .minigpt.config import MiniGPTMedConfig
+    from .minigpt.convert import convert as convert_files
+    from .minigpt.weights import WeightsError
+    from .torch_utils import parse_dtype
+
+    missing = [k for k in ("eva", "llama", "checkpoint") if not getattr(s, k)]
+    if missing:
+        raise SettingError("convert needs " + ", ".join("{" + k + "}" for k in missing), *missing)
+    cfg = MiniGPTMedConfig.from_json(s.model_config)
+    dtype = parse_dtype(s.dtype)
+    try:
+        res = convert_files(
+            s.eva or "",
+            s.llama or "",
+            s.checkpoint or "",
+            s.out,
+            cfg,
+            keep_lora=s.keep_lora,
+            dtype=dtype,
+            trust_checkpoints=s.trust_checkpoints,
+        )
+    except SettingError:
+        raise
+    except WeightsError as e:
+        raise SystemExit(f"convert failed: {e}") from None
+    print(f"wrote {res['out']} in {res['seconds']:.1f} s (LoRA {res['lora']}, LLM {res['llm_dtype']})")
     return 0
 
 
@@ -155,12 +293,15 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if args.command == "serve":
-        return serve(args)
-    if args.command == "convert":
-        from .minigpt.convert import convert_main
-
-        return convert_main(args)
+    env = os.environ
+    try:
+        if args.command == "serve":
+            return serve(server_settings(args, env), engine_settings(args, env), args.log_level)
+        if args.command == "convert":
+            return convert(convert_settings(args, env))
+    except SettingError as e:
+        print(f"minigptmed-backend: {flag_message(e)}", file=sys.stderr)
+        return 2
     return 2
 
 

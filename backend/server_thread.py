@@ -5,10 +5,12 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from dataclasses import replace
 
 from .app import create_app
+from .engines import build_engine
 from .engines.base import Engine
-from .settings import ServerSettings
+from .settings import EngineSettings, ServerSettings
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -18,16 +20,23 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class ServerThread:
-    """``with ServerThread(engine) as url: ...`` serves ``engine`` at ``url`` until the block ends."""
+    """``with ServerThread(engine) as url: ...`` serves ``engine`` (an engine, or the settings to build one from) at
+    ``url`` until the block ends. The default port (or 0) becomes a free one."""
 
     def __init__(
-        self, engine: Engine, settings: ServerSettings | None = None, extra_routes=None, startup_timeout_s: float = 60.0
+        self,
+        engine: Engine | EngineSettings,
+        settings: ServerSettings | None = None,
+        extra_routes=None,
+        startup_timeout_s: float = 60.0,
     ):
         import uvicorn
 
+        if isinstance(engine, EngineSettings):
+            engine = build_engine(engine)
         self.settings = settings or ServerSettings()
-        if not self.settings.port or self.settings.port == 8765:
-            self.settings.port = free_port(self.settings.host)
+        if not self.settings.port or self.settings.port == ServerSettings.port:
+            self.settings = replace(self.settings, port=free_port(self.settings.host))
         self.app = create_app(engine, self.settings, extra_routes=extra_routes)
         config = uvicorn.Config(
             self.app,

@@ -1,4 +1,5 @@
-"""Server settings: one typed dataclass, filled from the command line (``backend.cli``)."""
+"""Typed settings: the server's and one dataclass per engine. ``backend.cli`` builds them once from the command line
+and the environment; nothing below it reads ``os.environ`` or an argparse namespace."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ class ServerSettings:
     max_body_bytes: int = 32 * 1024 * 1024
     image_limits: ImageLimits = field(default_factory=ImageLimits)
     max_new_tokens_cap: int = 1024
-    default_max_new_tokens: int = 300
     request_timeout_s: float = 300.0
     queue_size: int = 16  # requests waiting for the engine; beyond this the server answers 503 + Retry-After
     max_batch_items: int = 64
@@ -26,3 +26,82 @@ class ServerSettings:
     max_prompt_chars: int = 8000
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+
+
+@dataclass(frozen=True)
+class BuiltinSettings:
+    """The built-in engine's thresholds (no weights, nothing to configure from the command line)."""
+
+    z_threshold: float = 2.5
+    min_area_px: int = 12
+    min_area_mm2: float = 8.0  # when the pixel spacing is known (upsampled views have tiny pixels)
+    max_findings: int = 8
+    max_area_fraction: float = 0.25  # of the tissue
+    background_sigma_fraction: float = 1 / 12
+
+
+@dataclass(frozen=True)
+class MiniGPTMedSettings:
+    eva: str | None = None  # eva_vit_g.pth
+    llama: str | None = None  # Llama-2-7b-chat-hf folder
+    checkpoint: str | None = None  # MiniGPT-Med checkpoint .pth
+    converted: str | None = None  # a folder written by ``minigptmed-backend convert`` (instead of the three files)
+    model_config: str | None = None  # JSON with model dimensions (tiny test models); None: the real 7B preset
+    device: str = "auto"
+    dtype: str = "auto"
+    quantize: str = "none"  # none / 8bit / 4bit
+    sampling: str = "greedy"  # greedy / demo
+    merge_lora: bool = True
+    static_decode: bool = False  # static KV cache (+ CUDA graphs on CUDA)
+    static_max_len: int = 1024  # longer requests fall back to the dynamic cache
+    trust_checkpoints: bool = False  # allow torch.load(weights_only=False) for checkpoints that need it
+    max_batch: int = 8
+    cache_size: int = 32  # image embeddings kept
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class HFSettings:
+    model: str | None = None  # a local model folder
+    family: str = "generic"
+    device: str = "auto"
+    dtype: str = "auto"
+    quantize: str = "none"
+    default_max_tokens: int = 512
+    max_batch: int = 4
+
+
+@dataclass(frozen=True)
+class OpenAISettings:
+    url: str | None = None  # base URL, e.g. http://127.0.0.1:8000/v1
+    model: str | None = None  # served model name; None: the first the server lists
+    family: str = "generic"
+    api_key: str | None = None
+    timeout_s: float = 120.0
+    max_concurrency: int = 8
+    default_max_tokens: int = 512
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Which engine (``auto`` resolves with ``backend.engines.choose_engine``) and every engine's settings."""
+
+    engine: str = "auto"
+    builtin: BuiltinSettings = field(default_factory=BuiltinSettings)
+    minigptmed: MiniGPTMedSettings = field(default_factory=MiniGPTMedSettings)
+    hf: HFSettings = field(default_factory=HFSettings)
+    openai: OpenAISettings = field(default_factory=OpenAISettings)
+
+
+@dataclass(frozen=True)
+class ConvertSettings:
+    """``minigptmed-backend convert``: the three original files -> one folder."""
+
+    eva: str | None = None
+    llama: str | None = None
+    checkpoint: str | None = None
+    out: str = ""
+    model_config: str | None = None
+    dtype: str = "auto"
+    keep_lora: bool = False
+    trust_checkpoints: bool = False

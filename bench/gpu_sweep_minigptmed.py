@@ -57,6 +57,7 @@ def main() -> int:
     from backend.engines.base import AnalysisInput, DecodedImage, StopToken
     from backend.engines.minigptmed import MiniGPTMedEngine
     from backend.minigpt.config import MiniGPTMedConfig
+    from backend.settings import MiniGPTMedSettings
 
     device = "cpu" if args.tiny else "cuda"
     cfg = (
@@ -84,16 +85,18 @@ def main() -> int:
         _train_tokenizer(Path(files["llama"]))
         for static in (False, True):
             engine = MiniGPTMedEngine(
-                eva=str(files["eva"]),
-                llama=str(files["llama"]),
-                checkpoint=str(files["checkpoint"]),
-                model_config=str(model_config) if model_config else None,
-                device=device,
-                dtype="float32" if args.tiny else "float16",
-                max_batch=8,
-                cache_size=0,
+                MiniGPTMedSettings(
+                    eva=str(files["eva"]),
+                    llama=str(files["llama"]),
+                    checkpoint=str(files["checkpoint"]),
+                    model_config=str(model_config) if model_config else None,
+                    device=device,
+                    dtype="float32" if args.tiny else "float16",
+                    max_batch=8,
+                    cache_size=0,
+                    static_decode=static,
+                )
             )
-            engine.static_decode = static
             t0 = time.perf_counter()
             engine.load()
             load_s = time.perf_counter() - t0

@@ -106,14 +106,17 @@ def main() -> int:
             from minigpt_fixtures import tiny_files  # the tests' tiny model, trained offline and cached
 
             from backend.engines.minigptmed import MiniGPTMedEngine
+            from backend.settings import MiniGPTMedSettings
 
             tiny = tiny_files()
             engine = MiniGPTMedEngine(
-                eva=str(tiny.eva),
-                llama=str(tiny.llama),
-                checkpoint=str(tiny.checkpoint),
-                model_config=str(tiny.model_config),
-                device="cpu",
+                MiniGPTMedSettings(
+                    eva=str(tiny.eva),
+                    llama=str(tiny.llama),
+                    checkpoint=str(tiny.checkpoint),
+                    model_config=str(tiny.model_config),
+                    device="cpu",
+                )
             )
             body += bench_engine("MiniGPT-Med (tiny, CPU)", engine, volume, slices, min(args.batch, 8), 16)
     print(f"Sweep benchmark on {platform.node()} ({os.cpu_count()} CPUs), {time.strftime('%Y-%m-%d')}:\n")

@@ -113,11 +113,11 @@ def test_log_lines_have_no_pixels_or_question_text(token_backend):
 
 
 def test_auto_picks_a_configured_vlm_whose_weights_exist(tmp_path):
-    from backend.cli import build_parser
+    from backend.cli import build_parser, engine_settings
     from backend.engines import choose_engine
 
     def choose(*argv):
-        return choose_engine(build_parser().parse_args(["serve", *argv]))
+        return choose_engine(engine_settings(build_parser().parse_args(["serve", *argv]), {}))
 
     files = [tmp_path / n for n in ("eva_vit_g.pth", "ckpt.pth")]
     for f in files:
@@ -134,4 +134,67 @@ def test_auto_picks_a_configured_vlm_whose_weights_exist(tmp_path):
     assert choose("--model", str(tmp_path / "llama"))[0] == "hf"
     assert choose("--model", "google/medgemma-1.5-4b-it", "--url", "http://127.0.0.1:9/v1")[0] == "openai"
     assert choose("--model", str(tmp_path / "not-there"))[0] == "builtin"
-    assert choose("--engine", "builtin", "--model", str(tmp_path / "llama")) == ("builtin", "chosen with --engine")
+    assert choose("--engine", "builtin", "--model", str(tmp_path / "llama")) == (
+        "builtin",
+        "named by the engine setting",
+    )
+
+
+# the flags and the environment variables that stand for them; each with a value that is not the default
+_FLAG_ENV = [
+    ("--eva", "MINIGPTMED_EVA", "/w/eva_vit_g.pth"),
+    ("--llama", "MINIGPTMED_LLAMA", "/w/llama"),
+    ("--checkpoint", "MINIGPTMED_CHECKPOINT", "/w/ckpt.pth"),
+    ("--converted", "MINIGPTMED_CONVERTED", "/w/converted"),
+    ("--model", "MINIGPTMED_MODEL", "/w/medgemma"),
+    ("--url", "MINIGPTMED_OPENAI_URL", "http://127.0.0.1:9/v1"),
+    ("--api-key", "MINIGPTMED_OPENAI_API_KEY", "k3y"),
+    ("--token", "MINIGPTMED_TOKEN", "t0ken"),
+    ("--static-decode", "MINIGPTMED_STATIC_DECODE", None),
+    ("--trust-checkpoints", "MINIGPTMED_TRUST_CHECKPOINTS", None),
+]
+
+
+def test_settings_from_flags_and_from_environment_agree():
+    from backend.cli import build_parser, engine_settings, server_settings
+    from backend.settings import EngineSettings, ServerSettings
+
+    argv = [x for flag, _env, value in _FLAG_ENV for x in ([flag] if value is None else [flag, value])]
+    env = {var: value or "1" for _flag, var, value in _FLAG_ENV}
+    flags = build_parser().parse_args(["serve", *argv])
+    bare = build_parser().parse_args(["serve"])
+    assert engine_settings(flags, {}) == engine_settings(bare, env)
+    assert server_settings(flags, {}) == server_settings(bare, env)
+    e, s = engine_settings(bare, env), server_settings(bare, env)
+    m = e.minigptmed
+    assert (m.eva, m.llama, m.checkpoint, m.converted) == (
+        "/w/eva_vit_g.pth",
+        "/w/llama",
+        "/w/ckpt.pth",
+        "/w/converted",
+    )
+    assert m.static_decode and m.trust_checkpoints
+    assert e.hf.model == e.openai.model == "/w/medgemma"
+    assert (e.openai.url, e.openai.api_key, s.token) == ("http://127.0.0.1:9/v1", "k3y", "t0ken")
+    # nothing set: the dataclasses' own defaults
+    assert engine_settings(bare, {}) == EngineSettings() and server_settings(bare, {}) == ServerSettings()
+    # a flag wins over the environment
+    other = build_parser().parse_args(["serve", "--llama", "/x/llama"])
+    assert engine_settings(other, env).minigptmed.llama == "/x/llama"
+
+
+def test_setting_errors_name_the_flag_on_the_command_line(tmp_path, capsys):
+    from backend.cli import flag_message, main
+    from backend.errors import SettingError
+
+    err = SettingError("{llama}: folder not found", "llama")
+    assert str(err) == "llama: folder not found" and flag_message(err) == "--llama: folder not found"
+    trust = SettingError("turn on {trust_checkpoints}", "trust_checkpoints")
+    assert "MINIGPTMED_TRUST_CHECKPOINTS=1" in flag_message(trust)
+    # the hf engine without --model, and convert without its files: one line, exit 2, before anything loads
+    assert main(["serve", "--engine", "hf", "--port", "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "minigptmed-backend: the hf engine needs --model PATH (a local model folder)"
+    ]
+    assert main(["convert", "--out", str(tmp_path / "out"), "--llama", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == "minigptmed-backend: convert needs --eva, --checkpoint"

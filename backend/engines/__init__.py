@@ -2,57 +2,60 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
+from typing import TYPE_CHECKING
 
+from ..errors import SettingError
 from .base import Engine
+
+if TYPE_CHECKING:
+    from ..settings import EngineSettings
 
 log = logging.getLogger("minigptmed.engines")
 
 ENGINE_NAMES = ("auto", "builtin", "minigptmed", "hf", "openai")
 
 
-def choose_engine(args: argparse.Namespace) -> tuple[str, str]:
-    """Resolve ``--engine auto``: a configured VLM whose weights exist locally, else the built-in engine.
+def choose_engine(settings: EngineSettings) -> tuple[str, str]:
+    """Resolve ``engine="auto"``: a configured VLM whose weights exist locally, else the built-in engine.
     Returns (engine name, reason)."""
-    name = args.engine
+    name = settings.engine
     if name != "auto":
-        return name, "chosen with --engine"
-    converted = getattr(args, "converted", None)
-    if converted and os.path.isdir(converted):
-        return "minigptmed", f"converted MiniGPT-Med weights found at {converted}"
-    files: list[str] = [f for f in (getattr(args, k, None) for k in ("eva", "llama", "checkpoint")) if f]
+        return name, "named by the engine setting"
+    m = settings.minigptmed
+    if m.converted and os.path.isdir(m.converted):
+        return "minigptmed", f"converted MiniGPT-Med weights found at {m.converted}"
+    files: list[str] = [f for f in (m.eva, m.llama, m.checkpoint) if f]
     if len(files) == 3:
         missing = [f for f in files if not os.path.exists(f)]
         if not missing:
-            return "minigptmed", "MiniGPT-Med weights (--eva, --llama, --checkpoint) found"
+            return "minigptmed", "MiniGPT-Med weights (eva, llama, checkpoint) found"
         log.warning("auto: MiniGPT-Med configured but missing %s", ", ".join(missing))
-    model = getattr(args, "model", None)
-    if model and getattr(args, "url", None):
-        return "openai", f"an OpenAI-compatible server is configured at {args.url}"
-    if model and os.path.isdir(model):
-        return "hf", f"a transformers model folder was found at {model}"
+    if settings.openai.model and settings.openai.url:
+        return "openai", f"an OpenAI-compatible server is configured at {settings.openai.url}"
+    if settings.hf.model and os.path.isdir(settings.hf.model):
+        return "hf", f"a transformers model folder was found at {settings.hf.model}"
     return "builtin", "no VLM weights configured or found locally"
 
 
-def build_engine(args: argparse.Namespace) -> Engine:
-    name, reason = choose_engine(args)
+def build_engine(settings: EngineSettings) -> Engine:
+    name, reason = choose_engine(settings)
     log.info("engine: %s (%s)", name, reason)
     if name == "builtin":
         from .builtin import BuiltinEngine
 
-        return BuiltinEngine()
+        return BuiltinEngine(settings.builtin)
     if name == "minigptmed":
         from .minigptmed import MiniGPTMedEngine
 
-        return MiniGPTMedEngine.from_args(args)
+        return MiniGPTMedEngine(settings.minigptmed)
     if name == "hf":
         from .hf import HFEngine
 
-        return HFEngine.from_args(args)
+        return HFEngine(settings.hf)
     if name == "openai":
         from .openai_engine import OpenAIEngine
 
-        return OpenAIEngine.from_args(args)
-    raise SystemExit(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_NAMES)}")
+        return OpenAIEngine(settings.openai)
+    raise SettingError(f"unknown {{engine}} {name!r}; choose one of {', '.join(ENGINE_NAMES)}", "engine")

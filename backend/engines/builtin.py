@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from MiniGPTMedSlicerLib.protocol import Finding
 
+from ..settings import BuiltinSettings
 from .base import AnalysisInput, AnalysisResult, Engine, EngineInfo, StopToken, TaskNotSupported
 
 MODEL_ID = "builtin-rules-v1 (rule-based candidates, not a diagnosis)"
@@ -34,16 +35,6 @@ DISCLAIMER = "Rule-based intensity analysis, not a diagnosis."
 
 DARK_WORDS = ("hypo", "dark", "low", "cyst", "fluid", "lucen", "air", "necro")
 BRIGHT_WORDS = ("hyper", "bright", "high", "calc", "bleed", "hemorr", "haemorr", "enhanc", "dense", "contrast")
-
-
-@dataclass
-class BuiltinConfig:
-    z_threshold: float = 2.5
-    min_area_px: int = 12
-    min_area_mm2: float = 8.0  # when the pixel spacing is known (upsampled views have tiny pixels)
-    max_findings: int = 8
-    max_area_fraction: float = 0.25  # of the tissue
-    background_sigma_fraction: float = 1 / 12
 
 
 @dataclass
@@ -78,7 +69,7 @@ def _size_text(box: Sequence[float], spacing: tuple[float, float] | None) -> str
 class ImageAnalyzer:
     """The detection pipeline on one 2D image."""
 
-    def __init__(self, cfg: BuiltinConfig):
+    def __init__(self, cfg: BuiltinSettings):
         self.cfg = cfg
 
     def normalise(self, img: np.ndarray) -> np.ndarray:
@@ -168,8 +159,8 @@ class ImageAnalyzer:
 
 
 class BuiltinEngine(Engine):
-    def __init__(self, config: BuiltinConfig | None = None):
-        self.cfg = config or BuiltinConfig()
+    def __init__(self, settings: BuiltinSettings | None = None):
+        self.cfg = settings or BuiltinSettings()
         self.analyzer = ImageAnalyzer(self.cfg)
 
     def load(self) -> None:

@@ -16,73 +16,41 @@ from collections.abc import Sequence
 from typing import Any
 
 from .. import families
+from ..errors import SettingError
 from ..families import ImageGeometry
+from ..settings import HFSettings
 from .base import AnalysisInput, AnalysisResult, Engine, EngineError, EngineInfo, StopToken
 
 log = logging.getLogger("minigptmed.hf")
 
 
-def _device(arg: str) -> str:
-    import torch
-
-    if arg in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return arg
-
-
 class HFEngine(Engine):
-    def __init__(
-        self,
-        model_dir: str,
-        family: str = "generic",
-        device: str = "auto",
-        dtype: str = "auto",
-        quantize: str = "none",
-        default_max_tokens: int = 512,
-        max_batch: int = 4,
-    ):
-        if not model_dir:
-            raise SystemExit("--engine hf needs --model PATH (a local model folder)")
-        self.model_dir = model_dir
-        self.family = families.check_family(family)
-        self.device_arg, self.dtype_arg, self.quantize = device, dtype, quantize
-        self.default_max_tokens = default_max_tokens
-        self.max_batch = max(1, int(max_batch))
+    def __init__(self, settings: HFSettings):
+        if not settings.model:
+            raise SettingError("the hf engine needs {model} PATH (a local model folder)", "model")
+        self.settings = settings
+        self.model_dir = settings.model
+        self.family = families.check_family(settings.family)
+        self.quantize = settings.quantize
+        self.default_max_tokens = settings.default_max_tokens
+        self.max_batch = max(1, int(settings.max_batch))
         self.model: Any = None
         self.processor: Any = None  # Gemma3Processor / AutoProcessor
         self.tokenizer: Any = None
         self.image_processor: Any = None  # Qwen: the PIL image processor
         self.device = "cpu"
 
-    @classmethod
-    def from_args(cls, args) -> HFEngine:
-        return cls(
-            model_dir=args.model,
-            family=args.family,
-            device=args.device,
-            dtype=args.dtype,
-            quantize=getattr(args, "quantize", "none"),
-        )
-
     # -- loading ------------------------------------------------------------------------------
 
     def _dtype(self):
         import torch
 
-        names = {
-            "float32": torch.float32,
-            "fp32": torch.float32,
-            "bfloat16": torch.bfloat16,
-            "bf16": torch.bfloat16,
-            "float16": torch.float16,
-            "fp16": torch.float16,
-        }
-        if self.dtype_arg not in (None, "", "auto"):
-            if self.dtype_arg not in names:
-                raise SystemExit(f"--dtype must be one of {', '.join(names)} or auto")
-            dt = names[self.dtype_arg]
+        from ..torch_utils import parse_dtype
+
+        dt = parse_dtype(self.settings.dtype)
+        if dt is not None:
             if self.family == "medgemma" and dt == torch.float16:
-                raise SystemExit("MedGemma (Gemma 3) gives empty output in float16: use --dtype bfloat16")
+                raise SettingError("MedGemma (Gemma 3) gives empty output in float16: use {dtype} bfloat16", "dtype")
             return dt
         if self.family == "medgemma":
             return torch.bfloat16
@@ -92,15 +60,19 @@ class HFEngine(Engine):
         import torch
         from transformers import AutoModelForImageTextToText, AutoTokenizer
 
+        from ..torch_utils import resolve_device
+
         if not os.path.isdir(self.model_dir):
-            raise EngineError(f"--model {self.model_dir}: no such folder (the hf engine loads local folders only)")
-        self.device = _device(self.device_arg)
+            raise SettingError(
+                "{model} " + self.model_dir + ": no such folder (the hf engine loads local folders only)", "model"
+            )
+        self.device = resolve_device(self.settings.device)
         kwargs = {"dtype": self._dtype(), "local_files_only": True}
         if self.quantize != "none":
             try:
                 from transformers import BitsAndBytesConfig
             except ImportError:
-                raise SystemExit("--quantize needs bitsandbytes: pip install bitsandbytes") from None
+                raise SettingError("{quantize} needs bitsandbytes: pip install bitsandbytes", "quantize") from None
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_8bit=self.quantize == "8bit",
                 load_in_4bit=self.quantize == "4bit",

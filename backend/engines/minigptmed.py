@@ -10,9 +10,9 @@ Tasks and the instruction text sent (inside ``<s>[INST] <Img><ImageHere></Img> {
 
 A request's ``prompt`` replaces the instruction text verbatim.
 
-``MINIGPTMED_STATIC_DECODE=1`` switches decoding to a preallocated static KV cache (``StaticDecoder``); on CUDA its
+The ``static_decode`` setting switches decoding to a preallocated static KV cache (``StaticDecoder``); on CUDA its
 decode step is compiled into CUDA graphs at load time (about a minute per batch shape, measured 3x faster decode on
-an H100, see docs/benchmarks.md). Requests longer than ``MINIGPTMED_STATIC_MAX_LEN`` (default 1024) tokens fall back
+an H100, see docs/benchmarks.md). Requests longer than ``static_max_len`` (default 1024) tokens fall back
 to the dynamic cache.
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -30,6 +29,8 @@ from typing import Any
 
 from MiniGPTMedSlicerLib.protocol import Finding
 
+from ..errors import SettingError
+from ..settings import MiniGPTMedSettings
 from .base import AnalysisInput, AnalysisResult, Engine, EngineError, EngineInfo, StopToken, TaskNotSupported
 
 log = logging.getLogger("minigptmed.engine")
@@ -78,30 +79,22 @@ class _Item:
 
 
 class MiniGPTMedEngine(Engine):
-    def __init__(
-        self,
-        eva: str | None = None,
-        llama: str | None = None,
-        checkpoint: str | None = None,
-        converted: str | None = None,
-        model_config: str | None = None,
-        device: str = "auto",
-        dtype: str = "auto",
-        quantize: str = "none",
-        sampling: str = "greedy",
-        merge_lora: bool = True,
-        max_batch: int = 8,
-        cache_size: int = 32,
-        seed: int | None = None,
-    ):
-        self.paths: dict[str, Any] = {"eva": eva, "llama": llama, "checkpoint": checkpoint, "converted": converted}
-        self.model_config = model_config
-        self.device_arg, self.dtype_arg, self.quantize = device, dtype, quantize
-        self.sampling = sampling
-        self.merge_lora = merge_lora
-        self.max_batch = max_batch
-        self.cache_size = cache_size
-        self.seed = seed
+    def __init__(self, settings: MiniGPTMedSettings | None = None):
+        s = settings or MiniGPTMedSettings()
+        self.settings = s
+        self.paths: dict[str, Any] = {
+            "eva": s.eva,
+            "llama": s.llama,
+            "checkpoint": s.checkpoint,
+            "converted": s.converted,
+        }
+        self.model_config = s.model_config
+        self.quantize = s.quantize
+        self.sampling = s.sampling
+        self.merge_lora = s.merge_lora
+        self.max_batch = s.max_batch
+        self.cache_size = s.cache_size
+        self.seed = s.seed
         self.model: Any = None
         self.tokenizer: Any = None
         self.cfg: Any = None
@@ -110,49 +103,23 @@ class MiniGPTMedEngine(Engine):
         self._lock = threading.Lock()
         self.device = "cpu"
         self.dtype: Any = None
-        self.static_decode = os.environ.get("MINIGPTMED_STATIC_DECODE") == "1"
-        self.static_max_len = int(os.environ.get("MINIGPTMED_STATIC_MAX_LEN", "1024"))
+        self.static_decode = s.static_decode
+        self.static_max_len = s.static_max_len
         self._decoders: dict[int, object] = {}
-
-    @classmethod
-    def from_args(cls, args) -> MiniGPTMedEngine:
-        engine = cls(
-            eva=getattr(args, "eva", None),
-            llama=getattr(args, "llama", None),
-            checkpoint=getattr(args, "checkpoint", None),
-            converted=getattr(args, "converted", None),
-            model_config=getattr(args, "model_config", None),
-            device=getattr(args, "device", "auto"),
-            dtype=getattr(args, "dtype", "auto"),
-            quantize=getattr(args, "quantize", "none"),
-            sampling=getattr(args, "sampling", "greedy"),
-            merge_lora=not getattr(args, "no_merge_lora", False),
-        )
-        if getattr(args, "static_decode", False):
-            engine.static_decode = True  # same as MINIGPTMED_STATIC_DECODE=1
-        return engine
 
     # -- loading ---------------------------------------------------------------------------------------------------
 
     def _resolve_device(self):
         import torch
 
-        from backend.minigpt.convert import DTYPES
+        from backend.torch_utils import parse_dtype, resolve_device
 
-        dev = self.device_arg or "auto"
-        if dev == "auto":
-            dev = "cuda" if torch.cuda.is_available() else "cpu"
-        if dev.startswith("cuda") and not torch.cuda.is_available():
-            raise EngineError(f"--device {dev}: CUDA is not available in this PyTorch build")
-        dt = self.dtype_arg or "auto"
-        if dt == "auto":
+        dev = resolve_device(self.settings.device)
+        dtype = parse_dtype(self.settings.dtype)
+        if dtype is None:
             dtype = torch.float16 if dev.startswith("cuda") else torch.float32
-        elif dt in DTYPES:
-            dtype = DTYPES[dt]
-        else:
-            raise EngineError(f"--dtype {dt}: choose float32, bfloat16, float16 or auto")
         if dev == "cpu" and dtype == torch.float16:
-            raise EngineError("--dtype float16 is not supported on the CPU; use float32 or bfloat16")
+            raise SettingError("{dtype} float16 is not supported on the CPU; use float32 or bfloat16", "dtype")
         return dev, dtype
 
     def load(self) -> None:
@@ -161,27 +128,41 @@ class MiniGPTMedEngine(Engine):
         from backend.minigpt.weights import LoadOptions, WeightsError, is_converted, load_converted, load_original
 
         self.device, self.dtype = self._resolve_device()
-        opts = LoadOptions(device=self.device, dtype=self.dtype, quantize=self.quantize, merge_lora=self.merge_lora)
+        opts = LoadOptions(
+            device=self.device,
+            dtype=self.dtype,
+            quantize=self.quantize,
+            merge_lora=self.merge_lora,
+            trust_checkpoints=self.settings.trust_checkpoints,
+        )
         try:
             if self.paths["converted"]:
                 if not is_converted(self.paths["converted"]):
-                    raise WeightsError(f"--converted {self.paths['converted']}: not a converted MiniGPT-Med folder")
+                    raise SettingError(
+                        "{converted} " + str(self.paths["converted"]) + ": not a converted MiniGPT-Med folder",
+                        "converted",
+                    )
                 self.model, self.cfg, self.report = load_converted(self.paths["converted"], opts)
                 tok_dir = f"{self.paths['converted']}/llm"
             else:
-                missing = [f"--{k}" for k in ("eva", "llama", "checkpoint") if not self.paths[k]]
+                missing = [k for k in ("eva", "llama", "checkpoint") if not self.paths[k]]
                 if missing:
-                    raise WeightsError(f"the MiniGPT-Med engine needs {', '.join(missing)} (or --converted)")
+                    names = ", ".join("{" + k + "}" for k in missing)
+                    raise SettingError(
+                        f"the MiniGPT-Med engine needs {names} (or {{converted}})", *missing, "converted"
+                    )
                 self.cfg = MiniGPTMedConfig.from_json(self.model_config)
                 self.model, self.report = load_original(
                     self.paths["eva"], self.paths["llama"], self.paths["checkpoint"], self.cfg, opts
                 )
                 tok_dir = self.paths["llama"]
             self.tokenizer = MiniGPTTokenizer(tok_dir)
+        except SettingError:
+            raise
         except WeightsError as e:
             raise EngineError(str(e)) from e
         if self.static_decode and self.quantize != "none":
-            log.warning("MINIGPTMED_STATIC_DECODE is ignored with --quantize")
+            log.warning("static_decode is ignored with quantize")
             self.static_decode = False
         if self.static_decode:
             self._warm_static()

@@ -16,39 +16,27 @@ from collections.abc import Sequence
 import requests
 
 from .. import families
+from ..errors import SettingError
 from ..families import ImageGeometry
+from ..settings import OpenAISettings
 from .base import AnalysisInput, AnalysisResult, Engine, EngineError, EngineInfo, StopToken
 
 
 class OpenAIEngine(Engine):
-    def __init__(
-        self,
-        url: str,
-        model: str | None = None,
-        family: str = "generic",
-        api_key: str | None = None,
-        timeout_s: float = 120.0,
-        max_concurrency: int = 8,
-        default_max_tokens: int = 512,
-    ):
-        if not url:
-            raise SystemExit("--engine openai needs --url, e.g. http://127.0.0.1:8000/v1")
-        self.url = url.rstrip("/")
+    def __init__(self, settings: OpenAISettings):
+        if not settings.url:
+            raise SettingError("the openai engine needs {url}, e.g. http://127.0.0.1:8000/v1", "url")
+        self.settings = settings
+        self.url = settings.url.rstrip("/")
         if not self.url.endswith("/v1"):
             self.url += "/v1"
-        self.model = model
-        self.family = families.check_family(family)
-        self.api_key = api_key
-        self.timeout_s = timeout_s
-        self.max_concurrency = max_concurrency
-        self.default_max_tokens = default_max_tokens
+        self.model = settings.model
+        self.family = families.check_family(settings.family)
+        self.api_key = settings.api_key
+        self.timeout_s = settings.timeout_s
+        self.max_concurrency = settings.max_concurrency
+        self.default_max_tokens = settings.default_max_tokens
         self.session = requests.Session()
-
-    @classmethod
-    def from_args(cls, args) -> OpenAIEngine:
-        return cls(
-            url=args.url, model=args.model, family=args.family, api_key=args.api_key, timeout_s=args.remote_timeout
-        )
 
     def _headers(self) -> dict[str, str]:
         h = {"Content-Type": "application/json"}
@@ -84,7 +72,7 @@ class OpenAIEngine(Engine):
         ids = [m.get("id") for m in data.get("data", []) if isinstance(m, dict)]
         if self.model is None:
             if not ids:
-                raise EngineError(f"the model server at {self.url} lists no models; pass --model")
+                raise SettingError(f"the model server at {self.url} lists no models; set {{model}}", "model")
             self.model = ids[0]
         elif ids and self.model not in ids:
             raise EngineError(f"the model server at {self.url} serves {', '.join(map(str, ids))}, not {self.model}")

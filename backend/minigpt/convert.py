@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
+from ..torch_utils import DTYPES
 from .config import MiniGPTMedConfig
 from .model import LoraLinear, merge_lora
 from .weights import (
     CONVERTED_MARKER,
     LoadOptions,
-    WeightsError,
     _load_llm,
     attach_lora,
     read_original_parts,
@@ -34,14 +34,6 @@ from .weights import (
 
 log = logging.getLogger("minigptmed.convert")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 
 
 def folder_dtype(llama_cfg: dict) -> torch.dtype:
@@ -57,10 +49,11 @@ def convert(
     cfg: MiniGPTMedConfig,
     keep_lora: bool = False,
     dtype: torch.dtype | None = None,
+    trust_checkpoints: bool = False,
 ) -> dict:
     t0 = time.perf_counter()
     out = Path(out)
-    llama_cfg, parts, vision_sd, eva_ignored = read_original_parts(eva, llama, checkpoint, cfg)
+    llama_cfg, parts, vision_sd, eva_ignored = read_original_parts(eva, llama, checkpoint, cfg, trust_checkpoints)
     dtype = dtype or folder_dtype(llama_cfg)
     llm = _load_llm(llama, LoadOptions(device="cpu", dtype=dtype))
     attach_lora(llm, cfg, parts.lora, dtype)
@@ -96,20 +89,3 @@ def convert(
     }
     (out / CONVERTED_MARKER).write_text(json.dumps(meta, indent=2))
     return {"seconds": time.perf_counter() - t0, "out": str(out), **meta}
-
-
-def convert_main(args) -> int:
-    missing = [f"--{k}" for k in ("eva", "llama", "checkpoint") if not getattr(args, k, None)]
-    if missing:
-        raise SystemExit(f"convert needs {', '.join(missing)}")
-    cfg = MiniGPTMedConfig.from_json(getattr(args, "model_config", None))
-    dt = getattr(args, "dtype", "auto")
-    dtype = None if dt in (None, "auto") else DTYPES.get(dt)
-    if dt not in (None, "auto") and dtype is None:
-        raise SystemExit(f"--dtype {dt}: choose float32, bfloat16 or float16")
-    try:
-        res = convert(args.eva, args.llama, args.checkpoint, args.out, cfg, keep_lora=args.keep_lora, dtype=dtype)
-    except WeightsError as e:
-        raise SystemExit(f"convert failed: {e}") from None
-    print(f"wrote {res['out']} in {res['seconds']:.1f} s (LoRA {res['lora']}, LLM {res['llm_dtype']})")
-    return 0

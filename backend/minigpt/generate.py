@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,6 +126,63 @@ def _decode_loop(
     return tokens, finished, len(cols)
 
 
+def _row_limits(max_new_tokens: Sequence[int] | int, b: int) -> list[int]:
+    return [int(max_new_tokens)] * b if isinstance(max_new_tokens, int) else [int(m) for m in max_new_tokens]
+
+
+def _left_pad(
+    embeds: Sequence[torch.Tensor], rows: int, mask_len: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Prompts [L_i, H] -> (x [rows, L, H] left-padded with zeros, attention mask [rows, mask_len] (1 on the prompt
+    tokens), position ids [rows, L] = cumsum(mask) - 1, prompt lengths). Rows past ``len(embeds)`` are padding: one
+    masked-in position keeps them finite."""
+    b = len(embeds)
+    device = embeds[0].device
+    lens = [int(e.shape[0]) for e in embeds]
+    L, H = max(lens), int(embeds[0].shape[-1])
+    x = torch.zeros(rows, L, H, dtype=embeds[0].dtype, device=device)
+    mask = torch.zeros(rows, mask_len, dtype=torch.long, device=device)
+    for i, e in enumerate(embeds):
+        x[i, L - lens[i] :] = e
+        mask[i, L - lens[i] : L] = 1
+    mask[b:, L - 1] = 1
+    pos = mask[:, :L].cumsum(-1) - 1
+    pos.masked_fill_(mask[:, :L] == 0, 1)
+    return x, mask, pos, lens
+
+
+def _run(
+    prefill: Callable[[], torch.Tensor],
+    step: Callable[[torch.Tensor], torch.Tensor],
+    device: torch.device,
+    maxes: list[int],
+    lens: list[int],
+    eos_id: int,
+    bos_id: int,
+    settings: SamplingSettings,
+    stop,
+    seed: int | None,
+    ignore_eos: bool,
+) -> GenerationOutput:
+    """Seed, time the prefill (-> last logits) and the decode loop, and collect the output."""
+    gen = None
+    if settings.do_sample:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed if seed is not None else int(torch.seed() % (2**63)))
+    t0 = time.perf_counter()
+    logits = prefill()
+    _sync(device)
+    t1 = time.perf_counter()
+    tokens, finished, steps = _decode_loop(
+        logits, step, len(maxes), maxes, eos_id, bos_id, settings, stop, gen, ignore_eos
+    )
+    _sync(device)
+    t2 = time.perf_counter()
+    return GenerationOutput(
+        tokens=tokens, finished=finished, prefill_s=t1 - t0, decode_s=t2 - t1, steps=steps, prompt_lengths=lens
+    )
+
+
 @torch.no_grad()
 def generate(
     llm,
@@ -142,29 +199,22 @@ def generate(
     from transformers import DynamicCache
 
     b = len(embeds)
-    maxes = [int(max_new_tokens)] * b if isinstance(max_new_tokens, int) else [int(m) for m in max_new_tokens]
-    device = embeds[0].device
-    lens = [int(e.shape[0]) for e in embeds]
-    L, H = max(lens), int(embeds[0].shape[-1])
-    x = torch.zeros(b, L, H, dtype=embeds[0].dtype, device=device)
-    mask = torch.zeros(b, L, dtype=torch.long, device=device)
-    for i, e in enumerate(embeds):
-        x[i, L - lens[i] :] = e
-        mask[i, L - lens[i] :] = 1
-    pos = mask.cumsum(-1) - 1
-    pos.masked_fill_(mask == 0, 1)
-    gen = None
-    if settings.do_sample:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(seed if seed is not None else int(torch.seed() % (2**63)))
+    maxes = _row_limits(max_new_tokens, b)
+    L = max(int(e.shape[0]) for e in embeds)
+    x, mask, pos, lens = _left_pad(embeds, b, L)
     cache = DynamicCache(config=llm.config)
-    t0 = time.perf_counter()
-    out = llm(
-        inputs_embeds=x, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1
-    )
-    logits = out.logits[:, -1].float()
-    _sync(device)
-    t1 = time.perf_counter()
+
+    def prefill():
+        out = llm(
+            inputs_embeds=x,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1].float()
+
     state = {"mask": mask, "pos": pos[:, -1:]}
 
     def step(nxt):
@@ -179,12 +229,7 @@ def generate(
         )
         return o.logits[:, -1].float()
 
-    tokens, finished, steps = _decode_loop(logits, step, b, maxes, eos_id, bos_id, settings, stop, gen, ignore_eos)
-    _sync(device)
-    t2 = time.perf_counter()
-    return GenerationOutput(
-        tokens=tokens, finished=finished, prefill_s=t1 - t0, decode_s=t2 - t1, steps=steps, prompt_lengths=lens
-    )
+    return _run(prefill, step, x.device, maxes, lens, eos_id, bos_id, settings, stop, seed, ignore_eos)
 
 
 class StaticDecoder:
@@ -232,42 +277,29 @@ class StaticDecoder:
         b = len(embeds)
         if b > self.max_batch:
             raise ValueError(f"batch {b} > max_batch {self.max_batch}")
-        maxes = [int(max_new_tokens)] * b if isinstance(max_new_tokens, int) else [int(m) for m in max_new_tokens]
+        maxes = _row_limits(max_new_tokens, b)
         device = embeds[0].device
-        lens = [int(e.shape[0]) for e in embeds]
-        L, H = max(lens), int(embeds[0].shape[-1])
+        L = max(int(e.shape[0]) for e in embeds)
         if L + max(maxes) > self.max_len:
             raise ValueError(f"prompt {L} + {max(maxes)} new tokens > max_len {self.max_len}")
-        bp = self.max_batch  # fixed batch shape: unused rows are all padding
-        x = torch.zeros(bp, L, H, dtype=embeds[0].dtype, device=device)
-        mask = torch.zeros(bp, self.max_len, dtype=torch.long, device=device)
-        for i, e in enumerate(embeds):
-            x[i, L - lens[i] :] = e
-            mask[i, L - lens[i] : L] = 1
-        mask[b:, L - 1] = 1  # keep padding rows finite
-        pos = mask[:, :L].cumsum(-1) - 1
-        pos.masked_fill_(mask[:, :L] == 0, 1)
+        x, mask, pos, lens = _left_pad(embeds, self.max_batch, self.max_len)  # fixed batch shape
         if self.cache is None:
             self.cache = StaticCache(config=self.llm.config, max_cache_len=self.max_len)
         else:
             self.cache.reset()
-        gen = None
-        if settings.do_sample:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(seed if seed is not None else int(torch.seed() % (2**63)))
-        t0 = time.perf_counter()
-        out = self.llm(
-            inputs_embeds=x,
-            attention_mask=mask[:, :L],
-            position_ids=pos,
-            cache_position=torch.arange(L, device=device),
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        logits = out.logits[:, -1].float()
-        _sync(device)
-        t1 = time.perf_counter()
+
+        def prefill():
+            out = self.llm(
+                inputs_embeds=x,
+                attention_mask=mask[:, :L],
+                position_ids=pos,
+                cache_position=torch.arange(L, device=device),
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            return out.logits[:, -1].float()
+
         step_pos = pos[:, -1:].clone()
         cur = L
 
@@ -279,9 +311,4 @@ class StaticDecoder:
             cur += 1
             return self._step(nxt[:, None].clone(), mask, step_pos.clone(), cache_position).clone()
 
-        tokens, finished, steps = _decode_loop(logits, step, b, maxes, eos_id, bos_id, settings, stop, gen, ignore_eos)
-        _sync(device)
-        t2 = time.perf_counter()
-        return GenerationOutput(
-            tokens=tokens, finished=finished, prefill_s=t1 - t0, decode_s=t2 - t1, steps=steps, prompt_lengths=lens
-        )
+        return _run(prefill, step, device, maxes, lens, eos_id, bos_id, settings, stop, seed, ignore_eos)

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ..errors import SettingError
 from .config import MiniGPTMedConfig
 from .eva_vit import interpolate_pos_embed
 from .model import MiniGPTMed, add_lora, merge_lora
@@ -56,6 +57,10 @@ class WeightsError(Exception):
     """A weight file is missing, of the wrong model, or does not match the expected layout."""
 
 
+class WeightsSettingError(WeightsError, SettingError):
+    """A weights error that one setting caused or can fix (named in the message as ``{setting}``)."""
+
+
 @dataclass
 class LoadReport:
     source: str
@@ -72,7 +77,8 @@ def _names(keys, limit: int = 8) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def torch_load(path: str | Path) -> Any:
+def torch_load(path: str | Path, trust: bool = False) -> Any:
+    """Tensors only (``weights_only=True``); ``trust`` (the ``trust_checkpoints`` setting) allows pickled objects."""
     if not os.path.isfile(path):
         raise WeightsError(f"file not found: {path}")
     try:
@@ -81,18 +87,18 @@ def torch_load(path: str | Path) -> Any:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise WeightsError(_unsafe_msg(path, e)) from e
+            raise WeightsSettingError(_unsafe_msg(path, e), "trust_checkpoints") from e
     except Exception as e:  # pickle.UnpicklingError and friends
-        if os.environ.get("MINIGPTMED_TRUST_CHECKPOINTS") == "1":
-            log.warning("loading %s with weights_only=False (MINIGPTMED_TRUST_CHECKPOINTS=1)", path)
+        if trust:
+            log.warning("loading %s with weights_only=False (trust_checkpoints)", path)
             return torch.load(path, map_location="cpu", weights_only=False)
-        raise WeightsError(_unsafe_msg(path, e)) from e
+        raise WeightsSettingError(_unsafe_msg(path, e), "trust_checkpoints") from e
 
 
 def _unsafe_msg(path, e) -> str:
     return (
         f"{path}: cannot be read as a plain tensor checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-        "It may hold arbitrary Python objects; if you trust the file, set MINIGPTMED_TRUST_CHECKPOINTS=1."
+        "It may hold arbitrary Python objects; if you trust the file, turn on {trust_checkpoints}."
     )
 
 
@@ -131,8 +137,10 @@ class CheckpointParts:
     ignored: list[str]
 
 
-def load_checkpoint(path: str | Path, cfg: MiniGPTMedConfig, n_layers: int, hidden: int) -> CheckpointParts:
-    obj = torch_load(path)
+def load_checkpoint(
+    path: str | Path, cfg: MiniGPTMedConfig, n_layers: int, hidden: int, trust: bool = False
+) -> CheckpointParts:
+    obj = torch_load(path, trust)
     if not isinstance(obj, dict):
         raise WeightsError(f"{path}: expected a dict with a 'model' entry, got {type(obj).__name__}")
     sd = obj.get("model", None)
@@ -206,8 +214,10 @@ def load_checkpoint(path: str | Path, cfg: MiniGPTMedConfig, n_layers: int, hidd
 # ---- EVA ---------------------------------------------------------------------------------------------------------
 
 
-def load_eva(path: str | Path, cfg: MiniGPTMedConfig, expected_keys: dict[str, torch.Size]) -> tuple[dict, list[str]]:
-    obj = torch_load(path)
+def load_eva(
+    path: str | Path, cfg: MiniGPTMedConfig, expected_keys: dict[str, torch.Size], trust: bool = False
+) -> tuple[dict, list[str]]:
+    obj = torch_load(path, trust)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -250,6 +260,7 @@ class LoadOptions:
     dtype: torch.dtype = torch.float32
     quantize: str = "none"  # none / 8bit / 4bit
     merge_lora: bool = True
+    trust_checkpoints: bool = False  # torch.load(weights_only=False) for checkpoints that need it
 
 
 def _quant_config(quantize: str, dtype: torch.dtype):
@@ -259,9 +270,10 @@ def _quant_config(quantize: str, dtype: torch.dtype):
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
     except ImportError as e:
-        raise WeightsError(
-            f"--quantize {quantize} needs the bitsandbytes package (pip install bitsandbytes); "
-            f"it is not importable here: {e}"
+        raise WeightsSettingError(
+            f"{{quantize}} {quantize} needs the bitsandbytes package (pip install bitsandbytes); "
+            f"it is not importable here: {e}",
+            "quantize",
         ) from e
     if quantize == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -353,18 +365,20 @@ def _assemble(
     return model
 
 
-def read_original_parts(eva: str | Path, llama: str | Path, checkpoint: str | Path, cfg: MiniGPTMedConfig):
+def read_original_parts(
+    eva: str | Path, llama: str | Path, checkpoint: str | Path, cfg: MiniGPTMedConfig, trust: bool = False
+):
     """Check the LLaMA folder's size, then read the checkpoint's parts and the EVA weights (strictly).
     Returns (llama config, checkpoint parts, EVA state dict, ignored EVA keys)."""
     llama_cfg = read_llama_config(llama)
     check_llm_hidden(llama_cfg, cfg.llm_hidden_size, llama)
     hidden, n_layers = int(llama_cfg["hidden_size"]), int(llama_cfg["num_hidden_layers"])
-    parts = load_checkpoint(checkpoint, cfg, n_layers, hidden)
+    parts = load_checkpoint(checkpoint, cfg, n_layers, hidden, trust)
     from .eva_vit import EvaViT
 
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in EvaViT(cfg.vision).state_dict().items()}
-    vision_sd, eva_ignored = load_eva(eva, cfg, shapes)
+    vision_sd, eva_ignored = load_eva(eva, cfg, shapes, trust)
     return llama_cfg, parts, vision_sd, eva_ignored
 
 
@@ -372,10 +386,10 @@ def load_original(
     eva: str | Path, llama: str | Path, checkpoint: str | Path, cfg: MiniGPTMedConfig, opts: LoadOptions
 ) -> tuple[MiniGPTMed, LoadReport]:
     t0 = time.perf_counter()
-    for label, p in (("--eva", eva), ("--llama", llama), ("--checkpoint", checkpoint)):
+    for name, p in (("eva", eva), ("llama", llama), ("checkpoint", checkpoint)):
         if not p or not os.path.exists(p):
-            raise WeightsError(f"{label}: {p!r} does not exist")
-    _llama_cfg, parts, vision_sd, eva_ignored = read_original_parts(eva, llama, checkpoint, cfg)
+            raise WeightsSettingError("{" + name + "}: " + repr(p) + " does not exist", name)
+    _llama_cfg, parts, vision_sd, eva_ignored = read_original_parts(eva, llama, checkpoint, cfg, opts.trust_checkpoints)
     llm = _load_llm(llama, opts)
     report = LoadReport(source="original")
     report.ignored = {"eva": eva_ignored, "checkpoint": parts.ignored}

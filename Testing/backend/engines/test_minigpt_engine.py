@@ -16,6 +16,7 @@ from MiniGPTMedSlicerLib.png import encode_png
 from backend.engines.minigptmed import MiniGPTMedEngine
 from backend.minigpt.boxes import parse_answer
 from backend.server_thread import ServerThread
+from backend.settings import MiniGPTMedSettings
 
 IMG = _training_images()[0]  # 96 x 128 gray slice
 H, W = IMG.shape
@@ -28,11 +29,13 @@ def tiny():
 
 def _engine(tiny, **kw) -> MiniGPTMedEngine:
     e = MiniGPTMedEngine(
-        eva=str(tiny.eva),
-        llama=str(tiny.llama),
-        checkpoint=str(tiny.checkpoint),
-        model_config=str(tiny.model_config),
-        **kw,
+        MiniGPTMedSettings(
+            eva=str(tiny.eva),
+            llama=str(tiny.llama),
+            checkpoint=str(tiny.checkpoint),
+            model_config=str(tiny.model_config),
+            **kw,
+        )
     )
     e.load()
     return e
@@ -159,7 +162,7 @@ def test_convert_round_trip_gives_identical_outputs(tiny, tmp_path):
         assert main(args) == 0
         assert (out / "lora.safetensors").exists() == keep
         t0 = time.perf_counter()
-        conv = MiniGPTMedEngine(converted=str(out))
+        conv = MiniGPTMedEngine(MiniGPTMedSettings(converted=str(out)))
         conv.load()
         assert time.perf_counter() - t0 < 30
         assert conv.report.source == "converted"
@@ -183,16 +186,20 @@ def test_console_script_serves_health_and_answers(tiny):
 
 
 def test_missing_files_fail_at_start_with_a_clear_error(tiny, tmp_path):
-    from backend.engines.base import EngineError
+    from backend.cli import flag_message
+    from backend.errors import SettingError
 
     e = MiniGPTMedEngine(
-        eva=str(tmp_path / "nope.pth"),
-        llama=str(tiny.llama),
-        checkpoint=str(tiny.checkpoint),
-        model_config=str(tiny.model_config),
+        MiniGPTMedSettings(
+            eva=str(tmp_path / "nope.pth"),
+            llama=str(tiny.llama),
+            checkpoint=str(tiny.checkpoint),
+            model_config=str(tiny.model_config),
+        )
     )
-    with pytest.raises(EngineError, match=r"--eva.*does not exist"):
+    with pytest.raises(SettingError, match=r"^eva: .*does not exist") as err:
         e.load()
+    assert flag_message(err.value).startswith("--eva: ")  # the command line names its flag
 
 
 def test_static_decode_option_gives_the_same_answers(tiny, monkeypatch):
@@ -208,19 +215,23 @@ def test_static_decode_option_gives_the_same_answers(tiny, monkeypatch):
         for b in REQUESTS.values()
     ]
     want = [r.raw_output for r in _engine(tiny).analyze_batch(inputs, StopToken())]
-    monkeypatch.setenv("MINIGPTMED_STATIC_DECODE", "1")
-    e = _engine(tiny)
+    e = _engine(tiny, static_decode=True)
     assert e.static_decode and e._decoders  # warmed at load
     assert [r.raw_output for r in e.analyze_batch(inputs, StopToken())] == want
     assert [e.analyze_batch([i], StopToken())[0].raw_output for i in inputs] == want
 
 
-def test_static_decode_flag_reaches_the_engine(monkeypatch):
-    from backend.cli import build_parser
-    from backend.engines.minigptmed import MiniGPTMedEngine
+def test_static_decode_flag_and_environment_reach_the_engine():
+    from backend.cli import build_parser, engine_settings
+    from backend.engines import build_engine
 
-    args = build_parser().parse_args(["serve", "--engine", "minigptmed", "--static-decode"])
-    assert MiniGPTMedEngine.from_args(args).static_decode is True
-    monkeypatch.delenv("MINIGPTMED_STATIC_DECODE", raising=False)
-    args = build_parser().parse_args(["serve", "--engine", "minigptmed"])
-    assert MiniGPTMedEngine.from_args(args).static_decode is False
+    def engine(argv, env):
+        e = build_engine(engine_settings(build_parser().parse_args(["serve", "--engine", "minigptmed", *argv]), env))
+        assert isinstance(e, MiniGPTMedEngine)
+        return e
+
+    assert engine(["--static-decode"], {}).static_decode is True
+    assert engine([], {"MINIGPTMED_STATIC_DECODE": "1"}).static_decode is True
+    assert engine([], {"MINIGPTMED_STATIC_DECODE": "0"}).static_decode is False
+    assert engine([], {}).static_decode is False
+    assert engine([], {"MINIGPTMED_STATIC_MAX_LEN": "512"}).static_max_len == 512

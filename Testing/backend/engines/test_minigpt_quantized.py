@@ -9,6 +9,7 @@ from minigpt_fixtures import tiny_files
 
 from backend.engines.base import AnalysisInput, DecodedImage, StopToken
 from backend.engines.minigptmed import MiniGPTMedEngine
+from backend.settings import MiniGPTMedSettings
 
 pytest.importorskip("bitsandbytes")  # installed by `make setup` (dev extra)
 
@@ -16,12 +17,14 @@ pytest.importorskip("bitsandbytes")  # installed by `make setup` (dev extra)
 def _engine(quantize: str) -> MiniGPTMedEngine:
     t = tiny_files()
     e = MiniGPTMedEngine(
-        eva=str(t.eva),
-        llama=str(t.llama),
-        checkpoint=str(t.checkpoint),
-        model_config=str(t.model_config),
-        device="cpu",
-        quantize=quantize,
+        MiniGPTMedSettings(
+            eva=str(t.eva),
+            llama=str(t.llama),
+            checkpoint=str(t.checkpoint),
+            model_config=str(t.model_config),
+            device="cpu",
+            quantize=quantize,
+        )
     )
     e.load()
     return e

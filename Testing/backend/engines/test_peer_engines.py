@@ -24,7 +24,7 @@ from backend.engines.openai_engine import OpenAIEngine
 from backend.families import ImageGeometry, decode_output
 from backend.findings import sanitize_findings
 from backend.server_thread import ServerThread, free_port
-from backend.settings import ServerSettings
+from backend.settings import HFSettings, OpenAISettings, ServerSettings
 
 # -- decoders on fixed outputs -----------------------------------------------------------------------
 
@@ -119,7 +119,7 @@ def test_prompts_per_family_and_task():
 
 @pytest.fixture(scope="module", params=["medgemma", "qwen2_5_vl", "qwen3_vl"])
 def hf_server(request):
-    engine = HFEngine(str(peer_model(request.param)), family=request.param, device="cpu")
+    engine = HFEngine(HFSettings(model=str(peer_model(request.param)), family=request.param, device="cpu"))
     with ServerThread(engine) as url:
         yield request.param, url
 
@@ -170,7 +170,7 @@ def test_hf_engine_batches_like_single_requests(hf_server):
 
 def test_hf_engine_missing_folder_fails_at_start():
     with pytest.raises(Exception, match="no such folder"):
-        HFEngine("/nonexistent/model", family="medgemma").load()
+        HFEngine(HFSettings(model="/nonexistent/model", family="medgemma")).load()
 
 
 # -- the openai engine ---------------------------------------------------------------------------------
@@ -181,7 +181,7 @@ def test_openai_engine_through_our_own_endpoint():
     with ServerThread(BuiltinEngine()) as inner:
         models = requests.get(f"{inner}/v1/models", timeout=10).json()
         assert models["data"][0]["id"].startswith("builtin")
-        with ServerThread(OpenAIEngine(url=f"{inner}/v1", family="generic")) as outer:
+        with ServerThread(OpenAIEngine(OpenAISettings(url=f"{inner}/v1", family="generic"))) as outer:
             health = requests.get(f"{outer}/health", timeout=10).json()
             assert health["engine"] == "openai" and "builtin" in health["model"]
             png = b64(encode_png(blob_image()))
@@ -296,7 +296,7 @@ def test_openai_engine_medgemma_boxes_and_request_shape(fake_vllm):
     _server, url = fake_vllm
     _FakeVLLM.mode = "ok"
     _FakeVLLM.content = 'Final Answer: ```json [{"box_2d": [250, 0, 750, 500], "label": "left lung"}] ```'
-    with ServerThread(OpenAIEngine(url=url, family="medgemma")) as outer:
+    with ServerThread(OpenAIEngine(OpenAISettings(url=url, family="medgemma"))) as outer:
         png = b64(encode_png(blob_image(size=200)[:100]))  # 200 wide x 100 tall: padded by 50 rows top and bottom
         r = requests.post(
             f"{outer}/v1/analyze", json={"task": "ground", "question": "left lung", "image": png}, timeout=60
@@ -316,7 +316,7 @@ def test_openai_engine_cut_or_empty_answers_are_warnings(fake_vllm):
         '```json [{"bbox_2d": [0, 0, 500, 500], "label": "a"}, {"bbox',
         "length",
     )
-    with ServerThread(OpenAIEngine(url=url, family="qwen3_vl")) as outer:
+    with ServerThread(OpenAIEngine(OpenAISettings(url=url, family="qwen3_vl"))) as outer:
         png = b64(encode_png(blob_image(size=100)))
         r = requests.post(
             f"{outer}/v1/analyze", json={"task": "detect", "image": png, "max_new_tokens": 40}, timeout=60
@@ -350,7 +350,7 @@ def test_openai_engine_qwen2_5_vl_sends_the_resized_image_and_maps_boxes_back(fa
     _FakeVLLM.mode = "ok"
     mh, mw = families.smart_resize(800, 1600, max_pixels=families.QWEN_SEND_MAX_PIXELS)
     _FakeVLLM.content = f'```json [{{"bbox_2d": [{mw / 4}, 0, {mw / 2}, {mh / 2}], "label": "nodule"}}] ```'
-    with ServerThread(OpenAIEngine(url=url, family="qwen2_5_vl")) as outer:
+    with ServerThread(OpenAIEngine(OpenAISettings(url=url, family="qwen2_5_vl"))) as outer:
         img = np.zeros((800, 1600), np.uint8)
         r = requests.post(f"{outer}/v1/analyze", json={"task": "detect", "image": b64(encode_png(img))}, timeout=60)
         assert r.status_code == 200, r.text
@@ -365,7 +365,7 @@ def test_openai_engine_qwen2_5_vl_sends_the_resized_image_and_maps_boxes_back(fa
 def test_openai_engine_failures_are_clear_503s(fake_vllm, mode, words):
     _server, url = fake_vllm
     _FakeVLLM.mode = mode
-    engine = OpenAIEngine(url=url, family="qwen3_vl", timeout_s=1.0)
+    engine = OpenAIEngine(OpenAISettings(url=url, family="qwen3_vl", timeout_s=1.0))
     with ServerThread(engine, ServerSettings(request_timeout_s=30)) as outer:
         png = b64(encode_png(blob_image()))
         r = requests.post(f"{outer}/v1/analyze", json={"task": "report", "image": png}, timeout=60)
@@ -374,6 +374,6 @@ def test_openai_engine_failures_are_clear_503s(fake_vllm, mode, words):
 
 
 def test_openai_engine_server_down_fails_at_start():
-    engine = OpenAIEngine(url=f"http://127.0.0.1:{free_port()}/v1", family="generic")
+    engine = OpenAIEngine(OpenAISettings(url=f"http://127.0.0.1:{free_port()}/v1", family="generic"))
     with pytest.raises(Exception, match="is it running"):
         engine.load()

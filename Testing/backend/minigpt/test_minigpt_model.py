@@ -247,8 +247,11 @@ def test_missing_eva_key_and_pickled_objects_are_clear_errors(tmp_path, tiny, cf
         load_original(p, tiny.llama, tiny.checkpoint, cfg, LoadOptions())
     q = tmp_path / "evil.pth"
     torch.save({"model": {}, "x": shutil.Error("not a tensor")}, q)
-    with pytest.raises(WeightsError, match="MINIGPTMED_TRUST_CHECKPOINTS"):
+    with pytest.raises(WeightsError, match="turn on trust_checkpoints"):
         load_checkpoint(q, cfg, LAYERS, HIDDEN)
+    with pytest.raises(WeightsError) as trusted:  # the setting lets torch.load read it; the empty model stays wrong
+        load_checkpoint(q, cfg, LAYERS, HIDDEN, trust=True)
+    assert "trust_checkpoints" not in str(trusted.value)
 
 
 def test_quantize_without_bitsandbytes_is_a_clear_error(tiny, cfg, monkeypatch):
