@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Mapping
 
-from .errors import SettingError
+from .setting_error import SettingError
 from .settings import (
     LOOPBACK_HOSTS,
     TOKEN_ENV,

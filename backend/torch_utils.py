@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import SettingError
+from .setting_error import SettingError
 
 DTYPES = {
     "float32": torch.float32,

@@ -185,7 +185,7 @@ def test_settings_from_flags_and_from_environment_agree():
 
 def test_setting_errors_name_the_flag_on_the_command_line(tmp_path, capsys):
     from backend.cli import flag_message, main
-    from backend.errors import SettingError
+    from backend.setting_error import SettingError
 
     err = SettingError("{llama}: folder not found", "llama")
     assert str(err) == "llama: folder not found" and flag_message(err) == "--llama: folder not found"

@@ -6,7 +6,7 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from ..errors import SettingError
+from ..setting_error import SettingError
 from .base import Engine
 
 if TYPE_CHECKING:

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from .. import families
-from ..errors import SettingError
 from ..families import ImageGeometry
+from ..setting_error import SettingError
 from ..settings import HFSettings
 from .base import AnalysisInput, AnalysisResult, Engine, EngineError, EngineInfo, StopToken
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from MiniGPTMedSlicerLib.protocol import Finding
 
-from ..errors import SettingError
+from ..setting_error import SettingError
 from ..settings import MiniGPTMedSettings
 from .base import AnalysisInput, AnalysisResult, Engine, EngineError, EngineInfo, StopToken, TaskNotSupported
 

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import requests
 
 from .. import families
-from ..errors import SettingError
 from ..families import ImageGeometry
+from ..setting_error import SettingError
 from ..settings import OpenAISettings
 from .base import AnalysisInput, AnalysisResult, Engine, EngineError, EngineInfo, StopToken
 

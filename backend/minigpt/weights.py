@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..errors import SettingError
+from ..setting_error import SettingError
 from .config import MiniGPTMedConfig
 from .eva_vit import interpolate_pos_embed
 from .model import MiniGPTMed, add_lora, merge_lora

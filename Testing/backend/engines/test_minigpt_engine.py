@@ -187,7 +187,7 @@ def test_console_script_serves_health_and_answers(tiny):
 
 def test_missing_files_fail_at_start_with_a_clear_error(tiny, tmp_path):
     from backend.cli import flag_message
-    from backend.errors import SettingError
+    from backend.setting_error import SettingError
 
     e = MiniGPTMedEngine(
         MiniGPTMedSettings(
