@@ -156,7 +156,7 @@ def test_wrong_or_damaged_files_fail_with_the_tensor_named(files, tmp_path):
         )
     with pytest.raises(WeightsError, match=r"missing keys in the XrayGPT checkpoint: llama_proj\.bias"):
         load(checkpoint=_write(tmp_path, "c3.pth", {"llama_proj.weight": torch.zeros(64, 32)}))
-    with pytest.raises(WeightsError, match="--qformer: .* does not exist"):
+    with pytest.raises(WeightsError, match=r"--qformer: .* does not exist"):
         load(qformer=tmp_path / "nope.pth")
 
 
