@@ -1,0 +1,101 @@
+"""MedMO (--family medmo): its box syntax, and its boxes through the real hf and openai engines over HTTP on a
+portrait and a landscape image (expected pixels computed here from MedMO's 0..1000 frame)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+import requests
+from conftest import b64
+from MiniGPTMedSlicerLib.png import encode_png
+
+from backend.medmo_syntax import format_boxes, parse
+
+README_ANSWER = "Fractures <box>[[156, 516, 231, 607], [240, 529, 296, 581]]</box>"  # genmilab/MedMO README
+
+
+def test_syntax_labels_several_boxes_and_damage():
+    a = parse(README_ANSWER)
+    assert [(b.label, b.coords) for b in a.boxes] == [
+        ("Fractures", [156, 516, 231, 607]),
+        ("Fractures", [240, 529, 296, 581]),
+    ]
+    assert a.text == "Fractures" and not a.warnings
+    a = parse("Two findings. Mass <box>[[1, 2, 3, 4]]</box>, and nodule <box>[5.5, 6, 7, 8]</box>.")
+    assert [(b.label, b.coords) for b in a.boxes] == [("Mass", [1, 2, 3, 4]), ("nodule", [5.5, 6, 7, 8])]
+    assert a.text == "Two findings. Mass, and nodule."
+    a = parse("Effusion <box>[[1, 2, 3, 4], [5, 6, 7]]</box> Cut <box>[[10, 20, 30, 40], [50, 6")
+    assert [(b.label, b.coords) for b in a.boxes] == [("Effusion", [1, 2, 3, 4]), ("Cut", [10, 20, 30, 40])]
+    assert any("not four numbers" in w for w in a.warnings) and any("not closed" in w for w in a.warnings)
+    assert parse("No acute abnormality.").boxes == []
+    assert format_boxes([[0, 0, 500.4, 1000]]) == "<box>[[0, 0, 500, 1000]]</box>"
+
+
+def _expected(width: int, height: int) -> list[list[float]]:
+    """README_ANSWER's quads on 0..1000 of the image -> pixels, written out independently of the decoder."""
+    quads = [(156, 516, 231, 607), (240, 529, 296, 581)]
+    return [[x0 * width / 1000, y0 * height / 1000, x1 * width / 1000, y1 * height / 1000] for x0, y0, x1, y1 in quads]
+
+
+PORTRAIT = (90, 160)  # width, height
+LANDSCAPE = (200, 120)
+
+
+def _image(width: int, height: int) -> str:
+    a = np.zeros((height, width), np.uint8)
+    a[height // 3 : height // 2, width // 4 : width // 2] = 200
+    return b64(encode_png(a))
+
+
+def _check_boxes(url: str, engine: str) -> None:
+    for w, h in (PORTRAIT, LANDSCAPE):
+        r = requests.post(
+            f"{url}/v1/analyze", json={"task": "detect", "image": _image(w, h), "max_new_tokens": 80}, timeout=300
+        )
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["engine"] == engine and out["text"] == "Fractures"
+        assert [f["label"] for f in out["findings"]] == ["Fractures", "Fractures"]
+        for f, want in zip(out["findings"], _expected(w, h), strict=True):
+            assert np.allclose(f["box"], want, atol=1.0), (w, h, f["box"], want)
+
+
+class _StandInServer(BaseHTTPRequestHandler):
+    """A remote vLLM serving MedMO cannot run here: the OpenAI chat protocol on a real socket, with a fixed answer."""
+
+    answer = README_ANSWER
+    bodies: list = []
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        self._send({"object": "list", "data": [{"id": "MBZUAI/MedMO-4B", "object": "model"}]})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        type(self).bodies.append(body)
+        msg = {"role": "assistant", "content": self.answer}
+        self._send({"choices": [{"index": 0, "finish_reason": "stop", "message": msg}]})
+
+    def _send(self, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def stand_in():
+    _StandInServer.bodies = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _StandInServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
