@@ -168,3 +168,24 @@ def test_generation_stops_at_the_separator(loaded):
     g = generate(model.llm, emb, 60, stop_sequences(tok), tok.eos_id)
     assert g.stopped == "stop_word"
     assert postprocess(tok.decode(g.ids)) == SCRIPT_ANSWER  # the scripted text after ### was never generated
+
+
+def test_served_by_the_cli_report_and_vqa_over_http(files):
+    """``python -m backend.cli serve --engine xraygpt`` with the four files: report and vqa answer, boxes do not."""
+    import requests
+    from backend_process import BackendProcess
+    from conftest import b64, blob_image
+    from MiniGPTMedSlicerLib.png import encode_png
+
+    with BackendProcess("--engine", "xraygpt", "--device", "cpu", *files.args()) as proc:
+        health = requests.get(f"{proc.url}/health", timeout=10).json()
+        assert health["engine"] == "xraygpt" and set(health["tasks"]) == {"report", "vqa"}
+        png = b64(encode_png(blob_image(size=96)[:, :80]))
+        for body in ({"task": "report"}, {"task": "vqa", "question": "Is there a pleural effusion?"}):
+            r = requests.post(f"{proc.url}/v1/analyze", json={**body, "image": png, "max_new_tokens": 40}, timeout=120)
+            assert r.status_code == 200, r.text
+            out = r.json()
+            assert out["engine"] == "xraygpt" and out["text"] == SCRIPT_ANSWER and out["findings"] == []
+            assert out["warnings"] == []  # stopped at '###', not at the token limit
+        r = requests.post(f"{proc.url}/v1/analyze", json={"task": "detect", "image": png}, timeout=60)
+        assert r.status_code == 501 and "no boxes" in r.json()["error"]["message"]
