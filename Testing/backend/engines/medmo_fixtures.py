@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from peer_fixtures import peer_model
-from xraygpt_fixtures import script_bias
+from scripted_answers import script_bias
 
 _CACHE: dict[str, Path] = {}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -68,7 +69,7 @@ class _StandInServer(BaseHTTPRequestHandler):
     """A remote vLLM serving MedMO cannot run here: the OpenAI chat protocol on a real socket, with a fixed answer."""
 
     answer = README_ANSWER
-    bodies: list = []
+    bodies: ClassVar[list] = []
 
     def log_message(self, *a):
         pass

@@ -98,13 +98,6 @@ def _tokenizer(folder: Path) -> None:
     )
 
 
-def script_bias(ids: list[int], eos_id: int | None) -> list:
-    """A transformers ``sequence_bias`` that makes greedy decoding write ``ids`` (then ``eos_id``): the k-th token gets
-    a bias growing with k when the k-1 tokens before it are the script's, so the longest matching prefix wins."""
-    seq = [*ids, eos_id] if eos_id is not None else list(ids)
-    return [[seq[: k + 1], 100.0 * (k + 1)] for k in range(len(seq))]
-
-
 def lavis_qformer_state(gen) -> dict:
     """A random Q-Former state dict under LAVIS's names (built from the LAVIS layout, not from our key map)."""
     import torch
@@ -149,6 +142,7 @@ def lavis_qformer_state(gen) -> dict:
 def build_tiny(root: Path) -> XrayFiles:
     import torch
     from minigpt_fixtures import CKPT_GRID, _eva_state
+    from scripted_answers import script_bias
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     from backend.minigpt.tokenization import MiniGPTTokenizer
