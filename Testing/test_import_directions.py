@@ -6,7 +6,7 @@
 - the backend imports only ``MiniGPTMedSlicerLib.protocol`` from the Lib, and never Qt or the headless tools;
 - the engines (``backend/engines/``) import no HTTP framework (fastapi, starlette, uvicorn), not even through the
   backend modules they import (checked over the import graph, parent packages included);
-- the model package (``backend/minigpt/``) imports no engine, also not through other modules;
+- the model packages (``backend/minigpt/``, ``backend/xraygpt/``) import no engine, also not through other modules;
 - the headless tools import no Qt.
 
 The checker is also run on small trees holding one forbidden import each, and on a copy of the real tree with one
@@ -60,7 +60,12 @@ RULES = (
         why="the backend imports only protocol from the Lib",
     ),
     Rule(("backend.engines",), HTTP_FRAMEWORKS, transitive=True, why="engines import no HTTP framework"),
-    Rule(("backend.minigpt",), ("backend.engines",), transitive=True, why="the model package imports no engine"),
+    Rule(
+        ("backend.minigpt", "backend.xraygpt"),
+        ("backend.engines",),
+        transitive=True,
+        why="the model packages import no engine",
+    ),
     Rule(("headless",), QT, why="the headless tools import no Qt"),
 )
 

@@ -22,6 +22,7 @@ from .settings import (
     MiniGPTMedSettings,
     OpenAISettings,
     ServerSettings,
+    XrayGPTSettings,
 )
 
 # Settings that may also come from the environment (a flag, when given, wins).
@@ -44,6 +45,7 @@ FLAGS = {
     "eva": "--eva",
     "llama": "--llama",
     "checkpoint": "--checkpoint",
+    "qformer": "--qformer",
     "converted": "--converted",
     "model_config": "--model-config",
     "device": "--device",
@@ -112,6 +114,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help=f"allow .pth files that hold Python objects (only files you trust; or set {ENV['trust_checkpoints']}=1)",
     )
+    x = p.add_argument_group("XrayGPT engine (--engine xraygpt; also --eva, --llama = the Vicuna folder, --checkpoint)")
+    x.add_argument("--qformer", help="blip2_pretrained_flant5xxl.pth (the BLIP-2 Q-Former, LAVIS release)")
     h = p.add_argument_group("transformers VLMs (--engine hf) and OpenAI-compatible servers (--engine openai)")
     h.add_argument("--model", help=f"hf: local model folder; openai: served model name (or set {ENV['model']})")
     h.add_argument(
@@ -131,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the HTTP API")
-    s.add_argument("--engine", default="auto", choices=["auto", "builtin", "minigptmed", "hf", "openai"])
+    s.add_argument("--engine", default="auto", choices=["auto", "builtin", "minigptmed", "xraygpt", "hf", "openai"])
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; any other needs a token)")
     s.add_argument("--port", type=int, default=8765)
     s.add_argument("--token", default=None, help=f"access token (or set {TOKEN_ENV})")
@@ -177,6 +181,17 @@ def engine_settings(args: argparse.Namespace, env: Mapping[str, str]) -> EngineS
             merge_lora=not args.no_merge_lora,
             static_decode=_switch(args, env, "static_decode"),
             static_max_len=int(env.get(ENV["static_max_len"], "1024")),
+            trust_checkpoints=_switch(args, env, "trust_checkpoints"),
+        ),
+        xraygpt=XrayGPTSettings(
+            eva=_value(args, env, "eva"),
+            qformer=args.qformer,
+            llama=_value(args, env, "llama"),
+            checkpoint=_value(args, env, "checkpoint"),
+            model_config=args.model_config,
+            device=args.device,
+            dtype=args.dtype,
+            quantize=args.quantize,
             trust_checkpoints=_switch(args, env, "trust_checkpoints"),
         ),
         hf=HFSettings(model=model, family=args.family, device=args.device, dtype=args.dtype, quantize=args.quantize),

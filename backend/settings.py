@@ -83,6 +83,22 @@ class OpenAISettings:
 
 
 @dataclass(frozen=True)
+class XrayGPTSettings:
+    """XrayGPT (MiniGPT-4 v1): its four released files."""
+
+    eva: str | None = None  # eva_vit_g.pth (the same file as MiniGPT-Med's)
+    qformer: str | None = None  # blip2_pretrained_flant5xxl.pth (LAVIS): Q-Former, query tokens, ln_vision
+    llama: str | None = None  # the Vicuna radiology folder
+    checkpoint: str | None = None  # the XrayGPT checkpoint .pth (llama_proj)
+    model_config: str | None = None  # JSON with model dimensions (tiny test models); None: the real model
+    device: str = "auto"
+    dtype: str = "auto"
+    quantize: str = "none"  # none / 8bit / 4bit (the LLM, bitsandbytes)
+    trust_checkpoints: bool = False
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
 class EngineSettings:
     """Which engine (``auto`` resolves with ``backend.engines.choose_engine``) and every engine's settings."""
 
@@ -91,6 +107,7 @@ class EngineSettings:
     minigptmed: MiniGPTMedSettings = field(default_factory=MiniGPTMedSettings)
     hf: HFSettings = field(default_factory=HFSettings)
     openai: OpenAISettings = field(default_factory=OpenAISettings)
+    xraygpt: XrayGPTSettings = field(default_factory=XrayGPTSettings)
 
 
 @dataclass(frozen=True)

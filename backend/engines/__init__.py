@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("minigptmed.engines")
 
-ENGINE_NAMES = ("auto", "builtin", "minigptmed", "hf", "openai")
+ENGINE_NAMES = ("auto", "builtin", "minigptmed", "xraygpt", "hf", "openai")
 
 
 def choose_engine(settings: EngineSettings) -> tuple[str, str]:
@@ -50,6 +50,10 @@ def build_engine(settings: EngineSettings) -> Engine:
         from .minigptmed import MiniGPTMedEngine
 
         return MiniGPTMedEngine(settings.minigptmed)
+    if name == "xraygpt":
+        from .xraygpt import XrayGPTEngine
+
+        return XrayGPTEngine(settings.xraygpt)
     if name == "hf":
         from .hf import HFEngine
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import SettingError
+from ..setting_error import SettingError
 from ..settings import XrayGPTSettings
 from .base import AnalysisInput, AnalysisResult, Engine, EngineError, EngineInfo, StopToken, TaskNotSupported
 
@@ -64,9 +64,17 @@ class XrayGPTEngine(Engine):
         opts = LoadOptions(device=self.device, dtype=self.dtype, quantize=self.s.quantize)
         try:
             self.model, self.report = load_original(
-                str(self.s.eva), str(self.s.qformer), str(self.s.llama), str(self.s.checkpoint), self.cfg, opts
+                str(self.s.eva),
+                str(self.s.qformer),
+                str(self.s.llama),
+                str(self.s.checkpoint),
+                self.cfg,
+                opts,
+                trust=self.s.trust_checkpoints,
             )
             self.tokenizer = MiniGPTTokenizer(str(self.s.llama))
+        except SettingError:
+            raise
         except (WeightsError, FileNotFoundError) as e:
             raise EngineError(str(e)) from e
         self.stops = stop_sequences(self.tokenizer)

@@ -77,8 +77,8 @@ CKPT_IGNORED = (
 RE_V2_LORA = re.compile(r"lora_[AB]")
 
 
-def _state_dict(path: str | Path, what: str) -> dict:
-    obj = torch_load(path)
+def _state_dict(path: str | Path, what: str, trust: bool = False) -> dict:
+    obj = torch_load(path, trust)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         return obj["model"]
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -94,9 +94,11 @@ def map_qformer_key(key: str) -> str | None:
     return None
 
 
-def load_qformer_file(path: str | Path, cfg: XrayGPTConfig, expected: dict[str, torch.Size]) -> tuple[dict, list[str]]:
+def load_qformer_file(
+    path: str | Path, cfg: XrayGPTConfig, expected: dict[str, torch.Size], trust: bool = False
+) -> tuple[dict, list[str]]:
     """The BLIP-2 checkpoint -> {'qformer.<name>', 'query_tokens', 'ln_vision.<w|b>': tensor}, ignored keys."""
-    sd = _state_dict(path, "the BLIP-2 Q-Former checkpoint (blip2_pretrained_flant5xxl.pth)")
+    sd = _state_dict(path, "the BLIP-2 Q-Former checkpoint (blip2_pretrained_flant5xxl.pth)", trust)
     out: dict[str, torch.Tensor] = {}
     ignored, unexpected = [], []
     for k, t in sd.items():
@@ -128,9 +130,9 @@ def load_qformer_file(path: str | Path, cfg: XrayGPTConfig, expected: dict[str, 
     return out, ignored
 
 
-def load_checkpoint(path: str | Path, cfg: XrayGPTConfig, hidden: int) -> tuple[dict, list[str]]:
+def load_checkpoint(path: str | Path, cfg: XrayGPTConfig, hidden: int, trust: bool = False) -> tuple[dict, list[str]]:
     """The XrayGPT checkpoint -> ({'weight', 'bias'} of llama_proj, ignored keys)."""
-    sd = _state_dict(path, "the XrayGPT checkpoint")
+    sd = _state_dict(path, "the XrayGPT checkpoint", trust)
     if any(RE_V2_LORA.search(k) for k in sd):
         raise WeightsError(
             f"{path} holds LoRA tensors: it is a MiniGPT-v2/MiniGPT-Med checkpoint, not XrayGPT's "
@@ -187,21 +189,23 @@ def load_original(
     checkpoint: str | Path,
     cfg: XrayGPTConfig,
     opts: LoadOptions,
+    trust: bool = False,
 ) -> tuple[XrayGPT, LoadReport]:
+    """``trust``: the ``trust_checkpoints`` setting (allow .pth files that hold Python objects)."""
     t0 = time.perf_counter()
     for label, p in (("--eva", eva), ("--qformer", qformer), ("--llama", llama), ("--checkpoint", checkpoint)):
         if not p or not os.path.exists(p):
             raise WeightsError(f"{label}: {p!r} does not exist")
     hidden, _layers = _llama_dims(llama, cfg)
-    proj, ckpt_ignored = load_checkpoint(checkpoint, cfg, hidden)
+    proj, ckpt_ignored = load_checkpoint(checkpoint, cfg, hidden, trust)
     with torch.device("meta"):
         skeleton = XrayGPT(cfg, None, hidden)
         eva_shapes = {k: v.shape for k, v in EvaViT(cfg.vision).state_dict().items()}
     expected = {f"qformer.{k}": v.shape for k, v in skeleton.qformer.state_dict().items()}
     expected.update(query_tokens=skeleton.query_tokens.shape)
     expected.update({f"ln_vision.{k}": v.shape for k, v in skeleton.ln_vision.state_dict().items()})
-    qparts, q_ignored = load_qformer_file(qformer, cfg, expected)
-    vision_sd, eva_ignored = load_eva(eva, MiniGPTMedConfig(vision=cfg.vision), eva_shapes)
+    qparts, q_ignored = load_qformer_file(qformer, cfg, expected, trust)
+    vision_sd, eva_ignored = load_eva(eva, MiniGPTMedConfig(vision=cfg.vision), eva_shapes, trust)
     llm = _load_llm(llama, opts)
     report = LoadReport(source="original", lora="none")
     report.ignored = {"eva": eva_ignored, "qformer": q_ignored, "checkpoint": ckpt_ignored}

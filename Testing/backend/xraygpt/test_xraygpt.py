@@ -188,4 +188,4 @@ def test_served_by_the_cli_report_and_vqa_over_http(files):
             assert out["engine"] == "xraygpt" and out["text"] == SCRIPT_ANSWER and out["findings"] == []
             assert out["warnings"] == []  # stopped at '###', not at the token limit
         r = requests.post(f"{proc.url}/v1/analyze", json={"task": "detect", "image": png}, timeout=60)
-        assert r.status_code == 501 and "no boxes" in r.json()["error"]["message"]
+        assert r.status_code == 501 and "supports: report, vqa" in r.json()["error"]["message"]
