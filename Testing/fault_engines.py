@@ -88,3 +88,36 @@ class GarbageEngine(SlowEngine):
             ] + [Finding(f"many {i}", [i % w, i % h, i % w + 1, i % h + 1]) for i in range(5000)]
             out.append(AnalysisResult(text="t\x00ext " + "y" * 50_000, findings=findings, raw_output="\x1b[2J"))
         return out
+
+
+class FixedCostEngine(Engine):
+    """Costs ``delay_s`` per call whatever the number of rows (as a GPU decode step at small batch sizes), so that
+    dynamic batching shows as a time ratio that does not depend on the machine's load. Answers from the input only
+    (``task:question``); ``calls`` records each call's questions, in order."""
+
+    def __init__(self, delay_s: float = 0.4, max_batch: int = 8):
+        self.delay_s = delay_s
+        self.max_batch = max_batch
+        self.calls: list[list[str | None]] = []
+        self.lock = threading.Lock()
+
+    def load(self) -> None:
+        pass
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            engine="fixed-cost",
+            model="fixed-cost-test-engine",
+            device="cpu",
+            tasks=("report", "vqa", "detect"),
+            max_batch=self.max_batch,
+        )
+
+    def analyze_batch(self, inputs: Sequence[AnalysisInput], stop: StopToken) -> list[AnalysisResult]:
+        with self.lock:
+            self.calls.append([inp.question for inp in inputs])
+        t_end = time.monotonic() + self.delay_s
+        while time.monotonic() < t_end:
+            stop.check()
+            time.sleep(0.005)
+        return [AnalysisResult(text=f"{inp.task}:{inp.question}", raw_output="ok") for inp in inputs]

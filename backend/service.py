@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from MiniGPTMedSlicerLib.protocol import AnalyzeRequest, AnalyzeResponse, Finding
 
 from . import __version__
+from .batching import Pending, plan_call, waiting_rows
 from .engines.base import (
     AnalysisInput,
     AnalysisResult,
@@ -43,18 +44,37 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
+    waiting: bool = True  # counted against queue_size until its first rows reach the engine
+    error: Exception | None = None
+
+
+class _AllStopped(StopToken):
+    """The stop token of an engine call that serves several requests: it stops only when all of them stopped (one
+    client going away or timing out does not cut the others' rows; its own answer is dropped)."""
+
+    def __init__(self, tokens: list[StopToken]):
+        deadlines = [t.deadline for t in tokens]
+        super().__init__(deadline=None if None in deadlines else max(d for d in deadlines if d is not None))
+        self.tokens = tokens
+
+    def should_stop(self) -> bool:
+        return all(t.should_stop() for t in self.tokens)
 
 
 class AnalysisService:
-    """Owns the engine. Exactly one worker thread runs the engine; requests wait in a bounded queue."""
+    """Owns the engine. Exactly one worker thread runs the engine; requests wait in a bounded queue, and the ones
+    that wait together are batched into one engine call (``backend.batching`` has the policy)."""
 
     def __init__(self, engine: Engine, settings: ServerSettings):
         self.engine = engine
         self.settings = settings
         self._info: EngineInfo | None = None
-        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max(1, settings.queue_size))
+        self._queue: queue.Queue[_Job | None] = queue.Queue()  # bounded by self._waiting <= queue_size
+        self._waiting = 0
+        self._waiting_lock = threading.Lock()
         self._worker: threading.Thread | None = None
         self.busy = False
+        self.calls: list[int] = []  # rows per engine call, most recent last (bounded; for tests and logs)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -171,14 +191,15 @@ class AnalysisService:
         loop = asyncio.get_running_loop()
         stop = StopToken(deadline=time.monotonic() + self.settings.request_timeout_s)
         job = _Job(list(inputs), stop, loop, loop.create_future())
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise ApiError(
-                "busy",
-                f"the server is busy: {self._queue.qsize()} requests are waiting; retry shortly",
-                headers={"Retry-After": "2"},
-            ) from None
+        with self._waiting_lock:
+            if self._waiting >= max(1, self.settings.queue_size):
+                raise ApiError(
+                    "busy",
+                    f"the server is busy: {self._waiting} requests are waiting; retry shortly",
+                    headers={"Retry-After": "2"},
+                )
+            self._waiting += 1
+        self._queue.put(job)
         try:
             while True:
                 done, _ = await asyncio.wait({job.future}, timeout=0.25)
@@ -197,39 +218,87 @@ class AnalysisService:
             stop.event.set()
             raise
 
+    def _unwait(self, job: _Job) -> None:
+        if job.waiting:
+            job.waiting = False
+            with self._waiting_lock:
+                self._waiting -= 1
+
+    def _take(self, pending: list[Pending], job: _Job) -> None:
+        pending.append(Pending(job, len(job.inputs)))
+
     def _work(self) -> None:
+        """Serve the queue: gather what waits (up to the engine's max_batch rows), one engine call, answer the
+        requests whose rows are all done, repeat. See ``backend.batching`` for the order rows are taken in."""
+        pending: list[Pending] = []
+        cap = max(1, self.info.max_batch)
         while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            if job.stop.should_stop():  # cancelled or expired while waiting
-                self._resolve(job, exc=ApiError("timeout", "the request expired in the queue"))
+            if not pending:  # idle: wait for a request, then a short window for others sent at the same time
+                job = self._queue.get()
+                if job is None:
+                    return
+                self._take(pending, job)
+                t_end = time.monotonic() + max(0.0, self.settings.batch_window_s)
+                while waiting_rows(pending) < cap and (left := t_end - time.monotonic()) > 0:
+                    try:
+                        job = self._queue.get(timeout=left)
+                    except queue.Empty:
+                        break
+                    if job is None:
+                        return
+                    self._take(pending, job)
+            while True:  # everything that arrived while the engine was busy
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    return
+                self._take(pending, job)
+            for p in list(pending):
+                if p.job.stop.should_stop():  # cancelled or expired while waiting
+                    pending.remove(p)
+                    self._unwait(p.job)
+                    self._resolve(p.job, exc=ApiError("timeout", "the request expired in the queue"))
+            call = plan_call(pending, cap)
+            if not call:
                 continue
-            self.busy = True
-            try:
-                results = self.engine.analyze_batch(job.inputs, job.stop)
-                if len(results) != len(job.inputs):
-                    raise EngineError(f"engine returned {len(results)} results for {len(job.inputs)} inputs")
-                self._resolve(job, value=results)
-            except TaskNotSupported as e:
-                self._resolve(job, exc=ApiError("not_supported", str(e)))
-            except EngineCancelled as e:
-                self._resolve(job, exc=ApiError("timeout", str(e)))
-            except EngineError as e:
-                self._resolve(
-                    job, exc=ApiError("engine_error", f"the engine failed: {e}", headers={"Retry-After": "1"})
-                )
-            except Exception as e:  # out of memory and engine bugs: report, free, keep serving
-                oom = type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
-                _free_accelerator_memory()
-                if oom:
-                    msg = "the engine ran out of memory on this request; try a smaller image or batch"
-                else:
-                    msg = f"the engine failed ({type(e).__name__})"
-                    log.error("engine failure: %s", "".join(traceback.format_exception_only(type(e), e)).strip())
-                self._resolve(job, exc=ApiError("engine_error", msg, headers={"Retry-After": "1"}))
-            finally:
-                self.busy = False
+            in_call = list(dict.fromkeys(p for p, _ in call))
+            for p in in_call:
+                self._unwait(p.job)
+            for p, i in call:
+                p.next_row = max(p.next_row, i + 1)
+            self._call(call)
+            for p in in_call:
+                if p.job.error is not None:
+                    pending.remove(p)
+                    self._resolve(p.job, exc=p.job.error)
+                elif p.left == 0:
+                    pending.remove(p)
+                    self._resolve(p.job, value=p.results)
+
+    def _call(self, call: list[tuple[Pending, int]]) -> None:
+        """One engine call; results land in each request's ``results``, a failure in its job's ``error``. When a call
+        that mixes requests fails, each request's rows are run again on their own, so that one bad request does not
+        fail the others."""
+        jobs = list(dict.fromkeys(p for p, _ in call))
+        stop = jobs[0].job.stop if len(jobs) == 1 else _AllStopped([p.job.stop for p in jobs])
+        self.busy = True
+        self.calls = [*self.calls[-999:], len(call)]
+        try:
+            results = self.engine.analyze_batch([p.job.inputs[i] for p, i in call], stop)
+            if len(results) != len(call):
+                raise EngineError(f"engine returned {len(results)} results for {len(call)} inputs")
+            for (p, i), r in zip(call, results, strict=True):
+                p.results[i] = r
+        except Exception as e:
+            if len(jobs) > 1:
+                for p in jobs:
+                    self._call([(q, i) for q, i in call if q is p])
+                return
+            jobs[0].job.error = _api_error(e)
+        finally:
+            self.busy = False
 
     @staticmethod
     def _resolve(job: _Job, value=None, exc: Exception | None = None) -> None:
@@ -261,6 +330,27 @@ class AnalysisService:
             timings_ms={**{k: round(float(v), 3) for k, v in result.timings_ms.items()}, **timings},
             warnings=[clean_text(w, 500) for w in list(result.warnings) + warnings],
         )
+
+
+def _api_error(e: Exception) -> ApiError:
+    """What the client is told when the engine call for its request failed."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, TaskNotSupported):
+        return ApiError("not_supported", str(e))
+    if isinstance(e, EngineCancelled):
+        return ApiError("timeout", str(e))
+    if isinstance(e, EngineError):
+        return ApiError("engine_error", f"the engine failed: {e}", headers={"Retry-After": "1"})
+    # out of memory and engine bugs: report, free, keep serving
+    oom = type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
+    _free_accelerator_memory()
+    if oom:
+        msg = "the engine ran out of memory on this request; try a smaller image or batch"
+    else:
+        msg = f"the engine failed ({type(e).__name__})"
+        log.error("engine failure: %s", "".join(traceback.format_exception_only(type(e), e)).strip())
+    return ApiError("engine_error", msg, headers={"Retry-After": "1"})
 
 
 def _unsupported_message(task: str, info: EngineInfo) -> str:

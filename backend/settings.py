@@ -21,6 +21,7 @@ class ServerSettings:
     max_new_tokens_cap: int = 1024
     request_timeout_s: float = 300.0
     queue_size: int = 16  # requests waiting for the engine; beyond this the server answers 503 + Retry-After
+    batch_window_s: float = 0.002  # an idle engine waits this long for requests sent together (dynamic batching)
     max_batch_items: int = 64
     max_question_chars: int = 2000
     max_prompt_chars: int = 8000

@@ -1,0 +1,168 @@
+"""A stand-in for ``vllm serve DIR --enable-prompt-embeds`` (vLLM cannot run here: no GPU, no vLLM wheel for CPU):
+vLLM's ``/v1/models`` and ``/v1/completions`` with ``prompt_embeds`` on a real socket.
+
+It reads ``prompt_embeds`` the way vLLM's ``safe_load_prompt_embeds`` does (strict base64, ``torch.load`` with
+``weights_only=True`` on the CPU, dense, a leading dim of 1 squeezed, 2-D, the model's hidden size; 400 with a message
+otherwise), additionally insists on the served dtype, records every tensor it received, and answers with
+transformers' greedy ``generate(inputs_embeds=...)`` on the folder ``convert --for-vllm`` wrote: ``token_ids`` (with
+the EOS when it stopped there, as vLLM), ``text``, ``finish_reason``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+class VLLMStandIn:
+    def __init__(self, folder: Path, served_name: str = "minigptmed-llm"):
+        import sentencepiece as spm
+        import torch
+        from transformers import LlamaForCausalLM
+
+        self.folder = Path(folder)
+        self.served_name = served_name
+        self.llm = LlamaForCausalLM.from_pretrained(str(folder), local_files_only=True).eval()
+        self.dtype = self.llm.get_input_embeddings().weight.dtype
+        self.hidden = int(self.llm.config.hidden_size)
+        self.eos_id = int(self.llm.generation_config.eos_token_id)
+        self.sp = spm.SentencePieceProcessor(model_file=str(self.folder / "tokenizer.model"))
+        self.received: list = []  # tensors as decoded
+        self.bodies: list[dict] = []
+        self.fail_with: tuple[int, dict] | None = None  # (status, body) to answer instead of generating
+        self.lock = threading.Lock()
+        self._torch = torch
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self) -> VLLMStandIn:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    # -- what vLLM does with a request ---------------------------------------------------------------------------
+
+    def load_prompt_embeds(self, embed: str):
+        torch = self._torch
+        try:
+            raw = base64.b64decode(embed, validate=True)
+        except (binascii.Error, ValueError, TypeError) as e:
+            raise ValueError(f"prompt_embeds is not base64: {e}") from None
+        try:
+            t = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
+        except Exception as e:
+            raise ValueError(f"prompt_embeds could not be loaded: {type(e).__name__}") from None
+        if not isinstance(t, torch.Tensor):
+            raise ValueError("`prompt_embeds` payload did not deserialize to a torch.Tensor.")
+        t = t.to_dense()
+        if t.dim() > 2:
+            t = t.squeeze(0)
+        if t.dim() != 2:
+            raise ValueError(
+                f"`prompt_embeds` must be a 2D tensor of shape (num_tokens, hidden_size); got {tuple(t.shape)}."
+            )
+        if t.shape[1] != self.hidden:
+            raise ValueError(f"`prompt_embeds` hidden_size {t.shape[1]} does not match the model's {self.hidden}.")
+        if t.dtype != self.dtype:
+            raise ValueError(f"`prompt_embeds` dtype {t.dtype} is not the served dtype {self.dtype}")
+        return t
+
+    def complete(self, body: dict) -> tuple[int, dict]:
+        torch = self._torch
+        if self.fail_with is not None:
+            return self.fail_with
+        if "prompt_embeds" not in body or not isinstance(body["prompt_embeds"], str):
+            return 400, _error("Either prompt or prompt_embeds must be provided and non-empty.")
+        if body.get("model") not in (None, self.served_name):
+            return 404, _error(f"The model `{body.get('model')}` does not exist.")
+        try:
+            t = self.load_prompt_embeds(body["prompt_embeds"])
+        except ValueError as e:
+            return 400, _error(str(e))
+        max_tokens = int(body.get("max_tokens", 16))
+        if body.get("temperature") is None or float(body["temperature"]) != 0.0:
+            return 400, _error("this stand-in only answers greedily (temperature 0)")
+        with self.lock:
+            self.received.append(t)
+            self.bodies.append(body)
+            with torch.inference_mode():
+                out = self.llm.generate(
+                    inputs_embeds=t[None],
+                    attention_mask=torch.ones(1, t.shape[0], dtype=torch.long),
+                    max_new_tokens=max_tokens,
+                    do_sample=False,
+                    eos_token_id=None if body.get("ignore_eos") else self.eos_id,
+                    pad_token_id=self.eos_id,
+                )
+        ids = [int(i) for i in out[0].tolist()]
+        if not body.get("ignore_eos") and self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id) + 1]
+        finish = "stop" if (ids and ids[-1] == self.eos_id and not body.get("ignore_eos")) else "length"
+        text = self.sp.decode([i for i in ids if i != self.eos_id])
+        choice: dict = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": None}
+        if body.get("return_token_ids"):
+            choice["token_ids"] = ids
+        return 200, {
+            "id": f"cmpl-{len(self.bodies)}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.served_name,
+            "choices": [choice],
+            "usage": {
+                "prompt_tokens": t.shape[0],
+                "completion_tokens": len(ids),
+                "total_tokens": t.shape[0] + len(ids),
+            },
+        }
+
+    def _handler(self):
+        standin = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                if self.path.rstrip("/") == "/v1/models":
+                    self._send(200, {"object": "list", "data": [{"id": standin.served_name, "object": "model"}]})
+                else:
+                    self._send(404, _error("not found"))
+
+            def do_POST(self):
+                n = int(self.headers.get("Content-Length", 0))
+                try:
+                    body = json.loads(self.rfile.read(n))
+                except ValueError:
+                    self._send(400, _error("body is not JSON"))
+                    return
+                if self.path.rstrip("/") != "/v1/completions":
+                    self._send(404, _error("not found"))
+                    return
+                self._send(*standin.complete(body))
+
+            def _send(self, status, obj):
+                data = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        return Handler
+
+
+def _error(message: str) -> dict:
+    return {"error": {"message": message, "type": "BadRequestError", "param": None, "code": 400}}
