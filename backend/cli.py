@@ -2,6 +2,7 @@
 
 minigptmed-backend serve [--engine auto|builtin|minigptmed|hf|openai] [--host 127.0.0.1] [--port 8765]
 minigptmed-backend convert --eva FILE --llama DIR --checkpoint FILE --out DIR [--merge-lora]
+minigptmed-backend convert --for-vllm OUT --llama DIR --checkpoint FILE   (or --converted DIR)
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ ENV = {
     "static_decode": "MINIGPTMED_STATIC_DECODE",  # "1" turns it on
     "static_max_len": "MINIGPTMED_STATIC_MAX_LEN",
     "trust_checkpoints": "MINIGPTMED_TRUST_CHECKPOINTS",  # "1" turns it on
+    "vllm": "MINIGPTMED_VLLM_URL",
 }
 # How a setting named in an error is written on this command line.
 FLAGS = {
@@ -64,6 +66,9 @@ FLAGS = {
     "token": "--token",
     "out": "--out",
     "keep_lora": "--keep-lora",
+    "vllm_url": "--vllm",
+    "vllm_model": "--vllm-model",
+    "for_vllm": "--for-vllm",
 }
 
 
@@ -114,6 +119,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help=f"allow .pth files that hold Python objects (only files you trust; or set {ENV['trust_checkpoints']}=1)",
     )
+    g.add_argument(
+        "--vllm",
+        metavar="URL",
+        help="run the LLM on this vLLM server (vllm serve DIR --enable-prompt-embeds, DIR from convert --for-vllm): "
+        f"only EVA, the projector and the embedding table load here; --api-key and --remote-timeout apply "
+        f"(or set {ENV['vllm']})",
+    )
+    g.add_argument("--vllm-model", help="--vllm: the served model name (default: the first the server lists)")
     x = p.add_argument_group("XrayGPT engine (--engine xraygpt; also --eva, --llama = the Vicuna folder, --checkpoint)")
     x.add_argument("--qformer", help="blip2_pretrained_flant5xxl.pth (the BLIP-2 Q-Former, LAVIS release)")
     h = p.add_argument_group("transformers VLMs (--engine hf) and OpenAI-compatible servers (--engine openai)")
@@ -149,7 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(s)
     c = sub.add_parser("convert", help="write MiniGPT-Med weights as a safetensors folder that loads fast")
     add_model_arguments(c)
-    c.add_argument("--out", required=True, help="output folder")
+    c.add_argument("--out", help="output folder")
+    c.add_argument(
+        "--for-vllm",
+        metavar="OUT",
+        help="instead: write the LoRA-merged LLaMA-2-7B-chat as a plain Hugging Face folder for vLLM "
+        "(needs --llama and --checkpoint, or --converted)",
+    )
     c.add_argument("--keep-lora", action="store_true", help="keep LoRA adapters separate instead of merging them")
     return parser
 
@@ -182,6 +201,10 @@ def engine_settings(args: argparse.Namespace, env: Mapping[str, str]) -> EngineS
             static_decode=_switch(args, env, "static_decode"),
             static_max_len=int(env.get(ENV["static_max_len"], "1024")),
             trust_checkpoints=_switch(args, env, "trust_checkpoints"),
+            vllm_url=_value(args, env, "vllm"),
+            vllm_model=args.vllm_model,
+            vllm_api_key=_value(args, env, "api_key"),
+            vllm_timeout_s=args.remote_timeout,
         ),
         xraygpt=XrayGPTSettings(
             eva=_value(args, env, "eva"),
@@ -234,11 +257,13 @@ def convert_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Conver
         eva=_value(args, env, "eva"),
         llama=_value(args, env, "llama"),
         checkpoint=_value(args, env, "checkpoint"),
-        out=args.out,
+        out=args.out or "",
         model_config=args.model_config,
         dtype=args.dtype,
         keep_lora=args.keep_lora,
         trust_checkpoints=_switch(args, env, "trust_checkpoints"),
+        for_vllm=args.for_vllm,
+        converted=_value(args, env, "converted"),
     )
 
 
@@ -277,6 +302,10 @@ def convert(s: ConvertSettings) -> int:
     from .minigpt.weights import WeightsError
     from .torch_utils import parse_dtype
 
+    if s.for_vllm:
+        return convert_for_vllm(s)
+    if not s.out:
+        raise SettingError("convert needs {out} (or {for_vllm})", "out", "for_vllm")
     missing = [k for k in ("eva", "llama", "checkpoint") if not getattr(s, k)]
     if missing:
         raise SettingError("convert needs " + ", ".join("{" + k + "}" for k in missing), *missing)
@@ -298,6 +327,39 @@ def convert(s: ConvertSettings) -> int:
     except WeightsError as e:
         raise SystemExit(f"convert failed: {e}") from None
     print(f"wrote {res['out']} in {res['seconds']:.1f} s (LoRA {res['lora']}, LLM {res['llm_dtype']})")
+    return 0
+
+
+def convert_for_vllm(s: ConvertSettings) -> int:
+    from .minigpt.config import MiniGPTMedConfig
+    from .minigpt.vllm_export import export_for_vllm
+    from .minigpt.weights import WeightsError
+    from .torch_utils import parse_dtype
+
+    if not s.converted and not (s.llama and s.checkpoint):
+        missing = [k for k in ("llama", "checkpoint") if not getattr(s, k)]
+        raise SettingError(
+            "convert {for_vllm} needs " + " and ".join("{" + k + "}" for k in missing) + " (or {converted})",
+            *missing,
+            "converted",
+        )
+    try:
+        res = export_for_vllm(
+            str(s.for_vllm),
+            llama=s.llama,
+            checkpoint=s.checkpoint,
+            converted=s.converted,
+            cfg=None if s.converted else MiniGPTMedConfig.from_json(s.model_config),
+            dtype=parse_dtype(s.dtype),
+            trust_checkpoints=s.trust_checkpoints,
+        )
+    except WeightsError as e:
+        print(f"minigptmed-backend: convert --for-vllm failed: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {res['out']} in {res['seconds']:.1f} s (LLaMA {res['dtype']}, LoRA merged into "
+        f"{res['lora_merged']} projections); serve it with: vllm serve {res['out']} --enable-prompt-embeds"
+    )
     return 0
 
 

@@ -59,6 +59,10 @@ class MiniGPTMedSettings:
     max_batch: int = 8
     cache_size: int = 32  # image embeddings kept
     seed: int | None = None
+    vllm_url: str | None = None  # the LLM runs on this vLLM server (prompt embeddings); only vision + embeddings here
+    vllm_model: str | None = None  # its served model name; None: the first it lists
+    vllm_api_key: str | None = None
+    vllm_timeout_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -123,3 +127,5 @@ class ConvertSettings:
     dtype: str = "auto"
     keep_lora: bool = False
     trust_checkpoints: bool = False
+    for_vllm: str | None = None  # write the LoRA-merged LLM as a plain HF LLaMA folder here (for vLLM) instead
+    converted: str | None = None  # for_vllm from a converted folder instead of the original files

@@ -72,12 +72,17 @@ def tiny_engine():
     from minigpt_fixtures import tiny_files
 
     from backend.engines.minigptmed import MiniGPTMedEngine
+    from backend.settings import MiniGPTMedSettings
 
     tiny = tiny_files()
-    e = MiniGPTMedEngine(
-        eva=str(tiny.eva), llama=str(tiny.llama), checkpoint=str(tiny.checkpoint), model_config=str(tiny.model_config)
+    return MiniGPTMedEngine(
+        MiniGPTMedSettings(
+            eva=str(tiny.eva),
+            llama=str(tiny.llama),
+            checkpoint=str(tiny.checkpoint),
+            model_config=str(tiny.model_config),
+        )
     )
-    return e
 
 
 def test_minigptmed_answers_batched_dynamically_equal_one_at_a_time(tiny_engine):

@@ -106,6 +106,7 @@ class MiniGPTMedEngine(Engine):
         self.static_decode = s.static_decode
         self.static_max_len = s.static_max_len
         self._decoders: dict[int, object] = {}
+        self._remote: Any = None  # VLLMClient when the LLM runs on a vLLM server
 
     # -- loading ---------------------------------------------------------------------------------------------------
 
@@ -136,7 +137,9 @@ class MiniGPTMedEngine(Engine):
             trust_checkpoints=self.settings.trust_checkpoints,
         )
         try:
-            if self.paths["converted"]:
+            if self.settings.vllm_url:
+                tok_dir = self._load_for_vllm(opts)
+            elif self.paths["converted"]:
                 if not is_converted(self.paths["converted"]):
                     raise SettingError(
                         "{converted} " + str(self.paths["converted"]) + ": not a converted MiniGPT-Med folder",
@@ -177,6 +180,40 @@ class MiniGPTMedEngine(Engine):
             self.sampling,
         )
 
+    def _load_for_vllm(self, opts) -> str:
+        """EVA, projector and the embedding table here; the LLM on the vLLM server (``vllm_client``)."""
+        from backend.minigpt.config import MiniGPTMedConfig
+        from backend.minigpt.vision_only import load_vision_and_embeddings
+        from backend.minigpt.vllm_client import RemoteLLMError, VLLMClient
+
+        s = self.settings
+        if self.quantize != "none":
+            raise SettingError("{quantize} does not apply with {vllm_url}: the LLM runs on the vLLM server", "quantize")
+        if not self.paths["converted"]:
+            missing = [k for k in ("eva", "llama", "checkpoint") if not self.paths[k]]
+            if missing:
+                names = ", ".join("{" + k + "}" for k in missing)
+                raise SettingError(f"the MiniGPT-Med engine needs {names} (or {{converted}})", *missing, "converted")
+        cfg = None if self.paths["converted"] else MiniGPTMedConfig.from_json(self.model_config)
+        self.model, self.cfg, self.report, tok_dir = load_vision_and_embeddings(
+            opts,
+            eva=self.paths["eva"],
+            llama=self.paths["llama"],
+            checkpoint=self.paths["checkpoint"],
+            converted=self.paths["converted"],
+            cfg=cfg,
+        )
+        self._remote = VLLMClient(
+            str(s.vllm_url), s.vllm_model, s.vllm_api_key, s.vllm_timeout_s, max_concurrency=self.max_batch
+        )
+        try:
+            served = self._remote.connect()
+        except RemoteLLMError as e:
+            raise EngineError(str(e)) from e
+        self.static_decode = False
+        log.info("MiniGPT-Med's LLM runs on the vLLM server at %s (%s)", self._remote.url, served)
+        return str(tok_dir)
+
     def _decoder(self, rows: int):
         from backend.minigpt.generate import StaticDecoder
 
@@ -204,13 +241,17 @@ class MiniGPTMedEngine(Engine):
         dt = str(self.dtype).replace("torch.", "") if self.dtype is not None else "?"
         q = "" if self.quantize == "none" else f", {self.quantize}"
         name = self.cfg.name if self.cfg else "MiniGPT-Med"
-        return EngineInfo(
-            engine="minigptmed", model=name, device=f"{self.device} ({dt}{q})", tasks=TASKS, max_batch=self.max_batch
-        )
+        device = f"{self.device} ({dt}{q})"
+        if self._remote is not None:
+            name += f"; LLM {self._remote.model} on vLLM"
+            device = f"{self.device} ({dt}, vision) + vLLM at {self._remote.url}"
+        return EngineInfo(engine="minigptmed", model=name, device=device, tasks=TASKS, max_batch=self.max_batch)
 
     def close(self) -> None:
         self.model = None
         self._cache.clear()
+        if self._remote is not None:
+            self._remote.close()
 
     # -- inference --------------------------------------------------------------------------------------------------
 
@@ -313,7 +354,11 @@ class MiniGPTMedEngine(Engine):
                             stop=stop,
                             seed=self.seed,
                         )
-                        if self.static_decode and max(p.shape[0] for p in prompts) + max(maxes) <= self.static_max_len:
+                        if self._remote is not None:
+                            g = self._remote_generate(prompts, maxes, kw)
+                        elif (
+                            self.static_decode and max(p.shape[0] for p in prompts) + max(maxes) <= self.static_max_len
+                        ):
                             g = self._decoder(len(chunk)).generate(prompts, maxes, **kw)
                         else:
                             g = generate(self.model.llm, prompts, maxes, **kw)
@@ -330,6 +375,14 @@ class MiniGPTMedEngine(Engine):
             except torch.cuda.OutOfMemoryError as e:
                 raise EngineError(f"GPU out of memory: {e}") from e
         return [r for r in results if r is not None]
+
+    def _remote_generate(self, prompts, maxes, kw):
+        from backend.minigpt.vllm_client import RemoteLLMError
+
+        try:
+            return self._remote.generate(prompts, maxes, **kw)
+        except RemoteLLMError as e:
+            raise EngineError(str(e)) from e
 
     def _result(self, it: _Item, g, j: int, timings: dict, s, parse_answer, post) -> AnalysisResult:
         answer = post(self.tokenizer.decode(g.tokens[j]))

@@ -44,7 +44,9 @@ class EmbeddingTableLLM(nn.Module):
         return self.embed_tokens
 
 
-def load_embedding_table(folder: str | Path, dtype: torch.dtype, device: str) -> tuple[Any, torch.Tensor]:
+def load_embedding_table(
+    folder: str | Path, dtype: torch.dtype, device: str, opts_trust: bool = False
+) -> tuple[Any, torch.Tensor]:
     """(LlamaConfig, [vocab, hidden] table) from a Hugging Face LLaMA folder, reading only that one tensor."""
     from transformers import LlamaConfig
 
@@ -72,7 +74,7 @@ def load_embedding_table(folder: str | Path, dtype: torch.dtype, device: str) ->
                     raise WeightsError(f"{shard}: no {EMBED_KEY}")
                 weight = f.get_tensor(EMBED_KEY)
         else:
-            sd = torch_load(shard)
+            sd = torch_load(shard, trust=opts_trust)
             if EMBED_KEY not in sd:
                 raise WeightsError(f"{shard}: no {EMBED_KEY}")
             weight = sd[EMBED_KEY]
@@ -126,12 +128,14 @@ def load_vision_and_embeddings(
         if missing:
             raise WeightsError(f"the MiniGPT-Med engine needs {', '.join(missing)} (or --converted)")
         cfg = cfg or MiniGPTMedConfig.real()
-        _llama_cfg, parts, vision_sd, eva_ignored = read_original_parts(str(eva), str(llama), str(checkpoint), cfg)
+        _llama_cfg, parts, vision_sd, eva_ignored = read_original_parts(
+            str(eva), str(llama), str(checkpoint), cfg, trust=opts.trust_checkpoints
+        )
         proj = parts.proj
         llm_dir = Path(str(llama))
         report = LoadReport(source="original")
         report.ignored = {"eva": eva_ignored, "checkpoint": parts.ignored, "lora": sorted(parts.lora)}
-    config, table = load_embedding_table(llm_dir, opts.dtype, opts.device)
+    config, table = load_embedding_table(llm_dir, opts.dtype, opts.device, opts.trust_checkpoints)
     model = _assemble(cfg, EmbeddingTableLLM(config, table), vision_sd, proj, None, opts, report)
     report.loaded["embed_tokens"] = 1
     report.lora = "on the vLLM server (merged by convert --for-vllm)"

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .config import MiniGPTMedConfig
+from .convert import TOKENIZER_FILES, folder_dtype
 from .model import merge_lora
 from .weights import (
     CONVERTED_MARKER,
@@ -38,14 +39,8 @@ from .weights import (
     read_llama_config,
 )
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # generation_config keys that only concern sampling: dropped, so that greedy is the folder's default
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "typical_p", "repetition_penalty", "min_p", "num_beams")
-
-
-def _source_dtype(llama_cfg: dict) -> torch.dtype:
-    return DTYPES.get(str(llama_cfg.get("torch_dtype") or llama_cfg.get("dtype") or "float16"), torch.float16)
 
 
 def _greedy_generation_config(source: Path, llama_cfg: dict) -> dict:
@@ -67,6 +62,7 @@ def export_for_vllm(
     converted: str | Path | None = None,
     cfg: MiniGPTMedConfig | None = None,
     dtype: torch.dtype | None = None,
+    trust_checkpoints: bool = False,
 ) -> dict:
     """Write the LoRA-merged LLM of MiniGPT-Med to ``out`` from the LLaMA folder + checkpoint, or from a folder
     written by ``convert``. Returns a summary (seconds, dtype, tensors)."""
@@ -96,10 +92,14 @@ def export_for_vllm(
     check_llm_hidden(llama_cfg, cfg.llm_hidden_size, source)
     if not converted:
         parts = load_checkpoint(
-            checkpoint or "", cfg, int(llama_cfg["num_hidden_layers"]), int(llama_cfg["hidden_size"])
+            checkpoint or "",
+            cfg,
+            int(llama_cfg["num_hidden_layers"]),
+            int(llama_cfg["hidden_size"]),
+            trust=trust_checkpoints,
         )
         lora = parts.lora
-    dtype = dtype or _source_dtype(llama_cfg)
+    dtype = dtype or folder_dtype(llama_cfg)
     llm = _load_llm(source, LoadOptions(device="cpu", dtype=dtype))
     merged = 0
     if lora:

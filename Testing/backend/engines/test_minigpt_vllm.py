@@ -1,0 +1,155 @@
+"""MiniGPT-Med with its LLM on vLLM: ``convert --for-vllm`` writes a plain LLaMA folder (LoRA merged), and
+``--vllm URL`` sends the embedding sequence as ``prompt_embeds`` to a stand-in that speaks vLLM's format on a real
+socket and answers with transformers' greedy generate on that folder. The answers must equal the local LLaMA's."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import requests
+import torch
+from conftest import b64
+from minigpt_fixtures import _training_images, tiny_files
+from MiniGPTMedSlicerLib.png import encode_png
+from safetensors.torch import load_file
+from vllm_standin import VLLMStandIn
+
+from backend.cli import main
+from backend.engines.minigptmed import MiniGPTMedEngine
+from backend.server_thread import ServerThread
+from backend.settings import MiniGPTMedSettings
+
+IMG = _training_images()[0]  # 96 x 128 gray slice
+H, W = IMG.shape
+REQUESTS = {
+    "report": {"task": "report"},
+    "vqa": {"task": "vqa", "question": "is there a mass?"},
+    "detect": {"task": "detect", "question": "tumor", "modality": "CT"},
+    "ground": {"task": "ground", "question": "nodule"},
+    "identify": {"task": "identify", "region": [0.25 * W, 0.25 * H, 0.5 * W, 0.5 * H]},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_files()
+
+
+def _settings(tiny, **kw) -> MiniGPTMedSettings:
+    return MiniGPTMedSettings(
+        eva=str(tiny.eva),
+        llama=str(tiny.llama),
+        checkpoint=str(tiny.checkpoint),
+        model_config=str(tiny.model_config),
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def vllm_folder(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("vllm") / "minigptmed-llm"
+    args = ["--llama", str(tiny.llama), "--checkpoint", str(tiny.checkpoint), "--model-config", str(tiny.model_config)]
+    assert main(["convert", "--for-vllm", str(out), *args]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def local():
+    e = MiniGPTMedEngine(_settings(tiny_files()))
+    e.load()
+    return e
+
+
+def test_convert_for_vllm_writes_a_plain_llama_folder(tiny, vllm_folder, capsys):
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    names = {p.name for p in vllm_folder.iterdir()}
+    assert {"config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json"} <= names
+    assert any(n.endswith(".safetensors") for n in names) and not any("vision" in n or "lora" in n for n in names)
+    assert (vllm_folder / "tokenizer.model").read_bytes() == (tiny.llama / "tokenizer.model").read_bytes()
+    assert json.loads((vllm_folder / "config.json").read_text())["model_type"] == "llama"
+    gc = json.loads((vllm_folder / "generation_config.json").read_text())
+    assert gc["do_sample"] is False and "temperature" not in gc and "top_p" not in gc  # the source asked for sampling
+    assert GenerationConfig.from_pretrained(str(vllm_folder)).do_sample is False
+    llm, info = LlamaForCausalLM.from_pretrained(str(vllm_folder), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    # the LoRA is merged: W' = W + alpha/r * B @ A, from the original files, computed here
+    base = load_file(str(tiny.llama / "model.safetensors"))
+    ckpt = torch.load(tiny.checkpoint, weights_only=True)["model"]
+    pre = "llama_model.base_model.model.model.layers.1.self_attn.v_proj."
+    want = base["model.layers.1.self_attn.v_proj.weight"] + 16 / 64 * (
+        ckpt[pre + "lora_B.weight"] @ ckpt[pre + "lora_A.weight"]
+    )
+    got = llm.model.layers[1].self_attn.v_proj.weight.detach()
+    assert torch.allclose(got, want, atol=1e-6) and not torch.allclose(
+        got, base["model.layers.1.self_attn.v_proj.weight"]
+    )
+    assert torch.equal(llm.model.layers[0].mlp.up_proj.weight, base["model.layers.0.mlp.up_proj.weight"])
+    # the folder is never overwritten, and a missing input is one line and exit 2
+    before = sorted((p.name, p.stat().st_size) for p in vllm_folder.iterdir())
+    capsys.readouterr()
+    assert main(["convert", "--for-vllm", str(vllm_folder), "--llama", str(tiny.llama), *_ckpt(tiny)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "already exists" in err and len(err.splitlines()) == 1
+    assert sorted((p.name, p.stat().st_size) for p in vllm_folder.iterdir()) == before
+    assert main(["convert", "--for-vllm", str(vllm_folder.parent / "x"), "--llama", str(tiny.llama)]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
+    assert not (vllm_folder.parent / "x").exists()
+
+
+def _ckpt(tiny) -> list[str]:
+    return ["--checkpoint", str(tiny.checkpoint), "--model-config", str(tiny.model_config)]
+
+
+def test_minigptmed_on_vllm_answers_as_the_local_llama(tiny, vllm_folder, local):
+    from backend.minigpt.preprocess import normalize, resized_rgb
+
+    png = b64(encode_png(IMG))
+    with VLLMStandIn(vllm_folder) as standin:
+        remote = MiniGPTMedEngine(_settings(tiny, vllm_url=standin.url))
+        with ServerThread(remote) as url_remote, ServerThread(local) as url_local:
+            health = requests.get(f"{url_remote}/health", timeout=10).json()
+            assert "vLLM" in health["device"] and health["engine"] == "minigptmed"
+            assert remote.model.llm.__class__.__name__ == "EmbeddingTableLLM"  # no decoder layers here
+            for task, body in REQUESTS.items():
+                a = requests.post(f"{url_remote}/v1/analyze", json={**body, "image": png}, timeout=60)
+                b = requests.post(f"{url_local}/v1/analyze", json={**body, "image": png}, timeout=60)
+                assert a.status_code == 200, a.text
+                ja, jb = a.json(), b.json()
+                assert (ja["text"], ja["findings"], ja["raw_output"]) == (jb["text"], jb["findings"], jb["raw_output"])
+                assert ja["warnings"] == jb["warnings"], task
+            # the sequence the local LLaMA gets, from the local engine: template, double BOS, the image spliced in
+            rgb = np.repeat(IMG[:, :, None], 3, axis=2)
+            with torch.inference_mode():
+                image = local.model.encode_images(normalize(resized_rgb(rgb, 448))[None])[0]
+                want = local._embed_prompt("[detection] tumor", image)
+        detect = standin.received[2]  # the third request
+        body = standin.bodies[2]
+    assert detect.dtype == torch.float32 and detect.shape == want.shape and torch.equal(detect, want)
+    table = load_file(str(tiny.llama / "model.safetensors"))["model.embed_tokens.weight"]
+    assert torch.equal(detect[0], table[1]) and torch.equal(detect[1], table[1])  # [BOS, BOS, ...
+    n0 = next(i for i in range(2, detect.shape[0]) if torch.equal(detect[i : i + 256], image))
+    seg0, seg1 = local.tokenizer.prompt_segments("<s>[INST] <Img><ImageHere></Img> [detection] tumor [/INST]")
+    assert seg0[:2] == [1, 1] and n0 == len(seg0) and detect.shape[0] == n0 + 256 + len(seg1)
+    assert "prompt" not in body and body["temperature"] == 0.0 and body["return_token_ids"] is True
+    assert body["max_tokens"] == 100 and body["model"] == standin.served_name
+
+
+def test_vllm_failures_are_503_and_the_backend_keeps_serving(tiny, vllm_folder):
+    png = b64(encode_png(IMG))
+    req = {"task": "vqa", "question": "is there a mass?", "image": png}
+    with (
+        VLLMStandIn(vllm_folder) as standin,
+        ServerThread(MiniGPTMedEngine(_settings(tiny, vllm_url=standin.url))) as url,
+    ):
+        standin.fail_with = (400, {"error": {"message": "prompt_embeds hidden_size 63 does not match", "code": 400}})
+        r = requests.post(f"{url}/v1/analyze", json=req, timeout=60)
+        assert r.status_code == 503 and "answered 400: prompt_embeds hidden_size" in r.json()["error"]["message"]
+        standin.fail_with = (200, {"choices": [{"index": 0, "text": "yes", "finish_reason": "stop"}]})
+        r = requests.post(f"{url}/v1/analyze", json=req, timeout=60)
+        assert r.status_code == 503 and "vLLM >= 0.10.2" in r.json()["error"]["message"]
+        standin.fail_with = None
+        r = requests.post(f"{url}/v1/analyze", json=req, timeout=60)
+        assert r.status_code == 200 and r.json()["text"] == "yes"
