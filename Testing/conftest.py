@@ -80,3 +80,13 @@ def builtin_server():
 
     with ServerThread(BuiltinEngine()) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def dicom_folder(chest_ct_path, ct_small_path, tmp_path_factory) -> tuple[Path, dict]:
+    """A folder with one MR file and, in a subfolder, a 20-slice CT series (512 rows x 400 columns) made from the real
+    chest CT by pydicom; returns (folder, UIDs)."""
+    from dicom_fixtures import write_mixed_folder
+
+    root = tmp_path_factory.mktemp("dicom-folder")
+    return root, write_mixed_folder(chest_ct_path, ct_small_path.with_name("MR_small.dcm"), root)

@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("volume", help="NIfTI / NRRD file, a DICOM file or a DICOM folder")
+        sp.add_argument("--series", default=None, help="DICOM folder: a series UID or its number in 'series FOLDER'")
         sp.add_argument("--view", choices=sorted(ORIENTATIONS), default="axial")
         sp.add_argument("--question", default=None, help="the question (vqa), the phrase (ground) or the kind (detect)")
         sp.add_argument("--backend", default=None, help="backend URL; default: the built-in engine in this process")
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--level", type=float, default=None, help="window level (default: CT 40, else the volume's)")
         sp.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the backend")
         sp.add_argument("--out", required=True, help="output folder")
+
+    ls = sub.add_parser("series", help="list the DICOM series of a folder (searched recursively)")
+    ls.add_argument("folder")
 
     a = sub.add_parser("analyze", help="analyze one slice")
     common(a)
@@ -99,10 +103,12 @@ def _setup(args):
     ctx = S.create_scene()
     _progress(f"loading {args.volume}")
     try:
-        vol = S.load_volume(ctx, args.volume)
+        vol = S.load_volume(ctx, args.volume, series=args.series)
     except S.VolumeLoadError as e:
         S.close(ctx)
         raise RunnerError(str(e)) from None
+    if ctx.series_note:
+        _progress(ctx.series_note)
     display = vol.GetDisplayNode()
     if args.window is not None or args.level is not None:
         display.AutoWindowLevelOff()
@@ -321,12 +327,28 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
         S.close(ctx)
 
 
+def run_series(args: argparse.Namespace) -> int:
+    from MiniGPTMedSlicerLib import dicom_series
+
+    if not os.path.exists(args.folder):
+        raise RunnerError(f"{args.folder}: no such file or folder")
+    found = dicom_series.scan(args.folder)
+    if not found:
+        raise RunnerError(f"{args.folder}: no DICOM image series found (searched recursively)")
+    print("#  series UID  modality  description  slices  size")
+    for line in dicom_series.describe(found):
+        print(line)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
     args = build_parser().parse_args(argv)
     from MiniGPTMedSlicerLib.client import BackendError
 
     try:
+        if args.command == "series":
+            return run_series(args)
         if args.command == "analyze":
             return run_analyze(args)
         return run_sweep_cmd(args)

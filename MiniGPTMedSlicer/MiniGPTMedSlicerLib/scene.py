@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence
+
+from . import dicom_series
 
 if TYPE_CHECKING:  # Slicer's MRML classes (the app's or slicer-core's); without stubs, mypy sees them as Any
     from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSliceLogic, vtkMRMLVolumeNode
@@ -33,6 +35,9 @@ class SceneContext:
     colors_logic: Any
     subject_hierarchy_logic: Any
     slice_logics: Dict[str, Any] = field(default_factory=dict)
+    # the DICOM series loaded last (its instances' geometry and UIDs, for a DICOM SR export), and what was said
+    dicom_series: Optional[dicom_series.Series] = None
+    series_note: str = ""
 
 
 def create_scene() -> SceneContext:
@@ -71,22 +76,6 @@ def create_scene() -> SceneContext:
     return SceneContext(scene, app, vols, mk, colors, shl)
 
 
-def _dicom_files(path: str) -> List[str]:
-    if os.path.isdir(path):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path) if not f.startswith("."))
-        return [f for f in files if os.path.isfile(f) and _is_dicom(f)]
-    return [path] if _is_dicom(path) else []
-
-
-def _is_dicom(path: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-        return len(head) == 132 and head[128:132] == b"DICM"
-    except OSError:
-        return False
-
-
 def _dicom_modality(path: str) -> Optional[str]:
     """Only the Modality tag is read (no names, no other tags)."""
     try:
@@ -99,15 +88,37 @@ def _dicom_modality(path: str) -> Optional[str]:
         return None
 
 
-def load_volume(ctx: SceneContext, path: str, name: Optional[str] = None) -> vtkMRMLScalarVolumeNode:
-    """Load a NIfTI/NRRD/MHA file, a DICOM file or a DICOM folder as a scalar volume. CT gets a soft-tissue window."""
+def load_volume(
+    ctx: SceneContext, path: str, name: Optional[str] = None, series: Optional[str] = None
+) -> vtkMRMLScalarVolumeNode:
+    """Load a NIfTI/NRRD/MHA file, a DICOM file or a DICOM folder as a scalar volume. CT gets a soft-tissue window.
+
+    A DICOM folder is searched recursively; ``series`` picks one of its series (a UID or the 1-based number of
+    :func:`.dicom_series.describe`'s list), else the one with the most slices (``ctx.series_note`` says which)."""
     import vtk
 
     path = os.fspath(path)
     if not os.path.exists(path):
         raise VolumeLoadError(f"{path}: no such file or folder")
     name = name or os.path.basename(path.rstrip("/")).split(".")[0] or "volume"
-    dicoms = _dicom_files(path)
+    found = dicom_series.scan(path) if os.path.isdir(path) or dicom_series.is_dicom(path) else []
+    dicoms: list = []
+    ctx.dicom_series, ctx.series_note = None, ""
+    if found:
+        try:
+            chosen = dicom_series.choose(found, series)
+        except dicom_series.SeriesChoiceError as e:
+            raise VolumeLoadError(f"{path}: {e}") from None
+        dicoms = chosen.files
+        ctx.dicom_series = chosen
+        if len(found) > 1:
+            how = "chosen" if series else "the one with the most slices; pick another with --series"
+            ctx.series_note = (
+                f"series {found.index(chosen) + 1} of {len(found)}: {chosen.uid} ({chosen.modality or '?'}, "
+                f"{chosen.slice_count} slice(s)), {how}"
+            )
+    elif series:
+        raise VolumeLoadError(f"{path}: --series given but this is not DICOM")
     modality = None
     if dicoms:
         files = vtk.vtkStringArray()
