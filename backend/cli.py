@@ -134,7 +134,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     h.add_argument(
         "--family",
         default="generic",
-        choices=["medgemma", "qwen2_5_vl", "qwen3_vl", "generic"],
+        choices=["medgemma", "qwen2_5_vl", "qwen3_vl", "medmo", "generic"],
         help="prompt format and box decoder of the model family",
     )
     h.add_argument("--url", help=f"openai: base URL, e.g. http://127.0.0.1:8000/v1 (or set {ENV['url']})")

@@ -6,6 +6,7 @@ decoder that returns findings in pixels of the image that was SENT to our backen
 | medgemma     | zero-padded to a square, then 896 px     | JSON ``box_2d`` = [y0, x0, y1, x1] on 0..1000 of the padded square |
 | qwen2_5_vl   | Qwen's smart resize (multiples of 28)    | JSON ``bbox_2d`` = [x0, y0, x1, y1] in pixels of the resized image |
 | qwen3_vl     | Qwen's smart resize                      | JSON ``bbox_2d`` = [x0, y0, x1, y1] on 0..1000                     |
+| medmo        | Qwen's smart resize (MedMO is Qwen3-VL)  | ``Label <box>[[x0, y0, x1, y1], ...]</box>`` on 0..1000 (``medmo_syntax``) |
 | generic      | as sent                                  | none (text only)                                               |
 
 Thinking blocks (``<think>…</think>``, MedGemma's ``<unused94>…<unused95>``) are stripped. Malformed output keeps its
@@ -21,7 +22,9 @@ from dataclasses import dataclass, field
 
 from MiniGPTMedSlicerLib.protocol import Finding
 
-FAMILIES = ("medgemma", "qwen2_5_vl", "qwen3_vl", "generic")
+FAMILIES = ("medgemma", "qwen2_5_vl", "qwen3_vl", "medmo", "generic")
+#: families whose folders carry Qwen's image processor (smart resize, ``<|image_pad|>`` expanded by the engine)
+QWEN_PROCESSOR_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "medmo")
 BOX_TASKS = ("detect", "ground", "identify")
 
 _THINK = [
@@ -83,8 +86,8 @@ def check_task(family: str, task: str) -> None:
 
     if task not in supported_tasks(family):
         raise TaskNotSupported(
-            f"task '{task}' needs a model family with boxes (--family medgemma, qwen2_5_vl or "
-            f"qwen3_vl); this engine is '{family}'"
+            f"task '{task}' needs a model family with boxes (--family medgemma, qwen2_5_vl, qwen3_vl or "
+            f"medmo); this engine is '{family}'"
         )
 
 
@@ -148,6 +151,8 @@ def prompt_for(
     modality: str | None = None,
 ) -> str:
     """The instruction text for one task (the request's ``prompt`` field, when given, replaces it upstream)."""
+    if family == "medmo":
+        return medmo_prompt(task, question, region, geometry, modality)
     q = (question or "").strip()
     kind = f"{modality} " if modality else ""
     if task == "report":
@@ -259,6 +264,8 @@ def decode_output(family: str, raw: str, g: ImageGeometry, default_label: str = 
     text = strip_thinking(raw if isinstance(raw, str) else str(raw))
     if family == "generic":
         return Decoded(text=text)
+    if family == "medmo":
+        return decode_medmo(text, g, default_label)
     key = "box_2d" if family == "medgemma" else "bbox_2d"
     findings: list[Finding] = []
     warnings: list[str] = []
@@ -299,4 +306,63 @@ def decode_output(family: str, raw: str, g: ImageGeometry, default_label: str = 
     shown = text.split("Final Answer:", 1)[0].strip() if "Final Answer:" in text else _FENCE.sub("", text).strip()
     if not shown and findings:
         shown = ", ".join(f.label for f in findings)
+    return Decoded(text=shown or text, findings=findings, warnings=warnings)
+
+
+def uses_qwen_processor(family: str) -> bool:
+    return family in QWEN_PROCESSOR_FAMILIES
+
+
+# -- MedMO (Qwen3-VL fine-tune; prompts from genmilab/MedMO README.md @ 4a9f45d where it has one) ------------------
+
+MEDMO_DETECT_ALL = "Detect and localize all abnormalities in this image."  # README, verbatim
+
+
+def medmo_prompt(
+    task: str,
+    question: str | None,
+    region: tuple[float, float, float, float] | None,
+    geometry: ImageGeometry,
+    modality: str | None = None,
+) -> str:
+    """MedMO's instruction per task: the README's report and localisation prompts; ground, a targeted detect and
+    identify in the same form (our wording: MedMO publishes none for them)."""
+    from .medmo_syntax import format_boxes
+
+    q = (question or "").strip()
+    if task == "report":  # README: "Generate a detailed radiology report for this CT scan."
+        return (
+            f"Generate a detailed radiology report for this {modality} scan."
+            if modality
+            else ("Generate a detailed radiology report for this image.")
+        )
+    if task == "vqa":
+        return q
+    if task == "detect":
+        return f"Detect and localize {q} in this image." if q else MEDMO_DETECT_ALL
+    if task == "ground":
+        return f"Detect and localize {q} in this image."
+    assert region is not None
+    box = format_boxes([encode_box("medmo", region, geometry)])
+    return f"What is shown in the region {box}? Answer with its label and box."
+
+
+def decode_medmo(text: str, g: ImageGeometry, default_label: str) -> Decoded:
+    """``Label <box>[[x0, y0, x1, y1], ...]</box>`` (0..1000 of the image) -> findings in sent-image pixels; every
+    box of a label keeps that label; a box without text before it gets ``default_label``."""
+    from .medmo_syntax import parse
+
+    ans = parse(text)
+    findings: list[Finding] = []
+    dropped = 0
+    for b in ans.boxes:
+        box = decode_box("medmo", b.coords, g)
+        if not all(math.isfinite(v) for v in box):
+            dropped += 1
+            continue
+        findings.append(Finding(label=b.label or default_label, box=box))
+    warnings = list(ans.warnings)
+    if dropped:
+        warnings.append(f"{dropped} box(es) in the model's answer were not finite and were dropped")
+    shown = ans.text or ", ".join(dict.fromkeys(f.label for f in findings))
     return Decoded(text=shown or text, findings=findings, warnings=warnings)

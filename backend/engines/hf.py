@@ -80,7 +80,7 @@ class HFEngine(Engine):
             )
         t0 = time.perf_counter()
         try:
-            if self.family.startswith("qwen"):
+            if families.uses_qwen_processor(self.family):
                 from transformers import AutoImageProcessor
 
                 self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
@@ -136,7 +136,7 @@ class HFEngine(Engine):
         im = None
         if self.family == "medgemma":
             img = families.pad_to_square(img, g)
-        if self.family.startswith("qwen"):
+        if families.uses_qwen_processor(self.family):
             im = self.image_processor(images=[img], return_tensors="pt")
             t, gh, gw = (int(v) for v in im["image_grid_thw"][0])
             patch = int(getattr(self.image_processor, "patch_size", 14))
@@ -157,7 +157,7 @@ class HFEngine(Engine):
         import torch
 
         texts = [p[0] for p in preps]
-        if self.family.startswith("qwen"):
+        if families.uses_qwen_processor(self.family):
             enc = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
             return {
                 **enc,

@@ -12,9 +12,15 @@ import numpy as np
 import pytest
 import requests
 from conftest import b64
+from medmo_fixtures import scripted_medmo
 from MiniGPTMedSlicerLib.png import encode_png
 
+from backend import families
+from backend.engines.hf import HFEngine
+from backend.engines.openai_engine import OpenAIEngine
 from backend.medmo_syntax import format_boxes, parse
+from backend.server_thread import ServerThread
+from backend.settings import HFSettings, OpenAISettings
 
 README_ANSWER = "Fractures <box>[[156, 516, 231, 607], [240, 529, 296, 581]]</box>"  # genmilab/MedMO README
 
@@ -100,3 +106,53 @@ def stand_in():
     yield f"http://127.0.0.1:{server.server_address[1]}/v1"
     server.shutdown()
     server.server_close()
+
+
+def test_prompts_are_the_readme_ones_and_identify_names_the_region_on_0_1000():
+    g = families.ImageGeometry(width=200, height=100)
+    assert (
+        families.prompt_for("medmo", "detect", None, None, g) == "Detect and localize all abnormalities in this image."
+    )
+    assert families.prompt_for("medmo", "report", None, None, g, modality="CT") == (
+        "Generate a detailed radiology report for this CT scan."  # the README's report prompt
+    )
+    assert families.prompt_for("medmo", "ground", "the left lung", None, g) == (
+        "Detect and localize the left lung in this image."
+    )
+    p = families.prompt_for("medmo", "identify", None, (50, 25, 100, 100), g)
+    assert "<box>[[250, 250, 500, 1000]]</box>" in p  # x / 200 * 1000, y / 100 * 1000
+
+
+@pytest.fixture(scope="module")
+def hf_medmo_url():
+    engine = HFEngine(HFSettings(model=str(scripted_medmo(README_ANSWER)), family="medmo", device="cpu"))
+    with ServerThread(engine) as url:
+        yield url
+
+
+def test_hf_engine_medmo_boxes_land_where_the_answer_put_them(hf_medmo_url):
+    health = requests.get(f"{hf_medmo_url}/health", timeout=10).json()
+    assert "medmo" in health["model"] and "detect" in health["tasks"]
+    _check_boxes(hf_medmo_url, "hf")
+
+
+def test_hf_engine_medmo_answers_report_ground_identify_over_http(hf_medmo_url):
+    png = _image(*LANDSCAPE)
+    for body in (
+        {"task": "report", "modality": "CT"},
+        {"task": "ground", "question": "the fracture"},
+        {"task": "identify", "region": [10, 10, 60, 50]},
+    ):
+        r = requests.post(f"{hf_medmo_url}/v1/analyze", json={**body, "image": png, "max_new_tokens": 80}, timeout=300)
+        assert r.status_code == 200, r.text
+        assert r.json()["raw_output"] == README_ANSWER  # the scripted answer, through the real generate()
+
+
+def test_openai_engine_medmo_boxes_and_the_request_it_sends(stand_in):
+    with ServerThread(OpenAIEngine(OpenAISettings(url=stand_in, family="medmo"))) as url:
+        _check_boxes(url, "openai")
+    sent = _StandInServer.bodies[-1]
+    assert sent["model"] == "MBZUAI/MedMO-4B" and sent["temperature"] == 0.0
+    image_part, text_part = sent["messages"][0]["content"]
+    assert image_part["image_url"]["url"].startswith("data:image/png;base64,")
+    assert text_part["text"] == "Detect and localize all abnormalities in this image."
