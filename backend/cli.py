@@ -8,8 +8,10 @@ minigptmed-backend convert --for-vllm OUT --llama DIR --checkpoint FILE   (or --
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import socket
 import sys
 from collections.abc import Mapping
 
@@ -70,6 +72,10 @@ FLAGS = {
     "vllm_model": "--vllm-model",
     "for_vllm": "--for-vllm",
 }
+
+
+class StartupError(Exception):
+    """A start-up failure that the command line reports in one line: the cause and the fix."""
 
 
 def flag_message(err: SettingError) -> str:
@@ -160,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-image-side", type=int, default=8192)
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_model_arguments(s)
+    s.add_argument("--debug", action="store_true", help="show the traceback of a start-up failure")
     c = sub.add_parser("convert", help="write MiniGPT-Med weights as a safetensors folder that loads fast")
     add_model_arguments(c)
     c.add_argument("--out", help="output folder")
@@ -170,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(needs --llama and --checkpoint, or --converted)",
     )
     c.add_argument("--keep-lora", action="store_true", help="keep LoRA adapters separate instead of merging them")
+    c.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     return parser
 
 
@@ -233,12 +241,14 @@ def server_settings(args: argparse.Namespace, env: Mapping[str, str]) -> ServerS
 
     token = _value(args, env, "token") or None
     if args.host not in LOOPBACK_HOSTS and not token:
-        raise SystemExit(
+        raise StartupError(
             f"refusing to listen on {args.host} without an access token: anyone who can reach this "
             f"address could send images. Pass --token or set {TOKEN_ENV}, or bind to 127.0.0.1."
         )
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
-        raise SystemExit("--ssl-certfile and --ssl-keyfile go together")
+        raise StartupError("--ssl-certfile and --ssl-keyfile go together: pass both or neither")
+    if not 0 <= args.port <= 65535:
+        raise StartupError(f"--port {args.port} is out of range: use 1-65535 (0 picks a free port)")
     return ServerSettings(
         host=args.host,
         port=args.port,
@@ -267,29 +277,68 @@ def convert_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Conver
     )
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """Bind and listen before anything slow happens, so that a taken port fails at once, not after the engine loads."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise StartupError(f"--host {host}: not a known address ({e.strerror}); pass --host 127.0.0.1") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise StartupError(
+                f"port {port} on {host} is already in use (another backend running?): stop it or pass --port N"
+            ) from None
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise StartupError(f"--host {host} is not an address of this machine; pass --host 127.0.0.1") from None
+        if e.errno == errno.EACCES:
+            raise StartupError(
+                f"port {port} needs privileges on this machine; pass --port 8765 (or above 1023)"
+            ) from None
+        raise StartupError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
 def serve(server: ServerSettings, engines: EngineSettings, log_level: str = "info") -> int:
     import uvicorn
 
     from .app import create_app
     from .engines import build_engine
 
-    engine = build_engine(engines)
-    app = create_app(engine, server)
-    logging.getLogger("minigptmed").info(
-        "listening on %s://%s:%d", "https" if server.ssl_certfile else "http", server.host, server.port
-    )
-    config = uvicorn.Config(
-        app,
-        host=server.host,
-        port=server.port,
-        log_level=log_level,
-        access_log=False,
-        ssl_certfile=server.ssl_certfile,
-        ssl_keyfile=server.ssl_keyfile,
-        timeout_graceful_shutdown=5,
-    )
-    uv = uvicorn.Server(config)
-    uv.run()
+    log = logging.getLogger("minigptmed")
+    sock = listen_socket(server.host, server.port)
+    port = int(sock.getsockname()[1])
+    scheme = "https" if server.ssl_certfile else "http"
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                log.info("listening on %s://%s:%d", scheme, server.host, port)
+
+    try:
+        engine = build_engine(engines)
+        app = create_app(engine, server)
+        app.state.service.start()  # loads the engine here, so a failure is ours to report (the lifespan skips it)
+        config = uvicorn.Config(
+            app,
+            host=server.host,
+            port=port,
+            log_level=log_level,
+            access_log=False,
+            ssl_certfile=server.ssl_certfile,
+            ssl_keyfile=server.ssl_keyfile,
+            timeout_graceful_shutdown=5,
+        )
+        uv = Server(config)
+        uv.run(sockets=[sock])
+    finally:
+        sock.close()
     err = getattr(app.state, "start_error", None)
     if isinstance(err, SettingError):
         raise err
@@ -325,7 +374,7 @@ def convert(s: ConvertSettings) -> int:
     except SettingError:
         raise
     except WeightsError as e:
-        raise SystemExit(f"convert failed: {e}") from None
+        raise StartupError(f"convert failed: {e}") from None
     print(f"wrote {res['out']} in {res['seconds']:.1f} s (LoRA {res['lora']}, LLM {res['llm_dtype']})")
     return 0
 
@@ -377,7 +426,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "convert":
             return convert(convert_settings(args, env))
     except SettingError as e:
+        if args.debug:
+            raise
         print(f"minigptmed-backend: {flag_message(e)}", file=sys.stderr)
+        return 2
+    except StartupError as e:
+        if args.debug:
+            raise
+        print(f"minigptmed-backend: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # any other start-up failure: one line, the traceback behind --debug
+        if args.debug:
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"minigptmed-backend: {args.command} failed: {msg} (--debug shows the traceback)", file=sys.stderr)
         return 2
     return 2
 

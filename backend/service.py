@@ -79,6 +79,9 @@ class AnalysisService:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Load the engine and start the worker; a second call does nothing (the CLI loads before uvicorn starts)."""
+        if self._worker is not None:
+            return
         t0 = time.perf_counter()
         self.engine.load()
         self._info = self.engine.info()

@@ -26,6 +26,39 @@ class RunnerError(Exception):
     pass
 
 
+MAX_VIEW_SIZE = 4096  # pixels; the backend's default limits (8192 px a side, 32 MB a body) hold a PNG of this size
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Check the options before anything slow runs; the reason in the options' own words."""
+    for name in ("view_size", "export_size"):
+        v = getattr(args, name, None)
+        if v is not None and not 16 <= v <= MAX_VIEW_SIZE:
+            raise RunnerError(f"--{name.replace('_', '-')} {v}: use 16..{MAX_VIEW_SIZE} pixels")
+    window = getattr(args, "window", None)
+    if window is not None and not window > 0:
+        raise RunnerError(f"--window {window:g}: the window width must be > 0 (e.g. 400 for soft tissue)")
+    if getattr(args, "batch_size", 1) < 1:
+        raise RunnerError(f"--batch-size {args.batch_size}: use 1 or more slices per request")
+    if getattr(args, "step", 1) < 1:
+        raise RunnerError(f"--step {args.step}: use 1 (every slice) or more")
+    timeout = getattr(args, "timeout", None)
+    if timeout is not None and not timeout > 0:
+        raise RunnerError(f"--timeout {timeout:g}: use a positive number of seconds")
+
+
+def prepare_out(path: str) -> None:
+    """The output folder, created if needed; one-line errors for a file in the way or a folder that cannot be made."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise RunnerError(f"--out {path}: a file is in the way; give a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise RunnerError(f"--out {path}: cannot create this folder ({e.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise RunnerError(f"--out {path}: this folder is not writable")
+
+
 def _progress(msg: str) -> None:
     print(f"[minigptmed-slicer] {msg}", file=sys.stderr, flush=True)
 
@@ -146,7 +179,7 @@ def run_analyze(args: argparse.Namespace) -> int:
 
     from .render import render_slice_view
 
-    os.makedirs(args.out, exist_ok=True)
+    prepare_out(args.out)
     ctx, vol, sl = _setup(args)
     try:
         plan = plan_sweep(sl, vol)
@@ -244,7 +277,7 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
 
     from .render import render_slice_view
 
-    os.makedirs(args.out, exist_ok=True)
+    prepare_out(args.out)
     ctx, vol, sl = _setup(args)
     try:
         full = plan_sweep(sl, vol)
@@ -349,10 +382,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "series":
             return run_series(args)
+        validate(args)
         if args.command == "analyze":
             return run_analyze(args)
         return run_sweep_cmd(args)
-    except (RunnerError, BackendError) as e:
+    except BackendError as e:
+        message = str(e)
+        if e.status == 401:
+            message = (
+                f"the backend at {args.backend} needs an access token: pass --token or set MINIGPTMED_TOKEN"
+                if not args.token
+                else f"the backend at {args.backend} refused the token: check --token or MINIGPTMED_TOKEN"
+            )
+        print(f"minigptmed-slicer: error: {message}", file=sys.stderr, flush=True)
+        return 2
+    except RunnerError as e:
         print(f"minigptmed-slicer: error: {e}", file=sys.stderr, flush=True)
         return 2
     except ValueError as e:

@@ -6,6 +6,7 @@ passes them to the same capture/markups functions.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -125,12 +126,20 @@ def load_volume(
         for f in dicoms:
             files.InsertNextValue(f)
         options = _SINGLE_FILE if len(dicoms) == 1 else 0
-        node = ctx.volumes_logic.AddArchetypeVolume(dicoms[0], name, options, files)
+        missing = _dicom_missing_voxels(dicoms)
+        if missing:
+            raise VolumeLoadError(f"{path}: {missing}; the volume is not loaded (no voxels are invented)")
+        with quiet_vtk():
+            node = ctx.volumes_logic.AddArchetypeVolume(dicoms[0], name, options, files)
         modality = _dicom_modality(dicoms[0])
     elif os.path.isdir(path):
         raise VolumeLoadError(f"{path}: a folder without DICOM files")
     else:
-        node = ctx.volumes_logic.AddArchetypeVolume(path, name, _SINGLE_FILE)
+        missing = _nifti_missing_voxels(path)
+        if missing:
+            raise VolumeLoadError(f"{path}: {missing}; the volume is not loaded (no voxels are invented)")
+        with quiet_vtk():
+            node = ctx.volumes_logic.AddArchetypeVolume(path, name, _SINGLE_FILE)
     if node is None or node.GetImageData() is None:
         raise VolumeLoadError(f"{path}: cannot read this file as a volume ({_explain_unreadable(path)})")
     image = node.GetImageData()
@@ -158,6 +167,104 @@ def load_volume(
     return node
 
 
+@contextlib.contextmanager
+def quiet_vtk():
+    """VTK's and Slicer's reader errors off while probing a file: the caller reports a failure once, in one line."""
+    import vtk
+
+    verbosity = vtk.vtkLogger.GetCurrentVerbosityCutoff()
+    shown = vtk.vtkObject.GetGlobalWarningDisplay()
+    vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_OFF)
+    vtk.vtkObject.GlobalWarningDisplayOff()
+    try:
+        yield
+    finally:
+        vtk.vtkObject.SetGlobalWarningDisplay(shown)
+        vtk.vtkLogger.SetStderrVerbosity(verbosity)
+
+
+def _cut_short(have: int, need: int) -> str:
+    return f"the file is cut short: it holds {have} of the {need} bytes its header declares"
+
+
+def _nifti_missing_voxels(path: str) -> Optional[str]:
+    """Why a NIfTI file does not hold all its voxels, or None. (ITK and Slicer zero-fill a cut-short .nii.gz.)"""
+    low = path.lower()
+    if not low.endswith((".nii", ".nii.gz")):
+        return None  # NRRD and the rest: their readers fail on short data
+    try:
+        import nibabel
+        import numpy as np
+
+        img: Any = nibabel.load(path)
+        need = int(img.dataobj.offset) + int(np.prod(img.shape)) * img.get_data_dtype().itemsize
+    except Exception:
+        return None  # not NIfTI after all, or nibabel missing: the volume reader decides
+    if not low.endswith(".gz"):
+        have = os.path.getsize(path)
+        return _cut_short(have, need) if have < need else None
+    import gzip
+    import zlib
+
+    have = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while have < need:
+                chunk = f.read(min(1 << 20, need - have))
+                if not chunk:
+                    break
+                have += len(chunk)
+    except (EOFError, zlib.error, OSError):
+        pass
+    return f"{_cut_short(have, need)} (uncompressed)" if have < need else None
+
+
+def _dicom_missing_voxels(files: Sequence[str]) -> Optional[str]:
+    """Why a DICOM file does not hold all its pixel data (cut short, or fewer bytes than rows x columns x frames)."""
+    try:
+        import pydicom
+    except ImportError:
+        return None
+
+    def name(f: str) -> str:
+        return f"{os.path.basename(f)}: " if len(files) > 1 else ""
+
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f, defer_size=1024)
+            elem = ds.get_item("PixelData")
+        except Exception as e:
+            return f"{name(f)}unreadable DICOM ({type(e).__name__})"
+        if elem is None:
+            return f"{name(f)}no pixel data"
+        length = getattr(elem, "length", None)
+        tell = getattr(elem, "value_tell", None)
+        if length == 0xFFFFFFFF:
+            continue  # encapsulated (compressed) pixel data: its decoder checks it
+        if length is not None and tell is not None:  # deferred: the header's length against the file's size
+            size = os.path.getsize(f)
+            if tell + length > size:
+                return f"{name(f)}{_cut_short(size - tell, length)} of pixel data"
+        else:  # read in full (a cut-short value is read as far as the file goes)
+            value = getattr(elem, "value", None)
+            if not isinstance(value, (bytes, bytearray)):
+                continue
+            length = len(value)
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        if syntax is not None and getattr(syntax, "is_compressed", False):
+            continue
+        need = (
+            int(ds.get("Rows", 0))
+            * int(ds.get("Columns", 0))
+            * int(ds.get("SamplesPerPixel", 1) or 1)
+            * int(ds.get("NumberOfFrames", 1) or 1)
+            * (int(ds.get("BitsAllocated", 16) or 16) // 8)
+        )
+        if length < need:
+            return f"{name(f)}{length} bytes of pixel data for {need} (rows x columns x frames)"
+    return None
+
+
 def _explain_unreadable(path: str) -> str:
     try:
         import SimpleITK as sitk
@@ -171,8 +278,13 @@ def _explain_unreadable(path: str) -> str:
             )
         if reader.GetNumberOfComponents() > 1:
             return f"{reader.GetNumberOfComponents()} components per voxel: only scalar volumes are supported"
-    except Exception:
-        pass
+        if reader.GetDimension() < 3:
+            return f"a {reader.GetDimension()}D image: only 3D volumes (NIfTI, NRRD, DICOM) are supported"
+        reader.Execute()  # the header reads; the data does not: ITK says why (e.g. a cut-short NRRD)
+    except Exception as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith("sitk::")]
+        if lines and "Unable to determine ImageIO" not in str(e):
+            return lines[-1][:200]
     return "unsupported format or corrupt file"
 
 

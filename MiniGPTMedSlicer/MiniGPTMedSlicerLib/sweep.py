@@ -66,6 +66,10 @@ class SweepProgress:
 ProgressCallback = Callable[[SweepProgress], None]
 
 
+def _slice_span(first: int, last: int) -> str:
+    return f"slice {first}" if first == last else f"slices {first}–{last}"
+
+
 def parse_range(text: Optional[str], count: int) -> Tuple[int, int]:
     """``"A:B"`` (B exclusive, either may be empty, negatives count from the end) -> (start, stop) in 0..count."""
     if not text:
@@ -77,6 +81,8 @@ def parse_range(text: Optional[str], count: int) -> Tuple[int, int]:
     stop = int(b) if b.strip() else count
     start = start + count if start < 0 else start
     stop = stop + count if stop < 0 else stop
+    if 0 <= start <= count and 0 <= stop <= count and start >= stop:
+        raise ValueError(f"range {text} is empty: B must be greater than A (B is exclusive; 0:{count} is all)")
     if not (0 <= start < stop <= count):
         raise ValueError(f"range {text} is outside the {count} slices of this view (0:{count})")
     return start, stop
@@ -185,7 +191,7 @@ def summarize(findings: Sequence[Finding3D], plan: SweepPlan, view: str, engine:
         score = "" if f.best_score is None else f", best score {f.best_score:.2f}"
         lines.append(
             f"{i + 1}. {f.label}{' (single slice)' if f.isolated else ''}: {f.size_mm[0]:.1f} × "
-            f"{f.size_mm[1]:.1f} × {f.size_mm[2]:.1f} mm, slices {plan.indices[f.first]}–"
-            f"{plan.indices[f.last]}{score}"
+            f"{f.size_mm[1]:.1f} × {f.size_mm[2]:.1f} mm, {_slice_span(plan.indices[f.first], plan.indices[f.last])}"
+            f"{score}"
         )
     return "\n".join(lines)

@@ -2,7 +2,8 @@
 
 The vision tower and the projector are described here; the LLM's dimensions always come from the LLaMA folder's
 ``config.json`` (or the converted folder). ``MiniGPTMedConfig.real()`` is the released 7B model; a ``--model-config``
-JSON file overrides parts of it (tiny test models)::
+JSON file overrides parts of it (tiny test models; without ``llm_hidden_size`` the LLaMA folder's hidden size is
+used, so a file with only the ``vision`` object works; the 7B check applies to the real preset)::
 
     {"vision": {"image_size": 448, "patch_size": 14, "width": 64, "depth": 2, "heads": 4, "mlp_dim": 128},
      "llm_hidden_size": 64, "lora": {"r": 8, "alpha": 16}}
@@ -84,6 +85,7 @@ class MiniGPTMedConfig:
             raise ValueError(f"unknown model-config vision keys: {', '.join(sorted(vis_unknown))}")
         if "targets" in lora:
             lora["targets"] = tuple(lora["targets"])
+        d.setdefault("llm_hidden_size", None)  # a custom config takes the LLM's size from the LLaMA folder
         cfg = cls(vision=VisionConfig(**vision), lora=LoraSettings(**lora), **d)
         if "preset" not in d:
             cfg.preset = "custom"
