@@ -8,7 +8,7 @@ import qt
 import slicer
 import vtk
 from MiniGPTMedSlicerLib.local_backend import LocalBackend, find_launcher, find_or_start_backend
-from MiniGPTMedSlicerLib.logic import TASKS, AnalysisLogic
+from MiniGPTMedSlicerLib.logic import TASK_LABELS, AnalysisLogic
 from MiniGPTMedSlicerQt.qt_compat import prop
 from slicer import vtkMRMLMarkupsROINode
 from slicer.parameterNodeWrapper import Choice, SlicerParameterNamePropertyName, parameterNodeWrapper
@@ -56,7 +56,7 @@ class MiniGPTMedSlicerParameterNode:
     """What the user sets in the panel, saved with the scene. The Widget binds it to the panel's widgets."""
 
     view: Annotated[str, Choice(["Red", "Yellow", "Green"])] = "Red"
-    task: Annotated[str, Choice(list(TASKS))] = "Detect"
+    task: Annotated[str, Choice(list(TASK_LABELS))] = "Detect"
     question: str = ""
     regionRoi: vtkMRMLMarkupsROINode
     sweepRange: str = ""

@@ -20,34 +20,30 @@ from MiniGPTMedSlicerLib.protocol import (
     BatchResponse,
     ErrorBody,
     Health,
+    status_descriptions,
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
 from .engines.base import Engine
 from .errors import ApiError
+from .openai_routes import add_openai_routes, is_openai_path, openai_error_body
 from .service import AnalysisService
 from .settings import ServerSettings
 
 log = logging.getLogger("minigptmed.access")
 
 _ERROR_RESPONSES: dict[int | str, dict] = {
-    code: {"model": ErrorBody, "description": desc}
-    for code, desc in [
-        (400, "bad image or field"),
-        (401, "missing or wrong access token"),
-        (413, "too large"),
-        (422, "does not match the schema"),
-        (501, "task not supported by this engine"),
-        (503, "engine not ready, busy or failed; see Retry-After"),
-        (504, "time limit reached"),
-    ]
+    status: {"model": ErrorBody, "description": desc}
+    for status, desc in status_descriptions((400, 401, 413, 422, 501, 503, 504)).items()
 }
 _request_ids = itertools.count(1)
 
 
-def error_response(err: ApiError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+def error_response(err: ApiError, path: str = "") -> JSONResponse:
+    """The error in the native shape, or in OpenAI's on the OpenAI-compatible routes."""
+    body = openai_error_body(err) if is_openai_path(path) else err.body()
+    return JSONResponse(body, status_code=err.status, headers=err.headers)
 
 
 def create_app(
@@ -82,26 +78,30 @@ def create_app(
     # -- errors in one shape ----------------------------------------------------------------
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        return error_response(exc)
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        if is_openai_path(request.url.path) and any(e.get("type") == "json_invalid" for e in errors):
+            return error_response(ApiError("invalid_json", "the body is not JSON"), request.url.path)
         parts = []
-        for e in exc.errors()[:5]:
+        for e in errors[:5]:
             loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
             parts.append(f"{loc or 'body'}: {e.get('msg', 'invalid')}")
-        return error_response(ApiError("invalid_schema", "; ".join(parts) or "request does not match the schema"))
+        err = ApiError("invalid_schema", "; ".join(parts) or "request does not match the schema")
+        return error_response(err, request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "bad_request", 413: "too_large"}.get(exc.status_code, "bad_request")
-        return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code)
+        return error_response(ApiError(code, str(exc.detail), status=exc.status_code), request.url.path)
 
     app.add_middleware(GuardMiddleware, settings=settings)
 
     # -- routes -----------------------------------------------------------------------------
     @app.get("/health", response_model=Health, responses=_ERROR_RESPONSES, tags=["service"])
-    async def health() -> dict:
+    async def health() -> Health:
         return service.health()
 
     @app.post("/v1/analyze", response_model=AnalyzeResponse, responses=_ERROR_RESPONSES, tags=["analyze"])
@@ -136,8 +136,6 @@ def create_app(
         per = {"decode": (t1 - t0) * 1000 / len(inputs), "engine": (t2 - t1) * 1000 / len(inputs)}
         out = [service.respond(i, r, per) for i, r in zip(inputs, results, strict=True)]
         return BatchResponse(results=out, timings_ms={"decode": (t1 - t0) * 1000, "engine": (t2 - t1) * 1000})
-
-    from .openai_routes import add_openai_routes
 
     add_openai_routes(app, service)
     if extra_routes is not None:
@@ -176,7 +174,7 @@ class GuardMiddleware:
                 if rejection is None:
                     receive = _replay(body, receive)
             if rejection is not None:
-                await error_response(rejection)(scope, receive, send_wrapper)
+                await error_response(rejection, scope["path"])(scope, receive, send_wrapper)
                 return
             await self.app(scope, receive, send_wrapper)
         finally:

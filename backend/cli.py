@@ -1,6 +1,6 @@
 """``minigptmed-backend``: serve the API, or convert MiniGPT-Med weights.
 
-minigptmed-backend serve [--engine auto|builtin|minigptmed|hf|openai] [--host 127.0.0.1] [--port 8765]
+minigptmed-backend serve [--engine auto|builtin|minigptmed|hf|openai] [--host HOST] [--port PORT]
 minigptmed-backend convert --eva FILE --llama DIR --checkpoint FILE --out DIR [--merge-lora]
 minigptmed-backend convert --for-vllm OUT --llama DIR --checkpoint FILE   (or --converted DIR)
 """
@@ -14,6 +14,8 @@ import os
 import socket
 import sys
 from collections.abc import Mapping
+
+from MiniGPTMedSlicerLib.protocol import DEFAULT_HOST, DEFAULT_PORT
 
 from .setting_error import SettingError
 from .settings import (
@@ -155,8 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the HTTP API")
     s.add_argument("--engine", default="auto", choices=["auto", "builtin", "minigptmed", "xraygpt", "hf", "openai"])
-    s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; any other needs a token)")
-    s.add_argument("--port", type=int, default=8765)
+    s.add_argument(
+        "--host", default=DEFAULT_HOST, help=f"bind address (default {DEFAULT_HOST}; any other needs a token)"
+    )
+    s.add_argument("--port", type=int, default=DEFAULT_PORT)
     s.add_argument("--token", default=None, help=f"access token (or set {TOKEN_ENV})")
     s.add_argument("--ssl-certfile", default=None)
     s.add_argument("--ssl-keyfile", default=None)

@@ -20,12 +20,21 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from MiniGPTMedSlicerLib.protocol import Finding
+from MiniGPTMedSlicerLib.protocol import DETECT, GROUND, REPORT, TASKS, TEXT_TASKS, VQA, Finding
+
+from .box_codecs import (
+    box2d_to_pixels,
+    norm1000_to_pixels,
+    pad_offsets,
+    pixels_to_box2d,
+    pixels_to_norm1000,
+    pixels_to_resized,
+    resized_to_pixels,
+)
 
 FAMILIES = ("medgemma", "qwen2_5_vl", "qwen3_vl", "medmo", "generic")
 #: families whose folders carry Qwen's image processor (smart resize, ``<|image_pad|>`` expanded by the engine)
 QWEN_PROCESSOR_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "medmo")
-BOX_TASKS = ("detect", "ground", "identify")
 
 _THINK = [
     re.compile(r"<think>.*?</think>", re.S),
@@ -77,7 +86,7 @@ def check_family(family: str) -> str:
 
 
 def supported_tasks(family: str) -> tuple[str, ...]:
-    return ("report", "vqa") if family == "generic" else ("report", "vqa", "detect", "ground", "identify")
+    return TEXT_TASKS if family == "generic" else TASKS
 
 
 def check_task(family: str, task: str) -> None:
@@ -99,12 +108,6 @@ def pad_to_square(img, g: ImageGeometry):
     square = Image.new("RGB", (g.square, g.square))
     square.paste(img, (g.pad_left, g.pad_top))
     return square
-
-
-def pad_offsets(width: int, height: int) -> tuple[int, int]:
-    """Symmetric zero padding to a square (MedGemma's convention): (left, top)."""
-    side = max(width, height)
-    return (side - width) // 2, (side - height) // 2
 
 
 QWEN_MAX_PIXELS = 28 * 28 * 16384  # Qwen2.5-VL's preprocessor_config default (12845056)
@@ -130,16 +133,19 @@ def smart_resize(
     return h, w
 
 
-def default_detect_label(modality: str | None) -> str:
-    m = (modality or "").upper()
-    return {
-        "CT": "abnormality",
-        "MR": "lesion",
-        "MRI": "lesion",
-        "XR": "abnormality",
-        "CR": "abnormality",
-        "DX": "abnormality",
-    }.get(m, "abnormality")
+XRAY_MODALITIES = ("XR", "CR", "DX", "DR", "RG", "PX", "MG")
+
+#: What a detect looks for when the question names nothing, per model family and modality ("*": any other).
+#: MiniGPT-Med was trained on "tumor" (CT/MR) and "pneumonia" (X-ray) detection; the peer families get a neutral word.
+DETECT_LABELS: dict[str, dict[str, str]] = {
+    "minigptmed": {**{m: "pneumonia" for m in XRAY_MODALITIES}, "*": "tumor"},
+    "*": {"MR": "lesion", "MRI": "lesion", "*": "abnormality"},
+}
+
+
+def default_detect_label(family: str, modality: str | None) -> str:
+    table = DETECT_LABELS.get(family, DETECT_LABELS["*"])
+    return table.get((modality or "").upper(), table["*"])
 
 
 def prompt_for(
@@ -155,20 +161,20 @@ def prompt_for(
         return medmo_prompt(task, question, region, geometry, modality)
     q = (question or "").strip()
     kind = f"{modality} " if modality else ""
-    if task == "report":
+    if task == REPORT.id:
         return (
             f"Describe this {kind}image in detail and list the findings."
             if kind
             else "Describe this medical image in detail and list the findings."
         )
-    if task == "vqa":
+    if task == VQA.id:
         return q
     if family == "generic":
         raise ValueError(f"the generic family has no box format, so '{task}' is not available")
-    if task == "detect":
-        target = q or default_detect_label(modality)
+    if task == DETECT.id:
+        target = q or default_detect_label(family, modality)
         what = f"every {target}"
-    elif task == "ground":
+    elif task == GROUND.id:
         what = f"the {q}" if not q.lower().startswith(("the ", "a ", "an ")) else q
     else:  # identify: describe the region, give its box back
         assert region is not None
@@ -190,36 +196,22 @@ def prompt_for(
 
 def encode_box(family: str, box: tuple[float, float, float, float], g: ImageGeometry) -> list[float]:
     """A box in sent-image pixels -> the family's coordinates (for prompts that name a region)."""
-    x0, y0, x1, y1 = box
     if family == "medgemma":
-        s = g.square
-        return [
-            (y0 + g.pad_top) / s * 1000,
-            (x0 + g.pad_left) / s * 1000,
-            (y1 + g.pad_top) / s * 1000,
-            (x1 + g.pad_left) / s * 1000,
-        ]
+        return pixels_to_box2d(box, g.width, g.height)
     if family == "qwen2_5_vl":
-        sx, sy = g.model_width / g.width, g.model_height / g.height
-        return [x0 * sx, y0 * sy, x1 * sx, y1 * sy]
-    return [x0 / g.width * 1000, y0 / g.height * 1000, x1 / g.width * 1000, y1 / g.height * 1000]
+        return pixels_to_resized(box, g.width, g.height, g.model_width, g.model_height)
+    return pixels_to_norm1000(box, g.width, g.height)
 
 
 def decode_box(family: str, coords: list, g: ImageGeometry) -> list[float]:
     """The family's coordinates -> [x0, y0, x1, y1] in sent-image pixels (not yet clipped)."""
-    a, b, c, d = (float(v) for v in coords)
+    if len(coords) != 4:
+        raise ValueError("a box has four coordinates")
     if family == "medgemma":  # [y0, x0, y1, x1] on 0..1000 of the padded square
-        s = g.square
-        return [
-            b / 1000 * s - g.pad_left,
-            a / 1000 * s - g.pad_top,
-            d / 1000 * s - g.pad_left,
-            c / 1000 * s - g.pad_top,
-        ]
+        return box2d_to_pixels(coords, g.width, g.height)
     if family == "qwen2_5_vl":  # absolute pixels of the resized image
-        sx, sy = g.width / g.model_width, g.height / g.model_height
-        return [a * sx, b * sy, c * sx, d * sy]
-    return [a / 1000 * g.width, b / 1000 * g.height, c / 1000 * g.width, d / 1000 * g.height]  # qwen3_vl
+        return resized_to_pixels(coords, g.width, g.height, g.model_width, g.model_height)
+    return norm1000_to_pixels(coords, g.width, g.height)  # qwen3_vl
 
 
 def strip_thinking(text: str) -> str:
@@ -330,17 +322,17 @@ def medmo_prompt(
     from .medmo_syntax import format_boxes
 
     q = (question or "").strip()
-    if task == "report":  # README: "Generate a detailed radiology report for this CT scan."
+    if task == REPORT.id:  # README: "Generate a detailed radiology report for this CT scan."
         return (
             f"Generate a detailed radiology report for this {modality} scan."
             if modality
             else ("Generate a detailed radiology report for this image.")
         )
-    if task == "vqa":
+    if task == VQA.id:
         return q
-    if task == "detect":
+    if task == DETECT.id:
         return f"Detect and localize {q} in this image." if q else MEDMO_DETECT_ALL
-    if task == "ground":
+    if task == GROUND.id:
         return f"Detect and localize {q} in this image."
     assert region is not None
     box = format_boxes([encode_box("medmo", region, geometry)])

@@ -7,6 +7,8 @@ import unicodedata
 
 from MiniGPTMedSlicerLib.protocol import Finding
 
+from .box_codecs import clip_box
+
 MAX_FINDINGS = 100
 MAX_LABEL_CHARS = 120
 MAX_TEXT_CHARS = 20_000
@@ -29,23 +31,8 @@ def sanitize_findings(findings: list[Finding], width: int, height: int) -> tuple
     out: list[Finding] = []
     dropped = 0
     for f in findings:
-        box = list(f.box) if isinstance(f.box, (list, tuple)) else []
-        if len(box) != 4:
-            dropped += 1
-            continue
-        try:
-            x0, y0, x1, y1 = (float(c) for c in box)
-        except (TypeError, ValueError):
-            dropped += 1
-            continue
-        if not all(math.isfinite(c) for c in (x0, y0, x1, y1)):
-            dropped += 1
-            continue
-        x0, x1 = sorted((x0, x1))
-        y0, y1 = sorted((y0, y1))
-        x0, x1 = min(max(x0, 0.0), float(width)), min(max(x1, 0.0), float(width))
-        y0, y1 = min(max(y0, 0.0), float(height)), min(max(y1, 0.0), float(height))
-        if not (x1 > x0 and y1 > y0):
+        box = clip_box(f.box, width, height)
+        if box is None:
             dropped += 1
             continue
         score = f.score
@@ -57,7 +44,7 @@ def sanitize_findings(findings: list[Finding], width: int, height: int) -> tuple
             if score is not None and not math.isfinite(score):
                 score = None
         label = clean_text(f.label, MAX_LABEL_CHARS).strip().replace("\n", " ") or "finding"
-        out.append(Finding(label=label, box=[x0, y0, x1, y1], score=score))
+        out.append(Finding(label=label, box=box, score=score))
     warnings: list[str] = []
     if dropped:
         warnings.append(

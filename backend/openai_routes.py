@@ -15,54 +15,159 @@ in pixels as an extra ``findings`` field. ``"stream": true`` is answered as serv
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
 import uuid
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from MiniGPTMedSlicerLib.protocol import TASKS, AnalyzeRequest
+from fastapi.responses import StreamingResponse
+from MiniGPTMedSlicerLib.protocol import ERRORS, REPORT, TASKS, VQA, AnalyzeRequest, Finding, Task, status_descriptions
+from pydantic import BaseModel, ConfigDict, Field
 
+from .box_codecs import pixels_to_norm1000
 from .errors import ApiError
 from .service import AnalysisService
 
-_TAG = re.compile(r"^\s*\[(report|vqa|detect|ground|identify)\]\s*", re.I)
+#: The routes that answer in OpenAI's shapes (errors included).
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/models")
+_TAG = re.compile(r"^\s*\[(" + "|".join(map(re.escape, TASKS)) + r")\]\s*", re.I)
 
 
-def _openai_error(status: int, message: str, code: str, headers: dict | None = None) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse(
-        {"error": {"message": message, "type": kind, "code": code, "param": None}},
-        status_code=status,
-        headers=headers or {},
-    )
+# -- request ----------------------------------------------------------------------------------------
 
 
-def parse_chat_request(body: Any, engine_tasks: tuple[str, ...]) -> AnalyzeRequest:
-    """OpenAI chat body -> our AnalyzeRequest (raises ApiError with a clear message)."""
-    if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
-        raise ApiError("invalid_schema", "messages must be a non-empty list")
-    users = [m for m in body["messages"] if isinstance(m, dict) and m.get("role") == "user"]
+class _Lenient(BaseModel):
+    """OpenAI clients send many fields this server does not use (``top_p``, ``n``, ``tools``...): they are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class ImageURL(_Lenient):
+    url: str
+
+
+class ContentPart(_Lenient):
+    type: str
+    text: str | None = None
+    image_url: ImageURL | str | None = None
+
+
+class ChatMessage(_Lenient):
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+class ChatCompletionRequest(_Lenient):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    task: Task | None = Field(default=None, description="an extension: the task (else a leading [task] tag)")
+    region: list[float] | None = Field(default=None, description="an extension: [x0, y0, x1, y1] pixels (identify)")
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    stream: bool = False
+
+
+# -- responses --------------------------------------------------------------------------------------
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    findings: list[Finding] = Field(default_factory=list, description="an extension: the boxes in pixels")
+
+
+class Choice(BaseModel):
+    index: int = 0
+    finish_reason: str = "stop"
+    message: AssistantMessage
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage = Field(default_factory=Usage)
+
+
+class Delta(BaseModel):
+    role: str | None = None
+    content: str | None = None
+    findings: list[Finding] | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class OpenAIError(BaseModel):
+    message: str
+    type: str
+    code: str
+    param: str | None = None
+
+
+class OpenAIErrorBody(BaseModel):
+    error: OpenAIError
+
+
+def openai_error_body(err: ApiError) -> dict[str, Any]:
+    """An ApiError in OpenAI's shape: ``{"error": {"message", "type", "code", "param"}}``."""
+    known = ERRORS.get(err.code)
+    kind = known.openai_type if known else ("invalid_request_error" if err.status < 500 else "server_error")
+    return OpenAIErrorBody(error=OpenAIError(message=err.message, type=kind, code=err.code)).model_dump()
+
+
+def is_openai_path(path: str) -> bool:
+    return path in OPENAI_PATHS
+
+
+def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {
+        status: {"model": OpenAIErrorBody, "description": f"{desc} (OpenAI's error shape)"}
+        for status, desc in status_descriptions(statuses).items()
+    }
+
+
+# -- parsing ----------------------------------------------------------------------------------------
+
+
+def parse_chat_request(body: ChatCompletionRequest, engine_tasks: tuple[str, ...]) -> AnalyzeRequest:
+    """OpenAI chat request -> our AnalyzeRequest (raises ApiError with a clear message)."""
+    users = [m for m in body.messages if m.role == "user"]
     if not users:
         raise ApiError("bad_request", "no user message")
-    content = users[-1].get("content")
+    content = users[-1].content
     texts: list[str] = []
     image = None
     if isinstance(content, str):
         texts.append(content)
     elif isinstance(content, list):
         for part in content:
-            if not isinstance(part, dict):
-                continue
-            if part.get("type") == "text" and isinstance(part.get("text"), str):
-                texts.append(part["text"])
-            elif part.get("type") == "image_url" and image is None:
-                iu = part.get("image_url")
-                url = iu.get("url") if isinstance(iu, dict) else iu
-                if isinstance(url, str):
-                    image = url
+            if part.type == "text" and part.text is not None:
+                texts.append(part.text)
+            elif part.type == "image_url" and image is None and part.image_url is not None:
+                image = part.image_url.url if isinstance(part.image_url, ImageURL) else part.image_url
     else:
         raise ApiError("invalid_schema", "message content must be a string or a list of parts")
     if image is None:
@@ -70,122 +175,72 @@ def parse_chat_request(body: Any, engine_tasks: tuple[str, ...]) -> AnalyzeReque
     if not image.startswith("data:"):
         raise ApiError("bad_request", "only data: URIs are accepted for images (this server fetches no URLs)")
     text = " ".join(t.strip() for t in texts if t.strip())
-    task = body.get("task")
+    task: str | None = body.task
     m = _TAG.match(text)
     if m:
         task = task or m.group(1).lower()
         text = text[m.end() :]
-    if task is not None and task not in TASKS:
-        raise ApiError("bad_request", f"task must be one of {', '.join(TASKS)}")
     if task is None:
-        task = "vqa" if ("vqa" in engine_tasks and text) else "report"
-    region = body.get("region")
-    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-    temperature = body.get("temperature")
-    try:
-        return AnalyzeRequest(
-            task=task,  # type: ignore[arg-type]
-            image=image,
-            question=text or None,
-            region=[float(v) for v in region] if isinstance(region, list) else None,
-            max_new_tokens=int(max_tokens) if max_tokens is not None else None,
-            temperature=float(temperature) if temperature is not None else None,
-        )
-    except (TypeError, ValueError):
-        raise ApiError("invalid_schema", "max_tokens, temperature and region must be numbers") from None
+        task = VQA.id if (VQA.id in engine_tasks and text) else REPORT.id
+    return AnalyzeRequest(
+        task=task,
+        image=image,
+        question=text or None,
+        region=body.region,
+        max_new_tokens=body.max_completion_tokens or body.max_tokens,
+        temperature=body.temperature,
+    )
 
 
-_OPENAI_ERRORS: dict[int | str, dict] = {
-    code: {"description": f"{desc} (OpenAI error shape: {{'error': {{'message', 'type', 'code'}}}})"}
-    for code, desc in [
-        (400, "bad image or field"),
-        (401, "missing or wrong access token"),
-        (413, "too large"),
-        (422, "does not match the schema"),
-        (501, "task not supported by this engine"),
-        (503, "engine busy or failed"),
-        (504, "time limit reached"),
-    ]
-}
+# -- routes -----------------------------------------------------------------------------------------
 
 
 def add_openai_routes(app: FastAPI, service: AnalysisService) -> None:
-    @app.get("/v1/models", tags=["openai"], responses={401: _OPENAI_ERRORS[401]})
-    async def models() -> dict:
+    @app.get("/v1/models", tags=["openai"], response_model=ModelList, responses=_responses(401, 503))
+    async def models() -> ModelList:
         info = service.info
-        return {
-            "object": "list",
-            "data": [
-                {"id": info.model, "object": "model", "created": 0, "owned_by": f"minigptmed-backend ({info.engine})"}
-            ],
-        }
+        return ModelList(data=[ModelCard(id=info.model, owned_by=f"minigptmed-backend ({info.engine})")])
 
-    @app.post("/v1/chat/completions", tags=["openai"], responses=_OPENAI_ERRORS)
-    async def chat_completions(request: Request):
-        try:
-            body = json.loads(await request.body())
-        except ValueError:
-            return _openai_error(400, "the body is not JSON", "invalid_json")
-        try:
-            req = parse_chat_request(body, service.info.tasks)
-            import asyncio
-
-            inp = await asyncio.get_running_loop().run_in_executor(None, service.prepare, req)
-            t0 = time.perf_counter()
-            (result,) = await service.run([inp], request.is_disconnected)
-            resp = service.respond(inp, result, {"engine": (time.perf_counter() - t0) * 1000})
-        except ApiError as e:
-            return _openai_error(e.status, e.message, e.code, e.headers)
+    @app.post(
+        "/v1/chat/completions",
+        tags=["openai"],
+        response_model=ChatCompletion,
+        responses=_responses(400, 401, 413, 422, 501, 503, 504),
+    )
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletion | StreamingResponse:
+        req = parse_chat_request(body, service.info.tasks)
+        inp = await asyncio.get_running_loop().run_in_executor(None, service.prepare, req)
+        t0 = time.perf_counter()
+        (result,) = await service.run([inp], request.is_disconnected)
+        resp = service.respond(inp, result, {"engine": (time.perf_counter() - t0) * 1000})
         request.scope.setdefault("state", {}).setdefault("log", {}).update(task=req.task, engine=service.info.engine)
         content = resp.text
         if resp.findings:
             w, h = inp.image.width, inp.image.height
             boxes = [
-                {
-                    "bbox_2d": [
-                        round(f.box[0] / w * 1000),
-                        round(f.box[1] / h * 1000),
-                        round(f.box[2] / w * 1000),
-                        round(f.box[3] / h * 1000),
-                    ],
-                    "label": f.label,
-                    "score": f.score,
-                }
+                {"bbox_2d": [round(v) for v in pixels_to_norm1000(f.box, w, h)], "label": f.label, "score": f.score}
                 for f in resp.findings
             ]
             content += "\n```json\n" + json.dumps(boxes) + "\n```"
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        findings = [{"label": f.label, "box": f.box, "score": f.score} for f in resp.findings]
-        if body.get("stream") is True:  # the whole answer in one chunk (the engines do not stream tokens)
+        if body.stream:  # the whole answer in one chunk (the engines do not stream tokens)
             return StreamingResponse(
-                _sse(cid, created, resp.model, content, findings),
+                _sse(cid, created, resp.model, content, resp.findings),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
-        return {
-            "id": cid,
-            "object": "chat.completion",
-            "created": created,
-            "model": resp.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "finish_reason": "stop",
-                    "message": {"role": "assistant", "content": content, "findings": findings},
-                }
-            ],
-            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
-        }
+        message = AssistantMessage(content=content, findings=resp.findings)
+        return ChatCompletion(id=cid, created=created, model=resp.model, choices=[Choice(message=message)])
 
 
-def _sse(cid: str, created: int, model: str, content: str, findings: list):
+def _sse(cid: str, created: int, model: str, content: str, findings: list[Finding]) -> Iterator[str]:
     """``stream: true``: OpenAI's chunk events (role, the content, the finish) and ``data: [DONE]``."""
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
     for delta, finish in (
-        ({"role": "assistant", "content": ""}, None),
-        ({"content": content, "findings": findings}, None),
-        ({}, "stop"),
+        (Delta(role="assistant", content=""), None),
+        (Delta(content=content, findings=findings), None),
+        (Delta(), "stop"),
     ):
-        chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        yield f"data: {json.dumps(chunk)}\n\n"
+        choice = {"index": 0, "delta": delta.model_dump(exclude_none=True), "finish_reason": finish}
+        yield f"data: {json.dumps({**base, 'choices': [choice]})}\n\n"
     yield "data: [DONE]\n\n"

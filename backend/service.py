@@ -13,7 +13,16 @@ import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from MiniGPTMedSlicerLib.protocol import AnalyzeRequest, AnalyzeResponse, Finding
+from MiniGPTMedSlicerLib.protocol import (
+    BOX_TASKS,
+    VQA,
+    AnalyzeRequest,
+    AnalyzeResponse,
+    Finding,
+    Health,
+    missing_input,
+    task_spec,
+)
 
 from . import __version__
 from .batching import Pending, plan_call, waiting_rows
@@ -33,8 +42,6 @@ from .images import decode_base64, decode_image
 from .settings import ServerSettings
 
 log = logging.getLogger("minigptmed.service")
-
-TASKS_NEEDING_QUESTION = {"vqa": "a question", "ground": "the phrase to locate"}
 
 
 @dataclass
@@ -73,7 +80,6 @@ class AnalysisService:
         self._waiting = 0
         self._waiting_lock = threading.Lock()
         self._worker: threading.Thread | None = None
-        self.busy = False
         self.calls: list[int] = []  # rows per engine call, most recent last (bounded; for tests and logs)
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -107,18 +113,17 @@ class AnalysisService:
             raise ApiError("not_ready", "the engine is still loading")
         return self._info
 
-    def health(self) -> dict:
+    def health(self) -> Health:
         info = self.info
-        return {
-            "status": "ok",
-            "engine": info.engine,
-            "model": info.model,
-            "device": info.device,
-            "tasks": list(info.tasks),
-            "version": __version__,
-            "api": "v1",
-            "max_batch": info.max_batch,
-        }
+        return Health(
+            status="ok",
+            engine=info.engine,
+            model=info.model,
+            device=info.device,
+            tasks=list(info.tasks),
+            version=__version__,
+            max_batch=info.max_batch,
+        )
 
     # -- validation ---------------------------------------------------------------------------
 
@@ -128,9 +133,10 @@ class AnalysisService:
         s = self.settings
         info = self.info
         question = (req.question or "").strip() or None
-        if req.task in TASKS_NEEDING_QUESTION and question is None and not req.prompt:
+        missing = missing_input(req.task, question, req.region)
+        if missing == "question" and not req.prompt:
             raise ApiError(
-                "bad_request", f"{p}question is required for task '{req.task}': give {TASKS_NEEDING_QUESTION[req.task]}"
+                "bad_request", f"{p}question is required for task '{req.task}': give {task_spec(req.task).question}"
             )
         if req.task not in info.tasks:
             raise ApiError("not_supported", _unsupported_message(req.task, info))
@@ -159,9 +165,9 @@ class AnalysisService:
             modality = req.modality.strip().upper()[:16] or None
         image = decode_image(decode_base64(req.image, f"{p}image"), s.image_limits)
         region = None
-        if req.region is not None or req.task == "identify":
+        if req.region is not None or missing == "region":
             if req.region is None:
-                raise ApiError("bad_request", f"{p}region [x0, y0, x1, y1] (pixels) is required for task 'identify'")
+                raise ApiError("bad_request", f"{p}region [x0, y0, x1, y1] (pixels) is required for task '{req.task}'")
             r = req.region
             if len(r) != 4 or not all(math.isfinite(v) for v in r):
                 raise ApiError("bad_request", f"{p}region must be [x0, y0, x1, y1] in pixels")
@@ -286,7 +292,6 @@ class AnalysisService:
         fail the others."""
         jobs = list(dict.fromkeys(p for p, _ in call))
         stop = jobs[0].job.stop if len(jobs) == 1 else _AllStopped([p.job.stop for p in jobs])
-        self.busy = True
         self.calls = [*self.calls[-999:], len(call)]
         try:
             results = self.engine.analyze_batch([p.job.inputs[i] for p, i in call], stop)
@@ -300,8 +305,6 @@ class AnalysisService:
                     self._call([(q, i) for q, i in call if q is p])
                 return
             jobs[0].job.error = _api_error(e)
-        finally:
-            self.busy = False
 
     @staticmethod
     def _resolve(job: _Job, value=None, exc: Exception | None = None) -> None:
@@ -358,12 +361,12 @@ def _api_error(e: Exception) -> ApiError:
 
 def _unsupported_message(task: str, info: EngineInfo) -> str:
     msg = f"task '{task}' is not supported by the {info.engine} engine ({info.model}); it supports: {', '.join(info.tasks)}"
-    if task == "vqa" and info.engine == "builtin":
+    if task == VQA.id and info.engine == "builtin":
         msg += (
             ". Free-text questions need a vision-language model: start the backend with --engine minigptmed, "
             "--engine hf (MedGemma, Qwen-VL) or --engine openai (a vLLM/Ollama server)"
         )
-    if info.engine in ("hf", "openai") and task in ("detect", "ground", "identify"):
+    if info.engine in ("hf", "openai") and task in BOX_TASKS:
         msg += ". Boxes need a model family with a box format: --family medgemma, qwen2_5_vl or qwen3_vl"
     return msg
 

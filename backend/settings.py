@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from MiniGPTMedSlicerLib.protocol import DEFAULT_HOST, DEFAULT_PORT
+
 from .images import ImageLimits
 
 TOKEN_ENV = "MINIGPTMED_TOKEN"
@@ -13,8 +15,8 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 @dataclass
 class ServerSettings:
-    host: str = "127.0.0.1"
-    port: int = 8765
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
     token: str | None = None  # when set, every endpoint but /health needs "Authorization: Bearer <token>"
     max_body_bytes: int = 32 * 1024 * 1024
     image_limits: ImageLimits = field(default_factory=ImageLimits)

@@ -53,6 +53,7 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="the tiny config on the CPU (a dry run of this script)")
     args = ap.parse_args()
     from minigptmed_engine import LLAMA_7B, LLAMA_TINY, VISION_TINY, write_original
+    from MiniGPTMedSlicerLib.protocol import DETECT
 
     from backend.engines.base import AnalysisInput, DecodedImage, StopToken
     from backend.engines.minigptmed import MiniGPTMedEngine
@@ -106,7 +107,7 @@ def main() -> int:
             engine.tokenizer.decode = lambda ids, _d=decode, _n=n_pieces: _d([int(i) % _n for i in ids])
             inputs = [
                 AnalysisInput(
-                    task="detect", image=DecodedImage(im, "PNG"), modality="CT", max_new_tokens=args.new_tokens
+                    task=DETECT.id, image=DecodedImage(im, "PNG"), modality="CT", max_new_tokens=args.new_tokens
                 )
                 for im in imgs
             ]

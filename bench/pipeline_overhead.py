@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def _engine_cls():
-    from MiniGPTMedSlicerLib.protocol import Finding
+    from MiniGPTMedSlicerLib.protocol import DETECT, Finding
 
     from backend.engines.base import AnalysisResult, Engine, EngineInfo, StopToken
 
@@ -38,7 +38,7 @@ def _engine_cls():
             pass
 
         def info(self) -> EngineInfo:
-            return EngineInfo("fixed", "no model (pipeline benchmark)", "cpu", ("detect",), 64)
+            return EngineInfo("fixed", "no model (pipeline benchmark)", "cpu", (DETECT.id,), 64)
 
         def analyze_batch(self, inputs: Sequence, stop: StopToken) -> list[AnalysisResult]:
             out = []
@@ -79,6 +79,7 @@ def run(n: int, sizes: Sequence[int], compress_level: int) -> list[dict]:
     from MiniGPTMedSlicerLib import scene as S
     from MiniGPTMedSlicerLib.client import BackendClient
     from MiniGPTMedSlicerLib.png import encode_png
+    from MiniGPTMedSlicerLib.protocol import DETECT
 
     from backend.server_thread import ServerThread
 
@@ -97,7 +98,7 @@ def run(n: int, sizes: Sequence[int], compress_level: int) -> list[dict]:
                 t0 = time.perf_counter()
                 cap = C.capture_slice(sl, compress_level=compress_level)
                 t1 = time.perf_counter()
-                resp = client.analyze(C.to_request(cap, "detect"))
+                resp = client.analyze(C.to_request(cap, DETECT.id))
                 t2 = time.perf_counter()
                 nodes = M.add_analysis_results(ctx.scene, cap, resp)
                 t3 = time.perf_counter()

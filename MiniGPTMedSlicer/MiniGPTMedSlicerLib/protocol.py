@@ -20,27 +20,119 @@ import math
 import sys
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Literal, Optional, Tuple, Type, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Literal, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 API_VERSION = "v1"
 
-Task = Literal["report", "vqa", "detect", "ground", "identify"]
-TASKS: Tuple[str, ...] = ("report", "vqa", "detect", "ground", "identify")
+#: The backend's default address; the CLI, the panel, the client and the runner read these.
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"
 
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task: its wire id, its label in the panel, what it needs and whether it returns boxes."""
+
+    id: str
+    label: str
+    description: str
+    question: Optional[str] = None  # when the task needs a question: what it is ("a question", ...)
+    needs_region: bool = False
+    boxes: bool = False
+    hint: Optional[str] = None  # the panel's question field for this task (None: the task reads no question)
+
+
+REPORT = TaskSpec("report", "Report", "a findings report of the image")
+VQA = TaskSpec("vqa", "Ask", "answer a free-text question", question="a question", hint="the question")
+DETECT = TaskSpec(
+    "detect",
+    "Detect",
+    "boxes around findings (the question names the kind)",
+    boxes=True,
+    hint="kind of finding (optional)",
+)
+GROUND = TaskSpec(
+    "ground",
+    "Locate",
+    "the box of a phrase",
+    question="the phrase to locate",
+    boxes=True,
+    hint="the phrase to locate",
+)
+IDENTIFY = TaskSpec("identify", "Identify region", "describe a region given as a box", needs_region=True, boxes=True)
+
+#: Every task, in the panel's order. Adding a task is one record here plus each engine's prompt.
+TASK_TABLE: Tuple[TaskSpec, ...] = (REPORT, VQA, DETECT, GROUND, IDENTIFY)
+TASKS: Tuple[str, ...] = tuple(t.id for t in TASK_TABLE)
+BOX_TASKS: Tuple[str, ...] = tuple(t.id for t in TASK_TABLE if t.boxes)
+TEXT_TASKS: Tuple[str, ...] = tuple(t.id for t in TASK_TABLE if not t.boxes)
+if TYPE_CHECKING:
+    Task = str
+else:
+    Task = Literal[TASKS]
+
+
+def task_spec(task: str) -> TaskSpec:
+    """The record of a wire task id (KeyError names the choices)."""
+    for t in TASK_TABLE:
+        if t.id == task:
+            return t
+    raise KeyError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+
+
+def task_by_label(label: str) -> Optional[TaskSpec]:
+    """The record shown as ``label`` in the panel, or None."""
+    return next((t for t in TASK_TABLE if t.label == label), None)
+
+
+def missing_input(task: str, question: Optional[str], region: Optional[Sequence[float]]) -> Optional[str]:
+    """What a request for ``task`` still lacks: ``"question"``, ``"region"`` or None (checked once, here)."""
+    spec = task_spec(task)
+    if spec.question is not None and not (question or "").strip():
+        return "question"
+    if spec.needs_region and region is None:
+        return "region"
+    return None
+
+
+@dataclass(frozen=True)
+class ErrorCode:
+    """One error code of ``ErrorBody.error.code``: the HTTP status that carries it, what it means, and the ``type``
+    of the OpenAI-shaped error on the OpenAI-compatible routes."""
+
+    code: str
+    status: int
+    description: str
+    openai_type: str
+
+
+ERROR_TABLE: Tuple[ErrorCode, ...] = (
+    ErrorCode("bad_request", 400, "bad field", "invalid_request_error"),
+    ErrorCode("bad_image", 400, "bad image", "invalid_request_error"),
+    ErrorCode("invalid_json", 400, "the body is not JSON", "invalid_request_error"),
+    ErrorCode("unauthorized", 401, "missing or wrong access token", "invalid_request_error"),
+    ErrorCode("not_found", 404, "no such route", "invalid_request_error"),
+    ErrorCode("too_large", 413, "too large", "invalid_request_error"),
+    ErrorCode("invalid_schema", 422, "does not match the schema", "invalid_request_error"),
+    ErrorCode("not_supported", 501, "task not supported by this engine", "server_error"),
+    ErrorCode("busy", 503, "engine busy; see Retry-After", "server_error"),
+    ErrorCode("not_ready", 503, "engine not ready", "server_error"),
+    ErrorCode("engine_error", 503, "engine failed", "server_error"),
+    ErrorCode("timeout", 504, "time limit reached", "server_error"),
+)
+ERRORS: Dict[str, ErrorCode] = {e.code: e for e in ERROR_TABLE}
 #: Error codes used in ``ErrorBody.error.code``; the HTTP status that carries each one.
-ERROR_STATUS: Dict[str, int] = {
-    "bad_request": 400,
-    "bad_image": 400,
-    "unauthorized": 401,
-    "not_found": 404,
-    "too_large": 413,
-    "invalid_schema": 422,
-    "not_supported": 501,
-    "busy": 503,
-    "not_ready": 503,
-    "engine_error": 503,
-    "timeout": 504,
-}
+ERROR_STATUS: Dict[str, int] = {e.code: e.status for e in ERROR_TABLE}
+
+
+def status_descriptions(statuses: Sequence[int] = ()) -> Dict[int, str]:
+    """HTTP status -> the descriptions of its codes joined (for the OpenAPI ``responses`` of a route)."""
+    out: Dict[int, List[str]] = {}
+    for e in ERROR_TABLE:
+        if not statuses or e.status in statuses:
+            out.setdefault(e.status, []).append(e.description)
+    return {k: ", ".join(v) for k, v in out.items()}
 
 
 class ProtocolError(ValueError):
@@ -68,7 +160,7 @@ class AnalyzeRequest:
     task: Task
     image: str  # base64 of PNG or JPEG bytes (8-bit gray/RGB, or 16-bit gray)
     question: Optional[str] = None
-    region: Optional[List[float]] = None  # [x0, y0, x1, y1] pixels; required for task "identify"
+    region: Optional[List[float]] = None  # [x0, y0, x1, y1] pixels; required when the task needs a region
     pixel_spacing_mm: Optional[List[float]] = None  # [row, col]
     modality: Optional[str] = None  # CT, MR, XR, ...
     max_new_tokens: Optional[int] = None

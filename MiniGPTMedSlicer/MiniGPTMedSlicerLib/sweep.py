@@ -139,7 +139,7 @@ def capture_sweep(
 def analyze_sweep(
     client: BackendClient,
     captured: Sequence[CapturedSlice],
-    task: str = "detect",
+    task: str = protocol.DETECT.id,
     question: Optional[str] = None,
     batch_size: int = 8,
     cancel: Optional[threading.Event] = None,

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 from typing import Callable, Optional
 
-from MiniGPTMedSlicerLib.logic import AnalysisError, AnalysisLogic, Job, describe_error
+from MiniGPTMedSlicerLib import protocol
+from MiniGPTMedSlicerLib.logic import SWEEP_LABEL, TASK_LABELS, AnalysisError, AnalysisLogic, Job, describe_error
 
 from .qt_compat import find, font_metrics, is_gui_thread, load_ui, prop, qt, to_str
 
@@ -80,6 +81,10 @@ class Panel:
         self.cancel_button.clicked.connect(self.on_cancel)
         self.clear_button.clicked.connect(self.on_clear)
         self.table.cellClicked.connect(self.on_row_clicked)
+        self.url_edit.setPlaceholderText(protocol.DEFAULT_URL)
+        self.task_combo.clear()  # the tasks come from the protocol's table, not from the .ui
+        for label in TASK_LABELS:
+            self.task_combo.addItem(label)
         self.task_combo.currentIndexChanged.connect(self._update_task_widgets)
         self._load_settings()
         self._update_task_widgets()
@@ -89,7 +94,7 @@ class Panel:
     # -- settings (stored as str: PythonQt and PySide6 read them back differently otherwise) -----
 
     def _load_settings(self) -> None:
-        url = "http://127.0.0.1:8765"
+        url = protocol.DEFAULT_URL
         token = ""
         if self.settings is not None:
             url = to_str(self.settings.value(SETTINGS_PREFIX + "backendUrl", url)) or url
@@ -109,18 +114,15 @@ class Panel:
     # -- widgets ------------------------------------------------------------------------------
 
     def _update_task_widgets(self, *args) -> None:
-        task = str(prop(self.task_combo, "currentText"))
-        self.region_combo.setEnabled(task == "Identify region")
-        self.range_edit.setEnabled(task == "Sweep volume")
-        placeholder = {
-            "Ask": "the question",
-            "Locate": "the phrase to locate",
-            "Detect": "kind of finding (optional)",
-            "Sweep volume": "kind of finding (optional)",
-        }
-        self.question_edit.setEnabled(task in placeholder)
-        self.question_edit.setPlaceholderText(placeholder.get(task, "(not used by this task)"))
-        if task == "Identify region":
+        label = str(prop(self.task_combo, "currentText"))
+        spec = protocol.task_by_label(label)
+        needs_region = spec is not None and spec.needs_region
+        self.region_combo.setEnabled(needs_region)
+        self.range_edit.setEnabled(label == SWEEP_LABEL)
+        hint = protocol.DETECT.hint if label == SWEEP_LABEL else (spec.hint if spec is not None else None)
+        self.question_edit.setEnabled(hint is not None)
+        self.question_edit.setPlaceholderText(hint or "(not used by this task)")
+        if needs_region:
             self.refresh_regions()
 
     def refresh_regions(self) -> None:
@@ -190,7 +192,8 @@ class Panel:
         if self.job is not None:
             return
         self._configure()
-        if str(prop(self.task_combo, "currentText")) == "Identify region":
+        spec = protocol.task_by_label(str(prop(self.task_combo, "currentText")))
+        if spec is not None and spec.needs_region:
             self.refresh_regions()  # an ROI drawn since the task was picked
         try:
             self.job = self.logic.start(

@@ -24,6 +24,20 @@ def test_test_connection_shows_engine_model_and_tasks(qtbot, panel, builtin_serv
     assert all(t in text for t in health.tasks), text
 
 
+def test_task_combo_lists_the_protocol_tasks_then_the_sweep(panel):
+    items = [panel.task_combo.itemText(i) for i in range(panel.task_combo.count())]
+    assert items == ["Report", "Ask", "Detect", "Locate", "Identify region", "Sweep volume"]
+    select_task(panel, "Ask")
+    assert panel.question_edit.isEnabled() and panel.question_edit.placeholderText() == "the question"
+    assert not panel.region_combo.isEnabled() and not panel.range_edit.isEnabled()
+    select_task(panel, "Report")
+    assert not panel.question_edit.isEnabled()
+    select_task(panel, "Identify region")
+    assert panel.region_combo.isEnabled() and not panel.question_edit.isEnabled()
+    select_task(panel, "Sweep volume")
+    assert panel.range_edit.isEnabled() and panel.question_edit.placeholderText() == "kind of finding (optional)"
+
+
 def test_detect_fills_table_and_scene_and_row_click_jumps(qtbot, panel, mrml):
     select_task(panel, "Detect")
     panel.view_combo.setCurrentIndex(panel.view_combo.findText("Red"))

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from MiniGPTMedSlicerLib.protocol import Finding
+from MiniGPTMedSlicerLib.protocol import DETECT, GROUND, IDENTIFY, REPORT, Finding
 
 from ..settings import BuiltinSettings
 from .base import AnalysisInput, AnalysisResult, Engine, EngineInfo, StopToken, TaskNotSupported
@@ -171,7 +171,7 @@ class BuiltinEngine(Engine):
             engine="builtin",
             model=MODEL_ID,
             device="cpu",
-            tasks=("report", "detect", "ground", "identify"),
+            tasks=(REPORT.id, DETECT.id, GROUND.id, IDENTIFY.id),
             max_batch=64,
         )
 
@@ -186,14 +186,14 @@ class BuiltinEngine(Engine):
         return results
 
     def analyze_one(self, inp: AnalysisInput) -> AnalysisResult:
-        if inp.task == "detect":
-            return self._detect(inp)
-        if inp.task == "report":
-            return self._report(inp)
-        if inp.task == "ground":
-            return self._ground(inp)
-        if inp.task == "identify":
-            return self._identify(inp)
+        run = {
+            DETECT.id: self._detect,
+            REPORT.id: self._report,
+            GROUND.id: self._ground,
+            IDENTIFY.id: self._identify,
+        }.get(inp.task)
+        if run is not None:
+            return run(inp)
         raise TaskNotSupported(f"the builtin engine cannot do '{inp.task}'")
 
     # -- tasks --------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from MiniGPTMedSlicerLib.protocol import TEXT_TASKS
+
 from .. import families
 from ..families import ImageGeometry
 from ..setting_error import SettingError
@@ -215,9 +217,9 @@ class HFEngine(Engine):
             new = row[batch["input_ids"].shape[1] :].tolist()[:limit]
             n = next((i for i, tid in enumerate(new) if tid in ends), len(new))
             raw = self.tokenizer.decode(new[:n], skip_special_tokens=True)
-            default_label = inp.question or families.default_detect_label(inp.modality)
+            default_label = inp.question or families.default_detect_label(self.family, inp.modality)
             dec = families.decode_output(self.family, raw, g, default_label=default_label)
-            if inp.task in ("report", "vqa") and self.family == "generic":
+            if inp.task in TEXT_TASKS and self.family == "generic":
                 dec.findings = []
             results.append(
                 AnalysisResult(

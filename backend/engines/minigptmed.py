@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from MiniGPTMedSlicerLib.protocol import Finding
+from MiniGPTMedSlicerLib.protocol import DETECT, GROUND, IDENTIFY, REPORT, TASKS, VQA, Finding
 
 from ..setting_error import SettingError
 from ..settings import MiniGPTMedSettings
@@ -35,35 +35,31 @@ from .base import AnalysisInput, AnalysisResult, Engine, EngineError, EngineInfo
 
 log = logging.getLogger("minigptmed.engine")
 
-TASKS = ("report", "vqa", "detect", "ground", "identify")
 REPORT_PROMPT = "Describe this image in detail"
-XRAY_MODALITIES = ("XR", "CR", "DX", "DR", "RG", "PX", "MG")
-
-
-def default_detect_label(modality: str | None) -> str:
-    return "pneumonia" if (modality or "").upper() in XRAY_MODALITIES else "tumor"
 
 
 def instruction_for(inp: AnalysisInput) -> tuple[str, str]:
     """(instruction text, default label for boxes)."""
-    from backend.minigpt.boxes import format_grid_box, pixels_to_grid
+    from backend.box_codecs import pixels_to_grid100
+    from backend.families import default_detect_label
+    from backend.minigpt.boxes import format_grid_box
 
     q = (inp.question or "").strip()
-    label = q or default_detect_label(inp.modality)
+    label = q or default_detect_label("minigptmed", inp.modality)
     if inp.prompt:
         return inp.prompt, label
-    if inp.task == "report":
+    if inp.task == REPORT.id:
         return REPORT_PROMPT, label
-    if inp.task == "vqa":
+    if inp.task == VQA.id:
         return f"[vqa] {q or 'what abnormality is seen in this image?'}", label
-    if inp.task == "detect":
+    if inp.task == DETECT.id:
         return f"[detection] {label}", label
-    if inp.task == "ground":
+    if inp.task == GROUND.id:
         return f"[refer] {label}", label
-    if inp.task == "identify":
+    if inp.task == IDENTIFY.id:
         if inp.region is None:
             raise TaskNotSupported("identify needs a region")
-        g = pixels_to_grid(inp.region, inp.image.width, inp.image.height)
+        g = pixels_to_grid100(inp.region, inp.image.width, inp.image.height)
         return f"[identify] what object is in this location {format_grid_box(g)}", label
     raise TaskNotSupported(f"task {inp.task!r} is not supported by the MiniGPT-Med engine")
 
@@ -397,14 +393,14 @@ class MiniGPTMedEngine(Engine):
         if not g.finished[j]:
             warnings.append(f"answer cut at max_new_tokens={it.max_new}")
         inp = it.inp
-        if inp.task == "identify":
+        if inp.task == IDENTIFY.id:
             region = inp.region or (0.0, 0.0, float(inp.image.width), float(inp.image.height))
             findings = [Finding(label=answer[:120] or it.label, box=[float(v) for v in region])]
             return AnalysisResult(text=answer, findings=findings, raw_output=answer, warnings=warnings, timings_ms=t)
         parsed = parse_answer(answer, inp.image.width, inp.image.height, default_label=it.label)
         findings = [Finding(label=b.label, box=b.box) for b in parsed.boxes]
         warnings += parsed.warnings
-        if inp.task in ("detect", "ground") and not findings:
+        if inp.task in (DETECT.id, GROUND.id) and not findings:
             warnings.append("the model answered without a box")
         return AnalysisResult(
             text=parsed.text or answer, findings=findings, raw_output=answer, warnings=warnings, timings_ms=t

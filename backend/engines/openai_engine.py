@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 
 import requests
+from MiniGPTMedSlicerLib.protocol import REPORT, TEXT_TASKS
 
 from .. import families
 from ..families import ImageGeometry
@@ -146,9 +147,9 @@ class OpenAIEngine(Engine):
             raise EngineError(
                 f"the model server at {self.url} sent a reply without choices[0].message.content"
             ) from None
-        default_label = inp.question or families.default_detect_label(inp.modality)
+        default_label = inp.question or families.default_detect_label(self.family, inp.modality)
         dec = families.decode_output(
-            self.family, raw, g, default_label=default_label if inp.task != "report" else "finding"
+            self.family, raw, g, default_label=default_label if inp.task != REPORT.id else "finding"
         )
         if choice.get("finish_reason") == "length":
             dec.warnings.append(
@@ -157,7 +158,7 @@ class OpenAIEngine(Engine):
             )
         if not raw.strip():
             dec.warnings.append("the model server returned an empty answer")
-        if inp.task in ("report", "vqa"):
+        if inp.task in TEXT_TASKS:
             dec.findings = [] if self.family == "generic" else dec.findings
         return AnalysisResult(
             text=dec.text,

@@ -11,7 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-GRID = 100
+from backend.box_codecs import GRID, grid100_to_pixels
+
 RE_LABELED = re.compile(r"<p>(.*?)</p>\s*((?:\{[^{}]*\}?\s*(?:<delim>\s*)?)+)", re.S)
 RE_BRACE = re.compile(r"\{([^{}]*)\}?")
 RE_BOX = re.compile(r"^\s*<\s*(-?\d+)\s*>\s*<\s*(-?\d+)\s*>\s*<\s*(-?\d+)\s*>\s*<\s*(-?\d+)\s*>\s*$")
@@ -31,21 +32,6 @@ class ParsedAnswer:
     text: str  # the answer without box strings and tags
     boxes: list[ParsedBox] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-
-
-def grid_to_pixels(g: tuple[int, int, int, int], width: int, height: int) -> list[float]:
-    x1, y1, x2, y2 = g
-    return [x1 / GRID * width, y1 / GRID * height, x2 / GRID * width, y2 / GRID * height]
-
-
-def pixels_to_grid(box, width: int, height: int) -> tuple[int, int, int, int]:
-    """As the training data: ``int(v / size * 100)`` (truncation), clipped to 0..100."""
-    x0, y0, x1, y1 = box
-
-    def c(v: float, size: int) -> int:
-        return max(0, min(GRID, int(v / size * GRID)))
-
-    return c(x0, width), c(y0, height), c(x1, width), c(y1, height)
 
 
 def format_grid_box(g: tuple[int, int, int, int]) -> str:
@@ -87,7 +73,7 @@ def parse_answer(answer: str, width: int, height: int, default_label: str = "fin
             if g is None:
                 res.warnings.append(warn or f"dropped box {raw!r}")
             else:
-                res.boxes.append(ParsedBox(label, g, grid_to_pixels(g, width, height)))
+                res.boxes.append(ParsedBox(label, g, grid100_to_pixels(g, width, height)))
     # text with labeled box groups replaced by their labels
     parts, last = [], 0
     for s, e, label in label_spans:
@@ -106,7 +92,7 @@ def parse_answer(answer: str, width: int, height: int, default_label: str = "fin
             if g is None:
                 res.warnings.append(warn or f"dropped box {raw!r}")
             else:
-                res.boxes.append(ParsedBox(default_label, g, grid_to_pixels(g, width, height)))
+                res.boxes.append(ParsedBox(default_label, g, grid100_to_pixels(g, width, height)))
             rest = rest.replace(raw, " ", 1)
         elif "<" in raw and ">" in raw:
             seen_any = True
@@ -119,7 +105,7 @@ def parse_answer(answer: str, width: int, height: int, default_label: str = "fin
             if g is None:
                 res.warnings.append(warn or "dropped box")
             else:
-                res.boxes.append(ParsedBox(default_label, g, grid_to_pixels(g, width, height)))
+                res.boxes.append(ParsedBox(default_label, g, grid100_to_pixels(g, width, height)))
     text = RE_TAGS.sub(" ", rest)
     res.text = re.sub(r"[ \t]+", " ", text).strip()
     return res

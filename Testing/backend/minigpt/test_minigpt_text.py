@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from minigpt_fixtures import tiny_files
 from PIL import Image
 
-from backend.minigpt.boxes import format_grid_box, parse_answer, pixels_to_grid
+from backend.box_codecs import pixels_to_grid100 as pixels_to_grid
+from backend.minigpt.boxes import format_grid_box, parse_answer
 from backend.minigpt.preprocess import CLIP_MEAN, CLIP_STD, preprocess, resized_rgb
 from backend.minigpt.tokenization import (
     MiniGPTTokenizer,
