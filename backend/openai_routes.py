@@ -201,12 +201,6 @@ def add_openai_routes(app: FastAPI, service: AnalysisService) -> None:
         info = service.info
         return ModelList(data=[ModelCard(id=info.model, owned_by=f"minigptmed-backend ({info.engine})")])
 
-    @app.post(
-        "/v1/chat/completions",
-        tags=["openai"],
-        response_model=ChatCompletion,
-        responses=_responses(400, 401, 413, 422, 501, 503, 504),
-    )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletion | StreamingResponse:
         req = parse_chat_request(body, service.info.tasks)
         inp = await asyncio.get_running_loop().run_in_executor(None, service.prepare, req)
@@ -231,6 +225,16 @@ def add_openai_routes(app: FastAPI, service: AnalysisService) -> None:
             )
         message = AssistantMessage(content=content, findings=resp.findings)
         return ChatCompletion(id=cid, created=created, model=resp.model, choices=[Choice(message=message)])
+
+    app.router.add_api_route(
+        "/v1/chat/completions",
+        chat_completions,
+        methods=["POST"],
+        tags=["openai"],
+        response_model=ChatCompletion,
+        responses=_responses(400, 401, 413, 422, 501, 503, 504),
+        strict_content_type=False,  # as before: a JSON body without a Content-Type header is read as JSON
+    )
 
 
 def _sse(cid: str, created: int, model: str, content: str, findings: list[Finding]) -> Iterator[str]:
