@@ -105,3 +105,25 @@ def test_png_codec_round_trip_and_pillow_agrees(shape, dtype):
     buf = io.BytesIO()
     Image.fromarray(a).save(buf, format="PNG")
     assert np.array_equal(decode_png(buf.getvalue()), a)
+
+
+def test_task_table_is_the_one_vocabulary():
+    assert protocol.TASKS == ("report", "vqa", "detect", "ground", "identify")
+    assert protocol.BOX_TASKS == ("detect", "ground", "identify")
+    assert protocol.task_by_label("Locate") is protocol.GROUND and protocol.task_by_label("Sweep volume") is None
+    assert protocol.missing_input("vqa", "  ", None) == "question"
+    assert protocol.missing_input("ground", "left lung", None) is None
+    assert protocol.missing_input("identify", None, None) == "region"
+    assert protocol.missing_input("identify", None, [0, 0, 1, 1]) is None
+    assert protocol.missing_input("detect", None, None) is None
+    with pytest.raises(KeyError, match="choose one of report, vqa"):
+        protocol.task_spec("segment")
+
+
+def test_error_table_gives_each_code_one_status():
+    assert protocol.ERROR_STATUS["unauthorized"] == 401 and protocol.ERROR_STATUS["too_large"] == 413
+    assert len({e.code for e in protocol.ERROR_TABLE}) == len(protocol.ERROR_TABLE)
+    assert all(
+        e.openai_type == ("server_error" if e.status >= 500 else "invalid_request_error") for e in protocol.ERROR_TABLE
+    )
+    assert protocol.DEFAULT_URL == "http://127.0.0.1:8765"

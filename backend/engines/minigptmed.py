@@ -36,6 +36,8 @@ from .base import AnalysisInput, AnalysisResult, Engine, EngineError, EngineInfo
 log = logging.getLogger("minigptmed.engine")
 
 REPORT_PROMPT = "Describe this image in detail"
+#: MiniGPT-Med's eval yaml: 300 new tokens for the text tasks, 100 for the box tasks.
+DEFAULT_MAX_NEW_TOKENS = {REPORT.id: 300, VQA.id: 300, DETECT.id: 100, GROUND.id: 100, IDENTIFY.id: 100}
 
 
 def instruction_for(inp: AnalysisInput) -> tuple[str, str]:
@@ -254,7 +256,7 @@ class MiniGPTMedEngine(Engine):
     def _settings(self, inp: AnalysisInput):
         from dataclasses import replace
 
-        from backend.minigpt.generate import DEFAULT_MAX_NEW_TOKENS, DEMO, DEMO_MAX_NEW_TOKENS, GREEDY
+        from backend.minigpt.generate import DEMO, DEMO_MAX_NEW_TOKENS, GREEDY
 
         if inp.temperature is not None:
             s = GREEDY if inp.temperature == 0 else replace(DEMO, temperature=float(inp.temperature))

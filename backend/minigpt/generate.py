@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from MiniGPTMedSlicerLib.protocol import TASK_TABLE
 
 
 @dataclass(frozen=True)
@@ -32,8 +31,6 @@ class SamplingSettings:
 
 GREEDY = SamplingSettings()
 DEMO = SamplingSettings(do_sample=True, temperature=0.6, top_p=0.9, top_k=50, repetition_penalty=1.05, name="demo")
-#: MiniGPT-Med eval yaml: long answers for text tasks, short ones for box tasks.
-DEFAULT_MAX_NEW_TOKENS = {t.id: 100 if t.boxes else 300 for t in TASK_TABLE}
 DEMO_MAX_NEW_TOKENS = 500
 
 
