@@ -14,13 +14,15 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from MiniGPTMedSlicerLib.protocol import REPORT, VQA
+
 from ..setting_error import SettingError
 from ..settings import XrayGPTSettings
 from .base import AnalysisInput, AnalysisResult, Engine, EngineError, EngineInfo, StopToken, TaskNotSupported
 
 log = logging.getLogger("minigptmed.xraygpt")
 
-TASKS = ("report", "vqa")
+TASKS = (REPORT.id, VQA.id)
 
 
 class XrayGPTEngine(Engine):
@@ -100,7 +102,7 @@ class XrayGPTEngine(Engine):
 
         if inp.prompt:
             return inp.prompt
-        if inp.task == "report":
+        if inp.task == REPORT.id:
             return REPORT_PROMPT
         q = (inp.question or "").strip()
         if not q:
