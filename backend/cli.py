@@ -286,7 +286,7 @@ def listen_socket(host: str, port: int) -> socket.socket:
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as e:
-        raise StartupError(f"--host {host}: not a known address ({e.strerror}); pass --host 127.0.0.1") from None
+        raise StartupError(f"--host {host}: not a known address ({e.strerror}); pass --host {DEFAULT_HOST}") from None
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -299,10 +299,10 @@ def listen_socket(host: str, port: int) -> socket.socket:
                 f"port {port} on {host} is already in use (another backend running?): stop it or pass --port N"
             ) from None
         if e.errno == errno.EADDRNOTAVAIL:
-            raise StartupError(f"--host {host} is not an address of this machine; pass --host 127.0.0.1") from None
+            raise StartupError(f"--host {host} is not an address of this machine; pass --host {DEFAULT_HOST}") from None
         if e.errno == errno.EACCES:
             raise StartupError(
-                f"port {port} needs privileges on this machine; pass --port 8765 (or above 1023)"
+                f"port {port} needs privileges on this machine; pass --port {DEFAULT_PORT} (or above 1023)"
             ) from None
         raise StartupError(f"cannot listen on {host}:{port}: {e.strerror}") from None
     return sock
