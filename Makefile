@@ -22,7 +22,7 @@ SHELL := /bin/bash
 # this machine's pip.conf points at local mirrors that print a warning per package; keep the log readable
 QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup demo test lint bench clean pythonqt-runtime
+.PHONY: setup demo test lint bench clean pythonqt-runtime dicom-tools
 
 setup: $(STAMP)
 
@@ -37,8 +37,12 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/python -m headless.demo --out out/demo
 
-test: $(STAMP) pythonqt-runtime
+test: $(STAMP) pythonqt-runtime dicom-tools
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# dciodvfy (dicom3tools) and Orthanc + its DICOMweb plugin for the export and PACS tests (apt-get when missing)
+dicom-tools:
+	@sh tools/dicom_tools.sh
 
 # the PythonQt host of ../shared/pythonqt (the panel under Slicer 5.8's and 5.10's PythonQt): its Debian runtime
 # packages are installed here when missing (as root; CI=true makes a missing host an error)

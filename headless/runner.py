@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--level", type=float, default=None, help="window level (default: CT 40, else the volume's)")
         sp.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the backend")
         sp.add_argument("--out", required=True, help="output folder")
+        sp.add_argument("--review", default=None, help="review file (JSON); without one every finding is accepted")
+        sp.add_argument("--export-sr", default=None, metavar="FILE.dcm", help="DICOM SR (TID 1500) of the findings")
+        sp.add_argument("--export-table", default=None, metavar="FILE.csv", help="findings table (+ .json beside)")
+        sp.add_argument("--export-markups", default=None, metavar="DIR", help="one Slicer .mrk.json per finding")
 
     ls = sub.add_parser("series", help="list the DICOM series of a folder (searched recursively)")
     ls.add_argument("folder")
@@ -170,6 +174,30 @@ def _write_json(path: str, data) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2)
         f.flush()
+
+
+def _review_and_export(args: argparse.Namespace, ctx) -> int:
+    """Apply the review file (or accept all), then write the requested exports. Returns the exit code."""
+    from MiniGPTMedSlicerLib import export as E
+    from MiniGPTMedSlicerLib import review as R
+
+    if args.review:
+        statuses = R.apply_review(ctx.scene, R.load_review_file(args.review))
+        _progress("review: " + ", ".join(f"{k} {v}" for k, v in statuses.items()))
+    else:
+        R.set_all(R.finding_rois(ctx.scene), R.ACCEPTED)
+    findings = E.collect(ctx.scene)
+    if args.export_table:
+        _progress("wrote " + ", ".join(E.write_table(findings, args.export_table)))
+    if args.export_markups:
+        _progress(f"wrote {len(E.write_markups(ctx.scene, findings, args.export_markups))} markups file(s)")
+    if args.export_sr:
+        try:
+            _progress(f"wrote {E.write_sr(findings, ctx.dicom_series, args.export_sr)}")
+        except E.ExportError as e:
+            print(f"minigptmed-slicer: error: {e}", file=sys.stderr, flush=True)
+            return 2
+    return 0
 
 
 def run_analyze(args: argparse.Namespace) -> int:
@@ -253,11 +281,12 @@ def run_analyze(args: argparse.Namespace) -> int:
                 "findings": findings,
             },
         )
+        code = _review_and_export(args, ctx)
         render_slice_view(ctx.app_logic, sl, os.path.join(args.out, "view.png"), (args.view_size, args.view_size))
         S.save_mrb(ctx, os.path.join(args.out, "scene.mrb"))
         _progress(f"wrote {args.out}/findings.json, input.png, view.png, scene.mrb")
         print(response.text)
-        return 0
+        return code
     finally:
         S.close(ctx)
 
@@ -347,6 +376,7 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
                 "summary": summary,
             },
         )
+        code = _review_and_export(args, ctx)
         if findings:
             sl.SetSliceOffset(plan.offsets_mm[findings[0].best_slice_pos])
         render_slice_view(ctx.app_logic, sl, os.path.join(args.out, "view.png"), (args.view_size, args.view_size))
@@ -356,7 +386,7 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
             f"wrote {args.out}/findings.json, view.png, scene.mrb"
         )
         print(summary)
-        return 0
+        return code
     finally:
         S.close(ctx)
 
@@ -379,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
     args = build_parser().parse_args(argv)
     from MiniGPTMedSlicerLib.client import BackendError
+    from MiniGPTMedSlicerLib.review import ReviewError
 
     try:
         if args.command == "series":
@@ -397,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(f"minigptmed-slicer: error: {message}", file=sys.stderr, flush=True)
         return 2
-    except RunnerError as e:
+    except (RunnerError, ReviewError) as e:
         print(f"minigptmed-slicer: error: {e}", file=sys.stderr, flush=True)
         return 2
     except ValueError as e:
