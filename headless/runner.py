@@ -83,7 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("volume", help="NIfTI / NRRD file, a DICOM file or a DICOM folder")
+        sp.add_argument("volume", nargs="?", help="NIfTI / NRRD file, a DICOM file or a DICOM folder")
+        sp.add_argument("--dicomweb", default=None, metavar="URL", help="read the series from this DICOMweb server")
+        sp.add_argument("--study", default=None, help="with --dicomweb: the Study Instance UID")
+        sp.add_argument("--store-sr", action="store_true", help="with --dicomweb: send the SR back (STOW-RS)")
         sp.add_argument("--series", default=None, help="DICOM folder: a series UID or its number in 'series FOLDER'")
         sp.add_argument("--view", choices=sorted(ORIENTATIONS), default="axial")
         sp.add_argument("--question", default=None, help="the question (vqa), the phrase (ground) or the kind (detect)")
@@ -138,6 +141,20 @@ def _backend(url: str | None):
 def _setup(args):
     from MiniGPTMedSlicerLib import scene as S
 
+    if args.dicomweb:
+        import tempfile
+
+        from .pacs import fetch_series
+
+        if not args.study:
+            raise RunnerError("--dicomweb needs --study UID")
+        args.volume = args._download = tempfile.mkdtemp(prefix="minigptmed-wado-")
+        args.series, note = fetch_series(args.dicomweb, args.study, args.series, args.volume)
+        _progress(note)
+    elif not args.volume:
+        raise RunnerError("give a VOLUME, or --dicomweb URL --study UID")
+    elif args.store_sr:
+        raise RunnerError("--store-sr needs --dicomweb (the PACS the series came from)")
     ctx = S.create_scene()
     _progress(f"loading {args.volume}")
     try:
@@ -191,12 +208,20 @@ def _review_and_export(args: argparse.Namespace, ctx) -> int:
         _progress("wrote " + ", ".join(E.write_table(findings, args.export_table)))
     if args.export_markups:
         _progress(f"wrote {len(E.write_markups(ctx.scene, findings, args.export_markups))} markups file(s)")
-    if args.export_sr:
+    sr_path = args.export_sr or (os.path.join(args.out, "sr.dcm") if args.store_sr else None)
+    if sr_path:
         try:
-            _progress(f"wrote {E.write_sr(findings, ctx.dicom_series, args.export_sr)}")
+            _progress(f"wrote {E.write_sr(findings, ctx.dicom_series, sr_path)}")
         except E.ExportError as e:
             print(f"minigptmed-slicer: error: {e}", file=sys.stderr, flush=True)
             return 2
+    if args.store_sr:
+        import pydicom
+
+        from .pacs import store
+
+        store(args.dicomweb, pydicom.dcmread(str(sr_path)))
+        _progress(f"stored the SR in {args.dicomweb} (STOW-RS)")
     return 0
 
 
@@ -411,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     from MiniGPTMedSlicerLib.client import BackendError
     from MiniGPTMedSlicerLib.review import ReviewError
 
+    from .pacs import PacsError
+
     try:
         if args.command == "series":
             return run_series(args)
@@ -428,12 +455,17 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(f"minigptmed-slicer: error: {message}", file=sys.stderr, flush=True)
         return 2
-    except (RunnerError, ReviewError) as e:
+    except (RunnerError, ReviewError, PacsError) as e:
         print(f"minigptmed-slicer: error: {e}", file=sys.stderr, flush=True)
         return 2
     except ValueError as e:
         print(f"minigptmed-slicer: error: {e}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        if getattr(args, "_download", None):
+            import shutil
+
+            shutil.rmtree(args._download, ignore_errors=True)
 
 
 if __name__ == "__main__":
