@@ -7,7 +7,7 @@ origin at the top-left corner of the top-left pixel, x right, y down. ``width`` 
 | convention          | who speaks it                     | coordinates                                                   |
 |---------------------|-----------------------------------|---------------------------------------------------------------|
 | ``grid100``         | MiniGPT-Med                       | integers ``[x0, y0, x1, y1]`` on 0..100 of width/height (truncated) |
-| ``norm1000``        | Qwen3-VL, our OpenAI face         | ``[x0, y0, x1, y1]`` on 0..1000 of width/height               |
+| ``norm1000``        | Qwen3-VL, MedMO, our OpenAI face  | ``[x0, y0, x1, y1]`` on 0..1000 of width/height               |
 | ``box2d``           | MedGemma                          | ``[y0, x0, y1, x1]`` on 0..1000 of the zero-padded square     |
 | ``resized``         | Qwen2.5-VL                        | ``[x0, y0, x1, y1]`` in pixels of the smart-resized image     |
 """

@@ -211,7 +211,7 @@ def decode_box(family: str, coords: list, g: ImageGeometry) -> list[float]:
         return box2d_to_pixels(coords, g.width, g.height)
     if family == "qwen2_5_vl":  # absolute pixels of the resized image
         return resized_to_pixels(coords, g.width, g.height, g.model_width, g.model_height)
-    return norm1000_to_pixels(coords, g.width, g.height)  # qwen3_vl
+    return norm1000_to_pixels(coords, g.width, g.height)  # qwen3_vl, medmo (0..1000 of the image)
 
 
 def strip_thinking(text: str) -> str:
