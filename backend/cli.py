@@ -14,9 +14,11 @@ import os
 import socket
 import sys
 from collections.abc import Mapping
+from dataclasses import replace
 
 from MiniGPTMedSlicerLib.protocol import DEFAULT_HOST, DEFAULT_PORT
 
+from . import __version__
 from .setting_error import SettingError
 from .settings import (
     LOOPBACK_HOSTS,
@@ -80,13 +82,33 @@ class StartupError(Exception):
     """A start-up failure that the command line reports in one line: the cause and the fix."""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written; each option's default shown (when it has one worth showing)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def plain(doc: str | None) -> str:
+    """A docstring as help text: no reStructuredText literals."""
+    return (doc or "").replace("``", "")
+
+
+ENV_HELP = "environment (a flag, when given, wins; --engine auto reads them to choose): " + ", ".join(
+    f"{v} ({FLAGS[k].split()[0]})" if FLAGS.get(k, "").startswith("--") else f"{v} (no flag)" for k, v in ENV.items()
+)
+
+
 def flag_message(err: SettingError) -> str:
     """A setting error as this command line names it."""
     return err.render(FLAGS)
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("MiniGPT-Med engine (--engine minigptmed)")
+def add_model_arguments(p: argparse.ArgumentParser, convert: bool = False) -> None:
+    """The engines' options; ``convert`` gets only the weight files, the model config, the dtype and the trust flag."""
+    g = p.add_argument_group("MiniGPT-Med weights" if convert else "MiniGPT-Med engine (--engine minigptmed)")
     g.add_argument("--eva", help=f"eva_vit_g.pth (EVA ViT-g/14 weights; or set {ENV['eva']})")
     g.add_argument("--llama", help=f"Llama-2-7b-chat-hf folder (or set {ENV['llama']})")
     g.add_argument("--checkpoint", help=f"MiniGPT-Med checkpoint .pth (or set {ENV['checkpoint']})")
@@ -97,10 +119,18 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model-config",
         default=None,
-        help="JSON with model dimensions (tiny test models); default: the real 7B preset",
+        help="JSON with model dimensions (tiny test models; a file with only 'vision' takes the LLM size from "
+        "the LLaMA folder); default: the real 7B preset",
     )
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     g.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (fp16 on CUDA, fp32 on CPU)")
+    g.add_argument(
+        "--trust-checkpoints",
+        action="store_true",
+        help=f"allow .pth files that hold Python objects (only files you trust; or set {ENV['trust_checkpoints']}=1)",
+    )
+    if convert:
+        return
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     g.add_argument(
         "--quantize",
         choices=["none", "8bit", "4bit"],
@@ -121,11 +151,6 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="static KV cache + CUDA-graph decode step (about 3.5x faster decode on a GPU; compiles at start; "
         f"or set {ENV['static_decode']}=1)",
-    )
-    g.add_argument(
-        "--trust-checkpoints",
-        action="store_true",
-        help=f"allow .pth files that hold Python objects (only files you trust; or set {ENV['trust_checkpoints']}=1)",
     )
     g.add_argument(
         "--vllm",
@@ -152,27 +177,45 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="minigptmed-backend", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="minigptmed-backend", description=plain(__doc__), formatter_class=HelpFormatter, epilog=ENV_HELP
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="run the HTTP API")
-    s.add_argument("--engine", default="auto", choices=["auto", "builtin", "minigptmed", "xraygpt", "hf", "openai"])
+    s = sub.add_parser("serve", help="run the HTTP API", formatter_class=HelpFormatter, epilog=ENV_HELP)
+    s.add_argument(
+        "--engine",
+        default="auto",
+        choices=["auto", "builtin", "minigptmed", "xraygpt", "hf", "openai"],
+        help="auto: a configured VLM whose weights exist here, else builtin ('engines' lists what auto would pick)",
+    )
     s.add_argument(
         "--host", default=DEFAULT_HOST, help=f"bind address (default {DEFAULT_HOST}; any other needs a token)"
     )
-    s.add_argument("--port", type=int, default=DEFAULT_PORT)
+    s.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (0 picks a free one)")
     s.add_argument("--token", default=None, help=f"access token (or set {TOKEN_ENV})")
     s.add_argument("--ssl-certfile", default=None)
     s.add_argument("--ssl-keyfile", default=None)
     s.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request before 504")
     s.add_argument("--queue-size", type=int, default=16, help="requests that may wait for the engine before 503")
-    s.add_argument("--max-body-mb", type=float, default=32.0)
-    s.add_argument("--max-image-side", type=int, default=8192)
+    s.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body before 413")
+    s.add_argument("--max-image-side", type=int, default=8192, help="largest image side in pixels")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_model_arguments(s)
     s.add_argument("--debug", action="store_true", help="show the traceback of a start-up failure")
-    c = sub.add_parser("convert", help="write MiniGPT-Med weights as a safetensors folder that loads fast")
-    add_model_arguments(c)
+    e = sub.add_parser(
+        "engines",
+        help="list the engines, whether each is usable here, and what auto would pick and why",
+        formatter_class=HelpFormatter,
+        epilog=ENV_HELP,
+    )
+    add_model_arguments(e)
+    e.set_defaults(engine="auto", debug=False)
+    c = sub.add_parser(
+        "convert",
+        help="write MiniGPT-Med weights as a safetensors folder that loads fast",
+        formatter_class=HelpFormatter,
+    )
+    add_model_arguments(c, convert=True)
     c.add_argument("--out", help="output folder")
     c.add_argument(
         "--for-vllm",
@@ -349,6 +392,55 @@ def serve(server: ServerSettings, engines: EngineSettings, log_level: str = "inf
     return 0 if uv.started else 3  # 3: uvicorn's start-up failure
 
 
+def list_engines(settings: EngineSettings) -> int:
+    """What each engine needs, whether it is usable on this machine, and what auto would pick."""
+    import importlib.util
+
+    from .engines import choose_engine
+
+    def have(*mods: str) -> list[str]:
+        return [m for m in mods if importlib.util.find_spec(m) is None]
+
+    m, x, hf, oa = settings.minigptmed, settings.xraygpt, settings.hf, settings.openai
+    three = [f for f in (m.eva, m.llama, m.checkpoint) if f]
+    weights = (
+        f"converted folder {m.converted}" + ("" if os.path.isdir(m.converted) else " (missing)")
+        if m.converted
+        else f"{len(three)} of 3 weight files set"
+        + (f", missing: {[f for f in three if not os.path.exists(f)]}" if three else "")
+    )
+    ok_m = bool(m.converted and os.path.isdir(m.converted)) or (
+        len(three) == 3 and all(os.path.exists(f) for f in three)
+    )
+    xfiles = [f for f in (x.eva, x.qformer, x.llama, x.checkpoint) if f]
+    rows = [
+        ("builtin", True, "rule-based, no weights; always usable"),
+        ("minigptmed", ok_m and not have("torch"), f"{weights}; packages missing: {have('torch') or 'none'}"),
+        (
+            "xraygpt",
+            len(xfiles) == 4 and all(os.path.exists(f) for f in xfiles) and not have("torch"),
+            f"{len(xfiles)} of 4 weight files set (--eva, --qformer, --llama, --checkpoint)",
+        ),
+        (
+            "hf",
+            bool(hf.model and os.path.isdir(hf.model)) and not have("torch", "transformers"),
+            f"model folder {hf.model or 'not set'}"
+            + (" (missing)" if hf.model and not os.path.isdir(hf.model) else "")
+            + f"; packages missing: {have('torch', 'transformers') or 'none'}",
+        ),
+        (
+            "openai",
+            bool(oa.url and oa.model),
+            f"url {oa.url or 'not set'}, model {oa.model or 'not set'} (not contacted)",
+        ),
+    ]
+    for name, usable, why in rows:
+        print(f"{name:<11} {'usable' if usable else 'not usable':<11} {why}")
+    pick, reason = choose_engine(replace(settings, engine="auto"))
+    print(f"auto picks: {pick} ({reason})")
+    return 0
+
+
 def convert(s: ConvertSettings) -> int:
     from .minigpt.config import MiniGPTMedConfig
     from .minigpt.convert import convert as convert_files
@@ -429,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
             return serve(server_settings(args, env), engine_settings(args, env), args.log_level)
         if args.command == "convert":
             return convert(convert_settings(args, env))
+        if args.command == "engines":
+            return list_engines(engine_settings(args, env))
     except SettingError as e:
         if args.debug:
             raise

@@ -76,10 +76,32 @@ def _parse_region(text: str | None) -> list[float] | None:
     return parts
 
 
+# CT window presets: (width, level) in HU
+WINDOW_PRESETS = {
+    "soft-tissue": (400.0, 40.0),
+    "lung": (1500.0, -600.0),
+    "mediastinum": (350.0, 50.0),
+    "bone": (1800.0, 400.0),
+    "brain": (80.0, 40.0),
+}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written; each option's default shown (when it has one worth showing)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from backend import __version__
+
     p = argparse.ArgumentParser(
-        prog="minigptmed-slicer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="minigptmed-slicer", description=(__doc__ or "").replace("``", ""), formatter_class=HelpFormatter
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
@@ -88,14 +110,35 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--study", default=None, help="with --dicomweb: the Study Instance UID")
         sp.add_argument("--store-sr", action="store_true", help="with --dicomweb: send the SR back (STOW-RS)")
         sp.add_argument("--series", default=None, help="DICOM folder: a series UID or its number in 'series FOLDER'")
-        sp.add_argument("--view", choices=sorted(ORIENTATIONS), default="axial")
+        sp.add_argument("--view", choices=sorted(ORIENTATIONS), default="axial", help="slice view")
         sp.add_argument("--question", default=None, help="the question (vqa), the phrase (ground) or the kind (detect)")
         sp.add_argument("--backend", default=None, help="backend URL; default: the built-in engine in this process")
         sp.add_argument("--token", default=os.environ.get("MINIGPTMED_TOKEN"), help="backend access token")
-        sp.add_argument("--view-size", type=int, default=512, help="pixels of the (square) slice view")
+        sp.add_argument("--view-size", type=int, default=512, help="pixels of the (square) slice view (16..4096)")
         sp.add_argument("--export-size", type=int, default=None, help="resample the sent image: longer side in pixels")
         sp.add_argument("--window", type=float, default=None, help="window width (default: CT 400, else the volume's)")
         sp.add_argument("--level", type=float, default=None, help="window level (default: CT 40, else the volume's)")
+        sp.add_argument(
+            "--window-preset",
+            choices=sorted(WINDOW_PRESETS),
+            default=None,
+            help="CT window: "
+            + ", ".join(f"{k} {w:g}/{lv:g}" for k, (w, lv) in WINDOW_PRESETS.items())
+            + " (width/level HU; --window/--level, when given, win)",
+        )
+        sp.add_argument(
+            "--modality",
+            default=None,
+            help="the modality sent to the model (e.g. CT, MR), for volumes that do not say (default: DICOM's "
+            "Modality, CT for a Hounsfield range, else unknown)",
+        )
+        sp.add_argument(
+            "--scene",
+            choices=["full", "none"],
+            default="full",
+            help="full: also write scene.mrb (embeds a copy of the volume); none: only findings.json, input.png, "
+            "view.png",
+        )
         sp.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the backend")
         sp.add_argument("--out", required=True, help="output folder")
         sp.add_argument("--review", default=None, help="review file (JSON); without one every finding is accepted")
@@ -103,23 +146,29 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--export-table", default=None, metavar="FILE.csv", help="findings table (+ .json beside)")
         sp.add_argument("--export-markups", default=None, metavar="DIR", help="one Slicer .mrk.json per finding")
 
-    ls = sub.add_parser("series", help="list the DICOM series of a folder (searched recursively)")
+    ls = sub.add_parser(
+        "series", help="list the DICOM series of a folder (searched recursively)", formatter_class=HelpFormatter
+    )
     ls.add_argument("folder")
 
-    a = sub.add_parser("analyze", help="analyze one slice")
+    a = sub.add_parser("analyze", help="analyze one slice", formatter_class=HelpFormatter)
     common(a)
-    a.add_argument("--task", choices=TASKS, default=DETECT.id)
+    a.add_argument("--task", choices=TASKS, default=DETECT.id, help="what to ask")
     g = a.add_mutually_exclusive_group()
-    g.add_argument("--slice", type=int, default=None, help="slice number along the view normal (0 = lowest)")
+    g.add_argument(
+        "--slice", type=int, default=None, help="slice number along the view normal (0 = lowest; default: the middle)"
+    )
     g.add_argument("--offset", type=float, default=None, help="slice offset in mm (as Slicer's slice slider)")
     a.add_argument("--region", default=None, help="x0,y0,x1,y1 in pixels of the sent image (task identify)")
 
-    s = sub.add_parser("sweep", help="sweep detect/ground over slices and merge into 3D findings")
+    s = sub.add_parser(
+        "sweep", help="sweep detect/ground over slices and merge into 3D findings", formatter_class=HelpFormatter
+    )
     common(s)
-    s.add_argument("--task", choices=[DETECT.id, GROUND.id], default=DETECT.id)
+    s.add_argument("--task", choices=[DETECT.id, GROUND.id], default=DETECT.id, help="what to ask on each slice")
     s.add_argument("--range", default=None, help="slices A:B (B exclusive; default all)")
     s.add_argument("--step", type=int, default=1, help="every n-th slice")
-    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--batch-size", type=int, default=8, help="slices per request")
     s.add_argument("--min-overlap", type=float, default=0.3, help="merge: intersection / smaller box area")
     s.add_argument("--max-gap", type=int, default=0, help="merge: swept slices a finding may be missed on")
     return p
@@ -164,12 +213,15 @@ def _setup(args):
         raise RunnerError(str(e)) from None
     if ctx.series_note:
         _progress(ctx.series_note)
+    if args.modality:
+        vol.SetAttribute("DICOM.Modality", args.modality.strip().upper())
     display = vol.GetDisplayNode()
-    if args.window is not None or args.level is not None:
+    preset = WINDOW_PRESETS.get(args.window_preset or "")
+    if args.window is not None or args.level is not None or preset:
         display.AutoWindowLevelOff()
         display.SetWindowLevel(
-            args.window if args.window is not None else display.GetWindow(),
-            args.level if args.level is not None else display.GetLevel(),
+            args.window if args.window is not None else preset[0] if preset else display.GetWindow(),
+            args.level if args.level is not None else preset[1] if preset else display.GetLevel(),
         )
     view = VIEW_NAMES[args.view]
     sl = S.add_slice_view(ctx, vol, view, ORIENTATIONS[args.view], (args.view_size, args.view_size))
@@ -308,8 +360,9 @@ def run_analyze(args: argparse.Namespace) -> int:
         )
         code = _review_and_export(args, ctx)
         render_slice_view(ctx.app_logic, sl, os.path.join(args.out, "view.png"), (args.view_size, args.view_size))
-        S.save_mrb(ctx, os.path.join(args.out, "scene.mrb"))
-        _progress(f"wrote {args.out}/findings.json, input.png, view.png, scene.mrb")
+        if args.scene == "full":
+            S.save_mrb(ctx, os.path.join(args.out, "scene.mrb"))
+        _progress(f"wrote {args.out}/findings.json, input.png, view.png{', scene.mrb' if args.scene == 'full' else ''}")
         print(response.text)
         return code
     finally:
@@ -405,10 +458,11 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
         if findings:
             sl.SetSliceOffset(plan.offsets_mm[findings[0].best_slice_pos])
         render_slice_view(ctx.app_logic, sl, os.path.join(args.out, "view.png"), (args.view_size, args.view_size))
-        S.save_mrb(ctx, os.path.join(args.out, "scene.mrb"))
+        if args.scene == "full":
+            S.save_mrb(ctx, os.path.join(args.out, "scene.mrb"))
         _progress(
             f"{len(plan.indices)} slices in {elapsed:.1f} s ({len(plan.indices) / max(elapsed, 1e-9):.1f} slices/s); "
-            f"wrote {args.out}/findings.json, view.png, scene.mrb"
+            f"wrote {args.out}/findings.json, view.png{', scene.mrb' if args.scene == 'full' else ''}"
         )
         print(summary)
         return code
