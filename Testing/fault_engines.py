@@ -121,3 +121,22 @@ class FixedCostEngine(Engine):
             stop.check()
             time.sleep(0.005)
         return [AnalysisResult(text=f"{inp.task}:{inp.question}", raw_output="ok") for inp in inputs]
+
+
+class LongAnswerEngine(SlowEngine):
+    """Answers every task (``vqa`` included) at once with a long text of ``chars`` characters and no boxes (the
+    default: the server's limit, backend.findings.MAX_TEXT_CHARS), for timing the client's handling of long answers."""
+
+    def __init__(self, chars: int = 20_000):
+        super().__init__(0.0)
+        self.chars = chars
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            engine="long", model="long-answer-test-engine", device="cpu", tasks=("report", "vqa", "detect"), max_batch=8
+        )
+
+    def analyze_batch(self, inputs, stop):
+        sentence = "The answer goes on at length about what the slice shows, sentence after sentence. "
+        text = (sentence * (self.chars // len(sentence) + 1))[: self.chars]
+        return [AnalysisResult(text=text, raw_output=text) for _ in inputs]
