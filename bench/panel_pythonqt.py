@@ -180,8 +180,10 @@ def main() -> int:
             results[name] = run_env(name, cfg)
             print(f"# {name}: {time.monotonic() - t0:.0f} s", file=sys.stderr)
     envs = list(results)
-    print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"{time.strftime('%Y-%m-%d %H:%M')}; repeat {a.repeat} (median)")
+    print(
+        f"machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"{time.strftime('%Y-%m-%d %H:%M')}; repeat {a.repeat} (median)"
+    )
     print("| operation | " + " | ".join(envs) + " | " + " | ".join(f"{e} / pyside6" for e in envs[1:]) + " |")
     print("|---" * (1 + 2 * len(envs) - 1) + "|")
     rows = [(op, "s") for op in cfg["ops"]] + ([("sweep133", "gap_s")] if "sweep133" in cfg["ops"] else [])

@@ -1,5 +1,13 @@
 """HTTP client for the backend, used by the Slicer module and the headless runner.
 
+* The calls are built and their answers read without any transport (:meth:`BackendClient.health_request`,
+  :meth:`BackendClient.analyze_request`, :meth:`BackendClient.batch_request` give an :class:`HttpRequest`;
+  :meth:`BackendClient.result` reads an :class:`HttpResponse`; the ``*_error`` methods word transport failures), so
+  the same client runs over ``requests`` (here: :meth:`BackendClient.send`, blocking, for the runner and worker
+  threads) and over Qt's asynchronous ``QNetworkAccessManager`` (the panel, MiniGPTMedSlicerQt/qt_transport.py:
+  no Python thread, so nothing waits for the GIL that Slicer's main thread keeps).
+* A sequence of calls is written once as a generator that yields :class:`HttpRequest` objects and receives their
+  results (:data:`PAUSE` lets an event loop run in between); :func:`run_calls` drives one with :meth:`send`.
 * One ``requests.Session`` per client: the TCP connection is reused (keep-alive).
 * Every call has a timeout (connect, read).
 * Only idempotent reads (``health``) are retried; ``analyze`` is never retried automatically.
@@ -13,7 +21,7 @@ import json
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Generator, List, Optional, Sequence, Union
 
 import requests
 
@@ -61,33 +69,83 @@ class BackendClient:
         self._session = requests.Session()
         self._lock = threading.Lock()
 
-    # -- public API ---------------------------------------------------------------------------
+    # -- calls, built without a transport -------------------------------------------------------
+
+    def health_request(self, retries: int = 2) -> HttpRequest:
+        """``GET /health`` (safe to retry: it is an idempotent read)."""
+        return self._build("GET", "/health", None, self.timeouts.health_s, lambda d: self._parse(Health, d), retries)
+
+    def analyze_request(self, request: AnalyzeRequest) -> HttpRequest:
+        body = protocol.to_dict(request)
+        return self._build(
+            "POST", "/v1/analyze", body, self.timeouts.analyze_s, lambda d: self._parse(AnalyzeResponse, d)
+        )
+
+    def batch_request(self, requests_: Sequence[AnalyzeRequest]) -> HttpRequest:
+        body = protocol.to_dict(BatchRequest(items=list(requests_)))
+        return self._build(
+            "POST", "/v1/analyze/batch", body, self.timeouts.analyze_s, lambda d: self._parse(BatchResponse, d).results
+        )
+
+    def result(self, request: HttpRequest, response: HttpResponse) -> Any:
+        """The call's result from the server's answer, or the :class:`BackendError` it means (raised)."""
+        return request.parse(decode_response(response, self.base_url))
+
+    # -- how transport failures are worded (the same for every transport) ----------------------
+
+    def connection_error(self) -> BackendError:
+        return BackendError(
+            "connection",
+            f"Cannot reach the backend at {self.base_url}. Is it running? Start it with: minigptmed-backend serve",
+        )
+
+    def dns_error(self) -> BackendError:
+        return BackendError("dns", f"Cannot resolve the backend host in {self.base_url}. Check the URL.")
+
+    def tls_error(self, detail: str) -> BackendError:
+        return BackendError(
+            "tls",
+            f"TLS error talking to {self.base_url}: {_short(detail)}. Check the server certificate "
+            "or use http:// for a backend on this machine.",
+        )
+
+    def connect_timeout_error(self) -> BackendError:
+        return BackendError(
+            "timeout", f"Could not connect to the backend at {self.base_url} within {self.timeouts.connect_s:g} s."
+        )
+
+    def read_timeout_error(self, request: HttpRequest) -> BackendError:
+        return BackendError(
+            "timeout", f"The backend at {self.base_url} did not answer within {request.read_timeout_s:g} s."
+        )
+
+    def other_error(self, detail: str) -> BackendError:
+        return BackendError("connection", f"Request to {self.base_url} failed: {_short(detail)}")
+
+    # -- the blocking transport (requests) -------------------------------------------------------
 
     def health(self, retries: int = 2) -> Health:
-        """``GET /health`` (safe to retry: it is an idempotent read)."""
-        last: Optional[BackendError] = None
-        for attempt in range(retries + 1):
-            try:
-                data = self._request("GET", "/health", None, self.timeouts.health_s)
-                return self._parse(Health, data)
-            except BackendError as e:
-                last = e
-                if e.kind not in ("connection", "timeout") or attempt == retries:
-                    raise
-                time.sleep(0.2 * (attempt + 1))
-        assert last is not None
-        raise last
+        return self.send(self.health_request(retries))
 
     def analyze(self, request: AnalyzeRequest, cancel: Optional[threading.Event] = None) -> AnalyzeResponse:
-        data = self._request("POST", "/v1/analyze", protocol.to_dict(request), self.timeouts.analyze_s, cancel)
-        return self._parse(AnalyzeResponse, data)
+        return self.send(self.analyze_request(request), cancel)
 
     def analyze_batch(
         self, requests_: Sequence[AnalyzeRequest], cancel: Optional[threading.Event] = None
     ) -> List[AnalyzeResponse]:
-        body = protocol.to_dict(BatchRequest(items=list(requests_)))
-        data = self._request("POST", "/v1/analyze/batch", body, self.timeouts.analyze_s, cancel)
-        return self._parse(BatchResponse, data).results
+        return self.send(self.batch_request(requests_), cancel)
+
+    def send(self, request: HttpRequest, cancel: Optional[threading.Event] = None) -> Any:
+        """Send one call with ``requests`` and wait for its result (retrying connection failures and time-outs of
+        idempotent reads)."""
+        for attempt in range(request.retries + 1):
+            try:
+                return self._send_once(request, cancel)
+            except BackendError as e:
+                if not request.may_retry(e, attempt):
+                    raise
+                time.sleep(request.retry_delay_s(attempt))
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         self._session.close()
@@ -100,6 +158,17 @@ class BackendClient:
             h["Authorization"] = f"Bearer {self.token}"
         return h
 
+    def _build(
+        self, method: str, path: str, body: Optional[Dict[str, Any]], read_timeout: float, parse, retries: int = 0
+    ) -> HttpRequest:
+        payload = json.dumps(body).encode("utf-8") if body is not None else None
+        headers = self._headers()
+        if payload is not None:
+            headers["Content-Type"] = "application/json"
+        return HttpRequest(
+            method, self.base_url + path, headers, payload, self.timeouts.connect_s, read_timeout, parse, retries
+        )
+
     def _parse(self, cls: Any, data: Any) -> Any:
         try:
             return protocol.from_dict(cls, data)
@@ -110,74 +179,112 @@ class BackendClient:
                 "Are the module and the backend the same version?",
             ) from e
 
-    def _request(
-        self,
-        method: str,
-        path: str,
-        body: Optional[Dict[str, Any]],
-        read_timeout: float,
-        cancel: Optional[threading.Event] = None,
-    ) -> Any:
+    def _send_once(self, request: HttpRequest, cancel: Optional[threading.Event]) -> Any:
         if cancel is not None and cancel.is_set():
             raise BackendError("cancelled", "Cancelled.")
-        url = self.base_url + path
-        payload = json.dumps(body).encode("utf-8") if body is not None else None
-        headers = self._headers()
-        if payload is not None:
-            headers["Content-Type"] = "application/json"
         try:
             resp = self._session.request(
-                method,
-                url,
-                data=payload,
-                headers=headers,
-                timeout=(self.timeouts.connect_s, read_timeout),
+                request.method,
+                request.url,
+                data=request.body,
+                headers=request.headers,
+                timeout=(request.connect_timeout_s, request.read_timeout_s),
                 verify=self.verify_tls,
             )
         except requests.exceptions.SSLError as e:
-            raise BackendError(
-                "tls",
-                f"TLS error talking to {self.base_url}: {_short(e)}. Check the server certificate "
-                "or use http:// for a backend on this machine.",
-            ) from e
+            raise self.tls_error(str(e)) from e
         except requests.exceptions.ConnectTimeout as e:
-            raise BackendError(
-                "timeout", f"Could not connect to the backend at {self.base_url} within {self.timeouts.connect_s:g} s."
-            ) from e
+            raise self.connect_timeout_error() from e
         except requests.exceptions.ReadTimeout as e:
-            raise BackendError(
-                "timeout", f"The backend at {self.base_url} did not answer within {read_timeout:g} s."
-            ) from e
+            raise self.read_timeout_error(request) from e
         except requests.exceptions.ConnectionError as e:
-            text = str(e)
-            if any(
-                s in text
-                for s in (
-                    "Name or service not known",
-                    "nodename nor servname",
-                    "getaddrinfo failed",
-                    "Temporary failure in name resolution",
-                    "No address associated",
-                )
-            ):
-                raise BackendError("dns", f"Cannot resolve the backend host in {self.base_url}. Check the URL.") from e
-            raise BackendError(
-                "connection",
-                f"Cannot reach the backend at {self.base_url}. Is it running? Start it with: minigptmed-backend serve",
-            ) from e
+            if any(s in str(e) for s in _DNS_FAILURES):
+                raise self.dns_error() from e
+            raise self.connection_error() from e
         except requests.exceptions.RequestException as e:
-            raise BackendError("connection", f"Request to {self.base_url} failed: {_short(e)}") from e
+            raise self.other_error(str(e)) from e
         if cancel is not None and cancel.is_set():
             raise BackendError("cancelled", "Cancelled.")
-        return _decode_response(resp, self.base_url)
+        return self.result(request, HttpResponse(resp.status_code, resp.reason or "", resp.content, resp.url))
 
 
-def _decode_response(resp: requests.Response, base_url: str) -> Any:
+_DNS_FAILURES = (
+    "Name or service not known",
+    "nodename nor servname",
+    "getaddrinfo failed",
+    "Temporary failure in name resolution",
+    "No address associated",
+)
+
+
+@dataclass
+class HttpRequest:
+    """One call to the backend, ready for any transport: what to send, and how to read the answer."""
+
+    method: str
+    url: str
+    headers: Dict[str, str]
+    body: Optional[bytes]
+    connect_timeout_s: float
+    read_timeout_s: float
+    parse: Callable[[Any], Any]  # the answer's JSON -> the call's result (protocol types)
+    retries: int = 0  # only for idempotent reads
+
+    def may_retry(self, error: BackendError, attempt: int) -> bool:
+        return error.kind in ("connection", "timeout") and attempt < self.retries
+
+    def retry_delay_s(self, attempt: int) -> float:
+        return 0.2 * (attempt + 1)
+
+
+@dataclass
+class HttpResponse:
+    """What a transport got back: the status line and the raw body."""
+
+    status: int
+    reason: str
+    body: bytes
+    url: str
+
+
+class _Pause:
+    def __repr__(self) -> str:
+        return "PAUSE"
+
+
+#: Yielded by a sequence of calls to let an event loop run before it goes on (a blocking driver just goes on).
+PAUSE = _Pause()
+
+#: A sequence of calls: yields :class:`HttpRequest` (or :data:`PAUSE`), receives each result, returns the outcome.
+Calls = Generator[Any, Any, Any]
+
+
+def run_calls(calls: Calls, client: BackendClient, cancel: Optional[threading.Event] = None) -> Any:
+    """Drive ``calls`` with the blocking transport in the calling thread; return what it returns."""
+    value: Any = None
+    error: Optional[BaseException] = None
+    while True:
+        try:
+            item = calls.throw(error) if error is not None else calls.send(value)
+        except StopIteration as stop:
+            return stop.value
+        value, error = None, None
+        if item is PAUSE:
+            continue
+        try:
+            value = client.send(item, cancel)
+        except BackendError as e:
+            error = e
+
+
+def decode_response(resp: HttpResponse, base_url: str) -> Any:
+    """The JSON of a 200 answer, or the :class:`BackendError` a non-200 answer means (raised), with the server's
+    own message when it sent one."""
     try:
-        data = resp.json()
+        data = json.loads(resp.body.decode("utf-8")) if resp.body else None
     except ValueError:
         data = None
-    if resp.status_code == 200:
+    if resp.status == 200:
         if data is None:
             raise BackendError(
                 "protocol", f"The server at {base_url} did not answer with JSON. Is this a MiniGPTMedSlicer backend?"
@@ -189,7 +296,7 @@ def _decode_response(resp: requests.Response, base_url: str) -> Any:
         message = data["error"].get("message")
     elif isinstance(data, dict) and "detail" in data:
         message = str(data["detail"])
-    status = resp.status_code
+    status = resp.status
     if status == 401:
         hint = "The backend needs an access token; set it in the module's Backend settings."
         raise BackendError("http", f"Not authorised (401): {message or hint}", status, code or "unauthorized")
@@ -202,6 +309,6 @@ def _decode_response(resp: requests.Response, base_url: str) -> Any:
     raise BackendError("http", f"{message or resp.reason} (HTTP {status})", status, code)
 
 
-def _short(e: Exception, limit: int = 200) -> str:
+def _short(e: object, limit: int = 200) -> str:
     s = str(e)
     return s if len(s) <= limit else s[:limit] + "…"

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from . import protocol
-from .client import BackendClient, BackendError, Timeouts
+from .client import BackendClient, BackendError, Calls, Timeouts, run_calls
 
 if TYPE_CHECKING:  # Slicer's MRML classes (the app's or slicer-core's); without stubs, mypy sees them as Any
     import numpy as np
@@ -48,6 +48,8 @@ class Job:
     error: Optional[BaseException] = None
     started: float = field(default_factory=time.monotonic)
     context: Dict[str, Any] = field(default_factory=dict)  # main-thread data (captured slices, plan, options)
+    on_main_thread: bool = False  # its calls run on the main thread's event loop (no worker thread to lend the GIL)
+    abort: Optional[Callable[[], None]] = None  # set by a transport that can abort the call in flight
 
     @property
     def cancelled(self) -> bool:
@@ -65,6 +67,28 @@ class Outcome:
     message: str
     text: str = ""
     n_findings: int = 0
+
+
+class ThreadRunner:
+    """Runs a job's calls (:data:`.client.Calls`) with ``requests`` on a daemon worker thread; the result or the
+    error lands in the job and ``job.done`` is set. The default; the panel passes a Qt runner instead
+    (MiniGPTMedSlicerQt/qt_transport.py), whose calls run on the main thread's event loop."""
+
+    on_main_thread = False
+
+    def run(self, job: Job, client: BackendClient, calls: Calls) -> None:
+        def target() -> None:
+            try:
+                try:
+                    job.result = run_calls(calls, client, job.cancel)
+                finally:
+                    client.close()
+            except BaseException as e:  # reported to the main thread
+                job.error = e
+            finally:
+                job.done.set()
+
+        threading.Thread(target=target, name=f"minigptmed-{job.kind}", daemon=True).start()
 
 
 class AnalysisLogic:
@@ -94,9 +118,9 @@ class AnalysisLogic:
     def client(self) -> BackendClient:
         return BackendClient(self.base_url, token=self.token, timeouts=self.timeouts)
 
-    def start_health(self) -> Job:
+    def start_health(self, runner: Optional[Any] = None) -> Job:
         job = Job(kind="health", task="health", view="")
-        self._run(job, lambda client: client.health())
+        self._run(job, lambda client: _one(client.health_request()), runner)
         return job
 
     # -- analyses -----------------------------------------------------------------------------
@@ -113,9 +137,15 @@ class AnalysisLogic:
         return [n for n in nodes if n.GetAttribute("MiniGPTMed.task") is None]  # user-drawn ROIs only
 
     def start(
-        self, view: str, task_name: str, question: str = "", region_roi_id: Optional[str] = None, sweep_range: str = ""
+        self,
+        view: str,
+        task_name: str,
+        question: str = "",
+        region_roi_id: Optional[str] = None,
+        sweep_range: str = "",
+        runner: Optional[Any] = None,
     ) -> Job:
-        """Validate and capture on the main thread, then send on a worker thread."""
+        """Validate and capture on the main thread, then send with ``runner`` (default: a :class:`ThreadRunner`)."""
         from .capture import capture_slice, region_from_roi, to_request
         from .scene import volume_of
 
@@ -130,7 +160,7 @@ class AnalysisLogic:
         if volume is None:
             raise AnalysisError(f"The {view} view shows no volume: load one and show it in that view.")
         if spec is None:
-            return self._start_sweep(view, sl, volume, question, sweep_range)
+            return self._start_sweep(view, sl, volume, question, sweep_range, runner)
         task = spec.id
         try:
             captured = capture_slice(sl, export_size=self.export_size)
@@ -147,11 +177,11 @@ class AnalysisLogic:
                 raise AnalysisError(f"The ROI {roi.GetName()!r} is not in the {view} view: {e}") from None
         request = to_request(captured, task, question=question or None, region=region)
         job = Job(kind="analyze", task=task, view=view, context={"captured": captured})
-        self._run(job, lambda client: client.analyze(request, cancel=job.cancel))
+        self._run(job, lambda client: _one(client.analyze_request(request)), runner)
         return job
 
-    def _start_sweep(self, view: str, sl, volume, question: str, sweep_range: str) -> Job:
-        from .sweep import analyze_sweep, capture_sweep, parse_range, plan_sweep
+    def _start_sweep(self, view: str, sl, volume, question: str, sweep_range: str, runner: Optional[Any]) -> Job:
+        from .sweep import capture_at, capture_sweep, parse_range, plan_sweep, sweep_calls
 
         task = protocol.DETECT.id  # the question, if any, names the kind of finding (the runner also sweeps ground)
         full = plan_sweep(sl, volume)
@@ -166,40 +196,56 @@ class AnalysisLogic:
         except ValueError as e:
             raise AnalysisError(f"Sweep slices: {e}") from None
         job = Job(kind="sweep", task=task, view=view)
-        captured = capture_sweep(sl, plan, export_size=self.export_size, cancel=job.cancel)
+        runner = runner or ThreadRunner()
+        captured: list = []
         job.context.update(captured=captured, plan=plan)
+        if runner.on_main_thread:  # each slice is captured when its turn comes, between event-loop turns
 
-        def work(client: BackendClient) -> Any:
-            job.context["health"] = client.health()
-            return analyze_sweep(
-                client,
-                captured,
-                task,
-                question or None,
-                self.batch_size,
-                cancel=job.cancel,
-                progress=lambda p: job.progress.put(str(p)),
+            def slices():
+                for offset in plan.offsets_mm:
+                    captured.append(capture_at(sl, offset, self.export_size))
+                    yield captured[-1]
+
+            source: Any = slices()
+        else:  # MRML is read on the main thread only: all of it now, before the worker starts
+            captured.extend(capture_sweep(sl, plan, export_size=self.export_size, cancel=job.cancel))
+            source = captured
+
+        def calls(client: BackendClient) -> Calls:
+            job.context["health"] = yield client.health_request()
+            return (
+                yield from sweep_calls(
+                    client,
+                    source,
+                    len(plan.offsets_mm),
+                    task,
+                    question or None,
+                    self.batch_size,
+                    cancel=job.cancel,
+                    progress=lambda p: job.progress.put(str(p)),
+                )
             )
 
-        self._run(job, work)
+        self._run(job, calls, runner)
         return job
 
-    def _run(self, job: Job, work: Callable[[BackendClient], Any]) -> None:
-        """Run ``work`` with a fresh client on a worker thread; its result or error lands in ``job``."""
+    def _run(self, job: Job, calls: Callable[[BackendClient], Calls], runner: Optional[Any] = None) -> None:
+        """Send ``calls`` (made with a fresh client) with ``runner``; the result or the error lands in ``job``."""
+        runner = runner or ThreadRunner()
+        job.on_main_thread = bool(runner.on_main_thread)
+        try:
+            client = self.client()
+        except BaseException as e:  # a bad URL: reported like any other failure
+            job.error = e
+            job.done.set()
+            return
+        runner.run(job, client, calls(client))
 
-        def target() -> None:
-            try:
-                client = self.client()
-                try:
-                    job.result = work(client)
-                finally:
-                    client.close()
-            except BaseException as e:  # reported to the main thread
-                job.error = e
-            finally:
-                job.done.set()
-
-        threading.Thread(target=target, name=f"minigptmed-{job.kind}", daemon=True).start()
+    def cancel(self, job: Job) -> None:
+        """Cancel ``job``: its result, if it still comes, is discarded; a transport that can abort the call does."""
+        job.cancel.set()
+        if job.abort is not None:
+            job.abort()
 
     def finish(self, job: Job, keep_previous: bool = True) -> Outcome:
         """On the main thread, once ``job.done`` is set: create the markups (all or nothing) or explain the error."""
@@ -294,6 +340,11 @@ class AnalysisLogic:
         from .markups import clear_results
 
         return clear_results(self.scene)
+
+
+def _one(request: Any) -> Calls:
+    """A single call as a sequence of calls."""
+    return (yield request)
 
 
 def describe_error(e: BaseException) -> str:

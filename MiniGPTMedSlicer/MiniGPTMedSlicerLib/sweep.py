@@ -17,9 +17,10 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 from . import protocol
+from .client import PAUSE, Calls, run_calls
 from .merge3d import Finding3D, MergeOptions, SliceDetection, merge_detections
 
 if TYPE_CHECKING:  # Slicer's MRML classes (the app's or slicer-core's); without stubs, mypy sees them as Any
@@ -136,6 +137,58 @@ def capture_sweep(
     return out
 
 
+def capture_at(
+    slice_logic: vtkMRMLSliceLogic, offset_mm: float, export_size: Union[int, Sequence[int], None] = None
+) -> CapturedSlice:
+    """Capture one slice at ``offset_mm`` as the view would show it, then put the view back (MRML: main thread)."""
+    from .capture import capture_slice
+
+    original = slice_logic.GetSliceOffset()
+    try:
+        slice_logic.SetSliceOffset(offset_mm)
+        return capture_slice(slice_logic, export_size=export_size)
+    finally:
+        slice_logic.SetSliceOffset(original)
+
+
+def sweep_calls(
+    client: BackendClient,
+    slices: Iterable[CapturedSlice],
+    total: int,
+    task: str = "detect",
+    question: Optional[str] = None,
+    batch_size: int = 8,
+    cancel: Optional[threading.Event] = None,
+    progress: Optional[ProgressCallback] = None,
+    **request_options: Any,
+) -> Calls:
+    """The sweep's calls (see :data:`.client.Calls`): the ``total`` captured slices, taken from ``slices`` one by one
+    (a list captured beforehand, or captured on demand when the calls run on the main thread), go to the backend in
+    batches. Cancel is checked before each slice and batch and right after each answer (that batch is discarded).
+    Returns the responses in slice order."""
+    from .capture import to_request
+
+    out: List[protocol.AnalyzeResponse] = []
+    chunk: List[protocol.AnalyzeRequest] = []
+    t0 = time.monotonic()
+    size = max(1, batch_size)
+    for n, c in enumerate(slices, 1):
+        if cancel is not None and cancel.is_set():
+            raise SweepCancelled("sweep cancelled")
+        chunk.append(to_request(c, task, question=question, **request_options))
+        if len(chunk) < size and n < total:
+            yield PAUSE  # an event loop may run between captures
+            continue
+        answer = yield (client.batch_request(chunk) if len(chunk) > 1 else client.analyze_request(chunk[0]))
+        if cancel is not None and cancel.is_set():
+            raise SweepCancelled("sweep cancelled")
+        out.extend(answer if len(chunk) > 1 else [answer])
+        chunk = []
+        if progress is not None:
+            progress(SweepProgress(len(out), total, time.monotonic() - t0))
+    return out
+
+
 def analyze_sweep(
     client: BackendClient,
     captured: Sequence[CapturedSlice],
@@ -146,23 +199,11 @@ def analyze_sweep(
     progress: Optional[ProgressCallback] = None,
     **request_options: Any,
 ) -> List[protocol.AnalyzeResponse]:
-    """Send the captured slices in batches (network only: safe off the main thread). Cancel is checked before each
-    batch and right after its answer arrives (that batch's results are then discarded)."""
-    from .capture import to_request
-
-    requests_ = [to_request(c, task, question=question, **request_options) for c in captured]
-    out: List[protocol.AnalyzeResponse] = []
-    t0 = time.monotonic()
-    for i in range(0, len(requests_), max(1, batch_size)):
-        if cancel is not None and cancel.is_set():
-            raise SweepCancelled("sweep cancelled")
-        chunk = requests_[i : i + batch_size]
-        out.extend(
-            client.analyze_batch(chunk, cancel=cancel) if len(chunk) > 1 else [client.analyze(chunk[0], cancel=cancel)]
-        )
-        if progress is not None:
-            progress(SweepProgress(len(out), len(requests_), time.monotonic() - t0))
-    return out
+    """Send the captured slices in batches with the blocking transport (network only: safe off the main thread)."""
+    calls = sweep_calls(
+        client, captured, len(captured), task, question, batch_size, cancel, progress, **request_options
+    )
+    return run_calls(calls, client, cancel)
 
 
 def merge_sweep(

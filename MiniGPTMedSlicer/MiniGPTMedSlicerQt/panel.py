@@ -1,18 +1,20 @@
 """The MiniGPT-Med panel: the .ui form wired to the module's logic (:class:`MiniGPTMedSlicerLib.logic.AnalysisLogic`).
 
-Runs in Slicer (PythonQt) and under PySide6 offscreen (tests). The HTTP call runs on a worker thread; a QTimer on the
-main thread polls it, updates progress, and applies results (MRML only on the main thread).
+Runs in Slicer (PythonQt) and under PySide6 offscreen (tests). The HTTP calls run on Qt's asynchronous network
+access manager (:mod:`.qt_transport`: no Python thread, so nothing waits for the GIL that Slicer's main thread
+keeps); a QTimer on the main thread shows progress, and the results are applied on the main thread (MRML too).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from MiniGPTMedSlicerLib import protocol
 from MiniGPTMedSlicerLib.logic import SWEEP_LABEL, TASK_LABELS, AnalysisError, AnalysisLogic, Job, describe_error
 
 from .qt_compat import find, font_metrics, is_gui_thread, load_ui, prop, qt, to_str
+from .qt_transport import QtRunner
 
 UI_PATH = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "Resources", "UI", "MiniGPTMedSlicer.ui"
@@ -31,6 +33,7 @@ class Panel:
         parent=None,
         settings=None,
         error_display: Optional[Callable[[str], None]] = None,
+        runner: Optional[Any] = None,
     ):
         self.logic = logic
         self.settings = settings
@@ -72,6 +75,9 @@ class Panel:
         self.progress.setValue(0)
 
         self.job: Optional[Job] = None
+        # how the calls are sent: Qt's event loop by default; MiniGPTMedSlicerLib.logic.ThreadRunner() for a worker
+        # thread with requests (what the panel did before; kept for comparison in bench/panel_pythonqt.py)
+        self.runner = runner if runner is not None else QtRunner(self.widget, on_done=self._job_done)
         self.timer = qt.QTimer(self.widget)
         self.timer.setInterval(POLL_MS)
         self.timer.timeout.connect(self._poll)
@@ -184,7 +190,7 @@ class Panel:
             return
         self._configure()
         self.connection_label.setText("Connecting…")
-        self.job = self.logic.start_health()
+        self.job = self.logic.start_health(runner=self.runner)
         self._set_busy(True, "Testing the connection…")
         self.timer.start()
 
@@ -202,6 +208,7 @@ class Panel:
                 question=str(prop(self.question_edit, "text")),
                 region_roi_id=prop(self.region_combo, "currentData") if prop(self.region_combo, "count") else None,
                 sweep_range=str(prop(self.range_edit, "text")),
+                runner=self.runner,
             )
         except AnalysisError as e:
             self._error(str(e))
@@ -217,7 +224,7 @@ class Panel:
     def on_cancel(self) -> None:
         if self.job is None:
             return
-        self.job.cancel.set()  # the worker's result, if it still comes, is discarded
+        self.logic.cancel(self.job)  # the call in flight is aborted; a result that still comes is discarded
         self.timer.stop()
         self.job = None
         self._set_busy(False, "")
@@ -243,7 +250,8 @@ class Panel:
         if job is None:
             self.timer.stop()
             return
-        job.done.wait(0.005)  # lends the GIL to the worker (Slicer's main thread holds it while idle)
+        if not job.on_main_thread:
+            job.done.wait(0.005)  # lends the GIL to a worker thread (Slicer's main thread holds it while idle)
         while not job.progress.empty():
             msg = job.progress.get_nowait()
             self.status_label.setText(f"Sweeping: {msg}")
@@ -275,8 +283,12 @@ class Panel:
             self.refresh_table()
             self.progress.setValue(100)
 
+    def _job_done(self) -> None:
+        """A job on the event loop finished: apply it now rather than at the next poll tick."""
+        qt.QTimer.singleShot(0, self._poll)
+
     def cleanup(self) -> None:
         self.timer.stop()
         if self.job is not None:
-            self.job.cancel.set()
+            self.logic.cancel(self.job)
             self.job = None

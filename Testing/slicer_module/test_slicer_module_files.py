@@ -134,7 +134,12 @@ _SHADOWED_GETTERS = {
     "plainText",
     "readOnly",
 }
-_QT_CODE = ["MiniGPTMedSlicer.py", "MiniGPTMedSlicerQt/panel.py", "MiniGPTMedSlicerQt/qt_compat.py"]
+_QT_CODE = [
+    "MiniGPTMedSlicer.py",
+    "MiniGPTMedSlicerQt/panel.py",
+    "MiniGPTMedSlicerQt/qt_compat.py",
+    "MiniGPTMedSlicerQt/qt_transport.py",
+]
 
 
 def _pythonqt_problems(src: str) -> list[str]:
