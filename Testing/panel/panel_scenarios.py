@@ -68,13 +68,14 @@ class Env:
     register: Callable[[Any], None] = lambda widget: None  # pytest-qt: qtbot.addWidget
     slow_started: Callable[[], int] | None = None  # requests the slow engine has begun (None: not visible here)
     panels: list[Panel] = field(default_factory=list)
+    runner: Callable[[], Any] | None = None  # makes the panel's runner (None: the panel's own, Qt's event loop)
 
     def panel(self, url: str | None = "builtin", settings=None, timeouts: Timeouts | None = None) -> Panel:
         """A fresh real panel on the shared scene, its results cleared; ``url``: a key of ``urls`` or a URL."""
         M.clear_results(self.mrml.scene)
         mrml = self.mrml
         logic = AnalysisLogic(mrml.scene, lambda: dict(mrml.slice_logics), timeouts=timeouts)
-        p = Panel(logic, settings=settings)
+        p = Panel(logic, settings=settings, runner=self.runner() if self.runner else None)
         self.register(p.widget)
         p.widget.show()
         if url is not None:
@@ -188,6 +189,28 @@ def connection(env: Env) -> dict:
     assert health.engine in label and health.model in label, label
     assert all(t in label for t in health.tasks), label
     return {"health_s": elapsed}
+
+
+def task_combo(env: Env) -> None:
+    """The task combo lists the protocol's tasks, then the sweep; each task enables the inputs it uses."""
+    p = env.panel()
+    combo = p.task_combo
+    items = [combo.itemText(i) for i in range(int(prop(combo, "count")))]
+    assert items == ["Report", "Ask", "Detect", "Locate", "Identify region", "Sweep volume"], items
+    select_task(p, "Ask")
+    assert p.question_edit.isEnabled() and text_prop(p.question_edit, "placeholderText") == "the question"
+    assert not p.region_combo.isEnabled() and not p.range_edit.isEnabled()
+    select_task(p, "Report")
+    assert not p.question_edit.isEnabled()
+    select_task(p, "Identify region")
+    assert p.region_combo.isEnabled() and not p.question_edit.isEnabled()
+    select_task(p, "Sweep volume")
+    assert p.range_edit.isEnabled()
+    assert text_prop(p.question_edit, "placeholderText") == "kind of finding (optional)"
+
+
+def text_prop(w, name: str) -> str:
+    return str(prop(w, name))
 
 
 def detect_table_rois_and_row_click(env: Env) -> dict:
@@ -394,7 +417,8 @@ def responsive_during_a_slow_analysis(env: Env) -> dict:
     assert t1 - t0 >= SLOW_DELAY_S, "the slow engine was not slow"
     window = beat.between(t0, t0 + SLOW_DELAY_S)
     gap = beat.largest_gap(t0, t1)
-    assert len(window) >= 0.5 * SLOW_DELAY_S * 1000 / TICK_MS, len(window)
+    # a third of the ticks a free core would give: timers fire late on a loaded machine; the gap is the sharp check
+    assert len(window) >= SLOW_DELAY_S * 1000 / TICK_MS / 3, len(window)
     assert gap < 0.25, gap
     assert f"slept {SLOW_DELAY_S:.2f}s" in p.text_edit.toPlainText(), text(p.status_label)
     assert len(M.list_results(env.mrml.scene)) == 1
@@ -456,6 +480,7 @@ SCENARIOS: dict[str, Callable[[Env], Any]] = {
     f.__name__: f
     for f in (
         connection,
+        task_combo,
         detect_table_rois_and_row_click,
         keep_replace_and_clear,
         identify_with_a_drawn_roi,

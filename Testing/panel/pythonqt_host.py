@@ -36,7 +36,7 @@ def unavailable_reason() -> str | None:
         capture_output=True,
         text=True,
         timeout=60,
-        env=_env("5.10"),
+        env=host_env("5.10"),
     )
     if probe.returncode != 0:
         tail = (probe.stderr or probe.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -47,7 +47,7 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _env(slicer: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+def host_env(slicer: str, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("QT_API", "PYTEST_"))}
     d = host_dir()
     env.update(
@@ -81,7 +81,9 @@ def run_script(
             capture_output=True,
             text=True,
             timeout=timeout_s,
-            env=_env(slicer, {"PQHOST_RESULT": result, "PQHOST_TIMEOUT_MS": str(int(timeout_s * 1000)), **(env or {})}),
+            env=host_env(
+                slicer, {"PQHOST_RESULT": result, "PQHOST_TIMEOUT_MS": str(int(timeout_s * 1000)), **(env or {})}
+            ),
             cwd=ROOT,
         )
         if not os.path.exists(result):

@@ -60,3 +60,15 @@ def test_the_host_runs_the_panel_on_pythonqt(host_run):
 def test_panel_scenario_under_pythonqt(host_run, name):
     r = host_run["results"][name]
     assert r["ok"], f"Slicer {host_run['build']}: {name} failed:\n{r['error']}"
+
+
+def test_every_scenario_also_runs_under_pyside6():
+    """Written once: each scenario the host runs is also called by a pytest-qt test (test_panel_*.py)."""
+    import ast
+
+    called = set()
+    for path in (ROOT / "Testing" / "panel").glob("test_panel_*.py"):
+        for n in ast.walk(ast.parse(path.read_text())):
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "PS":
+                called.add(n.attr)
+    assert set(SCENARIOS) <= called, set(SCENARIOS) - called
