@@ -30,7 +30,7 @@ def grab(url: str, volume: str, out: Path) -> None:
     from MiniGPTMedSlicerQt.panel import Panel
     from MiniGPTMedSlicerQt.qt_compat import prop, qt
 
-    app = qt.QApplication.instance() or qt.QApplication(sys.argv)
+    _app = qt.QApplication.instance() or qt.QApplication(sys.argv)  # kept alive while the panel lives
     ctx = S.create_scene()
     vol = S.load_volume(ctx, volume)
     red = S.add_slice_view(ctx, vol, "Red", "Axial", (512, 512))
