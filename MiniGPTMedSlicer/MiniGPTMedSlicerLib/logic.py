@@ -341,6 +341,27 @@ class AnalysisLogic:
 
         return clear_results(self.scene)
 
+    # review (the panel's Accept / Reject / Edit; statuses are node attributes, see review.py)
+    def set_review(self, node_ids: List[str], status: str) -> None:
+        from . import review
+
+        review.set_all([n for n in (self.scene.GetNodeByID(i) for i in node_ids) if n is not None], status)
+
+    def review_all(self, status: str) -> None:
+        from . import review
+
+        review.set_all(review.finding_rois(self.scene), status)
+
+    def begin_edit(self, node_id: str) -> None:
+        from . import review
+
+        review.begin_edit(self.scene.GetNodeByID(node_id))
+
+    def finish_edit(self, node_id: str) -> str:
+        from . import review
+
+        return review.finish_edit(self.scene.GetNodeByID(node_id))
+
 
 def _one(request: Any) -> Calls:
     """A single call as a sequence of calls."""

@@ -43,6 +43,7 @@ class FindingRow:
     slice_offset_mm: float
     score: Optional[float]
     analysis: str
+    status: str = "pending"  # review status (see review.py)
 
 
 # Distinct hues for labels; brighter-than-surroundings findings warm, darker ones cool.
@@ -307,6 +308,7 @@ def finding_rows(scene: vtkMRMLScene) -> List[FindingRow]:
                     slice_offset_mm=float(node.GetAttribute(ATTR + "slice_offset") or 0.0),
                     score=float(score) if score else None,
                     analysis=analysis,
+                    status=node.GetAttribute(ATTR + "review") or "pending",
                 )
             )
     return rows
