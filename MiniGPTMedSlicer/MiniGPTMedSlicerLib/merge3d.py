@@ -6,7 +6,8 @@ A sweep captures parallel slices that share one in-plane pixel grid: slice ``k``
 Merge rule (documented in docs/volumes.md; thresholds are :class:`MergeOptions`):
 
 1. Walk the swept slices in order. A 2D box joins an open 3D track when the track has a box of the
-   **same label** on one of the previous ``max_gap + 1`` swept slices and the two boxes **overlap**:
+   **same kind** (the label up to a parenthesised measurement: ``lung nodule candidate (solid, 8 mm, 35 HU)`` is of
+   kind ``lung nodule candidate``) on one of the previous ``max_gap + 1`` swept slices and the two boxes **overlap**:
    intersection / area of the smaller box >= ``min_overlap`` (this links a small cap of a sphere to the
    larger section next to it, which IoU would not).
 2. When several tracks qualify, the box joins the one with the largest overlap; each track takes at most
@@ -16,6 +17,14 @@ Merge rule (documented in docs/volumes.md; thresholds are :class:`MergeOptions`)
    is the best 2D score, and the "best slice" is the one with the largest box (among boxes within 5 % of the
    largest, the one nearest the middle of the track).
 4. Tracks seen on fewer than ``min_slices`` slices are kept but marked ``isolated``.
+5. **Nodule shape rule** (kinds containing "nodule"): a nodule is compact, so its extent along the normal must fit
+   its in-plane size; vessels seen in cross-section run on through many slices. With ``d`` the largest in-plane
+   diameter of the track (the mean of a box's width and height in mm, largest over its boxes) and ``s`` the swept
+   slice spacing, a nodule track is kept only when ``(last - first + 1) x s <= nodule_extent_factor x d + s`` and it
+   is seen on at least ``nodule_min_slices`` slices (a single-slice dot is far more often a vessel or noise than a
+   nodule; the price: nodules smaller than about two slice spacings can be missed). The finding then reports
+   ``diameter_mm`` = d and ``volume_ml`` = sum over its boxes of the inscribed ellipse's area x s.
+   The label of a 3D finding is the 2D label of its best slice.
 """
 
 from __future__ import annotations
@@ -32,6 +41,8 @@ class MergeOptions:
     min_overlap: float = 0.3  # intersection / smaller box area
     max_gap: int = 0  # swept slices a lesion may be missed on and still be one finding
     min_slices: int = 2  # fewer -> marked isolated
+    nodule_extent_factor: float = 1.5  # nodule tracks: slices x spacing <= factor x diameter + spacing
+    nodule_min_slices: int = 2  # nodule tracks seen on fewer slices are dropped
 
 
 @dataclass
@@ -57,6 +68,8 @@ class Finding3D:
     best_center_ras: Tuple[float, float, float] = (0.0, 0.0, 0.0)  # centre of the box on the best slice
     best_score: Optional[float] = None
     isolated: bool = False
+    diameter_mm: Optional[float] = None  # nodule kinds: largest in-plane diameter (rule 5)
+    volume_ml: Optional[float] = None  # nodule kinds: sum of inscribed-ellipse areas x slice spacing
 
     @property
     def first(self) -> int:
@@ -78,6 +91,15 @@ def overlap(a: Sequence[float], b: Sequence[float]) -> float:
     return float(iw * ih / max(min(area_a, area_b), 1e-9))
 
 
+def label_kind(label: str) -> str:
+    """The kind of a label: the text before a parenthesised measurement, trimmed and lower-cased."""
+    return label.split("(", 1)[0].strip().lower()
+
+
+def is_nodule_kind(label: str) -> bool:
+    return "nodule" in label_kind(label)
+
+
 def link_tracks(detections: Sequence[SliceDetection], options: MergeOptions) -> List[List[SliceDetection]]:
     """Group detections into tracks following the merge rule (steps 1-2)."""
     tracks: List[List[SliceDetection]] = []
@@ -92,7 +114,7 @@ def link_tracks(detections: Sequence[SliceDetection], options: MergeOptions) -> 
             if last.slice_pos >= pos or pos - last.slice_pos > options.max_gap + 1:
                 continue
             for di, d in enumerate(dets):
-                if d.label != last.label:
+                if label_kind(d.label) != label_kind(last.label):
                     continue
                 ov = overlap(last.box, d.box)
                 if ov >= options.min_overlap:
@@ -151,9 +173,17 @@ def merge_detections(
             [(bb[0] + bb[2]) / 2, (bb[1] + bb[3]) / 2, 0.0, 1.0]
         )
         valid_scores = [s for s in scores if s is not None and math.isfinite(s)]
+        diameter = volume = None
+        if is_nodule_kind(tr[0].label):
+            diameter = max(((b[2] - b[0]) * sx + (b[3] - b[1]) * sy) / 2 for b in boxes)
+            if (positions[-1] - positions[0] + 1) * slice_spacing_mm > options.nodule_extent_factor * diameter + slice_spacing_mm:
+                continue  # runs on through the slices: a vessel, not a nodule
+            if len(positions) < options.nodule_min_slices:
+                continue
+            volume = sum(math.pi / 4 * (b[2] - b[0]) * sx * (b[3] - b[1]) * sy for b in boxes) * slice_spacing_mm / 1000
         out.append(
             Finding3D(
-                label=tr[0].label,
+                label=tr[best].label,
                 slice_positions=positions,
                 boxes=boxes,
                 scores=scores,
@@ -164,6 +194,8 @@ def merge_detections(
                 best_center_ras=(float(best_c[0]), float(best_c[1]), float(best_c[2])),
                 best_score=max(valid_scores) if valid_scores else None,
                 isolated=len(positions) < options.min_slices,
+                diameter_mm=diameter,
+                volume_ml=volume,
             )
         )
     out.sort(key=lambda f: (f.isolated, -(f.best_score or 0.0), -len(f.slice_positions)))

@@ -1,0 +1,178 @@
+"""The tissue map of one CT slice, from Hounsfield-unit ranges and connected components.
+
+HU ranges (half-open, ``lo <= HU < hi``; the usual radiological ranges, e.g. fat -190..-30 as in body-composition
+work, water-like 0..20 HU for simple fluid):
+
+==================  ================  ====================================================================
+class               HU                notes
+==================  ================  ====================================================================
+air / lung          < -400            inside the body: lung fields, or airway / bowel gas (see below)
+partial volume      -400 .. -190      lung-tissue interfaces; counted as "other"
+fat                 -190 .. -30
+fluid               -30 .. 20         water-like (simple fluid 0..20; -30..0 also holds fat/fluid mixing)
+soft tissue         20 .. 100         muscle, unenhanced organs, blood
+enhanced / bone     >= 100            contrast-enhanced vessels and organs, calcium, bone (>= 300: "dense")
+==================  ================  ====================================================================
+
+Regions:
+
+* **body**: pixels >= -400 HU; the largest connected component plus any component at least
+  ``BODY_MIN_FRACTION`` of it (arms), holes filled (so the lungs are inside). The table and the air outside
+  are not body.
+* **lung fields**: connected components of air (< -400 HU) inside the body of at least ``LUNG_MIN_AREA_MM2``
+  whose median is above ``GAS_MEDIAN_MAX_HU``: aerated lung has a median of about -870 HU, while the airway and
+  bowel gas are pure air (about -1000 HU) and become "gas" instead, as do smaller air components. Each field is named by the side of the image its centroid lies
+  on relative to the body's centroid, in the radiological convention of axial and coronal views (the patient's right
+  on the image's left): image-left -> "right lung field", image-right -> "left lung field".
+* **closed lung fields**: each lung field closed with a disc of ``LUNG_CLOSING_MM`` radius and its holes filled, so
+  that nodules and vessels inside the lung, and nodules on the pleura (juxtapleural) up to about twice that radius,
+  lie inside the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+AIR_MAX_HU = -400.0
+PARTIAL_MAX_HU = -190.0
+FAT_RANGE_HU = (-190.0, -30.0)
+FLUID_RANGE_HU = (-30.0, 20.0)
+SOFT_RANGE_HU = (20.0, 100.0)
+ENHANCED_MIN_HU = 100.0
+DENSE_MIN_HU = 300.0
+GAS_MEDIAN_MAX_HU = -960.0
+BODY_MIN_FRACTION = 0.2
+LUNG_MIN_AREA_MM2 = 60.0
+LUNG_CLOSING_MM = 10.0
+
+#: Tissue class codes of :attr:`TissueMap.classes` and their names.
+CLASS_NAMES = {0: "outside", 1: "lung", 2: "gas", 3: "other", 4: "fat", 5: "fluid", 6: "soft tissue", 7: "enhanced/bone"}
+OUTSIDE, LUNG, GAS, OTHER, FAT, FLUID, SOFT, ENHANCED = range(8)
+
+RIGHT_LUNG, LEFT_LUNG = 1, 2  # codes in TissueMap.lung_sides
+SIDE_NAMES = {RIGHT_LUNG: "right lung field", LEFT_LUNG: "left lung field"}
+
+
+@dataclass
+class TissueMap:
+    spacing: tuple[float, float]  # (row, col) mm
+    body: np.ndarray  # bool (H, W), holes filled
+    classes: np.ndarray  # uint8 (H, W), codes of CLASS_NAMES
+    lung_sides: np.ndarray  # uint8 (H, W): 0, RIGHT_LUNG, LEFT_LUNG (the aerated lung fields)
+    lung_closed: np.ndarray  # uint8 (H, W): the same codes after closing over the pleura and filling holes
+
+    @property
+    def pixel_area_mm2(self) -> float:
+        return float(self.spacing[0] * self.spacing[1])
+
+    @property
+    def lung(self) -> np.ndarray:
+        return self.lung_sides > 0
+
+    def area_mm2(self, mask: np.ndarray) -> float:
+        return float(mask.sum()) * self.pixel_area_mm2
+
+
+def classify_hu(hu: np.ndarray) -> np.ndarray:
+    """HU -> class codes by range alone (no anatomy): air < -400 is LUNG here; :func:`tissue_map` splits it."""
+    out = np.full(hu.shape, OTHER, dtype=np.uint8)
+    out[hu < AIR_MAX_HU] = LUNG
+    out[(hu >= FAT_RANGE_HU[0]) & (hu < FAT_RANGE_HU[1])] = FAT
+    out[(hu >= FLUID_RANGE_HU[0]) & (hu < FLUID_RANGE_HU[1])] = FLUID
+    out[(hu >= SOFT_RANGE_HU[0]) & (hu < SOFT_RANGE_HU[1])] = SOFT
+    out[hu >= ENHANCED_MIN_HU] = ENHANCED
+    return out
+
+
+def _sitk_mask(mask: np.ndarray, spacing: tuple[float, float]):
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(mask.astype(np.uint8))
+    img.SetSpacing((float(spacing[1]), float(spacing[0])))
+    return img
+
+
+def components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """8-connected components of a 2D mask: (labels int32, count)."""
+    import SimpleITK as sitk
+
+    cc = sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True)
+    labels = sitk.GetArrayFromImage(cc).astype(np.int32)
+    return labels, int(labels.max())
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.BinaryFillhole(sitk.GetImageFromArray(mask.astype(np.uint8)))) > 0
+
+
+def close_disc(mask: np.ndarray, radius_mm: float, spacing: tuple[float, float]) -> np.ndarray:
+    """Binary closing with a disc of ``radius_mm`` (elliptic in pixels when the spacing is anisotropic), computed on
+    the mask's bounding box plus the radius."""
+    import SimpleITK as sitk
+
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        return mask.copy()
+    ry = max(1, int(round(radius_mm / spacing[0])))
+    rx = max(1, int(round(radius_mm / spacing[1])))
+    y0, y1 = max(0, ys.min() - ry - 1), min(mask.shape[0], ys.max() + ry + 2)
+    x0, x1 = max(0, xs.min() - rx - 1), min(mask.shape[1], xs.max() + rx + 2)
+    crop = sitk.GetImageFromArray(mask[y0:y1, x0:x1].astype(np.uint8))
+    closed = sitk.GetArrayFromImage(sitk.BinaryMorphologicalClosing(crop, [rx, ry], sitk.sitkBall, 1, True)) > 0
+    out = np.zeros_like(mask, dtype=bool)
+    out[y0:y1, x0:x1] = closed
+    return out
+
+
+def tissue_map(hu: np.ndarray, spacing: tuple[float, float]) -> TissueMap:
+    """The tissue map of one CT slice (see the module docstring for every rule)."""
+    hu = np.asarray(hu, dtype=np.float32)
+    px_area = float(spacing[0] * spacing[1])
+    classes = classify_hu(hu)
+    # body
+    labels, n = components(hu >= AIR_MAX_HU)
+    body = np.zeros(hu.shape, dtype=bool)
+    if n:
+        sizes = np.bincount(labels.ravel())[1:]
+        keep = np.nonzero(sizes >= BODY_MIN_FRACTION * sizes.max())[0] + 1
+        body = fill_holes(np.isin(labels, keep))
+    classes[~body] = OUTSIDE
+    # lung fields vs gas
+    lung_sides = np.zeros(hu.shape, dtype=np.uint8)
+    lung_closed = np.zeros(hu.shape, dtype=np.uint8)
+    air_in_body = body & (hu < AIR_MAX_HU)
+    labels, n = components(air_in_body)
+    if n:
+        flat = labels.ravel()
+        sizes = np.bincount(flat)
+        ys, xs = np.nonzero(body)
+        body_cx = float(xs.mean()) if xs.size else hu.shape[1] / 2
+        xsum = np.bincount(flat, weights=np.tile(np.arange(hu.shape[1], dtype=np.float64), hu.shape[0]))
+        for lab in range(1, n + 1):
+            region = labels == lab
+            big = sizes[lab] * px_area >= LUNG_MIN_AREA_MM2
+            if big and float(np.median(hu[region])) > GAS_MEDIAN_MAX_HU:
+                side = RIGHT_LUNG if xsum[lab] / sizes[lab] < body_cx else LEFT_LUNG
+                lung_sides[region] = side
+            else:
+                classes[region] = GAS
+        for side in (RIGHT_LUNG, LEFT_LUNG):
+            field = lung_sides == side
+            if field.any():
+                closed = fill_holes(close_disc(field, LUNG_CLOSING_MM, spacing)) & body
+                lung_closed[closed & (lung_closed == 0)] = side
+    return TissueMap(spacing=spacing, body=body, classes=classes, lung_sides=lung_sides, lung_closed=lung_closed)
+
+
+def composition(tmap: TissueMap, mask: np.ndarray | None = None) -> dict[str, float]:
+    """Percent of each tissue class inside ``mask`` (default: the body), classes with 0 % left out."""
+    m = tmap.body if mask is None else mask
+    total = int(m.sum())
+    if total == 0:
+        return {}
+    counts = np.bincount(tmap.classes[m].ravel(), minlength=len(CLASS_NAMES))
+    return {CLASS_NAMES[c]: 100.0 * counts[c] / total for c in CLASS_NAMES if counts[c]}
