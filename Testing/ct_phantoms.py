@@ -92,7 +92,9 @@ def lung_clearance(stack: np.ndarray, k0: int, k1: int) -> np.ndarray:
     smooth = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(_sitk(slab, SPACING), 1.0))  # lung noise off
     dense = (smooth >= -600).astype(np.uint8)
     dist = sitk.GetArrayFromImage(
-        sitk.SignedMaurerDistanceMap(_sitk(dense, SPACING), insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
+        sitk.SignedMaurerDistanceMap(
+            _sitk(dense, SPACING), insideIsPositive=False, squaredDistance=False, useImageSpacing=True
+        )
     )
     body = (slab >= -400).astype(np.uint8)
     filled = np.stack([sitk.GetArrayFromImage(sitk.BinaryFillhole(sitk.GetImageFromArray(b))) > 0 for b in body])

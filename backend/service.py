@@ -13,6 +13,7 @@ import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 from MiniGPTMedSlicerLib.protocol import (
     BOX_TASKS,
     VQA,
@@ -33,6 +34,7 @@ from .engines.base import (
     EngineCancelled,
     EngineError,
     EngineInfo,
+    ScalarValues,
     StopToken,
     TaskNotSupported,
 )
@@ -179,6 +181,7 @@ class AnalysisService:
                     "bad_request", f"{p}region {list(r)} lies outside the {image.width}x{image.height} image"
                 )
             region = (max(0.0, x0), max(0.0, y0), min(float(image.width), x1), min(float(image.height), y1))
+        values = self._values(req, image, p) if req.values is not None else None
         return AnalysisInput(
             task=req.task,
             image=image,
@@ -189,7 +192,36 @@ class AnalysisService:
             max_new_tokens=req.max_new_tokens or None,
             temperature=req.temperature,
             prompt=req.prompt,
+            values=values,
         )
+
+    def _values(self, req: AnalyzeRequest, image, p: str) -> ScalarValues:
+        """``values``: a 16-bit gray PNG of the image's size, finite nonzero slope, finite intercept and range."""
+        v = req.values
+        assert v is not None
+        if not (isinstance(v.slope, (int, float)) and math.isfinite(v.slope) and v.slope != 0):
+            raise ApiError("bad_request", f"{p}values.slope must be a finite, nonzero number; got {v.slope}")
+        for name in ("intercept", "volume_min", "volume_max"):
+            x = getattr(v, name)
+            if x is not None and not math.isfinite(x):
+                raise ApiError("bad_request", f"{p}values.{name} must be a finite number; got {x}")
+        if v.unit not in ("HU", "raw"):
+            raise ApiError("bad_request", f"{p}values.unit must be 'HU' or 'raw'; got {v.unit!r}")
+        decoded = decode_image(decode_base64(v.data, f"{p}values.data"), self.settings.image_limits)
+        a = decoded.array
+        if decoded.format != "PNG" or a.ndim != 2 or a.dtype != np.uint16:
+            kind = "RGB" if a.ndim == 3 else f"{a.dtype.itemsize * 8}-bit gray"
+            raise ApiError(
+                "bad_image", f"{p}values.data must be a 16-bit grayscale PNG (lossless); got a {kind} {decoded.format}"
+            )
+        if a.shape != image.array.shape[:2]:
+            raise ApiError(
+                "bad_image",
+                f"{p}values.data is {a.shape[1]}x{a.shape[0]} pixels but image is {image.width}x{image.height}: "
+                "the values must be resliced with exactly the image's geometry",
+            )
+        arr = (a.astype(np.float32) * np.float32(v.slope) + np.float32(v.intercept)).astype(np.float32)
+        return ScalarValues(array=arr, unit=v.unit, volume_min=v.volume_min, volume_max=v.volume_max)
 
     # -- running ------------------------------------------------------------------------------
 

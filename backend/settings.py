@@ -33,14 +33,10 @@ class ServerSettings:
 
 @dataclass(frozen=True)
 class BuiltinSettings:
-    """The built-in engine's thresholds (no weights, nothing to configure from the command line)."""
+    """The built-in engine's limits (its thresholds are documented constants in backend/ct_analysis)."""
 
-    z_threshold: float = 2.5
-    min_area_px: int = 12
-    min_area_mm2: float = 8.0  # when the pixel spacing is known (upsampled views have tiny pixels)
-    max_findings: int = 8
-    max_area_fraction: float = 0.25  # of the tissue
-    background_sigma_fraction: float = 1 / 12
+    max_nodule_candidates: int = 8  # per slice, strongest first
+    max_lesion_candidates: int = 4
 
 
 @dataclass(frozen=True)

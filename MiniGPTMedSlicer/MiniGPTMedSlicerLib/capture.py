@@ -2,7 +2,12 @@
 windowed with the volume's current window/level, as PNG bytes plus the exact pixel -> RAS transform.
 
 Works with a slice logic from the Slicer app (``layoutManager().sliceWidget('Red').sliceLogic()``) and with one made
-by :mod:`.scene` on ``slicer-core``. Only pixels, pixel spacing and modality are ever put in a request.
+by :mod:`.scene` on ``slicer-core``. Only pixels, pixel spacing, modality and the slice's scalar values are ever put in
+a request.
+
+The scalar values (``AnalyzeRequest.values``) are the same reslice before windowing: the volume's real voxel values
+(HU on CT), on exactly the image's pixel grid, as a 16-bit PNG with ``slope``/``intercept`` (see
+:func:`encode_values`). They are sent for CT (unit "HU") and MR (unit "raw", with the volume's min/max).
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ class CapturedSlice:
     modality: Optional[str]
     window: float
     level: float
+    values: Optional[np.ndarray] = None  # (H, W) float32 scalar values before windowing, top row first, NaN outside
+    volume_range: Optional[Tuple[float, float]] = None  # the volume's scalar min / max
 
     @property
     def width(self) -> int:
@@ -147,6 +154,8 @@ def capture_slice(
     w, h, xy_to_ras = export_geometry(slice_node, export_size)
     raw = reslice(volume, xy_to_ras, w, h, interpolate)
     pixels = np.ascontiguousarray(window_level(raw, window, level)[::-1])  # PNG row order: top row first
+    values = np.ascontiguousarray(raw[::-1], dtype=np.float32)
+    scalar_range = volume.GetImageData().GetScalarRange()
     # PNG (u, v) -> XY (x = u - 0.5, y = H - 0.5 - v): pixel centres of both at integers / +0.5
     flip = np.array([[1.0, 0, 0, -0.5], [0, -1.0, 0, h - 0.5], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
     pixel_to_ras = xy_to_ras @ flip
@@ -168,6 +177,40 @@ def capture_slice(
         modality=volume.GetAttribute("DICOM.Modality") or None,
         window=window,
         level=level,
+        values=values,
+        volume_range=(float(scalar_range[0]), float(scalar_range[1])),
+    )
+
+
+#: Modalities whose slice values are sent, and their unit.
+VALUE_UNITS = {"CT": "HU", "MR": "raw", "MRI": "raw"}
+
+
+def encode_values(
+    values: np.ndarray, unit: str, volume_range: Optional[Tuple[float, float]] = None, compress_level: int = 1
+) -> protocol.SliceValues:
+    """Scalar values (float, NaN outside the volume) -> a lossless 16-bit PNG with ``value = slope * stored +
+    intercept``. HU are integers on every CT scanner: when the finite values span at most 65535 units they are stored
+    rounded to whole units (slope 1, intercept = their floor minimum); otherwise the range is scaled onto 0..65535.
+    Pixels outside the volume get the minimum."""
+    v = np.asarray(values, dtype=np.float64)
+    finite = v[np.isfinite(v)]
+    lo = float(np.floor(finite.min())) if finite.size else 0.0
+    hi = float(finite.max()) if finite.size else 0.0
+    if unit == "HU" and hi - lo <= 65535:
+        slope = 1.0
+    else:
+        slope = (hi - lo) / 65535.0 if hi > lo else 1.0
+    stored = np.where(np.isfinite(v), np.rint((v - lo) / slope), 0.0)
+    png = encode_png(np.clip(stored, 0, 65535).astype(np.uint16), compress_level)
+    vmin, vmax = volume_range if volume_range is not None else (None, None)
+    return protocol.SliceValues(
+        data=base64.b64encode(png).decode("ascii"),
+        slope=slope,
+        intercept=lo,
+        unit=unit,  # type: ignore[arg-type]
+        volume_min=vmin,
+        volume_max=vmax,
     )
 
 
@@ -180,7 +223,12 @@ def to_request(
     temperature: Optional[float] = None,
     prompt: Optional[str] = None,
 ) -> protocol.AnalyzeRequest:
-    """The request for a captured slice: pixels, spacing and modality only (no names, no DICOM tags)."""
+    """The request for a captured slice: pixels, spacing, modality and (CT, MR) the slice's scalar values only (no
+    names, no DICOM tags)."""
+    unit = VALUE_UNITS.get((captured.modality or "").upper())
+    values = None
+    if unit is not None and captured.values is not None:
+        values = encode_values(captured.values, unit, captured.volume_range)
     return protocol.AnalyzeRequest(
         task=task,  # type: ignore[arg-type]
         image=base64.b64encode(captured.png).decode("ascii"),
@@ -191,6 +239,7 @@ def to_request(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         prompt=prompt,
+        values=values,
     )
 
 

@@ -17,7 +17,7 @@ Merge rule (documented in docs/volumes.md; thresholds are :class:`MergeOptions`)
    is the best 2D score, and the "best slice" is the one with the largest box (among boxes within 5 % of the
    largest, the one nearest the middle of the track).
 4. Tracks seen on fewer than ``min_slices`` slices are kept but marked ``isolated``.
-5. **Nodule shape rule** (kinds containing "nodule"): a nodule is compact, so its extent along the normal must fit
+5. **Nodule shape rule** (kinds containing "nodule" or "lesion candidate"): a nodule is compact, so its extent along the normal must fit
    its in-plane size; vessels seen in cross-section run on through many slices. With ``d`` the largest in-plane
    diameter of the track (the mean of a box's width and height in mm, largest over its boxes) and ``s`` the swept
    slice spacing, a nodule track is kept only when ``(last - first + 1) x s <= nodule_extent_factor x d + s`` and it
@@ -97,7 +97,9 @@ def label_kind(label: str) -> str:
 
 
 def is_nodule_kind(label: str) -> bool:
-    return "nodule" in label_kind(label)
+    """Compact-lesion kinds, to which the nodule shape rule (5) applies: nodules and focal lesion candidates."""
+    kind = label_kind(label)
+    return "nodule" in kind or "lesion candidate" in kind
 
 
 def link_tracks(detections: Sequence[SliceDetection], options: MergeOptions) -> List[List[SliceDetection]]:
@@ -176,7 +178,9 @@ def merge_detections(
         diameter = volume = None
         if is_nodule_kind(tr[0].label):
             diameter = max(((b[2] - b[0]) * sx + (b[3] - b[1]) * sy) / 2 for b in boxes)
-            if (positions[-1] - positions[0] + 1) * slice_spacing_mm > options.nodule_extent_factor * diameter + slice_spacing_mm:
+            if (
+                positions[-1] - positions[0] + 1
+            ) * slice_spacing_mm > options.nodule_extent_factor * diameter + slice_spacing_mm:
                 continue  # runs on through the slices: a vessel, not a nodule
             if len(positions) < options.nodule_min_slices:
                 continue

@@ -154,6 +154,25 @@ class Finding:
 
 
 @dataclass
+class SliceValues:
+    """The slice's scalar values (``AnalyzeRequest.values``): resliced with exactly the geometry of ``image`` (same
+    width and height, same pixel -> RAS), sent losslessly. ``image`` stays what the view shows.
+
+    * ``data``: base64 of a 16-bit grayscale PNG of ``image``'s size; ``value = slope * stored + intercept``.
+    * ``unit``: ``"HU"`` for CT (Hounsfield units), ``"raw"`` for anything else (MR: the scanner's own scale).
+    * ``volume_min`` / ``volume_max``: the whole volume's range in value units, so that an engine can normalise
+      over the acquisition rather than the slice (MedGemma's MR convention). Optional.
+    """
+
+    data: str
+    slope: float
+    intercept: float
+    unit: Literal["HU", "raw"]
+    volume_min: Optional[float] = None
+    volume_max: Optional[float] = None
+
+
+@dataclass
 class AnalyzeRequest:
     """``POST /v1/analyze``: one image and what to do with it."""
 
@@ -166,6 +185,7 @@ class AnalyzeRequest:
     max_new_tokens: Optional[int] = None
     temperature: Optional[float] = None  # 0 = greedy
     prompt: Optional[str] = None  # expert override: the instruction text sent to the model verbatim
+    values: Optional[SliceValues] = None  # the slice's scalar values (HU on CT), same geometry as image
 
 
 @dataclass

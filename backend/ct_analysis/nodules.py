@@ -9,9 +9,12 @@ Classical computer-aided detection, in five steps (constants below):
    ``NormalizeAcrossScale``), negated, at sigma = r / sqrt(2) for the radii ``BLOB_RADII_MM``; its maximum over
    scales, ``R`` (in HU: a disc of contrast C gives about 0.74 C at its own scale). Candidates are the local maxima
    of ``R`` of at least ``MIN_RESPONSE_HU`` inside the aerated or closed lung.
-3. **Region**: the connected part of ``HU >= (core + lung background) / 2`` containing the maximum, inside the closed
-   lung field and within a disc of ``WINDOW_FACTOR`` x the blob radius (core = median HU within half the blob radius
-   of the maximum; lung background = median HU of the aerated lung field).
+3. **Region**: the connected part of ``HU >= t`` containing the maximum, inside the closed lung field and within a
+   disc of ``WINDOW_FACTOR`` x the blob radius; core = median HU within half the blob radius of the maximum (a core
+   above ``MAX_CORE_HU`` is contrast-enhanced: a vessel, skipped), lung background = median HU of the aerated lung.
+   Solid cores (>= ``SOLID_MIN_HU``): t = (``SOLID_MIN_HU`` + background) / 2. Ground-glass cores (from
+   ``GGO_MIN_CORE_HU``, with ``R >= GGO_MIN_RESPONSE_HU``): t = the value of ``GGO_THRESHOLDS_HU`` nearest to
+   (core + background) / 2 (one labelling per threshold and slice, not one per candidate).
 4. **Shape tests**, which reject vessels (tubes: elongated in-plane, or running out of the window), fissures (thin
    lines) and the pleural surface or mediastinum taken in by the closing:
 
@@ -38,10 +41,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .measure import axes_mm
 from .tissue import TissueMap
 
 CLIP_MAX_HU = 100.0
-BLOB_RADII_MM = (1.5, 2.25, 3.4, 5.0, 7.5, 11.0, 15.0)
+BLOB_RADII_MM = (2.25, 3.4, 5.0, 7.5, 11.0, 15.0)
 MIN_RESPONSE_HU = 110.0
 WINDOW_FACTOR = 2.0
 DIAMETER_RANGE_MM = (4.0, 30.0)
@@ -52,6 +56,7 @@ MIN_OBJECTNESS = 0.5
 MAX_CORE_HU = 150.0
 GGO_MIN_CORE_HU = -750.0
 GGO_MIN_RESPONSE_HU = 150.0
+GGO_THRESHOLDS_HU = (-775.0, -700.0, -625.0)
 SOLID_MIN_HU = -300.0
 SOLID_FRACTION = 0.5
 PART_SOLID_FRACTION = 0.1
@@ -91,8 +96,8 @@ def _image(a: np.ndarray, spacing: tuple[float, float]):
 
 
 def blob_response(x: np.ndarray, spacing: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
-    """(R, scale index): the negated scale-normalised LoG, maximised over ``BLOB_RADII_MM``. Scales of at least 4.5
-    pixels run on the image binned 2x2 (4x4 from 10 pixels; SimpleITK ``BinShrink``) and are expanded back with
+    """(R, scale index): the negated scale-normalised LoG, maximised over ``BLOB_RADII_MM``. Scales of at least 3
+    pixels run on the image binned 2x2 (4x4 from 7 pixels; SimpleITK ``BinShrink``) and are expanded back with
     linear interpolation (``Expand``): the same measure at a fraction of the cost."""
     import SimpleITK as sitk
 
@@ -105,7 +110,7 @@ def blob_response(x: np.ndarray, spacing: tuple[float, float]) -> tuple[np.ndarr
     for i, r in enumerate(BLOB_RADII_MM):
         sigma = r / math.sqrt(2.0)
         sigma_px = sigma / min(spacing)
-        f = 4 if sigma_px >= 10 else 2 if sigma_px >= 4.5 else 1
+        f = 4 if sigma_px >= 7 else 2 if sigma_px >= 3 else 1
         if f not in shrunk:
             shrunk[f] = sitk.BinShrink(img, [f, f])
         log.SetSigma(sigma)
@@ -165,17 +170,6 @@ def _erode(m: np.ndarray) -> np.ndarray:
     return ~_shift_or(~m)
 
 
-def _axes_mm(region: np.ndarray, spacing: tuple[float, float]) -> tuple[float, float]:
-    """Long and short axis (mm) of the region's equivalent ellipse (second moments, as SimpleITK's
-    ``EquivalentEllipsoidDiameter``; each pixel counted as a uniform square)."""
-    ys, xs = np.nonzero(region)
-    pts = np.stack([ys * spacing[0], xs * spacing[1]])
-    cov = np.cov(pts, bias=True) if ys.size > 1 else np.zeros((2, 2))
-    cov = cov + np.diag([spacing[0] ** 2 / 12, spacing[1] ** 2 / 12])
-    ev = np.linalg.eigvalsh(cov)
-    return float(4 * math.sqrt(max(ev[1], 0.0))), float(4 * math.sqrt(max(ev[0], 0.0)))
-
-
 def detect_nodules(hu: np.ndarray, tmap: TissueMap) -> list[NoduleCandidate]:
     """Lung nodule candidates of one slice, strongest first (at most ``MAX_CANDIDATES``)."""
     from .tissue import components
@@ -196,6 +190,7 @@ def detect_nodules(hu: np.ndarray, tmap: TissueMap) -> list[NoduleCandidate]:
     resp, scale_idx = blob_response(x, spacing)
     lung_bg = float(np.median(h[lung])) if lung.any() else -850.0
     solid_labels, _ = components(x >= (SOLID_MIN_HU + lung_bg) / 2)
+    ggo_labels: dict[float, np.ndarray] = {}
     taken = np.zeros(cl.shape, dtype=bool)
     out: list[NoduleCandidate] = []
     px_area = spacing[0] * spacing[1]
@@ -218,10 +213,12 @@ def detect_nodules(hu: np.ndarray, tmap: TissueMap) -> list[NoduleCandidate]:
             lab = solid_labels[a0:a1, b0:b1]
             region = (lab == lab[py - a0, px - b0]) & disc & (lab > 0)
         elif core >= GGO_MIN_CORE_HU and resp[py, px] >= GGO_MIN_RESPONSE_HU:
-            # ground-glass: its own threshold halfway between its core and the lung
-            region = (x[a0:a1, b0:b1] >= (core + lung_bg) / 2) & disc
-            labels, _ = components(region)
-            region = labels == labels[py - a0, px - b0] if region[py - a0, px - b0] else np.zeros_like(region)
+            # ground-glass: the threshold of GGO_THRESHOLDS_HU nearest halfway between its core and the lung
+            t = min(GGO_THRESHOLDS_HU, key=lambda v: abs(v - (core + lung_bg) / 2))
+            if t not in ggo_labels:
+                ggo_labels[t] = components(x >= t)[0]
+            lab = ggo_labels[t][a0:a1, b0:b1]
+            region = (lab == lab[py - a0, px - b0]) & disc & (lab > 0)
         else:
             continue
         n = int(region.sum())
@@ -234,7 +231,7 @@ def detect_nodules(hu: np.ndarray, tmap: TissueMap) -> list[NoduleCandidate]:
         ring = _shift_or(region) & ~region
         if ring.any() and float(lung[a0:a1, b0:b1][ring].mean()) < MIN_LUNG_CONTACT:
             continue
-        long_mm, short_mm = _axes_mm(region, spacing)
+        long_mm, short_mm = axes_mm(region, spacing)
         diameter = (long_mm + short_mm) / 2
         if not (DIAMETER_RANGE_MM[0] <= diameter <= DIAMETER_RANGE_MM[1]):
             continue
@@ -255,7 +252,12 @@ def detect_nodules(hu: np.ndarray, tmap: TissueMap) -> list[NoduleCandidate]:
         side_code = int(np.bincount(sides[a0:a1, b0:b1][region], minlength=3)[1:].argmax()) + 1
         out.append(
             NoduleCandidate(
-                box=(float(rxs.min() + x0), float(rys.min() + y0), float(rxs.max() + 1 + x0), float(rys.max() + 1 + y0)),
+                box=(
+                    float(rxs.min() + x0),
+                    float(rys.min() + y0),
+                    float(rxs.max() + 1 + x0),
+                    float(rys.max() + 1 + y0),
+                ),
                 center=(float(rxs.mean() + x0 + 0.5), float(rys.mean() + y0 + 0.5)),
                 kind=kind,
                 diameter_mm=diameter,

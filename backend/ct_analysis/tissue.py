@@ -48,7 +48,16 @@ LUNG_MIN_AREA_MM2 = 60.0
 LUNG_CLOSING_MM = 10.0
 
 #: Tissue class codes of :attr:`TissueMap.classes` and their names.
-CLASS_NAMES = {0: "outside", 1: "lung", 2: "gas", 3: "other", 4: "fat", 5: "fluid", 6: "soft tissue", 7: "enhanced/bone"}
+CLASS_NAMES = {
+    0: "outside",
+    1: "lung",
+    2: "gas",
+    3: "other",
+    4: "fat",
+    5: "fluid",
+    6: "soft tissue",
+    7: "enhanced/bone",
+}
 OUTSIDE, LUNG, GAS, OTHER, FAT, FLUID, SOFT, ENHANCED = range(8)
 
 RIGHT_LUNG, LEFT_LUNG = 1, 2  # codes in TissueMap.lung_sides
@@ -109,9 +118,9 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.BinaryFillhole(sitk.GetImageFromArray(mask.astype(np.uint8)))) > 0
 
 
-def close_disc(mask: np.ndarray, radius_mm: float, spacing: tuple[float, float]) -> np.ndarray:
-    """Binary closing with a disc of ``radius_mm`` (elliptic in pixels when the spacing is anisotropic), computed on
-    the mask's bounding box plus the radius."""
+def close_disc(mask: np.ndarray, radius_mm: float, spacing: tuple[float, float], fill: bool = False) -> np.ndarray:
+    """Binary closing with a disc of ``radius_mm`` (elliptic in pixels when the spacing is anisotropic), then
+    (``fill``) its holes filled; computed on the mask's bounding box plus the radius."""
     import SimpleITK as sitk
 
     ys, xs = np.nonzero(mask)
@@ -122,9 +131,11 @@ def close_disc(mask: np.ndarray, radius_mm: float, spacing: tuple[float, float])
     y0, y1 = max(0, ys.min() - ry - 1), min(mask.shape[0], ys.max() + ry + 2)
     x0, x1 = max(0, xs.min() - rx - 1), min(mask.shape[1], xs.max() + rx + 2)
     crop = sitk.GetImageFromArray(mask[y0:y1, x0:x1].astype(np.uint8))
-    closed = sitk.GetArrayFromImage(sitk.BinaryMorphologicalClosing(crop, [rx, ry], sitk.sitkBall, 1, True)) > 0
+    closed = sitk.BinaryMorphologicalClosing(crop, [rx, ry], sitk.sitkBall, 1, True)
+    if fill:
+        closed = sitk.BinaryFillhole(closed)
     out = np.zeros_like(mask, dtype=bool)
-    out[y0:y1, x0:x1] = closed
+    out[y0:y1, x0:x1] = sitk.GetArrayFromImage(closed) > 0
     return out
 
 
@@ -149,7 +160,7 @@ def tissue_map(hu: np.ndarray, spacing: tuple[float, float]) -> TissueMap:
     if n:
         flat = labels.ravel()
         sizes = np.bincount(flat)
-        ys, xs = np.nonzero(body)
+        xs = np.nonzero(body)[1]
         body_cx = float(xs.mean()) if xs.size else hu.shape[1] / 2
         xsum = np.bincount(flat, weights=np.tile(np.arange(hu.shape[1], dtype=np.float64), hu.shape[0]))
         for lab in range(1, n + 1):
@@ -163,7 +174,7 @@ def tissue_map(hu: np.ndarray, spacing: tuple[float, float]) -> TissueMap:
         for side in (RIGHT_LUNG, LEFT_LUNG):
             field = lung_sides == side
             if field.any():
-                closed = fill_holes(close_disc(field, LUNG_CLOSING_MM, spacing)) & body
+                closed = close_disc(field, LUNG_CLOSING_MM, spacing, fill=True) & body
                 lung_closed[closed & (lung_closed == 0)] = side
     return TissueMap(spacing=spacing, body=body, classes=classes, lung_sides=lung_sides, lung_closed=lung_closed)
 

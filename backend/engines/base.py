@@ -96,6 +96,17 @@ class DecodedImage:
 
 
 @dataclass
+class ScalarValues:
+    """The slice's scalar values from ``AnalyzeRequest.values``, decoded: ``array`` (H, W) float32 in ``unit`` ("HU"
+    on CT, "raw" otherwise), on exactly the image's pixel grid; the volume's range when the client sent it."""
+
+    array: np.ndarray
+    unit: str
+    volume_min: float | None = None
+    volume_max: float | None = None
+
+
+@dataclass
 class AnalysisInput:
     task: str
     image: DecodedImage
@@ -106,6 +117,12 @@ class AnalysisInput:
     max_new_tokens: int | None = None
     temperature: float | None = None
     prompt: str | None = None
+    values: ScalarValues | None = None
+
+    @property
+    def hu(self) -> np.ndarray | None:
+        """Hounsfield units of the slice when the client sent CT values, else None."""
+        return self.values.array if self.values is not None and self.values.unit == "HU" else None
 
 
 @dataclass

@@ -1,0 +1,155 @@
+"""Focal hypodense / hyperdense lesion candidates inside solid soft-tissue organs of one CT slice.
+
+Only where the contrast to the surrounding organ is real (constants below):
+
+1. **Organs**: the HU image smoothed with a Gaussian of ``SMOOTH_MM`` (SimpleITK ``SmoothingRecursiveGaussian``);
+   connected components of ``ORGAN_RANGE_HU`` inside the body and outside the closed lung fields, of at least
+   ``ORGAN_MIN_AREA_MM2`` (liver, spleen, kidneys, large muscles, the myocardium), holes filled (a cyst inside an
+   organ is part of it). The organ level is the median smoothed HU of the component, its spread the robust SD
+   (1.4826 MAD) of the smoothed HU around that level (texture and heterogeneity, not pixel noise).
+2. **Candidates**: inside the organ eroded by ``EDGE_MM`` (not its rim, where fat or bone begins), connected parts
+   where the smoothed HU differs from the organ level by at least ``max(MIN_CONTRAST_HU, NOISE_FACTOR x noise)``:
+   darker -> hypodense, brighter -> hyperdense. Mean HU from ``LESION_MIN_HU`` (below: fat or fat partial volume)
+   to ``HYPER_MAX_HU`` (above: contrast-filled vessels, calcium, bone).
+3. **Shape**: mean diameter (long + short axis of the equivalent ellipse, / 2) in ``DIAMETER_RANGE_MM``, elongation
+   <= ``MAX_ELONGATION`` (vessels in-plane are tubes), and at least ``MIN_ORGAN_RING`` of a ring of ``RING_MM``
+   around it in the organ (a focal lesion is surrounded by its organ; a vessel entering the organ or a fat cleft at
+   its edge is not).
+
+``score = contrast / (contrast + SCORE_HALF_HU)`` with contrast the |mean HU - organ level|: a documented measure, not
+a probability. Labels: ``focal hypodense lesion candidate (14 mm, 48 HU vs 104 HU)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .measure import axes_mm
+from .tissue import TissueMap, components, fill_holes
+
+SMOOTH_MM = 1.5
+ORGAN_RANGE_HU = (20.0, 250.0)
+ORGAN_MIN_AREA_MM2 = 2500.0
+EDGE_MM = 3.0
+MIN_CONTRAST_HU = 40.0
+NOISE_FACTOR = 2.5
+LESION_MIN_HU = -10.0
+HYPER_MAX_HU = 200.0
+DIAMETER_RANGE_MM = (6.0, 30.0)
+MAX_ELONGATION = 1.6
+RING_MM = 3.0
+MIN_ORGAN_RING = 0.9
+SCORE_HALF_HU = 40.0
+MAX_CANDIDATES = 4
+
+
+@dataclass
+class LesionCandidate:
+    box: tuple[float, float, float, float]
+    center: tuple[float, float]
+    polarity: str  # "hypodense" / "hyperdense"
+    diameter_mm: float
+    long_axis_mm: float
+    short_axis_mm: float
+    mean_hu: float
+    organ_hu: float
+
+    @property
+    def contrast_hu(self) -> float:
+        return abs(self.mean_hu - self.organ_hu)
+
+    @property
+    def score(self) -> float:
+        return round(self.contrast_hu / (self.contrast_hu + SCORE_HALF_HU), 4)
+
+    @property
+    def label(self) -> str:
+        return (
+            f"focal {self.polarity} lesion candidate ({self.diameter_mm:.0f} mm, {self.mean_hu:.0f} HU vs "
+            f"{self.organ_hu:.0f} HU)"
+        )
+
+
+def _smooth(hu: np.ndarray, spacing: tuple[float, float], sigma_mm: float) -> np.ndarray:
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(np.ascontiguousarray(hu, dtype=np.float32))
+    img.SetSpacing((float(spacing[1]), float(spacing[0])))
+    return sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(img, sigma_mm))
+
+
+def _erode_mm(mask: np.ndarray, spacing: tuple[float, float], mm: float) -> np.ndarray:
+    import SimpleITK as sitk
+
+    r = [max(1, int(round(mm / spacing[1]))), max(1, int(round(mm / spacing[0])))]
+    return sitk.GetArrayFromImage(sitk.BinaryErode(sitk.GetImageFromArray(mask.astype(np.uint8)), r)) > 0
+
+
+def _dilate_mm(mask: np.ndarray, spacing: tuple[float, float], mm: float) -> np.ndarray:
+    import SimpleITK as sitk
+
+    r = [max(1, int(round(mm / spacing[1]))), max(1, int(round(mm / spacing[0])))]
+    return sitk.GetArrayFromImage(sitk.BinaryDilate(sitk.GetImageFromArray(mask.astype(np.uint8)), r)) > 0
+
+
+def detect_lesions(hu: np.ndarray, tmap: TissueMap) -> list[LesionCandidate]:
+    spacing = tmap.spacing
+    px_area = spacing[0] * spacing[1]
+    hu = np.asarray(hu, dtype=np.float32)
+    sm = _smooth(hu, spacing, SMOOTH_MM)
+    organ_px = (sm >= ORGAN_RANGE_HU[0]) & (sm < ORGAN_RANGE_HU[1]) & tmap.body & (tmap.lung_closed == 0)
+    labels, n = components(organ_px)
+    if n == 0:
+        return []
+    sizes = np.bincount(labels.ravel())
+    out: list[LesionCandidate] = []
+    for lab in np.nonzero(sizes * px_area >= ORGAN_MIN_AREA_MM2)[0]:
+        if lab == 0:
+            continue
+        organ = labels == lab
+        level = float(np.median(sm[organ]))
+        inside = sm[organ]
+        noise = 1.4826 * float(np.median(np.abs(inside - level)))
+        delta = max(MIN_CONTRAST_HU, NOISE_FACTOR * noise)
+        filled = fill_holes(organ)
+        inner = _erode_mm(filled, spacing, EDGE_MM)
+        for polarity, cand in (
+            ("hypodense", inner & (sm <= level - delta)),
+            ("hyperdense", inner & (sm >= level + delta)),
+        ):
+            clabels, cn = components(cand)
+            for c in range(1, cn + 1):
+                region = clabels == c
+                area = float(region.sum() * px_area)
+                if area < math.pi / 4 * DIAMETER_RANGE_MM[0] ** 2:
+                    continue
+                long_mm, short_mm = axes_mm(region, spacing)
+                diameter = (long_mm + short_mm) / 2
+                if not (DIAMETER_RANGE_MM[0] <= diameter <= DIAMETER_RANGE_MM[1]):
+                    continue
+                if long_mm > MAX_ELONGATION * max(short_mm, 1e-6):
+                    continue
+                mean_hu = float(hu[region].mean())
+                if mean_hu < LESION_MIN_HU or mean_hu > HYPER_MAX_HU:
+                    continue
+                ring = _dilate_mm(region, spacing, RING_MM) & ~region
+                if float(filled[ring].mean()) < MIN_ORGAN_RING:
+                    continue
+                ys, xs = np.nonzero(region)
+                out.append(
+                    LesionCandidate(
+                        box=(float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)),
+                        center=(float(xs.mean() + 0.5), float(ys.mean() + 0.5)),
+                        polarity=polarity,
+                        diameter_mm=diameter,
+                        long_axis_mm=long_mm,
+                        short_axis_mm=short_mm,
+                        mean_hu=mean_hu,
+                        organ_hu=level,
+                    )
+                )
+    out.sort(key=lambda c: c.score, reverse=True)
+    return out[:MAX_CANDIDATES]
