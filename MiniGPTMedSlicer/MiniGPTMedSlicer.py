@@ -238,12 +238,14 @@ class MiniGPTMedSlicerTest(ScriptedLoadableModuleTest):
 
     @staticmethod
     def _loadTestVolume():
-        """A synthetic CT-like volume with one bright sphere, shown in all slice views."""
+        """A synthetic CT in HU (air, soft tissue, a lung field, a bone) with one solid nodule, in all slice views."""
         import numpy as np
 
         zz, yy, xx = np.mgrid[:40, :128, :128]
-        arr = np.where((yy - 64) ** 2 + (xx - 64) ** 2 < 55**2, 100, 0).astype(np.int16)
-        arr[(zz - 20) ** 2 + (yy - 50) ** 2 + (xx - 70) ** 2 < 8**2] = 180
+        arr = np.where((yy - 64) ** 2 + (xx - 64) ** 2 < 55**2, 40, -1000).astype(np.int16)
+        arr[(yy - 55) ** 2 + (xx - 64) ** 2 < 40**2] = -860
+        arr[(yy - 110) ** 2 + (xx - 64) ** 2 < 6**2] = 700
+        arr[(zz - 20) ** 2 + (yy - 50) ** 2 + (xx - 70) ** 2 < 8**2] = 30
         volume = slicer.util.addVolumeFromArray(arr, name="MiniGPTMedTestVolume")
         slicer.util.setSliceViewerLayers(background=volume, fit=True)
         red = slicer.app.layoutManager().sliceWidget("Red").sliceLogic()

@@ -68,6 +68,72 @@ def blob_image(
     return np.clip(img, 0, hi).astype(dtype)
 
 
+def chest_phantom(
+    height=256, width=320, nodules=((110, 100, 6), (150, 225, 8)), spacing=0.8, noise=25.0, seed=0
+) -> np.ndarray:
+    """A synthetic axial chest slice in HU: air outside, a body ellipse (muscle 45 HU inside a 6 px ring of fat at
+    -100 HU), two lung fields at -860 HU, and solid nodules (cy, cx, radius px) at 30 HU inside the lungs, with
+    Gaussian noise. Nodule radii in px; ``spacing`` mm per pixel (the engine needs it to size them)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:height, :width].astype(np.float32)
+    cy, cx = height / 2, width / 2
+    hu = np.full((height, width), -1000.0, np.float32)
+    body = ((yy - cy) / (0.45 * height)) ** 2 + ((xx - cx) / (0.46 * width)) ** 2 < 1
+    inner = ((yy - cy) / (0.45 * height - 6)) ** 2 + ((xx - cx) / (0.46 * width - 6)) ** 2 < 1
+    hu[body] = -100.0
+    hu[inner] = 45.0
+    for sx in (-1, 1):
+        lung = ((yy - cy) / (0.32 * height)) ** 2 + ((xx - cx - sx * 0.22 * width) / (0.15 * width)) ** 2 < 1
+        hu[lung] = -860.0
+    for ny, nx, r in nodules:
+        d = np.hypot(yy - ny, xx - nx)
+        w = np.clip(r + 0.5 - d, 0, 1)  # one pixel of partial volume at the edge
+        hu = hu * (1 - w) + 30.0 * w
+    return (hu + rng.normal(0, noise, hu.shape)).astype(np.float32)
+
+
+def ct_request(hu: np.ndarray, spacing=0.8, window=(400.0, 40.0), **fields) -> dict:
+    """An /v1/analyze body for a CT slice in HU: the windowed 8-bit PNG the view shows plus the lossless values."""
+    from MiniGPTMedSlicerLib.capture import encode_values, window_level
+    from MiniGPTMedSlicerLib.png import encode_png
+    from MiniGPTMedSlicerLib.protocol import to_dict
+
+    img = window_level(hu, window[0], window[1])
+    body = {
+        "image": b64(encode_png(img)),
+        "modality": "CT",
+        "pixel_spacing_mm": [spacing, spacing],
+        "values": to_dict(encode_values(hu, "HU")),
+    }
+    body.update(fields)
+    return body
+
+
+@pytest.fixture(scope="session")
+def ct_phantom_path(tmp_path_factory) -> Path:
+    """A small synthetic CT volume in HU (NRRD, 1 mm voxels, 160 x 128 x 60, S from -20 to 40 mm): a soft-tissue
+    body, two aerated lung fields, a spine, and solid spherical nodules (radius 6 mm) every 10 mm along S,
+    alternating between the lungs, so that every axial slice cuts at least one nodule and every nodule is compact."""
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(0)
+    zz, yy, xx = np.mgrid[:60, :128, :160].astype(np.float32)
+    vol = np.full(zz.shape, -1000.0, np.float32)
+    vol[((yy - 64) / 58.0) ** 2 + ((xx - 80) / 75.0) ** 2 < 1] = 40
+    for cx in (45, 115):
+        vol[((yy - 60) / 42.0) ** 2 + ((xx - cx) / 28.0) ** 2 < 1] = -860
+    vol[((yy - 110) / 7.0) ** 2 + ((xx - 80) / 9.0) ** 2 < 1] = 700
+    for i, cz in enumerate(range(5, 60, 10)):
+        cx, cy = (45, 55) if i % 2 == 0 else (115, 65)
+        vol[(zz - cz) ** 2 + (yy - cy) ** 2 + (xx - cx) ** 2 < 36] = 35
+    vol += rng.normal(0, 15, vol.shape)
+    img = sitk.GetImageFromArray(np.round(vol).astype(np.int16))
+    img.SetOrigin((80.0, 64.0, -20.0))  # LPS
+    path = tmp_path_factory.mktemp("ctphantom") / "ct_phantom.nrrd"
+    sitk.WriteImage(img, str(path))
+    return path
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 

@@ -140,3 +140,18 @@ class LongAnswerEngine(SlowEngine):
         sentence = "The answer goes on at length about what the slice shows, sentence after sentence. "
         text = (sentence * (self.chars // len(sentence) + 1))[: self.chars]
         return [AnalysisResult(text=text, raw_output=text) for _ in inputs]
+
+
+class TwoBoxEngine(SlowEngine):
+    """A stand-in detector for endpoint tests: two boxes at fixed fractions of the image, whatever it shows."""
+
+    def __init__(self):
+        super().__init__(0.0)
+
+    def analyze_batch(self, inputs, stop):
+        out = []
+        for inp in inputs:
+            w, h = inp.image.width, inp.image.height
+            boxes = [[0.1 * w, 0.2 * h, 0.3 * w, 0.45 * h], [0.55 * w, 0.5 * h, 0.8 * w, 0.9 * h]]
+            out.append(AnalysisResult(text="two boxes", findings=[Finding(f"box {i}", b) for i, b in enumerate(boxes)]))
+        return out

@@ -174,12 +174,26 @@ def capture_slice(
         orientation=slice_node.GetOrientation(),
         slice_offset_mm=float(slice_logic.GetSliceOffset()),
         volume_node_id=volume.GetID(),
-        modality=volume.GetAttribute("DICOM.Modality") or None,
+        modality=volume_modality(volume),
         window=window,
         level=level,
         values=values,
         volume_range=(float(scalar_range[0]), float(scalar_range[1])),
     )
+
+
+def volume_modality(volume) -> Optional[str]:
+    """The volume's DICOM Modality attribute; without one (NIfTI, NRRD, arrays), "CT" when its scalar range is a
+    Hounsfield range (air at -900 or below, bone at 300 or above), else None."""
+    modality = volume.GetAttribute("DICOM.Modality")
+    if modality:
+        return modality
+    image = volume.GetImageData()
+    if image is not None and image.GetNumberOfScalarComponents() == 1:
+        lo, hi = image.GetScalarRange()
+        if lo <= -900 and hi >= 300:
+            return "CT"
+    return None
 
 
 #: Modalities whose slice values are sent, and their unit.

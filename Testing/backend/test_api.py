@@ -11,7 +11,7 @@ import zlib
 import numpy as np
 import pytest
 import requests
-from conftest import b64, blob_image
+from conftest import b64, blob_image, chest_phantom, ct_request
 from MiniGPTMedSlicerLib import protocol
 from MiniGPTMedSlicerLib.png import encode_png
 from PIL import Image
@@ -76,56 +76,59 @@ def test_health_reports_engine_and_tasks(builtin_server):
     assert h.device == "cpu" and h.version
 
 
-def test_detect_finds_the_blobs_in_pixels_of_the_sent_image(builtin_server, blob_png):
-    r = _post(
-        builtin_server, {"task": "detect", "image": b64(blob_png), "modality": "CT", "pixel_spacing_mm": [0.5, 0.5]}
-    )
+def test_detect_finds_the_nodules_in_pixels_of_the_sent_image(builtin_server):
+    hu = chest_phantom()  # 256 x 320, nodules at (cy, cx, r px) = (110, 100, 6) and (150, 225, 8)
+    r = _post(builtin_server, ct_request(hu, task="detect"))
     resp = protocol.from_dict(protocol.AnalyzeResponse, r.json())
     assert resp.engine == "builtin" and resp.task == "detect"
-    labels = sorted(f.label for f in resp.findings)
-    assert labels == ["hyperdense region", "hypodense region"]
-    bright = next(f for f in resp.findings if f.label == "hyperdense region")
-    x0, y0, x1, y1 = bright.box
-    assert abs((x0 + x1) / 2 - 90) <= 1.5 and abs((y0 + y1) / 2 - 100) <= 1.5  # blob centre (cx=90, cy=100)
-    assert 18 <= x1 - x0 <= 23 and 18 <= y1 - y0 <= 23  # diameter 19-20 px
-    assert "mm" in resp.text and "not a diagnosis" in resp.text
-    assert resp.raw_output
+    assert len(resp.findings) == 2
+    for f, (cy, cx, rad) in zip(sorted(resp.findings, key=lambda f: f.box[0]), ((110, 100, 6), (150, 225, 8))):
+        x0, y0, x1, y1 = f.box
+        assert abs((x0 + x1) / 2 - (cx + 0.5)) <= 1 and abs((y0 + y1) / 2 - (cy + 0.5)) <= 1
+        assert abs((x1 - x0) - (2 * rad + 1)) <= 2
+        assert f.label.startswith("lung nodule candidate (solid, ")
+    assert "not a diagnosis" in resp.text and resp.raw_output
     assert resp.timings_ms["engine"] > 0
 
 
-def test_jpeg_and_rgb_and_16bit_are_accepted(builtin_server):
+def test_detect_without_hu_is_501_naming_the_vlm_engines(builtin_server):
     img = blob_image()
     buf = io.BytesIO()
     Image.fromarray(np.repeat(img[:, :, None], 3, axis=2)).save(buf, format="JPEG", quality=95)
-    r = _post(builtin_server, {"task": "detect", "image": b64(buf.getvalue())})
-    assert r.status_code == 200 and len(r.json()["findings"]) == 2
-    img16 = blob_image(dtype=np.uint16, base=1000.0, blobs=((100, 90, 10, 600), (160, 170, 8, -500)), noise=50)
-    r = _post(builtin_server, {"task": "detect", "image": b64(encode_png(img16)), "modality": "MR"})
-    assert r.status_code == 200
-    assert sorted(f["label"] for f in r.json()["findings"]) == ["hyperintense region", "hypointense region"]
+    for body in (
+        {"task": "detect", "image": b64(buf.getvalue())},
+        {"task": "detect", "image": b64(encode_png(blob_image(dtype=np.uint16))), "modality": "MR"},
+        {"task": "ground", "image": b64(encode_png(img)), "question": "lung nodule", "modality": "XR"},
+    ):
+        _assert_error(_post(builtin_server, body), 501, "not_supported", "--engine hf")
+    # report and identify still measure intensities
+    rep = _post(builtin_server, {"task": "report", "image": b64(buf.getvalue()), "modality": "XR"})
+    assert rep.status_code == 200 and "intensities" in rep.json()["text"].lower()
+    _still_healthy(builtin_server)
 
 
-def test_report_ground_identify(builtin_server, blob_png):
-    rep = _post(builtin_server, {"task": "report", "image": b64(blob_png), "modality": "CT"}).json()
-    assert "2 region(s)" in rep["text"] and "not a diagnosis" in rep["text"]
-    g = _post(builtin_server, {"task": "ground", "image": b64(blob_png), "question": "the hypodense lesion"}).json()
-    assert len(g["findings"]) == 1 and g["findings"][0]["label"] == "the hypodense lesion"
-    gx = (g["findings"][0]["box"][0] + g["findings"][0]["box"][2]) / 2
-    assert abs(gx - 170) <= 2  # the dark blob, not the bright one
-    ident = _post(
-        builtin_server, {"task": "identify", "image": b64(blob_png), "region": [78, 88, 102, 112], "modality": "CT"}
-    ).json()
-    assert ident["findings"][0]["label"] == "hyperdense region"
-    assert ident["findings"][0]["box"] == [78, 88, 102, 112]
+def test_report_ground_identify(builtin_server):
+    hu = chest_phantom()
+    rep = _post(builtin_server, ct_request(hu, task="report")).json()
+    assert "2 candidate(s)" in rep["text"] and "not a diagnosis" in rep["text"]
+    assert "Right lung field" in rep["text"] and "Left lung field" in rep["text"]
+    g = _post(builtin_server, ct_request(hu, task="ground", question="the pulmonary nodule")).json()
+    assert len(g["findings"]) == 2 and all(f["label"].startswith("lung nodule candidate") for f in g["findings"])
+    region = [90, 96, 112, 124]
+    ident = _post(builtin_server, ct_request(hu, task="identify", region=region)).json()
+    assert ident["findings"][0]["box"] == region
+    inside = hu[96:124, 90:112]
+    assert f"mean {inside.mean():.0f} HU" in ident["text"] and f"max {inside.max():.0f}" in ident["text"]
 
 
-def test_batch_matches_single_requests(builtin_server, blob_png):
-    other = encode_png(blob_image(blobs=((60, 60, 6, 70),), seed=3))
-    items = [{"task": "detect", "image": b64(p)} for p in (blob_png, other, blob_png)]
+def test_batch_matches_single_requests(builtin_server):
+    items = [ct_request(chest_phantom(seed=s), task="detect") for s in (0, 1)]
+    items.append(ct_request(chest_phantom(nodules=((120, 90, 9),), seed=2), task="detect"))
     batch = requests.post(f"{builtin_server}/v1/analyze/batch", json={"items": items}, timeout=60)
     results = protocol.from_dict(protocol.BatchResponse, batch.json()).results
     singles = [_post(builtin_server, it).json() for it in items]
     assert [[f.box for f in r.findings] for r in results] == [[f["box"] for f in s["findings"]] for s in singles]
+    assert [len(r.findings) for r in results] == [2, 2, 1]
 
 
 BAD_INPUTS = [
@@ -202,7 +205,7 @@ def test_not_json_and_unknown_path(builtin_server):
 
 def test_data_uri_image_is_accepted(builtin_server, blob_png):
     r = _post(
-        builtin_server, {"task": "detect", "image": "data:image/png;base64," + base64.b64encode(blob_png).decode()}
+        builtin_server, {"task": "report", "image": "data:image/png;base64," + base64.b64encode(blob_png).decode()}
     )
     assert r.status_code == 200
 
@@ -211,3 +214,47 @@ def test_openapi_docs_are_served(builtin_server):
     assert requests.get(f"{builtin_server}/docs", timeout=10).status_code == 200
     spec = requests.get(f"{builtin_server}/openapi.json", timeout=10).json()
     assert "/v1/analyze" in spec["paths"] and "/v1/analyze/batch" in spec["paths"]
+
+
+def _values_case(name: str) -> dict:
+    hu = chest_phantom(height=64, width=80, nodules=())
+    body = ct_request(hu, task="detect")
+    v = body["values"]
+    if name == "wrong size":
+        v["data"] = ct_request(hu[:, :60])["values"]["data"]
+    elif name == "8-bit":
+        v["data"] = b64(encode_png(np.zeros(hu.shape, np.uint8)))
+    elif name == "NaN slope":
+        v["slope"] = float("nan")
+    elif name == "zero slope":
+        v["slope"] = 0.0
+    elif name == "oversize":
+        v["data"] = b64(_png_header_only(9000, 10))
+    elif name == "bad unit":
+        v["unit"] = "kelvin"
+    return body
+
+
+@pytest.mark.parametrize(
+    "name,status,code,words",
+    [
+        ("wrong size", 400, "bad_image", "must be resliced with exactly the image's geometry"),
+        ("8-bit", 400, "bad_image", "16-bit grayscale PNG"),
+        ("NaN slope", 400, "bad_request", "values.slope must be a finite"),
+        ("zero slope", 400, "bad_request", "values.slope must be a finite, nonzero"),
+        ("oversize", 413, "too_large", "9000x10"),
+        ("bad unit", 422, "invalid_schema", None),
+    ],
+)
+def test_values_validation_is_documented_4xx(builtin_server, name, status, code, words):
+    _assert_error(_post(builtin_server, _values_case(name)), status, code, words)
+    _still_healthy(builtin_server)
+
+
+def test_values_decode_to_the_sent_hu(builtin_server):
+    """identify on the values reports the numpy statistics of the same HU pixels (rounded to whole HU on the wire)."""
+    hu = np.round(chest_phantom(height=96, width=130, nodules=((48, 40, 5),)))
+    ident = _post(builtin_server, ct_request(hu, task="identify", region=[30, 38, 52, 60])).json()
+    inside = hu[38:60, 30:52]
+    for word in (f"mean {inside.mean():.0f} HU", f"SD {inside.std():.0f}", f"min {inside.min():.0f}", f"max {inside.max():.0f}"):
+        assert word in ident["text"], ident["text"]

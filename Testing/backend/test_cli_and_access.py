@@ -8,10 +8,10 @@ import sys
 import pytest
 import requests
 from backend_process import BackendProcess
-from conftest import b64, blob_image
+from conftest import b64, blob_image, chest_phantom, ct_request
 from MiniGPTMedSlicerLib.client import BackendClient, BackendError
 from MiniGPTMedSlicerLib.png import encode_png
-from MiniGPTMedSlicerLib.protocol import AnalyzeRequest
+from MiniGPTMedSlicerLib.protocol import AnalyzeRequest, from_dict
 
 from backend.server_thread import free_port
 
@@ -30,7 +30,7 @@ def test_auto_picks_builtin_and_says_why_and_binds_loopback(token_backend):
 
 def test_token_is_required_except_for_health(token_backend):
     url = token_backend.url
-    body = {"task": "detect", "image": b64(encode_png(blob_image()))}
+    body = ct_request(chest_phantom(), task="detect")
     assert requests.get(f"{url}/health", timeout=10).status_code == 200
     r = requests.post(f"{url}/v1/analyze", json=body, timeout=30)
     assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
@@ -42,7 +42,7 @@ def test_token_is_required_except_for_health(token_backend):
 
 def test_client_messages(token_backend):
     png = encode_png(blob_image())
-    req = AnalyzeRequest(task="detect", image=b64(png))
+    req = from_dict(AnalyzeRequest, ct_request(chest_phantom(), task="detect"))
     with pytest.raises(BackendError) as e:
         BackendClient(token_backend.url).analyze(req)
     assert e.value.status == 401 and "token" in e.value.message.lower()

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from conftest import ROOT, b64, blob_image
+from conftest import ROOT, b64, blob_image, chest_phantom, ct_request
 from fault_engines import GarbageEngine, OOMOnceEngine, SlowEngine
 from MiniGPTMedSlicerLib import protocol
 from MiniGPTMedSlicerLib.client import BackendClient, BackendError, Timeouts
@@ -161,15 +161,16 @@ def _rss_mb() -> float:
 
 def test_soak_1000_sequential_and_50_concurrent(tmp_path: Path):
     """Bounded, loopback only. Reports p50/p99 and memory growth; fails on any undocumented error or a leak."""
-    images = [
-        b64(encode_png(blob_image(size=96, blobs=((40 + i % 20, 50, 4 + i % 5, 50),), seed=i))) for i in range(20)
+    bodies = [
+        ct_request(chest_phantom(height=80, width=96, nodules=((40 + i % 10, 30, 3 + i % 3),), seed=i), task="detect")
+        for i in range(20)
     ]
     with ServerThread(BuiltinEngine(), ServerSettings(queue_size=64)) as url:
         session = requests.Session()
 
         def one(i: int) -> tuple[int, float]:
             t0 = time.perf_counter()
-            r = session.post(f"{url}/v1/analyze", json={"task": "detect", "image": images[i % 20]}, timeout=60)
+            r = session.post(f"{url}/v1/analyze", json=bodies[i % 20], timeout=60)
             return r.status_code, (time.perf_counter() - t0) * 1000
 
         for i in range(100):  # warm-up
@@ -182,7 +183,7 @@ def test_soak_1000_sequential_and_50_concurrent(tmp_path: Path):
                 pool.map(
                     lambda i: (
                         requests.post(
-                            f"{url}/v1/analyze", json={"task": "detect", "image": images[i % 20]}, timeout=120
+                            f"{url}/v1/analyze", json=bodies[i % 20], timeout=120
                         ).status_code
                     ),
                     range(50),

@@ -50,7 +50,9 @@ def test_analyze_writes_the_four_outputs(chest_ct_path, tmp_path, builtin_server
         "--slice",
         "73",
         "--task",
-        "detect",
+        "ground",
+        "--question",
+        "lungs",
         "--backend",
         builtin_server,
         "--out",
@@ -59,7 +61,7 @@ def test_analyze_writes_the_four_outputs(chest_ct_path, tmp_path, builtin_server
     assert r.returncode == 0, r.stderr
     assert "captured the axial slice" in r.stderr and "wrote" in r.stderr
     data = json.loads((out / "findings.json").read_text())
-    assert data["task"] == "detect" and data["engine"] == "builtin" and data["findings"]
+    assert data["task"] == "ground" and data["engine"] == "builtin" and len(data["findings"]) == 2
     m = np.array(data["pixel_to_ras"])
     png = (out / "input.png").read_bytes()
     img = decode_png(png)
@@ -102,24 +104,28 @@ def test_runner_errors_are_one_line_exit_2(chest_ct_path, tmp_path, args, messag
 
 # -- sweeps ------------------------------------------------------------------------------------------
 
-LESIONS = [  # centre (i, j, k) voxel indices, radii (i, j, k) voxels, delta
-    ((40, 40, 30), (8, 8, 8), 70),
-    ((90, 80, 34), (5, 5, 5), 90),
-    ((130, 60, 28), (9, 6, 10), -55),
+LESIONS = [  # centre (i, j, k) voxel indices, radii (i, j, k) voxels, HU
+    ((40, 40, 30), (8, 8, 8), 40),
+    ((90, 80, 34), (5, 5, 5), 30),
+    ((130, 60, 28), (8, 6, 10), 20),
     ((60, 110, 40), (7, 10, 6), 45),
 ]
 
 
 @pytest.fixture(scope="module")
 def lesion_volume(tmp_path_factory):
+    """A synthetic CT in HU (1 mm voxels): air, a body of soft tissue with a bone at the back, one large aerated lung
+    field, and four solid nodules (spheres and ellipsoids) in it."""
     rng = np.random.default_rng(0)
     kk, jj, ii = np.mgrid[:64, :160, :170]
-    vol = np.zeros(kk.shape, np.float32)
-    vol[((jj - 80) / 75.0) ** 2 + ((ii - 85) / 80.0) ** 2 < 1] = 100
-    for (ci, cj, ck), (ri, rj, rk), d in LESIONS:
-        vol[((ii - ci) / ri) ** 2 + ((jj - cj) / rj) ** 2 + ((kk - ck) / rk) ** 2 < 1] = 100 + d
-    vol += rng.normal(0, 4, vol.shape)
-    img = sitk.GetImageFromArray(np.clip(vol, 0, 255).astype(np.uint8))
+    vol = np.full(kk.shape, -1000.0, np.float32)
+    vol[((jj - 80) / 75.0) ** 2 + ((ii - 85) / 80.0) ** 2 < 1] = 40
+    vol[((jj - 80) / 67.0) ** 2 + ((ii - 85) / 72.0) ** 2 < 1] = -860
+    vol[((jj - 150) / 4.0) ** 2 + ((ii - 85) / 6.0) ** 2 < 1] = 700  # bone, so that the range reads as CT
+    for (ci, cj, ck), (ri, rj, rk), hu in LESIONS:
+        vol[((ii - ci) / ri) ** 2 + ((jj - cj) / rj) ** 2 + ((kk - ck) / rk) ** 2 < 1] = hu
+    vol += rng.normal(0, 15, vol.shape)
+    img = sitk.GetImageFromArray(np.round(vol).astype(np.int16))
     img.SetOrigin((12.0, -30.0, 5.0))
     path = tmp_path_factory.mktemp("vol") / "lesions.nrrd"
     sitk.WriteImage(img, str(path))
@@ -146,9 +152,9 @@ def test_sweep_runner_gives_one_3d_finding_per_lesion(lesion_volume, tmp_path):
                 "--task",
                 "detect",
                 "--window",
-                "255",
+                "1500",
                 "--level",
-                "127.5",
+                "-500",
                 "--out",
                 str(out),
             ]
@@ -158,9 +164,9 @@ def test_sweep_runner_gives_one_3d_finding_per_lesion(lesion_volume, tmp_path):
     data = json.loads((out / "findings.json").read_text())
     solid = [f for f in data["findings"] if not f["isolated"]]
     assert len(solid) == len(LESIONS), [(f["label"], f["center_ras"]) for f in solid]
-    for centre, (_, radii, delta) in zip(centres, LESIONS, strict=True):
+    for centre, (_, radii, _hu) in zip(centres, LESIONS, strict=True):
         f = _match(solid, centre)
-        assert f["label"] == ("hyperdense region" if delta > 0 else "hypodense region") or "region" in f["label"]
+        assert f["label"].startswith("lung nodule candidate (solid, ")
         assert np.all(np.abs(np.subtract(f["center_ras"], centre)) <= 1.0), (f["center_ras"], centre)
         extent = [*sorted(f["size_mm"][:2]), f["size_mm"][2]]
         expected = [*sorted([2 * radii[0], 2 * radii[1]]), 2 * radii[2]]
@@ -173,7 +179,7 @@ def sweep_scene(lesion_volume):
     ctx = S.create_scene()
     vol = S.load_volume(ctx, str(lesion_volume[0]))
     vol.GetDisplayNode().AutoWindowLevelOff()
-    vol.GetDisplayNode().SetWindowLevel(255, 127.5)
+    vol.GetDisplayNode().SetWindowLevel(1500, -500)
     yield ctx, vol
     S.close(ctx)
 
@@ -263,7 +269,7 @@ def test_batch_endpoint_runs_engine_batches():
     from MiniGPTMedSlicerLib.protocol import AnalyzeRequest
 
     with ServerThread(CountingEngine()) as url:
-        reqs = [AnalyzeRequest(task="detect", image=b64(encode_png(blob_image(seed=i)))) for i in range(6)]
+        reqs = [AnalyzeRequest(task="report", image=b64(encode_png(blob_image(seed=i)))) for i in range(6)]
         out = BackendClient(url).analyze_batch(reqs)
     assert calls == [6] and len(out) == 6
 

@@ -59,11 +59,11 @@ def test_stop_ends_the_process_it_started():
     assert not LB.is_serving(backend.url)
 
 
-def test_logic_analyze_waits_for_the_answer_and_adds_the_rois(started, mni_path):
+def test_logic_analyze_waits_for_the_answer_and_adds_the_rois(started, ct_phantom_path):
     """What the module's self-test does through MiniGPTMedSlicerLogic, here on a slicer-core scene."""
     ctx = S.create_scene()
     try:
-        vol = S.load_volume(ctx, str(mni_path))
+        vol = S.load_volume(ctx, str(ct_phantom_path))
         S.add_slice_view(ctx, vol, "Red", "Axial", (256, 192))
         logic = AnalysisLogic(ctx.scene, lambda: dict(ctx.slice_logics))
         logic.configure(started.url, None)

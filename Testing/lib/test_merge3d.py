@@ -7,27 +7,31 @@ import numpy as np
 import pytest
 from MiniGPTMedSlicerLib.merge3d import MergeOptions, SliceDetection, link_tracks, merge_detections, overlap
 
-from backend.engines.base import AnalysisInput, DecodedImage, StopToken
+from backend.engines.base import AnalysisInput, DecodedImage, ScalarValues, StopToken
 from backend.engines.builtin import BuiltinEngine
 
 # (centre z, y, x), radii (z, y, x), delta intensity
-LESIONS = [
-    ((30, 40, 40), (8, 8, 8), 70),  # sphere, bright
-    ((34, 80, 90), (5, 5, 5), 90),  # small sphere
-    ((28, 60, 130), (10, 6, 9), -55),  # ellipsoid, dark
-    ((40, 110, 60), (6, 10, 7), 45),  # ellipsoid, low contrast
+LESIONS = [  # centre (z, y, x), radii (z, y, x) voxels, HU
+    ((30, 40, 40), (8, 8, 8), 40),  # sphere
+    ((34, 80, 90), (5, 5, 5), 30),  # small sphere
+    ((28, 60, 130), (10, 7, 9), 20),  # ellipsoid
+    ((40, 110, 60), (6, 10, 7), 45),  # ellipsoid, flat along z
 ]
+VESSEL = (120, 125, 3)  # (y, x, radius): a tube running through every slice, round in each
 
 
 def _volume(seed: int = 0) -> np.ndarray:
+    """A synthetic CT in HU, 1 mm voxels: a soft-tissue body, one aerated lung field, solid nodules and a vessel."""
     rng = np.random.default_rng(seed)
     zz, yy, xx = np.mgrid[:64, :160, :170]
-    vol = np.zeros(zz.shape, np.float32)
-    vol[((yy - 80) / 75.0) ** 2 + ((xx - 85) / 80.0) ** 2 < 1] = 100  # a body
-    for (cz, cy, cx), (rz, ry, rx), d in LESIONS:
-        vol[((zz - cz) / rz) ** 2 + ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1] = 100 + d
-    vol += rng.normal(0, 4, vol.shape)
-    return np.clip(vol, 0, 255).astype(np.uint8)
+    vol = np.full(zz.shape, -1000.0, np.float32)
+    vol[((yy - 80) / 75.0) ** 2 + ((xx - 85) / 80.0) ** 2 < 1] = 40  # a body
+    vol[((yy - 80) / 67.0) ** 2 + ((xx - 85) / 72.0) ** 2 < 1] = -860  # its lung
+    for (cz, cy, cx), (rz, ry, rx), hu in LESIONS:
+        vol[((zz - cz) / rz) ** 2 + ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1] = hu
+    vol[(yy - VESSEL[0]) ** 2 + (xx - VESSEL[1]) ** 2 < VESSEL[2] ** 2] = 40
+    vol += rng.normal(0, 15, vol.shape)
+    return vol
 
 
 def _pixel_to_ras(k: int) -> np.ndarray:
@@ -60,7 +64,13 @@ def swept():
     eng = BuiltinEngine()
     eng.load()
     inputs = [
-        AnalysisInput(task="detect", image=DecodedImage(vol[k], "PNG"), modality="CT", pixel_spacing_mm=(1, 1))
+        AnalysisInput(
+            task="detect",
+            image=DecodedImage(np.zeros(vol.shape[1:], np.uint8), "PNG"),
+            modality="CT",
+            pixel_spacing_mm=(1, 1),
+            values=ScalarValues(vol[k], "HU"),
+        )
         for k in range(vol.shape[0])
     ]
     results = eng.analyze_batch(inputs, StopToken())
@@ -71,12 +81,13 @@ def swept():
 def test_one_3d_finding_per_lesion_with_centre_and_extent(swept):
     solid = [f for f in swept if not f.isolated]
     assert len(solid) == len(LESIONS), [(f.label, f.center_ras, f.slice_positions) for f in solid]
-    for (cz, cy, cx), (rz, ry, rx), d in LESIONS:
+    for (cz, cy, cx), (rz, ry, rx), _hu in LESIONS:
         match = min(solid, key=lambda f: np.linalg.norm(np.subtract(f.center_ras, (cx, cy, cz))))
-        assert match.label == ("hyperdense region" if d > 0 else "hypodense region")
+        assert match.label.startswith("lung nodule candidate (solid, ")
         assert np.all(np.abs(np.subtract(match.center_ras, (cx, cy, cz))) <= 1.0), (match.center_ras, (cx, cy, cz))
         expected = np.array([2 * rx, 2 * ry, 2 * rz])
-        assert np.all(np.abs(np.array(match.size_mm) - expected) <= 2.0), (match.size_mm, expected)
+        # in-plane within 2 mm; along the normal within 3 mm (the outermost caps, a few mm across, are not detected)
+        assert np.all(np.abs(np.array(match.size_mm) - expected) <= [2.0, 2.0, 3.0]), (match.size_mm, expected)
         assert match.first <= cz <= match.last
         assert match.best_score is not None and 0 < match.best_score < 1
         assert abs(match.best_slice_pos - cz) <= 2
@@ -86,3 +97,26 @@ def test_isolated_boxes_are_kept_and_marked():
     dets = [SliceDetection(5, "bright region", (10, 10, 20, 20), 0.7)]
     (f,) = merge_detections(dets, [_pixel_to_ras(k) for k in range(10)], 1.0)
     assert f.isolated and f.slice_positions == [5] and f.size_mm[2] == 1.0
+
+
+def test_nodule_rule_drops_the_vessel_and_reports_diameter_and_volume(swept):
+    """The vessel is a round dot on every slice (a nodule candidate in 2D) but runs on: no 3D finding there."""
+    vy, vx, _ = VESSEL
+    assert all(np.hypot(f.center_ras[0] - vx, f.center_ras[1] - vy) > 10 for f in swept)
+    (_, (rz, ry, rx), _) = LESIONS[0]
+    f = min(swept, key=lambda f: np.linalg.norm(np.subtract(f.center_ras, (40, 40, 30))))
+    assert abs(f.diameter_mm - 2 * rx) <= 2.0
+    assert abs(f.volume_ml - 4 / 3 * np.pi * rx * ry * rz / 1000) <= 0.35 * 4 / 3 * np.pi * rx * ry * rz / 1000
+
+
+def test_label_kind_links_measured_labels():
+    dets = [
+        SliceDetection(0, "lung nodule candidate (solid, 7 mm, 30 HU)", (0, 0, 10, 10)),
+        SliceDetection(1, "lung nodule candidate (solid, 8 mm, 35 HU)", (1, 1, 11, 11)),
+        SliceDetection(2, "lung nodule candidate (part-solid, 6 mm, -200 HU)", (1, 1, 10, 10)),
+    ]
+    assert [len(t) for t in link_tracks(dets, MergeOptions())] == [3]
+    long_run = [SliceDetection(k, "lung nodule candidate (solid, 5 mm, 30 HU)", (0, 0, 7, 7)) for k in range(12)]
+    eye = [np.eye(4) for _ in range(12)]
+    assert merge_detections(long_run, eye, 1.0) == []  # 12 mm along the normal for a 7 mm dot: a vessel
+    assert len(merge_detections(long_run[:8], eye, 1.0)) == 1

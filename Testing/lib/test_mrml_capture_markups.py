@@ -6,6 +6,7 @@ ROIs must land on the same pixels."""
 
 from __future__ import annotations
 
+import base64
 import math
 import os
 import shutil
@@ -16,6 +17,7 @@ import pytest
 from MiniGPTMedSlicerLib import capture as C
 from MiniGPTMedSlicerLib import markups as M
 from MiniGPTMedSlicerLib import protocol
+from MiniGPTMedSlicerLib.png import decode_png
 from MiniGPTMedSlicerLib import scene as S
 from MiniGPTMedSlicerLib.geometry import pixel_to_ras
 from MiniGPTMedSlicerLib.png import decode_png
@@ -134,13 +136,25 @@ def test_anatomical_left_handed_geometry(ctx, volumes):
     assert [round(m.GetElement(i, i)) for i in range(3)] == [-2, 2, -2]  # LAS with k flipped, as Slicer loads it
 
 
-def test_request_carries_only_pixels_spacing_modality(ctx, volumes):
-    sl = S.add_slice_view(ctx, volumes["dicom_series"], "ReqView", "Axial", (128, 128))
+def test_request_carries_only_pixels_spacing_modality_and_values(ctx, volumes):
+    sl = S.add_slice_view(ctx, volumes["dicom_series"], "ReqView", "Axial", (128, 96))
     cap = C.capture_slice(sl)
     req = C.to_request(cap, "detect")
     d = protocol.to_dict(req)
-    assert set(d) == {"task", "image", "pixel_spacing_mm", "modality"}
+    assert set(d) == {"task", "image", "pixel_spacing_mm", "modality", "values"}
     assert d["modality"] == "CT"  # read from the DICOM Modality tag only
+    v = d["values"]
+    assert v["unit"] == "HU" and set(v) == {"data", "slope", "intercept", "unit", "volume_min", "volume_max"}
+    stored = decode_png(base64.b64decode(v["data"]))
+    assert stored.dtype == np.uint16 and stored.shape == cap.pixels.shape == (96, 128)
+    hu = stored * v["slope"] + v["intercept"]
+    # the same reslice as the image, before windowing: the window applied to the HU gives the image's pixels
+    assert np.array_equal(C.window_level(hu, cap.window, cap.level), cap.pixels) or (
+        np.abs(C.window_level(hu, cap.window, cap.level).astype(int) - cap.pixels).max() <= 1
+    )
+    # and they are the volume's voxel values: nearest voxel of the independently read series
+    finite = np.isfinite(cap.values)
+    assert np.allclose(hu[finite], np.rint(cap.values[finite]), atol=0.5)
 
 
 def _response(boxes, labels=None):

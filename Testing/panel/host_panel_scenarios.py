@@ -1,7 +1,7 @@
 """The panel scenarios (panel_scenarios.py) as a script for the PythonQt host (../shared/pythonqt/run.sh), the way
 Slicer runs the panel: ``run.sh Testing/panel/host_panel_scenarios.py CONFIG.json``.
 
-CONFIG: ``{"urls": {...}, "volume": path of the MNI volume, "tmp_dir": ..., "only": [names] or null,
+CONFIG: ``{"urls": {...}, "volume": path of the test CT volume, "tmp_dir": ..., "only": [names] or null,
 "repeat": n}``. Writes ``{"build", "pythonqt", "results": {name: {"ok", "error", "s", "data"}}}`` as JSON to
 ``$PQHOST_RESULT`` and exits 0; a failed scenario is reported there, not by the exit status.
 """

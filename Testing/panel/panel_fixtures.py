@@ -1,5 +1,5 @@
 """pytest fixtures of the panel tests (loaded with ``pytest_plugins = ["panel_fixtures"]``): a real slicer-core scene
-with the real MNI volume in three slice views, the real servers of the scenarios (panel_servers.py), the scenarios'
+with a synthetic CT volume in HU (conftest.ct_phantom_path: nodules on every axial slice) in three slice views, the real servers of the scenarios (panel_servers.py), the scenarios'
 environment driven by pytest-qt (``env``), and a real panel talking to the built-in engine (``panel``)."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from panel_servers import panel_servers
 
 
 @pytest.fixture(scope="module")
-def mrml(mni_path):
+def mrml(ct_phantom_path):
     ctx = S.create_scene()
-    vol = S.load_volume(ctx, str(mni_path))
+    vol = S.load_volume(ctx, str(ct_phantom_path))
     for name, orient in (("Red", "Axial"), ("Yellow", "Sagittal"), ("Green", "Coronal")):
         S.add_slice_view(ctx, vol, name, orient, (256, 256))
     yield ctx

@@ -61,7 +61,7 @@ class Ui:
 
 @dataclass
 class Env:
-    mrml: Any  # MiniGPTMedSlicerLib.scene.SceneContext with Red/Yellow/Green views of the MNI volume
+    mrml: Any  # MiniGPTMedSlicerLib.scene.SceneContext with Red/Yellow/Green views of the test CT volume
     ui: Ui
     urls: dict[str, str]  # builtin, slow, not_backend (404 for everything), token, closed
     tmp_dir: str

@@ -23,6 +23,8 @@ Classical computer-aided detection, in five steps (constants below):
    * at most ``MAX_RIM_FRACTION`` of the region's pixels on the window's rim (it does not run on);
    * at least ``MIN_LUNG_CONTACT`` of a 1-pixel ring around the region lies in aerated lung (a nodule is surrounded
      by lung, a juxtapleural one at least on one side);
+   * core HU (mean of the region eroded by one pixel) <= ``MAX_CORE_HU`` (brighter: an enhanced vessel) and at
+     most ``MAX_FAT_FRACTION`` of its pixels in the fat range (fat at the mediastinum or diaphragm);
    * Hessian blob objectness (SimpleITK ``ObjectnessMeasure``, object dimension 0, bright, on the image smoothed at
      the blob scale) at the maximum >= ``MIN_OBJECTNESS`` (a line scores near 0, a disc near 1).
 
@@ -42,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .measure import axes_mm
-from .tissue import TissueMap
+from .tissue import FAT_RANGE_HU, TissueMap
 
 CLIP_MAX_HU = 100.0
 BLOB_RADII_MM = (2.25, 3.4, 5.0, 7.5, 11.0, 15.0)
@@ -54,6 +56,7 @@ MAX_RIM_FRACTION = 0.05
 MIN_LUNG_CONTACT = 0.4
 MIN_OBJECTNESS = 0.5
 MAX_CORE_HU = 150.0
+MAX_FAT_FRACTION = 0.5
 GGO_MIN_CORE_HU = -750.0
 GGO_MIN_RESPONSE_HU = 150.0
 GGO_THRESHOLDS_HU = (-775.0, -700.0, -625.0)
@@ -242,6 +245,8 @@ def detect_nodules(hu: np.ndarray, tmap: TissueMap) -> list[NoduleCandidate]:
         core_hu = float(hv[inner].mean()) if inner.any() else float(vals.mean())
         if core_hu > MAX_CORE_HU:
             continue
+        if float(np.mean((vals >= FAT_RANGE_HU[0]) & (vals < FAT_RANGE_HU[1]))) > MAX_FAT_FRACTION:
+            continue  # fat (pericardial, at the diaphragm) taken in by the closing, not a nodule
         objectness = _objectness(x, spacing, r_mm / math.sqrt(2.0), py, px)
         if objectness < MIN_OBJECTNESS:
             continue

@@ -193,7 +193,9 @@ def test_openai_engine_through_our_own_endpoint():
 
 
 def test_our_chat_endpoint_returns_boxes_in_qwen3_convention():
-    with ServerThread(BuiltinEngine()) as url:
+    from fault_engines import TwoBoxEngine
+
+    with ServerThread(TwoBoxEngine()) as url:
         png = encode_png(blob_image())
         body = {
             "model": "x",
