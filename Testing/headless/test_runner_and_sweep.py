@@ -202,8 +202,8 @@ def test_oblique_sweep_finds_the_lesions(sweep_scene, lesion_volume, builtin_ser
 
 def test_batched_equals_one_at_a_time_and_cancel_is_clean(sweep_scene, builtin_server):
     ctx, vol = sweep_scene
-    sl = S.add_slice_view(ctx, vol, "BatchSweep", "Coronal", (200, 200))
-    plan = plan_sweep(sl, vol, (60, 100), step=2)
+    sl = S.add_slice_view(ctx, vol, "BatchSweep", "Axial", (200, 180))
+    plan = plan_sweep(sl, vol, (10, 50), step=2)
     assert len(plan.indices) == 20 and plan.swept_spacing_mm == pytest.approx(2.0)
     offset_before = sl.GetSliceOffset()
     captured = capture_sweep(sl, plan)
