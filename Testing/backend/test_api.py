@@ -83,7 +83,9 @@ def test_detect_finds_the_nodules_in_pixels_of_the_sent_image(builtin_server):
     resp = protocol.from_dict(protocol.AnalyzeResponse, r.json())
     assert resp.engine == "builtin" and resp.task == "detect"
     assert len(resp.findings) == 2
-    for f, (cy, cx, rad) in zip(sorted(resp.findings, key=lambda f: f.box[0]), ((110, 100, 6), (150, 225, 8))):
+    for f, (cy, cx, rad) in zip(
+        sorted(resp.findings, key=lambda f: f.box[0]), ((110, 100, 6), (150, 225, 8)), strict=True
+    ):
         x0, y0, x1, y1 = f.box
         assert abs((x0 + x1) / 2 - (cx + 0.5)) <= 1 and abs((y0 + y1) / 2 - (cy + 0.5)) <= 1
         assert abs((x1 - x0) - (2 * rad + 1)) <= 2
@@ -261,5 +263,10 @@ def test_values_decode_to_the_sent_hu(builtin_server):
     hu = np.round(chest_phantom(height=96, width=130, nodules=((48, 40, 5),)))
     ident = _post(builtin_server, ct_request(hu, task="identify", region=[30, 38, 52, 60])).json()
     inside = hu[38:60, 30:52]
-    for word in (f"mean {inside.mean():.0f} HU", f"SD {inside.std():.0f}", f"min {inside.min():.0f}", f"max {inside.max():.0f}"):
+    for word in (
+        f"mean {inside.mean():.0f} HU",
+        f"SD {inside.std():.0f}",
+        f"min {inside.min():.0f}",
+        f"max {inside.max():.0f}",
+    ):
         assert word in ident["text"], ident["text"]

@@ -181,11 +181,7 @@ def test_soak_1000_sequential_and_50_concurrent(tmp_path: Path):
         with cf.ThreadPoolExecutor(50) as pool:
             conc = list(
                 pool.map(
-                    lambda i: (
-                        requests.post(
-                            f"{url}/v1/analyze", json=bodies[i % 20], timeout=120
-                        ).status_code
-                    ),
+                    lambda i: requests.post(f"{url}/v1/analyze", json=bodies[i % 20], timeout=120).status_code,
                     range(50),
                 )
             )

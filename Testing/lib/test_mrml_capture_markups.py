@@ -17,7 +17,6 @@ import pytest
 from MiniGPTMedSlicerLib import capture as C
 from MiniGPTMedSlicerLib import markups as M
 from MiniGPTMedSlicerLib import protocol
-from MiniGPTMedSlicerLib.png import decode_png
 from MiniGPTMedSlicerLib import scene as S
 from MiniGPTMedSlicerLib.geometry import pixel_to_ras
 from MiniGPTMedSlicerLib.png import decode_png

@@ -238,6 +238,11 @@ def test_mni_brain_and_images_without_hu(mni_path):
 def test_model_id_and_texts_say_not_a_diagnosis(ct):
     eng = BuiltinEngine()
     assert "rule-based candidates, not a diagnosis" in eng.info().model
-    for task, kw in (("detect", {}), ("report", {}), ("ground", {"question": "fat"}), ("identify", {"region": (1.0, 1.0, 9.0, 9.0)})):
+    for task, kw in (
+        ("detect", {}),
+        ("report", {}),
+        ("ground", {"question": "fat"}),
+        ("identify", {"region": (1.0, 1.0, 9.0, 9.0)}),
+    ):
         assert "not a diagnosis" in _run(task, ct[75], **kw).text
     assert math.isfinite(_run("detect", ct[75]).timings_ms["analysis"])
