@@ -110,6 +110,27 @@ def pad_to_square(img, g: ImageGeometry):
     return square
 
 
+#: MedGemma's CT convention (Google-Health/medgemma, high_dimensional_ct notebook): three HU windows packed into R, G, B.
+MEDGEMMA_CT_WINDOWS_HU = ((-1024.0, 1024.0), (-135.0, 215.0), (0.0, 80.0))
+
+
+def medgemma_rgb(values, unit: str, volume_min: float | None = None, volume_max: float | None = None):
+    """The image MedGemma was trained on, from the slice's scalar values (``AnalyzeRequest.values``): CT (unit HU)
+    as three windows in R/G/B (R -1024..1024, G -135..215, B 0..80 HU; clip, scale to 0..255, round); anything else
+    (MR) min-max normalised over the whole acquisition (the volume's min/max; the slice's when not sent) and
+    replicated to R=G=B. (H, W, 3) uint8."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=np.float64)
+    if unit == "HU":
+        chans = [np.round((np.clip(v, lo, hi) - lo) / (hi - lo) * 255.0) for lo, hi in MEDGEMMA_CT_WINDOWS_HU]
+        return np.stack(chans, axis=2).astype(np.uint8)
+    lo = float(volume_min) if volume_min is not None else float(v.min())
+    hi = float(volume_max) if volume_max is not None else float(v.max())
+    g = np.round((np.clip(v, lo, hi) - lo) / (hi - lo) * 255.0) if hi > lo else np.zeros_like(v)
+    return np.repeat(g.astype(np.uint8)[:, :, None], 3, axis=2)
+
+
 QWEN_MAX_PIXELS = 28 * 28 * 16384  # Qwen2.5-VL's preprocessor_config default (12845056)
 QWEN_SEND_MAX_PIXELS = 28 * 28 * 1280  # what the openai engine sends at most (~1 MP, 1280 image tokens)
 

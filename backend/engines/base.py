@@ -151,3 +151,17 @@ class Engine(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources."""
+
+
+def model_image(family: str, inp: AnalysisInput) -> Image.Image:
+    """The PIL RGB image a VLM family sees: for MedGemma with the slice's values on the wire, its trained convention
+    (:func:`backend.families.medgemma_rgb`: CT as three HU windows, MR normalised over the acquisition); otherwise
+    the image as the view shows it."""
+    if family == "medgemma" and inp.values is not None:
+        from PIL import Image
+
+        from ..families import medgemma_rgb
+
+        v = inp.values
+        return Image.fromarray(medgemma_rgb(v.array, v.unit, v.volume_min, v.volume_max), mode="RGB")
+    return inp.image.pil_rgb()

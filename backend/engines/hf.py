@@ -21,7 +21,7 @@ from .. import families
 from ..families import ImageGeometry
 from ..setting_error import SettingError
 from ..settings import HFSettings
-from .base import AnalysisInput, AnalysisResult, Engine, EngineError, EngineInfo, StopToken
+from .base import AnalysisInput, AnalysisResult, Engine, EngineError, EngineInfo, StopToken, model_image
 
 log = logging.getLogger("minigptmed.hf")
 
@@ -132,7 +132,7 @@ class HFEngine(Engine):
     def _prepare(self, inp: AnalysisInput):
         """(prompt text with the image placeholder, model image, geometry, Qwen image-processor output) for one input."""
 
-        img = inp.image.pil_rgb()
+        img = model_image(self.family, inp)
         w, h = img.size
         g = ImageGeometry(width=w, height=h)
         im = None

@@ -20,7 +20,7 @@ from .. import families
 from ..families import ImageGeometry
 from ..setting_error import SettingError
 from ..settings import OpenAISettings
-from .base import AnalysisInput, AnalysisResult, Engine, EngineError, EngineInfo, StopToken
+from .base import AnalysisInput, AnalysisResult, Engine, EngineError, EngineInfo, StopToken, model_image
 
 
 class OpenAIEngine(Engine):
@@ -98,7 +98,7 @@ class OpenAIEngine(Engine):
     def _one(self, inp: AnalysisInput, stop: StopToken) -> AnalysisResult:
         stop.check()
         t0 = time.perf_counter()
-        img = inp.image.pil_rgb()
+        img = model_image(self.family, inp)
         w, h = img.size
         g = ImageGeometry(width=w, height=h)
         if self.family == "medgemma":  # zero-pad to a square, as MedGemma was trained
