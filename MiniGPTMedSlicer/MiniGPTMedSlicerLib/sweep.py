@@ -230,6 +230,8 @@ def summarize(findings: Sequence[Finding3D], plan: SweepPlan, view: str, engine:
     ]
     for i, f in enumerate(findings):
         score = "" if f.best_score is None else f", best score {f.best_score:.2f}"
+        if f.diameter_mm is not None and f.volume_ml is not None:
+            score = f", 3D diameter {f.diameter_mm:.0f} mm, volume {f.volume_ml:.2f} mL" + score
         lines.append(
             f"{i + 1}. {f.label}{' (single slice)' if f.isolated else ''}: {f.size_mm[0]:.1f} × "
             f"{f.size_mm[1]:.1f} × {f.size_mm[2]:.1f} mm, {_slice_span(plan.indices[f.first], plan.indices[f.last])}"

@@ -300,7 +300,7 @@ def sweep(env: Env) -> dict:
     select_task(p, "Sweep volume")
     assert p.range_edit.isEnabled()
     select_view(p, "Red")
-    p.range_edit.setText("80:110:3")
+    p.range_edit.setText("20:50:3")
     t0 = time.monotonic()
     status = run_and_wait(env, p, 60000)
     elapsed = time.monotonic() - t0
