@@ -29,12 +29,14 @@ def make_volume(path: Path, slices: int) -> None:
 
     rng = np.random.default_rng(0)
     kk, jj, ii = np.mgrid[:slices, :256, :256]
-    vol = np.zeros(kk.shape, np.float32)
-    vol[((jj - 128) / 110.0) ** 2 + ((ii - 128) / 120.0) ** 2 < 1] = 100
-    for (ci, cj, ck), r, d in [((80, 90, 40), 9, 70), ((170, 150, 75), 6, -50), ((120, 60, 110), 12, 45)]:
-        vol[((ii - ci) ** 2 + (jj - cj) ** 2 + (kk - ck) ** 2) < r * r] = 100 + d
-    vol += rng.normal(0, 4, vol.shape)
-    sitk.WriteImage(sitk.GetImageFromArray(np.clip(vol, 0, 255).astype(np.uint8)), str(path))
+    vol = np.full(kk.shape, -1000.0, np.float32)  # a synthetic CT in HU: body, one lung field, a bone, nodules
+    vol[((jj - 128) / 110.0) ** 2 + ((ii - 128) / 120.0) ** 2 < 1] = 40
+    vol[((jj - 128) / 95.0) ** 2 + ((ii - 128) / 105.0) ** 2 < 1] = -860
+    vol[((jj - 232) / 5.0) ** 2 + ((ii - 128) / 8.0) ** 2 < 1] = 700
+    for (ci, cj, ck), r, hu in [((80, 90, 40), 9, 40), ((170, 150, 75), 6, 30), ((120, 60, 110), 12, 20)]:
+        vol[((ii - ci) ** 2 + (jj - cj) ** 2 + (kk - ck) ** 2) < r * r] = hu
+    vol += rng.normal(0, 15, vol.shape)
+    sitk.WriteImage(sitk.GetImageFromArray(np.round(vol).astype(np.int16)), str(path))
 
 
 def bench_engine(name: str, engine, volume: Path, slices: int, batch: int, max_new_tokens: int | None) -> list[str]:
@@ -47,7 +49,7 @@ def bench_engine(name: str, engine, volume: Path, slices: int, batch: int, max_n
     ctx = S.create_scene()
     vol = S.load_volume(ctx, str(volume))
     vol.GetDisplayNode().AutoWindowLevelOff()
-    vol.GetDisplayNode().SetWindowLevel(255, 127.5)
+    vol.GetDisplayNode().SetWindowLevel(1500, -600)
     sl = S.add_slice_view(ctx, vol, "Red", "Axial", (256, 256))
     plan = plan_sweep(sl, vol)
     t0 = time.perf_counter()
