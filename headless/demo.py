@@ -43,8 +43,23 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(task: str, *extra: str) -> int:
         return runner_main(
-            ["analyze", str(ct), "--view", "axial", "--slice", str(args.slice), "--task", task, *extra]
-            + ["--window", DEMO_WINDOW[0], "--level", DEMO_WINDOW[1], "--out", args.out]
+            [
+                "analyze",
+                str(ct),
+                "--view",
+                "axial",
+                "--slice",
+                str(args.slice),
+                "--task",
+                task,
+                *extra,
+                "--window",
+                DEMO_WINDOW[0],
+                "--level",
+                DEMO_WINDOW[1],
+                "--out",
+                args.out,
+            ]
         )
 
     code = run(args.task)
