@@ -56,7 +56,7 @@ def axial_export(dicom_folder, builtin_server, tmp_path_factory):
     root, uids = dicom_folder
     out = tmp_path_factory.mktemp("export")
     r = _runner(
-        "analyze", str(root), "--view", "axial", "--slice", "8", "--task", "detect", "--backend", builtin_server,
+        "analyze", str(root), "--view", "axial", "--slice", "8", "--task", "ground", "--question", "bone", "--backend", builtin_server,
         "--out", str(out / "run"), "--export-sr", str(out / "sr.dcm"), "--export-table", str(out / "t.csv"),
         "--export-markups", str(out / "mk"),
     )  # fmt: skip
@@ -136,7 +136,7 @@ def test_sagittal_view_gives_scoord3d_and_review_file(dicom_folder, builtin_serv
     review = tmp_path / "review.json"
     review.write_text(json.dumps({"findings": [{"id": "F1", "status": "edited", "box_px": [200, 240, 260, 300]}]}))
     r = _runner(
-        "analyze", str(root), "--view", "sagittal", "--task", "detect", "--backend",
+        "analyze", str(root), "--view", "sagittal", "--task", "ground", "--question", "bone", "--backend",
         builtin_server, "--out", str(tmp_path / "run"), "--export-sr", str(tmp_path / "sr.dcm"), "--review",
         str(review), "--export-table", str(tmp_path / "t.csv"),
     )  # fmt: skip

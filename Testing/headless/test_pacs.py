@@ -66,7 +66,7 @@ def test_orthanc_runner_sr_orthanc(orthanc, dicom_folder, builtin_server, tmp_pa
     files = sorted((root / "sub" / "ct").glob("*.dcm"))
     client.store_instances([pydicom.dcmread(p) for p in files] + [pydicom.dcmread(root / "MR_small.dcm")])
     r = _runner(
-        "analyze", "--dicomweb", orthanc, "--study", uids["study"], "--slice", "8", "--task", "detect",
+        "analyze", "--dicomweb", orthanc, "--study", uids["study"], "--slice", "8", "--task", "ground", "--question", "bone",
         "--backend", builtin_server, "--out", str(tmp_path / "run"), "--store-sr",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr

@@ -22,7 +22,8 @@ def test_accept_reject_edit_and_reload(chest_ct_path, builtin_server, tmp_path):
         sl = S.add_slice_view(ctx, vol, "Red", "Axial", (512, 384))
         captured = C.capture_slice(sl)
         client = BackendClient(builtin_server)
-        response = client.analyze(C.to_request(captured, "detect"))
+        # bone components: several boxes on any chest CT slice, labelled with what was measured
+        response = client.analyze(C.to_request(captured, "ground", question="bone"))
         client.close()
         assert len(response.findings) >= 3
         M.add_analysis_results(ctx.scene, captured, response)
