@@ -40,6 +40,39 @@ def test_token_is_required_except_for_health(token_backend):
     assert r.status_code == 200 and r.json()["findings"]
 
 
+def test_token_is_required_route_by_route(token_backend):
+    """Every route but /health, the OpenAI face and the interactive docs included (/docs and /openapi.json are
+    FastAPI's own pages and sit behind the token like the rest)."""
+    url = token_backend.url
+    png = b64(encode_png(blob_image()))
+    chat = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "describe"},
+                    {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
+                ],
+            }
+        ],
+    }
+    routes = [
+        ("GET", "/v1/models", None),
+        ("POST", "/v1/chat/completions", chat),
+        ("POST", "/v1/analyze", {"task": "detect", "image": png}),
+        ("POST", "/v1/analyze/batch", {"items": [{"task": "detect", "image": png}]}),
+        ("GET", "/docs", None),
+        ("GET", "/openapi.json", None),
+    ]
+    good = {"Authorization": "Bearer s3cret-token"}
+    for method, path, body in routes:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"}):
+            r = requests.request(method, f"{url}{path}", json=body, headers=headers, timeout=30)
+            assert r.status_code == 401, (path, headers, r.status_code)
+        r = requests.request(method, f"{url}{path}", json=body, headers=good, timeout=30)
+        assert r.status_code == 200, (path, r.text[:200])
+
+
 def test_client_messages(token_backend):
     png = encode_png(blob_image())
     req = from_dict(AnalyzeRequest, ct_request(chest_phantom(), task="detect"))

@@ -399,7 +399,13 @@ class MiniGPTMedEngine(Engine):
             region = inp.region or (0.0, 0.0, float(inp.image.width), float(inp.image.height))
             findings = [Finding(label=answer[:120] or it.label, box=[float(v) for v in region])]
             return AnalysisResult(text=answer, findings=findings, raw_output=answer, warnings=warnings, timings_ms=t)
-        parsed = parse_answer(answer, inp.image.width, inp.image.height, default_label=it.label)
+        parsed = parse_answer(
+            answer,
+            inp.image.width,
+            inp.image.height,
+            default_label=it.label,
+            bare_box=inp.task in (DETECT.id, GROUND.id),
+        )
         findings = [Finding(label=b.label, box=b.box) for b in parsed.boxes]
         warnings += parsed.warnings
         if inp.task in (DETECT.id, GROUND.id) and not findings:

@@ -2,8 +2,10 @@
 
 Grammar (training data): ``<p>{label}</p> {<x1><y1><x2><y2>}``, several boxes of one label joined by ``<delim>``,
 several labels joined by a space; integers on a 0..100 grid of the image's width/height. The original demo also
-accepts a bare answer with exactly four integers (refer mode). Malformed output keeps its text; only broken boxes
-are dropped, each with a warning.
+accepts a bare four-integer answer (refer mode): here only where the caller asked for a box (``bare_box``, the
+ground/detect tasks) and only when the answer is nothing but the four integers (separators and brackets allowed),
+so a report or VQA answer that mentions four numbers never becomes a box. Malformed output keeps its text; only
+broken boxes are dropped, each with a warning.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ RE_LABELED = re.compile(r"<p>(.*?)</p>\s*((?:\{[^{}]*\}?\s*(?:<delim>\s*)?)+)", 
 RE_BRACE = re.compile(r"\{([^{}]*)\}?")
 RE_BOX = re.compile(r"^\s*<\s*(-?\d+)\s*>\s*<\s*(-?\d+)\s*>\s*<\s*(-?\d+)\s*>\s*<\s*(-?\d+)\s*>\s*$")
 RE_INT = re.compile(r"-?\d+")
+_SEP = r"[\s{}<>\[\](),;]"
+RE_BARE = re.compile(rf"^{_SEP}*(-?\d+){_SEP}+(-?\d+){_SEP}+(-?\d+){_SEP}+(-?\d+){_SEP}*\.?\s*$")
 RE_TAGS = re.compile(r"</?p>|<delim>")
 
 
@@ -49,8 +53,10 @@ def _check(vals: list[int], raw: str) -> tuple[tuple[int, int, int, int] | None,
     return (x1, y1, x2, y2), None
 
 
-def parse_answer(answer: str, width: int, height: int, default_label: str = "finding") -> ParsedAnswer:
-    """Never raises for any string."""
+def parse_answer(
+    answer: str, width: int, height: int, default_label: str = "finding", bare_box: bool = False
+) -> ParsedAnswer:
+    """Never raises for any string. ``bare_box``: the answer may be a bare four-integer box (ground/detect)."""
     res = ParsedAnswer(text="")
     label_spans: list[tuple[int, int, str]] = []
     seen_any = False
@@ -98,14 +104,13 @@ def parse_answer(answer: str, width: int, height: int, default_label: str = "fin
             seen_any = True
             res.warnings.append(f"dropped box {raw!r}: not in the {{<x1><y1><x2><y2>}} form")
             rest = rest.replace(raw, " ", 1)
-    if not seen_any:
-        ints = [int(v) for v in RE_INT.findall(answer)]
-        if len(ints) == 4:  # the demo's "refer" mode: a bare four-integer answer
-            g, warn = _check(ints, answer.strip())
-            if g is None:
-                res.warnings.append(warn or "dropped box")
-            else:
-                res.boxes.append(ParsedBox(default_label, g, grid100_to_pixels(g, width, height)))
+    bare = RE_BARE.match(answer) if bare_box and not seen_any else None
+    if bare:  # the demo's "refer" mode: an answer that is nothing but a box
+        g, warn = _check([int(v) for v in bare.groups()], answer.strip())
+        if g is None:
+            res.warnings.append(warn or "dropped box")
+        else:
+            res.boxes.append(ParsedBox(default_label, g, grid100_to_pixels(g, width, height)))
     text = RE_TAGS.sub(" ", rest)
     res.text = re.sub(r"[ \t]+", " ", text).strip()
     return res

@@ -153,3 +153,33 @@ def test_vllm_failures_are_503_and_the_backend_keeps_serving(tiny, vllm_folder):
         standin.fail_with = None
         r = requests.post(f"{url}/v1/analyze", json=req, timeout=60)
         assert r.status_code == 200 and r.json()["text"] == "yes"
+
+
+REPORT_WITH_FOUR_NUMBERS = "Two nodules of 4 mm and 6 mm, 12 and 25 mm from the pleura."
+
+
+def test_four_numbers_become_a_box_only_where_the_model_gave_a_box(tiny, vllm_folder):
+    """The issue's real bug: MiniGPT-Med's bare four-integer fallback turned a report holding exactly four integers
+    into a 'tumor' box. Now only a ground/detect answer that is nothing but a box is read as one; the real engine runs,
+    the stand-in on a real socket writes the scripted answer."""
+    side = 512
+    png = b64(encode_png(np.full((side, side), 90, np.uint8)))
+    with VLLMStandIn(vllm_folder) as standin:
+        with ServerThread(MiniGPTMedEngine(_settings(tiny, vllm_url=standin.url))) as url:
+
+            def ask(script: str, body: dict) -> dict:
+                standin.script = script
+                r = requests.post(f"{url}/v1/analyze", json={**body, "image": png}, timeout=60)
+                assert r.status_code == 200, r.text
+                return r.json()
+
+            for task in ("report", "vqa", "detect", "ground"):
+                out = ask(REPORT_WITH_FOUR_NUMBERS, REQUESTS[task])
+                assert out["findings"] == [], task
+                assert out["text"] == REPORT_WITH_FOUR_NUMBERS
+            for task in ("report", "vqa"):  # a bare answer of four numbers is still not a box outside ground/detect
+                assert ask("10 20 30 40", REQUESTS[task])["findings"] == []
+            for answer in ("10 20 30 40", "[10, 20, 30, 40]"):  # the demo's refer mode: nothing but a box
+                got = ask(answer, REQUESTS["ground"])["findings"]
+                assert [f["box"] for f in got] == [pytest.approx([51.2, 102.4, 153.6, 204.8])]
+            assert ask("nodule at 10 20 30 40", REQUESTS["ground"])["findings"] == []

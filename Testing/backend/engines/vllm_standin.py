@@ -36,6 +36,7 @@ class VLLMStandIn:
         self.received: list = []  # tensors as decoded
         self.bodies: list[dict] = []
         self.fail_with: tuple[int, dict] | None = None  # (status, body) to answer instead of generating
+        self.script: str | None = None  # a text to answer instead of generating (the prompt is still checked)
         self.lock = threading.Lock()
         self._torch = torch
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -98,6 +99,8 @@ class VLLMStandIn:
         with self.lock:
             self.received.append(t)
             self.bodies.append(body)
+            if self.script is not None:
+                return 200, self._answer(t, [*self.sp.encode(self.script), self.eos_id], "stop", body)
             with torch.inference_mode():
                 out = self.llm.generate(
                     inputs_embeds=t[None],
@@ -111,11 +114,14 @@ class VLLMStandIn:
         if not body.get("ignore_eos") and self.eos_id in ids:
             ids = ids[: ids.index(self.eos_id) + 1]
         finish = "stop" if (ids and ids[-1] == self.eos_id and not body.get("ignore_eos")) else "length"
+        return 200, self._answer(t, ids, finish, body)
+
+    def _answer(self, t, ids: list[int], finish: str, body: dict) -> dict:
         text = self.sp.decode([i for i in ids if i != self.eos_id])
         choice: dict = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": None}
         if body.get("return_token_ids"):
             choice["token_ids"] = ids
-        return 200, {
+        return {
             "id": f"cmpl-{len(self.bodies)}",
             "object": "text_completion",
             "created": int(time.time()),

@@ -103,12 +103,32 @@ CASES = [
 
 @pytest.mark.parametrize(("answer", "boxes", "n_warn"), CASES)
 def test_box_parser(answer, boxes, n_warn):
-    res = parse_answer(answer, 200, 100, default_label="default")
+    res = parse_answer(answer, 200, 100, default_label="default", bare_box=True)  # as for ground/detect
     assert [(b.label, b.box) for b in res.boxes] == boxes
     assert len(res.warnings) == n_warn, res.warnings
     assert "{<" not in res.text and "<p>" not in res.text
     if not boxes and not n_warn:
         assert res.text == answer.strip()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "Two nodules of 4 mm and 6 mm, 12 and 25 mm from the pleura.",  # the report on a 512 x 512 image
+        "nodule at 10 20 30 40",
+        "10 20 30 40 mm",
+    ],
+)
+def test_numbers_in_a_sentence_are_never_a_box(answer):
+    for bare_box in (False, True):
+        res = parse_answer(answer, 512, 512, default_label="tumor", bare_box=bare_box)
+        assert res.boxes == [] and res.warnings == [] and res.text == answer
+
+
+def test_bare_four_integers_only_for_ground_and_detect():
+    assert parse_answer("10 20 30 40", 512, 512).boxes == []  # report/VQA: never a box
+    res = parse_answer("{10, 20, 30, 40}", 200, 100, default_label="nodule", bare_box=True)
+    assert [(b.label, b.box) for b in res.boxes] == [("nodule", [20.0, 20.0, 60.0, 40.0])]
 
 
 def test_malformed_output_keeps_the_text():
