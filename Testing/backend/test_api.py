@@ -270,3 +270,77 @@ def test_values_decode_to_the_sent_hu(builtin_server):
         f"max {inside.max():.0f}",
     ):
         assert word in ident["text"], ident["text"]
+
+
+def _limit_body(png: bytes, **kw) -> dict:
+    return {"task": "detect", "image": b64(png), **kw}
+
+
+LIMITS = [  # (what, extra fields, status); the defaults: max_new_tokens cap 1024, question 2000, prompt 8000 chars
+    ("temperature -0.01", {"temperature": -0.01}, 400),
+    ("temperature 0", {"temperature": 0.0}, 200),
+    ("temperature 2", {"temperature": 2.0}, 200),
+    ("temperature 2.01", {"temperature": 2.01}, 400),
+    ("max_new_tokens 0", {"max_new_tokens": 0}, 400),
+    ("max_new_tokens 1", {"max_new_tokens": 1}, 200),
+    ("max_new_tokens 1024", {"max_new_tokens": 1024}, 200),
+    ("max_new_tokens 1025", {"max_new_tokens": 1025}, 400),
+    ("question 2000 chars", {"task": "ground", "question": "n" * 2000}, 200),
+    ("question 2001 chars", {"task": "ground", "question": "n" * 2001}, 400),
+    ("prompt 8000 chars", {"prompt": "p" * 8000}, 200),
+    ("prompt 8001 chars", {"prompt": "p" * 8001}, 400),
+]
+
+
+@pytest.mark.parametrize("what,extra,status", LIMITS, ids=[x[0] for x in LIMITS])
+def test_limits_at_their_edges(builtin_server, blob_png, what, extra, status):
+    r = _post(builtin_server, _limit_body(blob_png, **extra))
+    if status == 200:
+        assert r.status_code == 200, r.text
+    else:
+        _assert_error(r, status, "bad_request")
+        field = next(k for k in extra if k != "task")
+        assert field in r.json()["error"]["message"]
+
+
+def test_identify_region_partly_outside_is_clipped_fully_outside_is_400(builtin_server, blob_png):
+    """Documented in docs/api.md: a region reaching past the image is clipped to it; one wholly outside is refused."""
+    n = blob_image().shape[0]
+    for region, want in (
+        ([-20, 200, 300, 290], [0, 200, n, n]),
+        ([-5.5, -7, 40, 30], [0, 0, 40, 30]),
+        ([n - 10, n - 12, n + 50, n + 60], [n - 10, n - 12, n, n]),
+    ):
+        r = _post(builtin_server, {"task": "identify", "image": b64(blob_png), "region": region})
+        assert r.status_code == 200, r.text
+        assert [f["box"] for f in r.json()["findings"]] == [pytest.approx(want)]
+    for region in ([n, 0, n + 10, 10], [-30, -30, 0, 0], [0, -30, 10, 0], [10, n, 20, n + 5]):
+        _assert_error(_post(builtin_server, {"task": "identify", "image": b64(blob_png), "region": region}), 400)
+    _still_healthy(builtin_server)
+
+
+NON_FINITE = [
+    ("temperature", '"temperature": {v}'),
+    ("region", '"task": "identify", "region": [1, 1, {v}, 20]'),
+    ("pixel_spacing_mm", '"pixel_spacing_mm": [0.7, {v}]'),
+    ("max_new_tokens", '"max_new_tokens": {v}'),
+]
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("field,template", NON_FINITE, ids=[x[0] for x in NON_FINITE])
+def test_nan_and_infinity_anywhere_are_4xx(builtin_server, blob_png, field, template, value):
+    fields = template.format(v=value)
+    if '"task"' not in fields:
+        fields = '"task": "detect", ' + fields
+    raw = ('{"image": "%s", %s}' % (b64(blob_png), fields)).encode()
+    for path, data in (
+        ("/v1/analyze", raw),
+        ("/v1/analyze/batch", b'{"items": [' + raw + b"]}"),
+    ):
+        r = requests.post(
+            f"{builtin_server}{path}", data=data, headers={"Content-Type": "application/json"}, timeout=30
+        )
+        assert r.status_code in (400, 422), (path, r.status_code, r.text[:200])
+        assert field in r.json()["error"]["message"] or r.status_code == 422
+    _still_healthy(builtin_server)
