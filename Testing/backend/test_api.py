@@ -333,7 +333,7 @@ def test_nan_and_infinity_anywhere_are_4xx(builtin_server, blob_png, field, temp
     fields = template.format(v=value)
     if '"task"' not in fields:
         fields = '"task": "detect", ' + fields
-    raw = ('{"image": "%s", %s}' % (b64(blob_png), fields)).encode()
+    raw = ('{"image": "' + b64(blob_png) + '", ' + fields + "}").encode()
     for path, data in (
         ("/v1/analyze", raw),
         ("/v1/analyze/batch", b'{"items": [' + raw + b"]}"),
