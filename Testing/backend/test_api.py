@@ -272,8 +272,12 @@ def test_values_decode_to_the_sent_hu(builtin_server):
         assert word in ident["text"], ident["text"]
 
 
+_LIMIT_HU = chest_phantom(height=64, width=80, nodules=((32, 40, 4),))
+
+
 def _limit_body(png: bytes, **kw) -> dict:
-    return {"task": "detect", "image": b64(png), **kw}
+    """A detect (or ground) request the built-in engine answers: a CT slice with its HU values."""
+    return ct_request(_LIMIT_HU, **{"task": "detect", **kw})
 
 
 LIMITS = [  # (what, extra fields, status); the defaults: max_new_tokens cap 1024, question 2000, prompt 8000 chars

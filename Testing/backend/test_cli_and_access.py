@@ -59,8 +59,8 @@ def test_token_is_required_route_by_route(token_backend):
     routes = [
         ("GET", "/v1/models", None),
         ("POST", "/v1/chat/completions", chat),
-        ("POST", "/v1/analyze", {"task": "detect", "image": png}),
-        ("POST", "/v1/analyze/batch", {"items": [{"task": "detect", "image": png}]}),
+        ("POST", "/v1/analyze", {"task": "report", "image": png}),
+        ("POST", "/v1/analyze/batch", {"items": [{"task": "report", "image": png}]}),
         ("GET", "/docs", None),
         ("GET", "/openapi.json", None),
     ]
