@@ -153,6 +153,18 @@ def add_model_arguments(p: argparse.ArgumentParser, convert: bool = False) -> No
         f"or set {ENV['static_decode']}=1)",
     )
     g.add_argument(
+        "--image-cache-entries",
+        type=int,
+        default=32,
+        help="images whose vision embeddings are kept for follow-up questions (LRU; default 32; 0 = none)",
+    )
+    g.add_argument(
+        "--image-cache-mb",
+        type=int,
+        default=256,
+        help="total size of those embeddings in MiB (default 256; a 7B model's are 2 MiB an image)",
+    )
+    g.add_argument(
         "--vllm",
         metavar="URL",
         help="run the LLM on this vLLM server (vllm serve DIR --enable-prompt-embeds, DIR from convert --for-vllm): "
@@ -260,6 +272,8 @@ def engine_settings(args: argparse.Namespace, env: Mapping[str, str]) -> EngineS
             vllm_model=args.vllm_model,
             vllm_api_key=_value(args, env, "api_key"),
             vllm_timeout_s=args.remote_timeout,
+            cache_size=args.image_cache_entries,
+            cache_bytes=args.image_cache_mb * 1024 * 1024,
         ),
         xraygpt=XrayGPTSettings(
             eva=_value(args, env, "eva"),

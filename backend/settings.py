@@ -55,7 +55,8 @@ class MiniGPTMedSettings:
     static_max_len: int = 1024  # longer requests fall back to the dynamic cache
     trust_checkpoints: bool = False  # allow torch.load(weights_only=False) for checkpoints that need it
     max_batch: int = 8
-    cache_size: int = 32  # image embeddings kept
+    cache_size: int = 32  # images whose EVA + projector embeddings are kept (LRU)
+    cache_bytes: int = 256 * 1024 * 1024  # and their total size (a real 7B embedding is 256 x 4096 fp16 = 2 MiB)
     seed: int | None = None
     vllm_url: str | None = None  # the LLM runs on this vLLM server (prompt embeddings); only vision + embeddings here
     vllm_model: str | None = None  # its served model name; None: the first it lists

@@ -7,10 +7,11 @@ images, sanitises engine output (clipping, dropping invalid boxes) and enforces 
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -89,10 +90,30 @@ class DecodedImage:
             a = np.repeat(a[:, :, None], 3, axis=2)
         return np.ascontiguousarray(a)
 
+    def content_id(self) -> str:
+        """The image's id on the wire (``image_id``): a SHA-256 of its decoded pixels, shape and type."""
+        a = np.ascontiguousarray(self.array)
+        h = hashlib.sha256(f"{a.shape}{a.dtype.str}".encode())
+        h.update(a.tobytes())
+        return h.hexdigest()
+
     def pil_rgb(self) -> Image.Image:
         from PIL import Image
 
         return Image.fromarray(self.rgb8(), mode="RGB")
+
+
+@dataclass(frozen=True)
+class Turn:
+    """An earlier turn of the conversation about the same image: the task asked, the question (None for tasks
+    without one) and the model's answer as it wrote it (the response's ``raw_output``)."""
+
+    task: str
+    question: str | None
+    answer: str
+
+
+TextCallback = Callable[[str], None]
 
 
 @dataclass
@@ -119,10 +140,23 @@ class AnalysisInput:
     prompt: str | None = None
     values: ScalarValues | None = None
 
+    history: tuple[Turn, ...] = ()  # earlier turns, oldest first
+    image_id: str | None = None  # DecodedImage.content_id(): the key of the engines' per-image caches
+    on_text: TextCallback | None = None  # streaming: called with each new piece of the answer as it is decoded
+    cancelled: threading.Event | None = None  # set when this one request is cancelled (its batch row is dropped)
+
     @property
     def hu(self) -> np.ndarray | None:
         """Hounsfield units of the slice when the client sent CT values, else None."""
         return self.values.array if self.values is not None and self.values.unit == "HU" else None
+
+    def cache_key(self) -> str:
+        if self.image_id is None:
+            self.image_id = self.image.content_id()
+        return self.image_id
+
+    def is_cancelled(self) -> bool:
+        return self.cancelled is not None and self.cancelled.is_set()
 
 
 @dataclass
@@ -132,6 +166,7 @@ class AnalysisResult:
     raw_output: str = ""
     warnings: list[str] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    cancelled: bool = False  # the request was cancelled while its batch ran; the rest of the result is empty
 
 
 class Engine(ABC):

@@ -8,7 +8,12 @@ Tasks and the instruction text sent (inside ``<s>[INST] <Img><ImageHere></Img> {
 * ground   -> ``[refer] {phrase}``
 * identify -> ``[identify] what object is in this location {<x1><y1><x2><y2>}`` (region on the 0..100 grid)
 
-A request's ``prompt`` replaces the instruction text verbatim.
+A request's ``prompt`` replaces the instruction text verbatim. Earlier turns (``history``) are rebuilt with their own
+task tags and their answers as the model wrote them, in the original demo's conversation template
+(``backend.minigpt.tokenization.build_prompt``); a context longer than 2000 positions (prompt + new tokens) is cut from
+the left as the original does, with a warning. The EVA + projector embeddings of recent images are kept in a bounded
+LRU (``cache_size`` entries, ``cache_bytes``), keyed by the image's content id, so a follow-up skips the vision encoder.
+Streaming (``AnalysisInput.on_text``) and per-request cancel (``AnalysisInput.cancelled``) work in both decode paths.
 
 The ``static_decode`` setting switches decoding to a preallocated static KV cache (``StaticDecoder``); on CUDA its
 decode step is compiled into CUDA graphs at load time (about a minute per batch shape, measured 3x faster decode on
@@ -18,26 +23,50 @@ to the dynamic cache.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from MiniGPTMedSlicerLib.protocol import DETECT, GROUND, IDENTIFY, REPORT, TASKS, VQA, Finding
 
+from ..lru import LRUStore
 from ..setting_error import SettingError
 from ..settings import MiniGPTMedSettings
-from .base import AnalysisInput, AnalysisResult, Engine, EngineError, EngineInfo, StopToken, TaskNotSupported
+from .base import (
+    AnalysisInput,
+    AnalysisResult,
+    Engine,
+    EngineError,
+    EngineInfo,
+    StopToken,
+    TaskNotSupported,
+    Turn,
+)
+from .text_stream import DeltaText
 
 log = logging.getLogger("minigptmed.engine")
 
 REPORT_PROMPT = "Describe this image in detail"
 #: MiniGPT-Med's eval yaml: 300 new tokens for the text tasks, 100 for the box tasks.
 DEFAULT_MAX_NEW_TOKENS = {REPORT.id: 300, VQA.id: 300, DETECT.id: 100, GROUND.id: 100, IDENTIFY.id: 100}
+
+
+def turn_instruction(turn: Turn) -> str:
+    """An earlier turn's instruction, tagged as a single turn of its task would be (its region is not kept: an
+    earlier identify turn keeps its question text)."""
+    q = (turn.question or "").strip()
+    if turn.task == REPORT.id:
+        return q or REPORT_PROMPT
+    if turn.task == VQA.id:
+        return f"[vqa] {q}"
+    if turn.task == DETECT.id:
+        return f"[detection] {q or 'tumor'}"
+    if turn.task == GROUND.id:
+        return f"[refer] {q}"
+    return f"[identify] {q}" if q else "[identify]"
 
 
 def instruction_for(inp: AnalysisInput) -> tuple[str, str]:
@@ -74,6 +103,8 @@ class _Item:
     key: str
     max_new: int
     settings: Any
+    warnings: list[str] = field(default_factory=list)
+    stream: DeltaText | None = None
 
 
 class MiniGPTMedEngine(Engine):
@@ -97,7 +128,8 @@ class MiniGPTMedEngine(Engine):
         self.tokenizer: Any = None
         self.cfg: Any = None
         self.report: Any = None
-        self._cache: OrderedDict[str, object] = OrderedDict()
+        self._cache: LRUStore[Any] = LRUStore(s.cache_size, s.cache_bytes)
+        self.vision_calls = 0  # images run through the vision encoder (a cache hit does not count)
         self._lock = threading.Lock()
         self.device = "cpu"
         self.dtype: Any = None
@@ -274,20 +306,19 @@ class MiniGPTMedEngine(Engine):
         out, todo = {}, {}
         t0 = time.perf_counter()
         for it in items:
-            if it.key in self._cache:
-                self._cache.move_to_end(it.key)
-                out[it.key] = self._cache[it.key]
+            hit = self._cache.get(it.key)
+            if hit is not None:
+                out[it.key] = hit
             elif it.key not in todo:
                 todo[it.key] = normalize(resized_rgb(it.inp.image.rgb8(), self.cfg.vision.image_size))
         t1 = time.perf_counter()
         if todo:
             pixels = torch.stack(list(todo.values()))
             emb = self.model.encode_images(pixels)
+            self.vision_calls += len(todo)
             for k, e in zip(todo, emb, strict=True):
                 out[k] = e
-                self._cache[k] = e
-                while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
+                self._cache.put(k, e, e.numel() * e.element_size())
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         timings["preprocess_ms"] = (t1 - t0) * 1000
@@ -295,26 +326,29 @@ class MiniGPTMedEngine(Engine):
         timings["vision_cached"] = float(len(todo) == 0)
         return out
 
-    def _embed_prompt(self, instruction: str, image_emb):
+    def _embed_prompt(self, it: _Item, image_emb):
         import torch
 
-        from backend.minigpt.tokenization import build_prompt
+        from backend.minigpt.tokenization import build_prompt, left_truncation
 
-        segs = self.tokenizer.prompt_segments(build_prompt(instruction))
+        history = [(turn_instruction(t), t.answer) for t in it.inp.history]
+        segs = self.tokenizer.prompt_segments(build_prompt(it.instruction, history))
         parts = []
         for i, ids in enumerate(segs):
             if ids:
                 parts.append(self.model.embed_tokens(torch.tensor(ids, dtype=torch.long)))
             if i < len(segs) - 1:
                 parts.append(image_emb.to(parts[0].dtype if parts else image_emb.dtype))
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def image_key(inp: AnalysisInput) -> str:
-        a = inp.image.rgb8()
-        h = hashlib.sha1(a.tobytes())
-        h.update(str(a.shape).encode())
-        return h.hexdigest()
+        emb = torch.cat(parts, dim=0)
+        cut = left_truncation(int(emb.shape[0]), it.max_new)
+        if cut:
+            it.warnings.append(
+                f"the conversation is longer than the model's 2000-token context: its first {cut} positions were "
+                "dropped, as the original does"
+            )
+            log.warning("conversation context cut from the left by %d positions", cut)
+            emb = emb[cut:]
+        return emb
 
     def analyze_batch(self, inputs: Sequence[AnalysisInput], stop: StopToken) -> list[AnalysisResult]:
         import torch
@@ -331,7 +365,7 @@ class MiniGPTMedEngine(Engine):
                 raise TaskNotSupported(f"task {inp.task!r} is not supported by the MiniGPT-Med engine")
             instr, label = instruction_for(inp)
             s, mx = self._settings(inp)
-            items.append(_Item(inp, instr, label, self.image_key(inp), mx, s))
+            items.append(_Item(inp, instr, label, inp.cache_key(), mx, s))
         results: list[AnalysisResult | None] = [None] * len(items)
         with self._lock, torch.inference_mode():
             try:
@@ -343,24 +377,38 @@ class MiniGPTMedEngine(Engine):
                 for s, idx in groups.items():
                     for start in range(0, len(idx), self.max_batch):
                         chunk = idx[start : start + self.max_batch]
-                        prompts = [self._embed_prompt(items[i].instruction, embs[items[i].key]) for i in chunk]
+                        live = [i for i in chunk if not items[i].inp.is_cancelled()]
+                        for i in chunk:
+                            if i not in live:
+                                results[i] = AnalysisResult(text="", cancelled=True)
+                        chunk = live
+                        if not chunk:
+                            continue
+                        prompts = [self._embed_prompt(items[i], embs[items[i].key]) for i in chunk]
                         maxes = [items[i].max_new for i in chunk]
-                        kw = dict(
+                        kw: dict[str, Any] = dict(
                             eos_id=self.tokenizer.eos_id,
                             bos_id=self.tokenizer.bos_id,
                             settings=s,
                             stop=stop,
                             seed=self.seed,
+                            row_stopped=lambda chunk=chunk: [items[i].inp.is_cancelled() for i in chunk],
                         )
-                        if self._remote is not None:
+                        on_step = self._streamer([items[i] for i in chunk], s)
+                        if self._remote is not None:  # no per-step streaming or cancel: the remote server decodes
+                            kw.pop("row_stopped")
                             g = self._remote_generate(prompts, maxes, kw)
                         elif (
                             self.static_decode and max(p.shape[0] for p in prompts) + max(maxes) <= self.static_max_len
                         ):
+                            kw["on_step"] = on_step
                             g = self._decoder(len(chunk)).generate(prompts, maxes, **kw)
                         else:
-                            g = generate(self.model.llm, prompts, maxes, **kw)
+                            g = generate(self.model.llm, prompts, maxes, on_step=on_step, **kw)
                         for j, i in enumerate(chunk):
+                            if j < len(g.cancelled) and g.cancelled[j]:
+                                results[i] = AnalysisResult(text="", cancelled=True)
+                                continue
                             results[i] = self._result(
                                 items[i],
                                 g,
@@ -382,8 +430,38 @@ class MiniGPTMedEngine(Engine):
         except RemoteLLMError as e:
             raise EngineError(str(e)) from e
 
+    def _streamer(self, chunk: list[_Item], s):
+        """A decode-step callback that feeds each streaming row's growing answer to its ``on_text`` (post-processed
+        as the final answer is, so the deltas add up to it), or None when no row streams."""
+        from backend.minigpt.tokenization import postprocess_benchmark, postprocess_demo
+
+        post = postprocess_demo if s.do_sample else postprocess_benchmark
+        rows: list[tuple[int, DeltaText, list[int]]] = []
+        for j, it in enumerate(chunk):
+            if it.inp.on_text is not None:
+                it.stream = DeltaText(it.inp.on_text)
+                rows.append((j, it.stream, []))
+        if not rows:
+            return None
+        eos = self.tokenizer.eos_id
+        done: set[int] = set()
+
+        def on_step(step_ids: list[int]) -> None:
+            for j, delta, ids in rows:
+                if j in done:
+                    continue
+                if step_ids[j] == eos:
+                    done.add(j)
+                    continue
+                ids.append(step_ids[j])
+                delta.update(post(self.tokenizer.decode(ids)))
+
+        return on_step
+
     def _result(self, it: _Item, g, j: int, timings: dict, s, parse_answer, post) -> AnalysisResult:
         answer = post(self.tokenizer.decode(g.tokens[j]))
+        if it.stream is not None:
+            it.stream.finish(answer)
         t = dict(timings)
         t.update(
             prefill_ms=g.prefill_s * 1000,
@@ -391,7 +469,7 @@ class MiniGPTMedEngine(Engine):
             new_tokens=float(len(g.tokens[j])),
             prompt_tokens=float(g.prompt_lengths[j]),
         )
-        warnings = []
+        warnings = list(it.warnings)
         if not g.finished[j]:
             warnings.append(f"answer cut at max_new_tokens={it.max_new}")
         inp = it.inp

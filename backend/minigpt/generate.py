@@ -7,6 +7,10 @@
   repetition_penalty 1.05 applied, as transformers 4.30 did with ``inputs_embeds`` only, to ``[BOS] + generated``.
 * Batches are LEFT-padded with zero embedding vectors and attention mask 0, position ids = cumsum(mask) - 1, as
   ``MiniGPTBase.generate``; finished rows keep running (their tokens are discarded).
+* Streaming and cancel (both optional, both checked between decode steps): ``on_step(tokens)`` receives the ids
+  chosen at each step, one per row (eos for a finished row; it costs a host sync per step, so only streaming
+  requests pass it); ``row_stopped()`` says which rows were cancelled: a cancelled row is dropped (its tokens
+  discarded, ``cancelled`` set) and the loop ends as soon as no row is left, so the engine is free within one step.
 """
 
 from __future__ import annotations
@@ -42,6 +46,11 @@ class GenerationOutput:
     decode_s: float = 0.0
     steps: int = 0
     prompt_lengths: list[int] = field(default_factory=list)
+    cancelled: list[bool] = field(default_factory=list)
+
+
+StepCallback = Callable[[list[int]], None]  # the ids chosen at one decode step, one per row
+RowStopped = Callable[[], Sequence[bool]]  # which rows were cancelled
 
 
 def _sync(device: torch.device) -> None:
@@ -86,10 +95,13 @@ def _decode_loop(
     gen,
     ignore_eos: bool,
     check_every: int = 8,
+    on_step: StepCallback | None = None,
+    row_stopped: RowStopped | None = None,
 ):
     """Token choice + feeding back, without a host sync per step: tokens stay on the device and finished rows are
     checked every ``check_every`` steps (the extra steps of finished rows are discarded). ``logits`` has
-    >= b rows; ``step_fn(next_ids [rows])`` returns the next logits. Returns (tokens per row, finished, steps)."""
+    >= b rows; ``step_fn(next_ids [rows])`` returns the next logits. Returns (tokens per row, finished, steps,
+    cancelled per row)."""
     rows = logits.shape[0]
     device = logits.device
     history = torch.full((rows, 1), bos_id, dtype=torch.long, device=device)  # 4.30: ids start with [BOS]
@@ -97,14 +109,21 @@ def _decode_loop(
     limits = torch.tensor(maxes + [0] * (rows - b), device=device)
     cols: list[torch.Tensor] = []
     longest = max(maxes) if maxes else 0
+    cancelled = [False] * b
     while len(cols) < longest:
         if stop is not None:
             stop.check()
+        if row_stopped is not None:
+            cancelled = [bool(c) for c in row_stopped()][:b]
+            if all(cancelled):
+                break
         nxt = _warp(logits, settings, history, gen)
         if not ignore_eos:
             nxt = torch.where(unfinished, nxt, torch.full_like(nxt, eos_id))
             unfinished = unfinished & (nxt != eos_id)
         cols.append(nxt)
+        if on_step is not None:
+            on_step([int(t) for t in nxt[:b].tolist()])
         if len(cols) >= longest:
             break
         if len(cols) % check_every == 0 and not bool((unfinished & (limits > len(cols))).any()):
@@ -121,8 +140,10 @@ def _decode_loop(
             finished.append(True)
         else:
             finished.append(False)
+        if cancelled[i]:
+            row, finished[-1] = [], False
         tokens.append(row)
-    return tokens, finished, len(cols)
+    return tokens, finished, len(cols), cancelled
 
 
 def _row_limits(max_new_tokens: Sequence[int] | int, b: int) -> list[int]:
@@ -162,6 +183,8 @@ def _run(
     stop,
     seed: int | None,
     ignore_eos: bool,
+    on_step: StepCallback | None = None,
+    row_stopped: RowStopped | None = None,
 ) -> GenerationOutput:
     """Seed, time the prefill (-> last logits) and the decode loop, and collect the output."""
     gen = None
@@ -172,13 +195,30 @@ def _run(
     logits = prefill()
     _sync(device)
     t1 = time.perf_counter()
-    tokens, finished, steps = _decode_loop(
-        logits, step, len(maxes), maxes, eos_id, bos_id, settings, stop, gen, ignore_eos
+    tokens, finished, steps, cancelled = _decode_loop(
+        logits,
+        step,
+        len(maxes),
+        maxes,
+        eos_id,
+        bos_id,
+        settings,
+        stop,
+        gen,
+        ignore_eos,
+        on_step=on_step,
+        row_stopped=row_stopped,
     )
     _sync(device)
     t2 = time.perf_counter()
     return GenerationOutput(
-        tokens=tokens, finished=finished, prefill_s=t1 - t0, decode_s=t2 - t1, steps=steps, prompt_lengths=lens
+        tokens=tokens,
+        finished=finished,
+        prefill_s=t1 - t0,
+        decode_s=t2 - t1,
+        steps=steps,
+        prompt_lengths=lens,
+        cancelled=cancelled,
     )
 
 
@@ -193,6 +233,8 @@ def generate(
     stop=None,
     seed: int | None = None,
     ignore_eos: bool = False,
+    on_step: StepCallback | None = None,
+    row_stopped: RowStopped | None = None,
 ) -> GenerationOutput:
     """``embeds``: one [L_i, H] prompt embedding per row. Returns the generated ids per row."""
     from transformers import DynamicCache
@@ -228,7 +270,9 @@ def generate(
         )
         return o.logits[:, -1].float()
 
-    return _run(prefill, step, x.device, maxes, lens, eos_id, bos_id, settings, stop, seed, ignore_eos)
+    return _run(
+        prefill, step, x.device, maxes, lens, eos_id, bos_id, settings, stop, seed, ignore_eos, on_step, row_stopped
+    )
 
 
 class StaticDecoder:
@@ -270,6 +314,8 @@ class StaticDecoder:
         stop=None,
         seed: int | None = None,
         ignore_eos: bool = False,
+        on_step: StepCallback | None = None,
+        row_stopped: RowStopped | None = None,
     ) -> GenerationOutput:
         from transformers import StaticCache
 
@@ -310,4 +356,6 @@ class StaticDecoder:
             cur += 1
             return self._step(nxt[:, None].clone(), mask, step_pos.clone(), cache_position).clone()
 
-        return _run(prefill, step, device, maxes, lens, eos_id, bos_id, settings, stop, seed, ignore_eos)
+        return _run(
+            prefill, step, device, maxes, lens, eos_id, bos_id, settings, stop, seed, ignore_eos, on_step, row_stopped
+        )

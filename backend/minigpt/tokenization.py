@@ -1,6 +1,12 @@
 """Prompt construction and tokenisation exactly as the original (transformers 4.30 slow ``LlamaTokenizer``).
 
 * Template: ``<s>[INST] <Img><ImageHere></Img> {text} [/INST]`` (no system prompt).
+* Conversations follow the original demo's ``CONV_VISION_minigptv2`` (system ``""``, roles ``"<s>[INST] "`` and
+  ``" [/INST]"``, separator ``""``, ``SeparatorStyle.SINGLE``): after one turn the prompt is
+  ``<s>[INST] <Img><ImageHere></Img> {q1} [/INST]{a1}<s>[INST] {q2} [/INST]`` -- the answer follows ``[/INST]``
+  with no space and no ``</s>``; the literal ``<s>`` of the next turn becomes the BOS id like the first one.
+  The original's context is cut from the left to ``max_length - max_new_tokens`` (``MAX_LENGTH`` = 2000,
+  ``Chat.answer_prepare``); ``left_truncation`` gives how much.
 * The prompt is split at ``<ImageHere>``; each segment is tokenised separately, only the first with special
   tokens. The first segment starts with the literal ``<s>`` (the BOS special token) and gets another BOS
   prepended => the ids start ``[1, 1, ...]``.
@@ -16,15 +22,35 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 IMAGE_PLACEHOLDER = "<ImageHere>"
-TEMPLATE = "<s>[INST] <Img>" + IMAGE_PLACEHOLDER + "</Img> {text} [/INST]"
+ROLES = ("<s>[INST] ", " [/INST]")  # CONV_VISION_minigptv2.roles
+IMAGE_MESSAGE = "<Img>" + IMAGE_PLACEHOLDER + "</Img>"  # what Chat.upload_img puts in the first user message
+TEMPLATE = ROLES[0] + IMAGE_MESSAGE + " {text}" + ROLES[1]
 PAD_TOKEN = "$$"
+MAX_LENGTH = 2000  # Chat(max_length=2000): prompt + new tokens
 
 
-def build_prompt(instruction: str) -> str:
-    return TEMPLATE.replace("{text}", instruction)
+def build_prompt(instruction: str, history: Sequence[tuple[str, str]] = ()) -> str:
+    """The prompt for ``instruction`` after the earlier turns ``history`` ((instruction, answer) pairs, oldest
+    first), as ``Conversation.get_prompt`` builds it: ``system + sep`` then ``role + message + sep`` per message,
+    the image in the first user message followed by one space (``Chat.ask``), the last assistant message empty."""
+    turns = [*history, (instruction, None)]
+    out = ""  # system "" + sep ""
+    for i, (question, answer) in enumerate(turns):
+        message = f"{IMAGE_MESSAGE} {question}" if i == 0 else question
+        out += ROLES[0] + message + ROLES[1]
+        if answer is not None:
+            out += answer
+    return out
+
+
+def left_truncation(prompt_tokens: int, max_new_tokens: int, max_length: int = MAX_LENGTH) -> int:
+    """How many leading prompt positions the original drops (``begin_idx = max(0, len + max_new - max_length)``;
+    image embeddings count as positions)."""
+    return max(0, prompt_tokens + max_new_tokens - max_length)
 
 
 def _clean_up_tokenization(s: str) -> str:
