@@ -59,6 +59,8 @@ def test_modality_window_preset_and_scene_none(anatomical_path, builtin_server, 
     rc = main(
         [
             "analyze",
+            "--task",
+            "report",
             str(anatomical_path),
             "--backend",
             builtin_server,

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from vllm_standin import VLLMStandIn
 
 from backend.cli import main
-from backend.engines.minigptmed import MiniGPTMedEngine
+from backend.engines.base import AnalysisInput, DecodedImage
+from backend.engines.minigptmed import MiniGPTMedEngine, _Item
 from backend.server_thread import ServerThread
 from backend.settings import MiniGPTMedSettings
 
@@ -124,7 +125,10 @@ def test_minigptmed_on_vllm_answers_as_the_local_llama(tiny, vllm_folder, local)
             rgb = np.repeat(IMG[:, :, None], 3, axis=2)
             with torch.inference_mode():
                 image = local.model.encode_images(normalize(resized_rgb(rgb, 448))[None])[0]
-                want = local._embed_prompt("[detection] tumor", image)
+                item = _Item(
+                    AnalysisInput(task="detect", image=DecodedImage(IMG, "PNG")), "[detection] tumor", "", "k", 20, None
+                )
+                want = local._embed_prompt(item, image)
         detect = standin.received[2]  # the third request
         body = standin.bodies[2]
     assert detect.dtype == torch.float32 and detect.shape == want.shape and torch.equal(detect, want)
