@@ -6,38 +6,49 @@ import asyncio
 import hmac
 import itertools
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from MiniGPTMedSlicerLib.protocol import (
+    REQUEST_ID_HEADER,
+    STREAM_DELTA,
+    STREAM_DONE,
+    STREAM_ERROR,
     AnalyzeRequest,
     AnalyzeResponse,
     BatchRequest,
     BatchResponse,
+    CancelResult,
     ErrorBody,
     Health,
+    ImageUpload,
+    StoredImage,
     status_descriptions,
+    to_dict,
 )
+from MiniGPTMedSlicerLib.sse import format_event
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
-from .engines.base import Engine
+from .engines.base import AnalysisInput, Engine
 from .errors import ApiError
 from .openai_routes import add_openai_routes, is_openai_path, openai_error_body
-from .service import AnalysisService
+from .service import AnalysisService, _Job
 from .settings import ServerSettings
 
 log = logging.getLogger("minigptmed.access")
 
 _ERROR_RESPONSES: dict[int | str, dict] = {
     status: {"model": ErrorBody, "description": desc}
-    for status, desc in status_descriptions((400, 401, 413, 422, 501, 503, 504)).items()
+    for status, desc in status_descriptions((400, 401, 404, 410, 413, 422, 499, 501, 503, 504)).items()
 }
 _request_ids = itertools.count(1)
+_RID_HEADER = REQUEST_ID_HEADER.lower().encode()
 
 
 def error_response(err: ApiError, path: str = "") -> JSONResponse:
@@ -104,22 +115,45 @@ def create_app(
     async def health() -> Health:
         return service.health()
 
-    @app.post("/v1/analyze", response_model=AnalyzeResponse, responses=_ERROR_RESPONSES, tags=["analyze"])
-    async def analyze(body: AnalyzeRequest, request: Request) -> AnalyzeResponse:
+    @app.post("/v1/images", response_model=StoredImage, responses=_ERROR_RESPONSES, tags=["analyze"])
+    async def upload_image(body: ImageUpload, request: Request) -> StoredImage:
+        stored = await asyncio.get_running_loop().run_in_executor(None, service.store_image, body)
+        request.state.log.update(w=stored.width, h=stored.height)
+        return stored
+
+    @app.post(
+        "/v1/analyze",
+        response_model=AnalyzeResponse,
+        responses={**_ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
+        tags=["analyze"],
+    )
+    async def analyze(body: AnalyzeRequest, request: Request):
         t0 = time.perf_counter()
         inp = await asyncio.get_running_loop().run_in_executor(None, service.prepare, body)
         t1 = time.perf_counter()
         request.state.log.update(task=inp.task, engine=service.info.engine, w=inp.image.width, h=inp.image.height)
-        (result,) = await service.run([inp], request.is_disconnected)
+        rid = request.state.rid
+        if body.stream:
+            return _stream(service, inp, rid, t1 - t0, request.state.log)
+        job = service.submit([inp], rid)
+        (result,) = await service.wait(job, request.is_disconnected)
         t2 = time.perf_counter()
         resp = service.respond(inp, result, {"decode": (t1 - t0) * 1000, "engine": (t2 - t1) * 1000})
         request.state.log.update(findings=len(resp.findings), engine_ms=f"{(t2 - t1) * 1000:.1f}")
         return resp
 
+    @app.delete("/v1/requests/{request_id}", response_model=CancelResult, responses=_ERROR_RESPONSES, tags=["analyze"])
+    async def cancel_request(request_id: str) -> CancelResult:
+        if not service.cancel(request_id):
+            raise ApiError("request_not_found", f"no running request with id {request_id[:40]!r} (finished or unknown)")
+        return CancelResult(request_id=request_id, cancelled=True)
+
     @app.post("/v1/analyze/batch", response_model=BatchResponse, responses=_ERROR_RESPONSES, tags=["analyze"])
     async def analyze_batch(body: BatchRequest, request: Request) -> BatchResponse:
         if not body.items:
             raise ApiError("bad_request", "items is empty")
+        if any(it.stream for it in body.items):
+            raise ApiError("bad_request", "stream is for a single /v1/analyze, not for batch items")
         if len(body.items) > settings.max_batch_items:
             raise ApiError("too_large", f"{len(body.items)} items; the limit is {settings.max_batch_items} per batch")
         t0 = time.perf_counter()
@@ -143,6 +177,71 @@ def create_app(
     return app
 
 
+def _stream(service: AnalysisService, inp: AnalysisInput, rid: str, decode_s: float, log_fields: dict):
+    """``"stream": true``: queue the request now (a full queue is still a 503 JSON answer), then answer with
+    server-sent events: ``delta`` pieces as the engine decodes them, then ``done`` with the whole AnalyzeResponse,
+    or ``error`` with the error body. A client that goes away cancels the request (its batch row is dropped)."""
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue[str] = asyncio.Queue()
+
+    def on_text(text: str) -> None:
+        loop.call_soon_threadsafe(pieces.put_nowait, text)
+
+    inp.on_text = on_text
+    t1 = time.perf_counter()
+    job = service.submit([inp], rid)
+    return StreamingResponse(
+        _events(service, job, inp, pieces, decode_s, t1, log_fields),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _events(service: AnalysisService, job: _Job, inp: AnalysisInput, pieces, decode_s, t1, log_fields):
+    sent: list[str] = []
+    finished = False
+    try:
+        getter = asyncio.ensure_future(pieces.get())
+        while True:
+            done, _ = await asyncio.wait({getter, job.future}, timeout=0.25, return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                text = getter.result()
+                sent.append(text)
+                yield format_event(STREAM_DELTA, {"text": text})
+                getter = asyncio.ensure_future(pieces.get())
+                continue
+            if job.future.done():
+                break
+            if service.timed_out(job):
+                finished = True
+                yield format_event(STREAM_ERROR, service.timeout_error().body())
+                return
+        getter.cancel()
+        while not pieces.empty():
+            text = pieces.get_nowait()
+            sent.append(text)
+            yield format_event(STREAM_DELTA, {"text": text})
+        finished = True
+        try:
+            (result,) = job.future.result()
+        except ApiError as e:
+            log_fields.update(stream_error=e.code)
+            yield format_event(STREAM_ERROR, e.body())
+            return
+        t2 = time.perf_counter()
+        resp = service.respond(inp, result, {"decode": decode_s * 1000, "engine": (t2 - t1) * 1000})
+        final, so_far = resp.raw_output or resp.text, "".join(sent)
+        if final.startswith(so_far) and len(final) > len(so_far):  # engines that do not stream: the rest at once
+            yield format_event(STREAM_DELTA, {"text": final[len(so_far) :]})
+        log_fields.update(findings=len(resp.findings), deltas=len(sent), engine_ms=f"{(t2 - t1) * 1000:.1f}")
+        yield format_event(STREAM_DONE, to_dict(resp))
+    finally:
+        if not finished:  # the client went away (the generator was closed): stop the model
+            service.cancel_job(job)
+            log_fields.update(cancelled="disconnect")
+        service.forget(job)
+
+
 class GuardMiddleware:
     """Pure ASGI middleware (keeps client-disconnect detection working): access token, body size limit, and one
     structured log line per request. Never logs pixels or question text."""
@@ -155,7 +254,7 @@ class GuardMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = next(_request_ids)
+        rid = f"{next(_request_ids)}-{secrets.token_hex(6)}"
         t0 = time.perf_counter()
         state = scope.setdefault("state", {})
         state["rid"] = rid
@@ -165,6 +264,7 @@ class GuardMiddleware:
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (_RID_HEADER, rid.encode())]}
             await send(message)
 
         try:
@@ -180,7 +280,7 @@ class GuardMiddleware:
         finally:
             extra = " ".join(f"{k}={v}" for k, v in state["log"].items())
             log.info(
-                "request id=%d method=%s path=%s status=%d ms=%.1f %s",
+                "request id=%s method=%s path=%s status=%d ms=%.1f %s",
                 rid,
                 scope["method"],
                 scope["path"],

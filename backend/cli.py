@@ -211,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--queue-size", type=int, default=16, help="requests that may wait for the engine before 503")
     s.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body before 413")
     s.add_argument("--max-image-side", type=int, default=8192, help="largest image side in pixels")
+    s.add_argument(
+        "--image-store-entries", type=int, default=64, help="uploaded images kept for image_id (LRU; then 410)"
+    )
+    s.add_argument("--image-store-mb", type=int, default=1024, help="their total decoded size in MiB (LRU)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_model_arguments(s)
     s.add_argument("--debug", action="store_true", help="show the traceback of a start-up failure")
@@ -318,6 +322,8 @@ def server_settings(args: argparse.Namespace, env: Mapping[str, str]) -> ServerS
         queue_size=args.queue_size,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         image_limits=ImageLimits(max_side=args.max_image_side),
+        image_store_entries=args.image_store_entries,
+        image_store_bytes=args.image_store_mb * 1024 * 1024,
         ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile,
     )

@@ -21,6 +21,9 @@ from MiniGPTMedSlicerLib.protocol import (
     AnalyzeResponse,
     Finding,
     Health,
+    ImageUpload,
+    SliceValues,
+    StoredImage,
     missing_input,
     task_spec,
 )
@@ -30,6 +33,7 @@ from .batching import Pending, plan_call, waiting_rows
 from .engines.base import (
     AnalysisInput,
     AnalysisResult,
+    DecodedImage,
     Engine,
     EngineCancelled,
     EngineError,
@@ -37,10 +41,12 @@ from .engines.base import (
     ScalarValues,
     StopToken,
     TaskNotSupported,
+    Turn,
 )
 from .errors import ApiError
 from .findings import MAX_TEXT_CHARS, clean_text, sanitize_findings
 from .images import decode_base64, decode_image
+from .lru import LRUStore
 from .settings import ServerSettings
 
 log = logging.getLogger("minigptmed.service")
@@ -55,6 +61,29 @@ class _Job:
     enqueued: float = field(default_factory=time.monotonic)
     waiting: bool = True  # counted against queue_size until its first rows reach the engine
     error: Exception | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)  # DELETE /v1/requests/{id} or disconnect
+    request_id: str | None = None
+
+
+@dataclass
+class _Stored:
+    """An uploaded image (``POST /v1/images``), decoded and validated once."""
+
+    image: DecodedImage
+    values: ScalarValues | None
+
+
+def image_id(image: DecodedImage, values: ScalarValues | None) -> str:
+    """The id of an image and its values: a SHA-256 of the decoded pixels (and the values with their unit), so the
+    same slice uploaded twice gets the same id and the engines' per-image caches hit."""
+    if values is None:
+        return image.content_id()
+    import hashlib
+
+    h = hashlib.sha256(image.content_id().encode())
+    h.update(f"{values.unit}{values.volume_min}{values.volume_max}".encode())
+    h.update(np.ascontiguousarray(values.array).tobytes())
+    return h.hexdigest()
 
 
 class _AllStopped(StopToken):
@@ -83,6 +112,10 @@ class AnalysisService:
         self._waiting_lock = threading.Lock()
         self._worker: threading.Thread | None = None
         self.calls: list[int] = []  # rows per engine call, most recent last (bounded; for tests and logs)
+        self.images: LRUStore[_Stored] = LRUStore(settings.image_store_entries, settings.image_store_bytes)
+        self._running: dict[str, _Job] = {}  # request id -> job, until it is answered
+        self._running_lock = threading.Lock()
+        self.engine_busy = False  # an engine call is running (Cancel-to-idle is measured on this)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -165,7 +198,8 @@ class AnalysisService:
         modality = None
         if req.modality is not None:
             modality = req.modality.strip().upper()[:16] or None
-        image = decode_image(decode_base64(req.image, f"{p}image"), s.image_limits)
+        history = self._history(req, p)
+        image, values, key = self._image(req, p)
         region = None
         if req.region is not None or missing == "region":
             if req.region is None:
@@ -181,7 +215,6 @@ class AnalysisService:
                     "bad_request", f"{p}region {list(r)} lies outside the {image.width}x{image.height} image"
                 )
             region = (max(0.0, x0), max(0.0, y0), min(float(image.width), x1), min(float(image.height), y1))
-        values = self._values(req, image, p) if req.values is not None else None
         return AnalysisInput(
             task=req.task,
             image=image,
@@ -193,12 +226,69 @@ class AnalysisService:
             temperature=req.temperature,
             prompt=req.prompt,
             values=values,
+            history=history,
+            image_id=key,
         )
 
-    def _values(self, req: AnalyzeRequest, image, p: str) -> ScalarValues:
+    def _image(self, req: AnalyzeRequest, p: str) -> tuple[DecodedImage, ScalarValues | None, str | None]:
+        """The request's image and values: sent inline, or stored under ``image_id`` (404 unknown, 410 evicted)."""
+        if req.image is not None and req.image_id is not None:
+            raise ApiError("bad_request", f"{p}give either image or image_id, not both")
+        if req.image_id is None:
+            if req.image is None:
+                raise ApiError(
+                    "bad_request", f"{p}image (base64 PNG/JPEG) or image_id (from POST /v1/images) is required"
+                )
+            image, values = self.decode_upload(req.image, req.values, p)
+            return image, values, None
+        if req.values is not None:
+            raise ApiError("bad_request", f"{p}values belong to the image upload (POST /v1/images), not to image_id")
+        stored = self.images.get(req.image_id)
+        if stored is None:
+            if self.images.state(req.image_id) == "evicted":
+                raise ApiError(
+                    "image_expired",
+                    f"{p}image_id {req.image_id[:16]}... was evicted from the image store: upload it again",
+                )
+            raise ApiError("image_not_found", f"{p}no image is stored under image_id {req.image_id[:16]}...: upload it")
+        return stored.image, stored.values, req.image_id
+
+    def _history(self, req: AnalyzeRequest, p: str) -> tuple[Turn, ...]:
+        turns = req.history or []
+        s = self.settings
+        if len(turns) > s.max_history_turns:
+            raise ApiError(
+                "bad_request",
+                f"{p}history has {len(turns)} turns; the limit is {s.max_history_turns}: start a new conversation",
+            )
+        chars = sum(len(t.question) + len(t.answer) for t in turns)
+        if chars > s.max_history_chars:
+            raise ApiError(
+                "too_large",
+                f"{p}history is {chars} characters; the limit is {s.max_history_chars}: start a new conversation",
+            )
+        return tuple(Turn(t.task or VQA.id, t.question, t.answer) for t in turns)
+
+    def decode_upload(
+        self, image_b64: str, values: SliceValues | None, p: str = ""
+    ) -> tuple[DecodedImage, ScalarValues | None]:
+        """The image and its values, validated as /v1/analyze validates them."""
+        image = decode_image(decode_base64(image_b64, f"{p}image"), self.settings.image_limits)
+        return image, (self._values(values, image, p) if values is not None else None)
+
+    def store_image(self, upload: ImageUpload) -> StoredImage:
+        """``POST /v1/images``: validate, decode and keep the image (LRU) under its content id."""
+        image, values = self.decode_upload(upload.image, upload.values)
+        key = image_id(image, values)
+        nbytes = image.array.nbytes + (values.array.nbytes if values is not None else 0)
+        if not self.images.put(key, _Stored(image, values), nbytes):
+            raise ApiError(
+                "too_large", f"the decoded image is {nbytes:,} bytes; the image store holds {self.images.max_bytes:,}"
+            )
+        return StoredImage(image_id=key, width=image.width, height=image.height)
+
+    def _values(self, v: SliceValues, image, p: str) -> ScalarValues:
         """``values``: a 16-bit gray PNG of the image's size, finite nonzero slope, finite intercept and range."""
-        v = req.values
-        assert v is not None
         if not (isinstance(v.slope, (int, float)) and math.isfinite(v.slope) and v.slope != 0):
             raise ApiError("bad_request", f"{p}values.slope must be a finite, nonzero number; got {v.slope}")
         for name in ("intercept", "volume_min", "volume_max"):
@@ -229,9 +319,16 @@ class AnalysisService:
         self, inputs: Sequence[AnalysisInput], is_disconnected: Callable[[], Awaitable[bool]] | None = None
     ) -> list[AnalysisResult]:
         """Queue the inputs for the engine and wait. 503 when the queue is full, 504 past the time limit."""
+        return await self.wait(self.submit(inputs), is_disconnected)
+
+    def submit(self, inputs: Sequence[AnalysisInput], request_id: str | None = None) -> _Job:
+        """Queue the inputs (503 when the queue is full); ``request_id`` makes the job cancellable by
+        :meth:`cancel`. Call from the event loop; then :meth:`wait` (or watch ``job.future``)."""
         loop = asyncio.get_running_loop()
         stop = StopToken(deadline=time.monotonic() + self.settings.request_timeout_s)
-        job = _Job(list(inputs), stop, loop, loop.create_future())
+        job = _Job(list(inputs), stop, loop, loop.create_future(), request_id=request_id)
+        for inp in job.inputs:
+            inp.cancelled = job.cancelled
         with self._waiting_lock:
             if self._waiting >= max(1, self.settings.queue_size):
                 raise ApiError(
@@ -240,24 +337,62 @@ class AnalysisService:
                     headers={"Retry-After": "2"},
                 )
             self._waiting += 1
+        if request_id is not None:
+            with self._running_lock:
+                self._running[request_id] = job
         self._queue.put(job)
+        return job
+
+    async def wait(
+        self, job: _Job, is_disconnected: Callable[[], Awaitable[bool]] | None = None
+    ) -> list[AnalysisResult]:
+        """The job's results; 504 past the time limit; a client that went away cancels it."""
         try:
             while True:
-                done, _ = await asyncio.wait({job.future}, timeout=0.25)
+                done, _ = await asyncio.wait({job.future}, timeout=0.05)
                 if done:
                     return job.future.result()
-                if stop.should_stop():
-                    stop.event.set()
-                    raise ApiError(
-                        "timeout",
-                        f"the analysis took longer than {self.settings.request_timeout_s:g} s and was stopped",
-                    )
+                if self.timed_out(job):
+                    raise self.timeout_error()
                 if is_disconnected is not None and await is_disconnected():
-                    stop.event.set()
-                    raise ApiError("bad_request", "client disconnected")
+                    self.cancel_job(job)
+                    raise ApiError("cancelled", "client disconnected")
         except asyncio.CancelledError:
-            stop.event.set()
+            self.cancel_job(job)
             raise
+        finally:
+            self.forget(job)
+
+    def timed_out(self, job: _Job) -> bool:
+        if job.stop.should_stop() and not job.cancelled.is_set():
+            job.stop.event.set()
+            return True
+        return False
+
+    def timeout_error(self) -> ApiError:
+        return ApiError(
+            "timeout", f"the analysis took longer than {self.settings.request_timeout_s:g} s and was stopped"
+        )
+
+    def cancel_job(self, job: _Job) -> None:
+        """Stop a job: its rows leave the engine's batch at the next decode step (the other requests' rows go on);
+        a call that serves only it stops at once."""
+        job.cancelled.set()
+        job.stop.event.set()
+
+    def cancel(self, request_id: str) -> bool:
+        """``DELETE /v1/requests/{id}``: True when a running request was cancelled."""
+        with self._running_lock:
+            job = self._running.get(request_id)
+        if job is None or job.future.done():
+            return False
+        self.cancel_job(job)
+        return True
+
+    def forget(self, job: _Job) -> None:
+        if job.request_id is not None:
+            with self._running_lock:
+                self._running.pop(job.request_id, None)
 
     def _unwait(self, job: _Job) -> None:
         if job.waiting:
@@ -300,7 +435,9 @@ class AnalysisService:
                 if p.job.stop.should_stop():  # cancelled or expired while waiting
                     pending.remove(p)
                     self._unwait(p.job)
-                    self._resolve(p.job, exc=ApiError("timeout", "the request expired in the queue"))
+                    self._resolve(
+                        p.job, exc=_cancelled(p.job) or ApiError("timeout", "the request expired in the queue")
+                    )
             call = plan_call(pending, cap)
             if not call:
                 continue
@@ -309,9 +446,16 @@ class AnalysisService:
                 self._unwait(p.job)
             for p, i in call:
                 p.next_row = max(p.next_row, i + 1)
-            self._call(call)
+            self.engine_busy = True
+            try:
+                self._call(call)
+            finally:
+                self.engine_busy = False
             for p in in_call:
-                if p.job.error is not None:
+                if p.job.cancelled.is_set():
+                    pending.remove(p)
+                    self._resolve(p.job, exc=_cancelled(p.job))
+                elif p.job.error is not None:
                     pending.remove(p)
                     self._resolve(p.job, exc=p.job.error)
                 elif p.left == 0:
@@ -368,6 +512,12 @@ class AnalysisService:
             timings_ms={**{k: round(float(v), 3) for k, v in result.timings_ms.items()}, **timings},
             warnings=[clean_text(w, 500) for w in list(result.warnings) + warnings],
         )
+
+
+def _cancelled(job: _Job) -> ApiError | None:
+    if not job.cancelled.is_set():
+        return None
+    return ApiError("cancelled", "the request was cancelled")
 
 
 def _api_error(e: Exception) -> ApiError:

@@ -27,6 +27,10 @@ class ServerSettings:
     max_batch_items: int = 64
     max_question_chars: int = 2000
     max_prompt_chars: int = 8000
+    max_history_turns: int = 32  # earlier turns a request may carry (400 beyond)
+    max_history_chars: int = 32000  # their questions and answers together (413 beyond)
+    image_store_entries: int = 64  # images kept for image_id (POST /v1/images; LRU)
+    image_store_bytes: int = 1024 * 1024 * 1024  # and their decoded size
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
 

@@ -13,20 +13,41 @@
 * Only idempotent reads (``health``) are retried; ``analyze`` is never retried automatically.
 * Every failure becomes a :class:`BackendError` whose ``message`` is fit to show to a radiologist.
 * Responses are validated against the shared protocol (:mod:`.protocol`), so schema drift fails loudly.
+* Streaming (``"stream": true``): :meth:`BackendClient.stream_request` builds the call and a :class:`StreamReader`
+  turns the bytes of its answer, fed as they arrive by any transport, into text deltas and the final response;
+  :meth:`BackendClient.stream` is the blocking iterator over ``requests``. Closing it (or
+  :meth:`BackendClient.cancel_request` with its ``request_id``) stops the model on the server.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Generator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Generator, Iterator, List, Optional, Sequence, Union
 
 import requests
 
 from . import protocol
-from .protocol import DEFAULT_URL, AnalyzeRequest, AnalyzeResponse, BatchRequest, BatchResponse, Health
+from .protocol import (
+    DEFAULT_URL,
+    REQUEST_ID_HEADER,
+    STREAM_DELTA,
+    STREAM_DONE,
+    STREAM_ERROR,
+    AnalyzeRequest,
+    AnalyzeResponse,
+    BatchRequest,
+    BatchResponse,
+    CancelResult,
+    Health,
+    ImageUpload,
+    SliceValues,
+    StoredImage,
+)
+from .sse import SseParser
 
 
 class BackendError(Exception):
@@ -79,6 +100,26 @@ class BackendClient:
         body = protocol.to_dict(request)
         return self._build(
             "POST", "/v1/analyze", body, self.timeouts.analyze_s, lambda d: self._parse(AnalyzeResponse, d)
+        )
+
+    def upload_request(self, image: str, values: Optional[SliceValues] = None) -> HttpRequest:
+        """``POST /v1/images``: store an image (base64) and its values for follow-up questions -> StoredImage."""
+        body = protocol.to_dict(ImageUpload(image=image, values=values))
+        return self._build("POST", "/v1/images", body, self.timeouts.analyze_s, lambda d: self._parse(StoredImage, d))
+
+    def stream_request(self, request: AnalyzeRequest) -> HttpRequest:
+        """``POST /v1/analyze`` with ``"stream": true``: read its answer with a :class:`StreamReader`."""
+        body = protocol.to_dict(dataclasses.replace(request, stream=True))
+        call = self._build(
+            "POST", "/v1/analyze", body, self.timeouts.analyze_s, lambda d: self._parse(AnalyzeResponse, d)
+        )
+        call.headers["Accept"] = "text/event-stream"
+        return call
+
+    def cancel_request_call(self, request_id: str) -> HttpRequest:
+        """``DELETE /v1/requests/{id}`` (the id from a response's X-Request-ID header) -> CancelResult."""
+        return self._build(
+            "DELETE", f"/v1/requests/{request_id}", None, self.timeouts.health_s, lambda d: self._parse(CancelResult, d)
         )
 
     def batch_request(self, requests_: Sequence[AnalyzeRequest]) -> HttpRequest:
@@ -134,6 +175,17 @@ class BackendClient:
         self, requests_: Sequence[AnalyzeRequest], cancel: Optional[threading.Event] = None
     ) -> List[AnalyzeResponse]:
         return self.send(self.batch_request(requests_), cancel)
+
+    def upload(self, image: str, values: Optional[SliceValues] = None) -> StoredImage:
+        return self.send(self.upload_request(image, values))
+
+    def cancel_request(self, request_id: str) -> CancelResult:
+        return self.send(self.cancel_request_call(request_id))
+
+    def stream(self, request: AnalyzeRequest) -> AnalyzeStream:
+        """The answer as it is written: iterate for text deltas; then ``.response`` holds the AnalyzeResponse.
+        ``.request_id`` is known once the stream opened; ``.close()`` stops it (and the model)."""
+        return AnalyzeStream(self, request)
 
     def send(self, request: HttpRequest, cancel: Optional[threading.Event] = None) -> Any:
         """Send one call with ``requests`` and wait for its result (retrying connection failures and time-outs of
@@ -206,6 +258,112 @@ class BackendClient:
         if cancel is not None and cancel.is_set():
             raise BackendError("cancelled", "Cancelled.")
         return self.result(request, HttpResponse(resp.status_code, resp.reason or "", resp.content, resp.url))
+
+
+class StreamReader:
+    """A streamed ``/v1/analyze`` answer read from bytes fed as they arrive (any transport): :meth:`feed` returns the
+    text deltas in them; after the ``done`` event ``response`` holds the AnalyzeResponse; an ``error`` event raises
+    the :class:`BackendError` it means (the same wording as a non-streamed error)."""
+
+    def __init__(self, client: BackendClient, request: HttpRequest):
+        self.client, self.request = client, request
+        self.parser = SseParser()
+        self.response: Optional[AnalyzeResponse] = None
+        self.text = ""
+
+    def feed(self, chunk: bytes) -> List[str]:
+        out: List[str] = []
+        for ev in self.parser.feed(chunk):
+            if ev.event == STREAM_DELTA:
+                try:
+                    piece = protocol.from_dict(protocol.StreamDelta, ev.json()).text
+                except (ValueError, protocol.ProtocolError) as e:
+                    raise self._bad(e) from e
+                self.text += piece
+                out.append(piece)
+            elif ev.event == STREAM_DONE:
+                try:
+                    data = ev.json()
+                except ValueError as e:
+                    raise self._bad(e) from e
+                self.response = self.request.parse(data)
+            elif ev.event == STREAM_ERROR:
+                body = ev.data.encode("utf-8")
+                status = _status_of_error(ev.data)
+                decode_response(HttpResponse(status, "", body, self.request.url), self.client.base_url)
+        return out
+
+    def finish(self) -> AnalyzeResponse:
+        """The end of the bytes: the final response, or the error of a stream that ended without one."""
+        if self.response is None:
+            raise BackendError(
+                "connection", f"The backend at {self.client.base_url} ended the answer before it was done."
+            )
+        return self.response
+
+    def _bad(self, e: Exception) -> BackendError:
+        return BackendError("protocol", f"The backend sent a stream event this module does not understand ({e}).")
+
+
+def _status_of_error(data: str) -> int:
+    try:
+        code = json.loads(data)["error"]["code"]
+        return protocol.ERROR_STATUS.get(code, 500)
+    except (ValueError, KeyError, TypeError):
+        return 500
+
+
+class AnalyzeStream:
+    """Blocking streamed analysis over ``requests`` (the runner; worker threads)."""
+
+    def __init__(self, client: BackendClient, request: AnalyzeRequest):
+        self.client = client
+        self.call = client.stream_request(request)
+        self.reader = StreamReader(client, self.call)
+        self.request_id: Optional[str] = None
+        self._resp: Optional[requests.Response] = None
+
+    @property
+    def response(self) -> Optional[AnalyzeResponse]:
+        return self.reader.response
+
+    def __iter__(self) -> Iterator[str]:
+        c, call = self.client, self.call
+        try:
+            resp = c._session.post(
+                call.url,
+                data=call.body,
+                headers=call.headers,
+                timeout=(call.connect_timeout_s, call.read_timeout_s),
+                verify=c.verify_tls,
+                stream=True,
+            )
+        except requests.exceptions.ConnectionError as e:
+            raise c.connection_error() from e
+        except requests.exceptions.Timeout as e:
+            raise c.read_timeout_error(call) from e
+        self._resp = resp
+        self.request_id = resp.headers.get(REQUEST_ID_HEADER)
+        try:
+            if resp.status_code != 200 or not resp.headers.get("content-type", "").startswith("text/event-stream"):
+                c.result(call, HttpResponse(resp.status_code, resp.reason or "", resp.content, resp.url))
+                raise BackendError("protocol", "The backend did not stream its answer. Is it an older version?")
+            try:
+                for chunk in resp.iter_content(chunk_size=None):
+                    yield from self.reader.feed(chunk)
+            except requests.exceptions.RequestException as e:
+                if self._resp is None:
+                    raise BackendError("cancelled", "Cancelled.") from e
+                raise c.other_error(str(e)) from e
+            self.reader.finish()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close the connection: the server cancels the request (its batch row is dropped within a decode step)."""
+        resp, self._resp = self._resp, None
+        if resp is not None:
+            resp.close()
 
 
 _DNS_FAILURES = (

@@ -113,6 +113,9 @@ ERROR_TABLE: Tuple[ErrorCode, ...] = (
     ErrorCode("invalid_json", 400, "the body is not JSON", "invalid_request_error"),
     ErrorCode("unauthorized", 401, "missing or wrong access token", "invalid_request_error"),
     ErrorCode("not_found", 404, "no such route", "invalid_request_error"),
+    ErrorCode("image_not_found", 404, "no image stored under this image_id: upload it again", "invalid_request_error"),
+    ErrorCode("request_not_found", 404, "no running request with this id", "invalid_request_error"),
+    ErrorCode("image_expired", 410, "the image was evicted from the store: upload it again", "invalid_request_error"),
     ErrorCode("too_large", 413, "too large", "invalid_request_error"),
     ErrorCode("invalid_schema", 422, "does not match the schema", "invalid_request_error"),
     ErrorCode("not_supported", 501, "task not supported by this engine", "server_error"),
@@ -120,7 +123,10 @@ ERROR_TABLE: Tuple[ErrorCode, ...] = (
     ErrorCode("not_ready", 503, "engine not ready", "server_error"),
     ErrorCode("engine_error", 503, "engine failed", "server_error"),
     ErrorCode("timeout", 504, "time limit reached", "server_error"),
+    ErrorCode("cancelled", 499, "the request was cancelled (DELETE /v1/requests/{id})", "invalid_request_error"),
 )
+#: The codes that mean "upload the image again, then retry with the new image_id" (the client does it itself).
+REUPLOAD_CODES: Tuple[str, ...] = ("image_not_found", "image_expired")
 ERRORS: Dict[str, ErrorCode] = {e.code: e for e in ERROR_TABLE}
 #: Error codes used in ``ErrorBody.error.code``; the HTTP status that carries each one.
 ERROR_STATUS: Dict[str, int] = {e.code: e.status for e in ERROR_TABLE}
@@ -173,11 +179,62 @@ class SliceValues:
 
 
 @dataclass
+class HistoryTurn:
+    """An earlier turn of a conversation about the same image (``AnalyzeRequest.history``, oldest first): the
+    question asked and the answer as the model wrote it (the response's ``raw_output``). ``task`` is the task of that
+    turn (default ``vqa``); MiniGPT-Med puts its tag (``[vqa]``, ``[refer]``, ...) on the question again."""
+
+    question: str
+    answer: str
+    task: Optional[Task] = None
+
+
+@dataclass
+class ImageUpload:
+    """``POST /v1/images``: store an image (and its scalar values) for follow-up questions."""
+
+    image: str  # as AnalyzeRequest.image
+    values: Optional[SliceValues] = None
+
+
+@dataclass
+class StoredImage:
+    """The answer to ``POST /v1/images``: ``image_id`` (a content hash of the pixels and values) for
+    ``AnalyzeRequest.image_id``, and the image's size."""
+
+    image_id: str
+    width: int
+    height: int
+
+
+@dataclass
+class CancelResult:
+    """The answer to ``DELETE /v1/requests/{id}``."""
+
+    request_id: str
+    cancelled: bool
+
+
+@dataclass
+class StreamDelta:
+    """``event: delta`` of a streamed ``/v1/analyze``: the next piece of the answer's text (whole characters)."""
+
+    text: str
+
+
+#: Server-sent event names of a streamed ``/v1/analyze``: deltas, then one ``done`` (an AnalyzeResponse) or one
+#: ``error`` (an ErrorBody).
+STREAM_DELTA, STREAM_DONE, STREAM_ERROR = "delta", "done", "error"
+#: The response header carrying the request's id (for ``DELETE /v1/requests/{id}``); sent before any stream byte.
+REQUEST_ID_HEADER = "X-Request-ID"
+
+
+@dataclass
 class AnalyzeRequest:
-    """``POST /v1/analyze``: one image and what to do with it."""
+    """``POST /v1/analyze``: one image (``image``, or the ``image_id`` of a stored one) and what to do with it."""
 
     task: Task
-    image: str  # base64 of PNG or JPEG bytes (8-bit gray/RGB, or 16-bit gray)
+    image: Optional[str] = None  # base64 of PNG or JPEG bytes (8-bit gray/RGB, or 16-bit gray)
     question: Optional[str] = None
     region: Optional[List[float]] = None  # [x0, y0, x1, y1] pixels; required when the task needs a region
     pixel_spacing_mm: Optional[List[float]] = None  # [row, col]
@@ -186,6 +243,9 @@ class AnalyzeRequest:
     temperature: Optional[float] = None  # 0 = greedy
     prompt: Optional[str] = None  # expert override: the instruction text sent to the model verbatim
     values: Optional[SliceValues] = None  # the slice's scalar values (HU on CT), same geometry as image
+    image_id: Optional[str] = None  # instead of image (and values): an image stored by POST /v1/images
+    history: Optional[List[HistoryTurn]] = None  # earlier turns about this image, oldest first
+    stream: Optional[bool] = None  # answer as server-sent events (single /v1/analyze only)
 
 
 @dataclass
@@ -250,8 +310,11 @@ def to_dict(obj: Any) -> Dict[str, Any]:
     if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
         raise TypeError(f"expected a dataclass instance, got {type(obj).__name__}")
     out = dataclasses.asdict(obj)
-    if isinstance(obj, AnalyzeRequest):
+    if isinstance(obj, (AnalyzeRequest, ImageUpload)):
         out = {k: v for k, v in out.items() if v is not None}
+        for t in out.get("history") or ():
+            if t.get("task") is None:
+                t.pop("task", None)
     elif isinstance(obj, BatchRequest):
         out = {"items": [{k: v for k, v in it.items() if v is not None} for it in out["items"]]}
     return out

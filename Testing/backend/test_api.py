@@ -155,7 +155,7 @@ BAD_INPUTS = [
         400,
         "bad_request",
     ),
-    ("missing image", lambda png: {"task": "detect"}, 422, "invalid_schema"),
+    ("missing image", lambda png: {"task": "detect"}, 400, "bad_request"),
     ("wrong type", lambda png: {"task": "detect", "image": b64(png), "max_new_tokens": "many"}, 422, "invalid_schema"),
     ("too many tokens", lambda png: {"task": "detect", "image": b64(png), "max_new_tokens": 10**6}, 400, "bad_request"),
     ("bad spacing", lambda png: {"task": "detect", "image": b64(png), "pixel_spacing_mm": [0, -1]}, 400, "bad_request"),
