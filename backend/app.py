@@ -28,10 +28,10 @@ from MiniGPTMedSlicerLib.protocol import (
     Health,
     ImageUpload,
     StoredImage,
+    format_event,
     status_descriptions,
     to_dict,
 )
-from MiniGPTMedSlicerLib.sse import format_event
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__

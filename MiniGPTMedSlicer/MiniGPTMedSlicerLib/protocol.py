@@ -225,6 +225,16 @@ class StreamDelta:
 #: Server-sent event names of a streamed ``/v1/analyze``: deltas, then one ``done`` (an AnalyzeResponse) or one
 #: ``error`` (an ErrorBody).
 STREAM_DELTA, STREAM_DONE, STREAM_ERROR = "delta", "done", "error"
+
+
+def format_event(event: str, data: Any) -> str:
+    """One server-sent event: ``event: NAME`` and the JSON of ``data`` on one ``data:`` line (JSON never needs a raw
+    newline); read back by :class:`.sse.SseParser`."""
+    import json
+
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
 #: The response header carrying the request's id (for ``DELETE /v1/requests/{id}``); sent before any stream byte.
 REQUEST_ID_HEADER = "X-Request-ID"
 

@@ -1,6 +1,6 @@
 """Server-sent events (``text/event-stream``), written and read without any transport.
 
-The backend writes a streamed ``/v1/analyze`` with :func:`format_event`; the client reads it with :class:`SseParser`
+The backend writes a streamed ``/v1/analyze`` with :func:`.protocol.format_event`; the client reads it with :class:`SseParser`
 fed from whatever moves the bytes (``requests``' ``iter_content`` in the runner, Qt's ``readyRead`` in the panel) and
 :func:`analyze_event` turns each event into a delta text, the final :class:`~.protocol.AnalyzeResponse`, or the
 :class:`~.client.BackendError` an ``error`` event means. Stdlib only (runs in Slicer's Python).
@@ -24,11 +24,6 @@ class Event:
 
     def json(self) -> Any:
         return json.loads(self.data)
-
-
-def format_event(event: str, data: Any) -> str:
-    """One event: ``event: NAME`` and the JSON of ``data`` (on one line: JSON never needs a raw newline)."""
-    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
 class SseParser:
