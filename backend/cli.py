@@ -26,6 +26,7 @@ from .settings import (
     ConvertSettings,
     EngineSettings,
     HFSettings,
+    LlavaSettings,
     MiniGPTMedSettings,
     OpenAISettings,
     ServerSettings,
@@ -174,13 +175,17 @@ def add_model_arguments(p: argparse.ArgumentParser, convert: bool = False) -> No
     g.add_argument("--vllm-model", help="--vllm: the served model name (default: the first the server lists)")
     x = p.add_argument_group("XrayGPT engine (--engine xraygpt; also --eva, --llama = the Vicuna folder, --checkpoint)")
     x.add_argument("--qformer", help="blip2_pretrained_flant5xxl.pth (the BLIP-2 Q-Former, LAVIS release)")
+    p.add_argument_group(
+        "LLaVA family (--engine llava --family llava_rad): --model = the LLaVA-Rad folder (microsoft/llava-rad), "
+        "--llama = its base LLM (lmsys/vicuna-7b-v1.5); also --model-config, --device, --dtype"
+    )
     h = p.add_argument_group("transformers VLMs (--engine hf) and OpenAI-compatible servers (--engine openai)")
     h.add_argument("--model", help=f"hf: local model folder; openai: served model name (or set {ENV['model']})")
     h.add_argument(
         "--family",
         default="generic",
-        choices=["medgemma", "qwen2_5_vl", "qwen3_vl", "medmo", "generic"],
-        help="prompt format and box decoder of the model family",
+        choices=["medgemma", "qwen2_5_vl", "qwen3_vl", "medmo", "generic", "llava_rad"],
+        help="prompt format and box decoder of the model family (llava_rad: --engine llava only)",
     )
     h.add_argument("--url", help=f"openai: base URL, e.g. http://127.0.0.1:8000/v1 (or set {ENV['url']})")
     h.add_argument("--api-key", help=f"openai: API key of that server, if any (or set {ENV['api_key']})")
@@ -197,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--engine",
         default="auto",
-        choices=["auto", "builtin", "minigptmed", "xraygpt", "hf", "openai"],
+        choices=["auto", "builtin", "minigptmed", "xraygpt", "llava", "hf", "openai"],
         help="auto: a configured VLM whose weights exist here, else builtin ('engines' lists what auto would pick)",
     )
     s.add_argument(
@@ -284,6 +289,16 @@ def engine_settings(args: argparse.Namespace, env: Mapping[str, str]) -> EngineS
             qformer=args.qformer,
             llama=_value(args, env, "llama"),
             checkpoint=_value(args, env, "checkpoint"),
+            model_config=args.model_config,
+            device=args.device,
+            dtype=args.dtype,
+            quantize=args.quantize,
+            trust_checkpoints=_switch(args, env, "trust_checkpoints"),
+        ),
+        llava=LlavaSettings(
+            model=model,
+            llama=_value(args, env, "llama"),
+            family="llava_rad" if args.family == "generic" else args.family,
             model_config=args.model_config,
             device=args.device,
             dtype=args.dtype,
@@ -422,6 +437,7 @@ def list_engines(settings: EngineSettings) -> int:
         return [m for m in mods if importlib.util.find_spec(m) is None]
 
     m, x, hf, oa = settings.minigptmed, settings.xraygpt, settings.hf, settings.openai
+    lv = settings.llava
     three = [f for f in (m.eva, m.llama, m.checkpoint) if f]
     weights = (
         f"converted folder {m.converted}" + ("" if os.path.isdir(m.converted) else " (missing)")
@@ -440,6 +456,12 @@ def list_engines(settings: EngineSettings) -> int:
             "xraygpt",
             len(xfiles) == 4 and all(os.path.exists(f) for f in xfiles) and not have("torch"),
             f"{len(xfiles)} of 4 weight files set (--eva, --qformer, --llama, --checkpoint)",
+        ),
+        (
+            "llava",
+            bool(lv.model and os.path.isdir(lv.model) and lv.llama and os.path.isdir(lv.llama)) and not have("torch"),
+            f"--family {lv.family}: --model (the LLaVA-Rad folder) and --llama (its base LLM) "
+            + ("set" if lv.model and lv.llama else "not both set"),
         ),
         (
             "hf",

@@ -107,6 +107,21 @@ class XrayGPTSettings:
 
 
 @dataclass(frozen=True)
+class LlavaSettings:
+    """The LLaVA family (``--engine llava``): LLaVA-Rad from its released folder and its base LLM."""
+
+    model: str | None = None  # the LLaVA-Rad folder (microsoft/llava-rad: config.json, LoRA, projector, tower)
+    llama: str | None = None  # the base LLM folder (lmsys/vicuna-7b-v1.5)
+    family: str = "llava_rad"
+    model_config: str | None = None  # JSON overriding the tower's dimensions (tiny test models)
+    device: str = "auto"
+    dtype: str = "auto"
+    quantize: str = "none"
+    trust_checkpoints: bool = False
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
 class EngineSettings:
     """Which engine (``auto`` resolves with ``backend.engines.choose_engine``) and every engine's settings."""
 
@@ -116,6 +131,7 @@ class EngineSettings:
     hf: HFSettings = field(default_factory=HFSettings)
     openai: OpenAISettings = field(default_factory=OpenAISettings)
     xraygpt: XrayGPTSettings = field(default_factory=XrayGPTSettings)
+    llava: LlavaSettings = field(default_factory=LlavaSettings)
 
 
 @dataclass(frozen=True)

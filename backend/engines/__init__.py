@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("minigptmed.engines")
 
-ENGINE_NAMES = ("auto", "builtin", "minigptmed", "xraygpt", "hf", "openai")
+ENGINE_NAMES = ("auto", "builtin", "minigptmed", "xraygpt", "llava", "hf", "openai")
 
 
 def choose_engine(settings: EngineSettings) -> tuple[str, str]:
@@ -54,6 +54,10 @@ def build_engine(settings: EngineSettings) -> Engine:
         from .xraygpt import XrayGPTEngine
 
         return XrayGPTEngine(settings.xraygpt)
+    if name == "llava":
+        from .llava import LlavaEngine
+
+        return LlavaEngine(settings.llava)
     if name == "hf":
         from .hf import HFEngine
 
