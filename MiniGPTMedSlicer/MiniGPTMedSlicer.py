@@ -185,7 +185,29 @@ class MiniGPTMedSlicerLogic(AnalysisLogic, ScriptedLoadableModuleLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        AnalysisLogic.__init__(self, slicer.mrmlScene, self.sliceLogics)
+        AnalysisLogic.__init__(self, slicer.mrmlScene, self.sliceLogics, instance_file=self.instanceFile)
+        self.add_to_dicom_database = self.addToDicomDatabase if _dicomlib_available() else None
+
+    @staticmethod
+    def instanceFile(uid: str) -> Optional[str]:
+        """The file of a DICOM instance in the application's DICOM database (the SR export references the series
+        a volume was loaded from: its ``DICOM.instanceUIDs``)."""
+        db = getattr(slicer, "dicomDatabase", None)
+        path = db.fileForInstance(uid) if db is not None else ""
+        return str(path) if path else None
+
+    @staticmethod
+    def addToDicomDatabase(path: str) -> str:
+        """Import an exported SR into the application's DICOM database (a copy), from where the DICOM module sends
+        it to a PACS. Needs the Slicer application: not run by the test suite (see docs/review-export.md)."""
+        import tempfile
+
+        from DICOMLib import DICOMUtils
+
+        with tempfile.TemporaryDirectory() as folder:
+            shutil.copy(path, folder)
+            DICOMUtils.importDicom(folder, slicer.dicomDatabase, copyFiles=True)
+        return "the SR is in Slicer's DICOM database"
 
     def getParameterNode(self):
         return MiniGPTMedSlicerParameterNode(super().getParameterNode())
@@ -199,6 +221,14 @@ class MiniGPTMedSlicerLogic(AnalysisLogic, ScriptedLoadableModuleLogic):
 
     def process_events(self) -> None:
         slicer.app.processEvents()
+
+
+def _dicomlib_available() -> bool:
+    try:
+        import DICOMLib  # noqa: F401
+    except ImportError:
+        return False
+    return getattr(slicer, "dicomDatabase", None) is not None
 
 
 #

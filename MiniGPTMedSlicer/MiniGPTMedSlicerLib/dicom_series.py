@@ -115,6 +115,11 @@ def scan(path: str) -> List[Series]:
             files += [os.path.join(root, n) for n in sorted(names) if not n.startswith(".")]
     else:
         files = [path]
+    return scan_files(files)
+
+
+def scan_files(files: Sequence[str]) -> List[Series]:
+    """Every image series among ``files`` (non-DICOM files and non-images skipped), most slices first."""
     by_uid: dict = {}
     for f in files:
         if not is_dicom(f):

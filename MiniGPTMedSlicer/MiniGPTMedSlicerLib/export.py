@@ -338,3 +338,61 @@ def write_sr(findings: Sequence[ExportFinding], series: Optional[Series], path: 
     sr = build_sr(findings, series, datasets if datasets is not None else source_datasets(series))
     sr.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: findings text may hold "×", "µ", ...
     return _replace_into(path, lambda tmp: sr.save_as(tmp, enforce_file_format=True))
+
+
+# --------------------------------------------------------------------------------------------- a folder (the panel)
+SR_FILE, TABLE_FILE, MARKUPS_FOLDER = "findings-sr.dcm", "findings.csv", "markups"
+
+
+@dataclass
+class FolderExport:
+    written: List[str]  # the files written, whole
+    problems: List[str]  # one line per export that could not be written (the others still are)
+
+
+def export_folder(
+    scene: vtkMRMLScene,
+    folder: str,
+    series: Optional[Series],
+    sr: bool = True,
+    table: bool = True,
+    markups: bool = True,
+) -> FolderExport:
+    """The accepted and edited findings into ``folder``: ``findings-sr.dcm`` (needs ``series``, the DICOM source),
+    ``findings.csv`` + ``.json``, ``markups/<id>.mrk.json``. A failed export is reported, the others are written."""
+    findings = collect(scene)
+    out = FolderExport([], [])
+    if not findings:
+        out.problems.append("nothing to export: no accepted or edited finding (pending and rejected ones are not)")
+        return out
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        out.problems.append(f"{folder}: cannot create this folder ({e.strerror})")
+        return out
+    steps = []
+    if table:
+        steps.append(("table", lambda: write_table(findings, os.path.join(folder, TABLE_FILE))))
+    if markups:
+        steps.append(("markups", lambda: _replace_markups(scene, findings, os.path.join(folder, MARKUPS_FOLDER))))
+    if sr:
+        steps.append(("DICOM SR", lambda: [write_sr(findings, series, os.path.join(folder, SR_FILE))]))
+    for what, step in steps:
+        try:
+            out.written += step()
+        except (ExportError, OSError) as e:
+            out.problems.append(f"{what}: {e}")
+    return out
+
+
+def _replace_markups(scene: vtkMRMLScene, findings: Sequence[ExportFinding], folder: str) -> List[str]:
+    """:func:`write_markups`, then remove the ``F<n>.mrk.json`` files of an earlier export that this one has not
+    (a finding since rejected): the folder holds the export as it is now."""
+    import re
+
+    written = write_markups(scene, findings, folder)
+    keep = {os.path.basename(p) for p in written}
+    for name in os.listdir(folder):
+        if re.fullmatch(r"F\d+\.mrk\.json", name) and name not in keep:
+            os.remove(os.path.join(folder, name))
+    return written

@@ -24,6 +24,8 @@ if TYPE_CHECKING:  # Slicer's MRML classes (the app's or slicer-core's); without
     import numpy as np
     from slicer import vtkMRMLMarkupsROINode, vtkMRMLScene, vtkMRMLSliceLogic
 
+    from .dicom_series import Series
+    from .export import FolderExport
     from .markups import FindingRow
 
 #: The panel's one task that is not a wire task: detect over the slices of a volume, merged into 3D findings.
@@ -100,9 +102,14 @@ class AnalysisLogic:
         scene: vtkMRMLScene,
         slice_logics: Callable[[], Dict[str, vtkMRMLSliceLogic]],
         timeouts: Optional[Timeouts] = None,
+        instance_file: Optional[Callable[[str], Optional[str]]] = None,
     ) -> None:
         self.scene = scene
         self.slice_logics = slice_logics
+        # SOP Instance UID -> its file (Slicer: the DICOM database); None: no DICOM source for the SR export
+        self.instance_file = instance_file
+        # writes an exported SR into the application's DICOM database (Slicer only: DICOMLib); None: not available
+        self.add_to_dicom_database: Optional[Callable[[str], str]] = None
         self.timeouts = timeouts or Timeouts()
         self.base_url = protocol.DEFAULT_URL
         self.token: Optional[str] = None
@@ -361,6 +368,33 @@ class AnalysisLogic:
         from . import review
 
         return review.finish_edit(self.scene.GetNodeByID(node_id))
+
+    # export (the panel's Export section; the same functions the runner uses, see export.py)
+    def source_series(self) -> Optional[Series]:
+        """The DICOM series shown in a slice view (its volume's ``DICOM.instanceUIDs``, resolved to files by
+        :attr:`instance_file`), or None: the SR needs it."""
+        from . import dicom_series
+        from .scene import volume_of
+
+        if self.instance_file is None:
+            return None
+        for sl in self.slice_logics().values():
+            vol = volume_of(sl)
+            uids = (vol.GetAttribute("DICOM.instanceUIDs") or "").split() if vol is not None else []
+            files = [self.instance_file(u) for u in uids]
+            if uids and all(files):
+                found = dicom_series.scan_files([f for f in files if f])
+                if found:
+                    return found[0]
+        return None
+
+    def export(self, folder: str, sr: bool = True, table: bool = True, markups: bool = True) -> FolderExport:
+        from .export import export_folder
+
+        folder = (folder or "").strip()
+        if not folder:
+            raise AnalysisError("Choose a folder to export into.")
+        return export_folder(self.scene, folder, self.source_series() if sr else None, sr, table, markups)
 
 
 def _one(request: Any) -> Calls:

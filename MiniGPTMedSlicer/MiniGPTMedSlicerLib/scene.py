@@ -132,6 +132,8 @@ def load_volume(
         with quiet_vtk():
             node = ctx.volumes_logic.AddArchetypeVolume(dicoms[0], name, options, files)
         modality = _dicom_modality(dicoms[0])
+        # Slicer's own attribute for a volume loaded from DICOM: its instances (the SR export references them)
+        node.SetAttribute("DICOM.instanceUIDs", " ".join(i.sop_instance_uid for i in chosen.instances))
     elif os.path.isdir(path):
         raise VolumeLoadError(f"{path}: a folder without DICOM files")
     else:

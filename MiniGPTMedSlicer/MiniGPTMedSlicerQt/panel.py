@@ -8,10 +8,11 @@ keeps); a QTimer on the main thread shows progress, and the results are applied 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
 from MiniGPTMedSlicerLib import protocol
 from MiniGPTMedSlicerLib.logic import SWEEP_LABEL, TASK_LABELS, AnalysisError, AnalysisLogic, Job, describe_error
+from MiniGPTMedSlicerLib.review import ACCEPTED, EDITED, REJECTED
 
 from .qt_compat import find, font_metrics, is_gui_thread, load_ui, prop, qt, to_str
 from .qt_transport import QtRunner
@@ -21,6 +22,34 @@ UI_PATH = os.path.join(
 )
 SETTINGS_PREFIX = "MiniGPTMedSlicer/"
 POLL_MS = 50
+SIZE_COLUMN, STATUS_COLUMN = 1, 5  # of the findings table
+#: The review keys on the findings table (Qt key names): what they do.
+REVIEW_KEYS = {"A": "accept", "R": "reject", "E": "edit", "N": "next", "P": "previous"}
+
+
+class ReviewKeys(qt.QObject):
+    """An event filter on the findings table: A accept, R reject, E edit, N / P next / previous finding."""
+
+    def __init__(self, panel: Panel):
+        super().__init__(panel.widget)
+        self.panel = panel
+        self.actions = {int(getattr(qt.Qt, "Key_" + key)): action for key, action in REVIEW_KEYS.items()}
+
+    def eventFilter(self, obj, event) -> bool:
+        if event.type() != qt.QEvent.KeyPress or event.modifiers() != qt.Qt.NoModifier:
+            return False
+        action = self.actions.get(int(event.key()))
+        if action is None:
+            return False
+        p = self.panel
+        {
+            "accept": p.on_accept,
+            "reject": p.on_reject,
+            "edit": p.on_edit,
+            "next": lambda: p.move_selection(1),
+            "previous": lambda: p.move_selection(-1),
+        }[action]()
+        return True
 
 
 class Panel:
@@ -59,6 +88,22 @@ class Panel:
         self.text_edit = find(w, "findingsTextEdit")
         self.table = find(w, "findingsTable")
         self.clear_button = find(w, "clearResultsButton")
+        self.accept_button = find(w, "acceptButton")
+        self.reject_button = find(w, "rejectButton")
+        self.accept_all_button = find(w, "acceptAllButton")
+        self.reject_all_button = find(w, "rejectAllButton")
+        self.edit_button = find(w, "editButton")
+        self.show_rejected_check = find(w, "showRejectedCheckBox")
+        self.export_folder_edit = find(w, "exportFolderLineEdit")
+        self.export_browse_button = find(w, "exportBrowseButton")
+        self.export_sr_check = find(w, "exportSrCheckBox")
+        self.export_table_check = find(w, "exportTableCheckBox")
+        self.export_markups_check = find(w, "exportMarkupsCheckBox")
+        self.add_to_database_check = find(w, "addToDatabaseCheckBox")
+        self.export_button = find(w, "exportButton")
+        self._statuses: List[str] = []  # review status of each table row
+        self.editing: Optional[str] = None  # the node id of the finding being edited
+        self._edit_observer: Optional[int] = None
 
         header = self.table.horizontalHeader()
         header.setSectionResizeMode(0, qt.QHeaderView.Stretch)
@@ -87,6 +132,18 @@ class Panel:
         self.cancel_button.clicked.connect(self.on_cancel)
         self.clear_button.clicked.connect(self.on_clear)
         self.table.cellClicked.connect(self.on_row_clicked)
+        self.accept_button.clicked.connect(self.on_accept)
+        self.reject_button.clicked.connect(self.on_reject)
+        self.accept_all_button.clicked.connect(self.on_accept_all)
+        self.reject_all_button.clicked.connect(self.on_reject_all)
+        self.edit_button.clicked.connect(self.on_edit)
+        self.show_rejected_check.toggled.connect(self._update_hidden_rows)
+        self.export_button.clicked.connect(self.on_export)
+        self.export_browse_button.clicked.connect(self.on_browse_export_folder)
+        self._update_database_option()
+        # the review keys on the findings table: a filter sees the key before the table's own keyboard search
+        self.key_filter = ReviewKeys(self)
+        self.table.installEventFilter(self.key_filter)
         self.url_edit.setPlaceholderText(protocol.DEFAULT_URL)
         self.task_combo.clear()  # the tasks come from the protocol's table, not from the .ui
         for label in TASK_LABELS:
@@ -144,6 +201,7 @@ class Panel:
     def refresh_table(self) -> None:
         assert is_gui_thread(), "widgets and MRML are touched only on the main thread"
         rows = self.logic.rows()
+        self._statuses = [row.status for row in rows]
         self.table.setRowCount(0)
         self.table.setRowCount(len(rows))
         for r, row in enumerate(rows):
@@ -154,11 +212,13 @@ class Panel:
                 row.view,
                 f"{row.slice_offset_mm:.1f}",
                 "" if row.score is None else f"{row.score:.2f}",
+                "editing" if row.node_id == self.editing else row.status,
             ]
             for c, v in enumerate(values):
                 item = qt.QTableWidgetItem(str(v))
                 item.setData(qt.Qt.UserRole, str(row.node_id))
                 self.table.setItem(r, c, item)
+        self._update_hidden_rows()
 
     def _set_busy(self, busy: bool, message: str = "") -> None:
         self.analyze_button.setEnabled(not busy)
@@ -231,6 +291,7 @@ class Panel:
         self._ok("Cancelled. Nothing was added to the scene.")
 
     def on_clear(self) -> None:
+        self._stop_editing()
         n = self.logic.clear()
         self.text_edit.setPlainText("")
         self.refresh_table()
@@ -287,7 +348,188 @@ class Panel:
         """A job on the event loop finished: apply it now rather than at the next poll tick."""
         qt.QTimer.singleShot(0, self._poll)
 
+    # -- review ---------------------------------------------------------------------------------
+
+    def row_node_id(self, row: int) -> Optional[str]:
+        item = self.table.item(row, 0)
+        node_id = item.data(qt.Qt.UserRole) if item is not None else None
+        return str(node_id) if node_id else None
+
+    def selected_rows(self) -> List[int]:
+        rows = sorted({item.row() for item in self.table.selectedItems()})
+        return [r for r in rows if not self.table.isRowHidden(r)]
+
+    def _update_hidden_rows(self, *args) -> None:
+        """Rejected findings are hidden (their ROIs too) until Clear, unless Show rejected is ticked."""
+        show = bool(prop(self.show_rejected_check, "checked"))
+        for r in range(int(prop(self.table, "rowCount"))):
+            rejected = r < len(self._statuses) and self._statuses[r] == REJECTED
+            self.table.setRowHidden(r, rejected and not show)
+
+    def _review_selected(self, status: str) -> None:
+        rows = self.selected_rows()
+        ids = [i for i in (self.row_node_id(r) for r in rows) if i]
+        if not ids:
+            self._ok("Select findings in the table first.")
+            return
+        if self.editing in ids:
+            self._stop_editing()
+        self.logic.set_review(ids, status)
+        self.refresh_table()
+        self._ok(f"{len(ids)} finding(s) {status}.")
+        self._select_row(self._next_visible(rows[-1], 1))
+
+    def on_accept(self) -> None:
+        self._review_selected(ACCEPTED)
+
+    def on_reject(self) -> None:
+        self._review_selected(REJECTED)
+
+    def on_accept_all(self) -> None:
+        self._review_all(ACCEPTED)
+
+    def on_reject_all(self) -> None:
+        self._review_all(REJECTED)
+
+    def _review_all(self, status: str) -> None:
+        self._stop_editing()
+        self.logic.review_all(status)
+        self.refresh_table()
+        self._ok(f"All {len(self.logic.rows())} finding(s) {status}.")
+
+    def _next_visible(self, row: int, step: int, include_self: bool = False) -> int:
+        """The nearest visible row from ``row`` in direction ``step`` (``row`` itself if ``include_self``); -1: none."""
+        n = int(prop(self.table, "rowCount"))
+        r = row if include_self else row + step
+        while 0 <= r < n:
+            if not self.table.isRowHidden(r):
+                return r
+            r += step
+        return -1
+
+    def _select_row(self, row: int) -> None:
+        if row < 0:
+            return
+        self.table.clearSelection()
+        self.table.selectRow(row)
+        self.table.setCurrentCell(row, 0)
+        node_id = self.row_node_id(row)
+        if node_id:
+            self.logic.jump_to(node_id)
+
+    def move_selection(self, step: int) -> None:
+        """Next (+1) / previous (-1) finding in the list; the views follow it."""
+        rows = self.selected_rows()
+        start = rows[-1] if rows and step > 0 else rows[0] if rows else -1 if step > 0 else 0
+        nxt = self._next_visible(start, step)
+        if nxt < 0 and not rows:
+            nxt = self._next_visible(-1, 1)
+        self._select_row(nxt)
+
+    def on_edit(self, *args) -> None:
+        """Edit toggles: unlock the selected finding's ROI (handles in the view), then lock it and store the edit."""
+        if self.editing is not None:
+            self._stop_editing()
+            return
+        rows = self.selected_rows()
+        node_id = self.row_node_id(rows[0]) if rows else None
+        if node_id is None:
+            self.edit_button.setChecked(False)
+            self._ok("Select a finding to edit.")
+            return
+        self.logic.begin_edit(node_id)
+        self.editing = node_id
+        self.edit_button.setChecked(True)
+        self.edit_button.setText("Finish edit")
+        roi = self.logic.scene.GetNodeByID(node_id)
+        # the row follows the box while it is dragged (the observer runs on the main thread)
+        self._edit_observer = roi.AddObserver("ModifiedEvent", lambda caller, event: self._refresh_row(node_id))
+        self.refresh_table()
+        self._select_row(self._row_of(node_id))
+        self._ok("Move or resize the box in the view, then click Finish edit.")
+
+    def _stop_editing(self) -> None:
+        node_id, self.editing = self.editing, None
+        self.edit_button.setChecked(False)
+        self.edit_button.setText("Edit")
+        if node_id is None:
+            return
+        roi = self.logic.scene.GetNodeByID(node_id)
+        if roi is not None and self._edit_observer is not None:
+            roi.RemoveObserver(self._edit_observer)
+        self._edit_observer = None
+        if roi is None:
+            return
+        status = self.logic.finish_edit(node_id)
+        self.refresh_table()
+        self._ok(f"Finding {status}." if status == EDITED else "Edit finished: the box did not change.")
+
+    def _row_of(self, node_id: str) -> int:
+        for r in range(int(prop(self.table, "rowCount"))):
+            if self.row_node_id(r) == node_id:
+                return r
+        return -1
+
+    def _refresh_row(self, node_id: str) -> None:
+        """The size cell of the finding being edited, from its ROI as it is now."""
+        r = self._row_of(node_id)
+        roi = self.logic.scene.GetNodeByID(node_id)
+        if r < 0 or roi is None:
+            return
+        item = self.table.item(r, SIZE_COLUMN)
+        if item is not None:
+            item.setText("×".join(f"{v:.1f}" for v in roi.GetSize()))
+
+    # -- export ---------------------------------------------------------------------------------
+
+    def _update_database_option(self) -> None:
+        available = self.logic.add_to_dicom_database is not None
+        self.add_to_database_check.setEnabled(available)
+        if not available:
+            self.add_to_database_check.setChecked(False)
+            self.add_to_database_check.setToolTip("Only inside the Slicer application (DICOMLib)")
+
+    def on_browse_export_folder(self) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(
+            self.widget, "Export into", str(prop(self.export_folder_edit, "text"))
+        )
+        if folder:
+            self.export_folder_edit.setText(str(folder))
+
+    def on_export(self) -> None:
+        if self.editing is not None:
+            self._stop_editing()
+        folder = str(prop(self.export_folder_edit, "text")).strip()
+        try:
+            result = self.logic.export(
+                folder,
+                sr=bool(prop(self.export_sr_check, "checked")),
+                table=bool(prop(self.export_table_check, "checked")),
+                markups=bool(prop(self.export_markups_check, "checked")),
+            )
+        except AnalysisError as e:
+            self._error(str(e))
+            return
+        except Exception as e:  # an unexpected failure: files are written whole or not at all
+            self._error(f"Export failed: {describe_error(e)}")
+            return
+        problems = list(result.problems)
+        message = f"Wrote {len(result.written)} file(s) to {folder}"
+        sr_files = [f for f in result.written if f.endswith(".dcm")]
+        add = self.logic.add_to_dicom_database
+        if sr_files and add is not None and bool(prop(self.add_to_database_check, "checked")):
+            try:
+                message += f"; {add(sr_files[0])}"
+            except Exception as e:
+                problems.append(f"DICOM database: {describe_error(e)}")
+        if problems:
+            self._error(f"{message}; " + "; ".join(problems))
+        else:
+            self._ok(message + ".")
+
     def cleanup(self) -> None:
+        if self.editing is not None:  # lock the ROI again (the widgets may be gone already otherwise)
+            self._stop_editing()
         self.timer.stop()
         if self.job is not None:
             self.logic.cancel(self.job)

@@ -1,7 +1,7 @@
 """The panel scenarios (panel_scenarios.py) as a script for the PythonQt host (../shared/pythonqt/run.sh), the way
 Slicer runs the panel: ``run.sh Testing/panel/host_panel_scenarios.py CONFIG.json``.
 
-CONFIG: ``{"urls": {...}, "volume": path of the test CT volume, "tmp_dir": ..., "only": [names] or null,
+CONFIG: ``{"urls": {...}, "volume": path of the test CT volume, "tmp_dir": ..., "dicom_dir": a CT series or null, "only": [names] or null,
 "repeat": n}``. Writes ``{"build", "pythonqt", "results": {name: {"ok", "error", "s", "data"}}}`` as JSON to
 ``$PQHOST_RESULT`` and exits 0; a failed scenario is reported there, not by the exit status.
 """
@@ -28,7 +28,9 @@ def main() -> None:
     vol = S.load_volume(ctx, config["volume"])
     for name, orient in (("Red", "Axial"), ("Yellow", "Sagittal"), ("Green", "Coronal")):
         S.add_slice_view(ctx, vol, name, orient, (256, 256))
-    env = PS.Env(mrml=ctx, ui=PS.Ui(), urls=config["urls"], tmp_dir=config["tmp_dir"])
+    env = PS.Env(
+        mrml=ctx, ui=PS.Ui(), urls=config["urls"], tmp_dir=config["tmp_dir"], dicom_dir=config.get("dicom_dir")
+    )
     results = {}
     names = config.get("only") or list(PS.SCENARIOS)
     for name in names:

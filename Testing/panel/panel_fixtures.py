@@ -24,6 +24,16 @@ def mrml(ct_phantom_path):
 
 
 @pytest.fixture(scope="session")
+def small_dicom_dir(chest_ct_path, tmp_path_factory) -> str:
+    """A 4-slice CT series (512 rows x 400 columns) from the real chest CT: the panel's SR export needs DICOM."""
+    from dicom_fixtures import write_ct_series
+
+    folder = tmp_path_factory.mktemp("panel-dicom")
+    write_ct_series(chest_ct_path, folder, slices=(70, 74))
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
 def servers():
     with panel_servers() as s:
         yield s
@@ -50,7 +60,7 @@ class QtBotUi(Ui):
 
 
 @pytest.fixture
-def env(qtbot, mrml, servers, tmp_path):
+def env(qtbot, mrml, servers, tmp_path, small_dicom_dir):
     e = Env(
         mrml=mrml,
         ui=QtBotUi(qtbot),
@@ -58,6 +68,7 @@ def env(qtbot, mrml, servers, tmp_path):
         tmp_dir=str(tmp_path),
         register=qtbot.addWidget,
         slow_started=lambda: servers.slow.started,
+        dicom_dir=small_dicom_dir,
     )
     yield e
     e.close()

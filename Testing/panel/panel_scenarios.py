@@ -30,6 +30,7 @@ from MiniGPTMedSlicerQt.qt_compat import is_gui_thread, prop, qt
 SLOW_DELAY_S = 1.5  # the slow engine's default delay (the responsiveness scenario)
 TICK_MS = 20
 TOKEN = "s3cret-token"  # the access token of the "token" backend
+EDIT_SHIFT = np.array([4.0, -2.0, 0.0])  # the review scenario moves an ROI by this (RAS mm)
 
 
 class Ui:
@@ -45,6 +46,12 @@ class Ui:
         for kind in (qt.QEvent.MouseButtonPress, qt.QEvent.MouseButtonRelease):
             event = qt.QMouseEvent(kind, pos, qt.Qt.LeftButton, qt.Qt.LeftButton, qt.Qt.NoModifier)
             qt.QApplication.sendEvent(table.viewport(), event)
+
+    def key(self, widget, key: str) -> None:
+        """A key press and release on ``widget`` (``key``: a Qt key name without ``Key_``, e.g. ``"A"``)."""
+        code = getattr(qt.Qt, "Key_" + key)
+        for kind in (qt.QEvent.KeyPress, qt.QEvent.KeyRelease):
+            qt.QApplication.sendEvent(widget, qt.QKeyEvent(kind, code, qt.Qt.NoModifier, key.lower()))
 
     def wait(self, ms: int) -> None:
         loop = qt.QEventLoop()
@@ -69,6 +76,7 @@ class Env:
     slow_started: Callable[[], int] | None = None  # requests the slow engine has begun (None: not visible here)
     panels: list[Panel] = field(default_factory=list)
     runner: Callable[[], Any] | None = None  # makes the panel's runner (None: the panel's own, Qt's event loop)
+    dicom_dir: str | None = None  # a small CT series from the chest CT (the SR export needs a DICOM source)
 
     def panel(self, url: str | None = "builtin", settings=None, timeouts: Timeouts | None = None) -> Panel:
         """A fresh real panel on the shared scene, its results cleared; ``url``: a key of ``urls`` or a URL."""
@@ -465,6 +473,166 @@ def cancel_during_a_slow_request(env: Env) -> None:
     assert rows(p) == 0 and p.text_edit.toPlainText() == ""
 
 
+def status_cell(p: Panel, r: int) -> str:
+    return cell(p, r, 5)
+
+
+def visible_rows(p: Panel) -> list[int]:
+    return [r for r in range(rows(p)) if not p.table.isRowHidden(r)]
+
+
+def node_of(env: Env, p: Panel, r: int):
+    return env.mrml.scene.GetNodeByID(p.table.item(r, 0).data(qt.Qt.UserRole))
+
+
+def selected(p: Panel) -> list[int]:
+    return sorted({item.row() for item in p.table.selectedItems()})
+
+
+def three_analyses(env: Env, p: Panel) -> None:
+    """Detect on three axial slices of the phantom (every one cuts a nodule), results kept: three rows or more."""
+    select_task(p, "Detect")
+    select_view(p, "Red")
+    for offset in (0.0, 10.0, 20.0):
+        env.mrml.slice_logics["Red"].SetSliceOffset(offset)
+        status = run_and_wait(env, p)
+        assert "finding(s) from builtin" in status, status
+    assert rows(p) >= 3, rows(p)
+
+
+def review_buttons_and_keys(env: Env) -> None:
+    """Accept / Reject buttons and the A / R / N / P / E keys on the table set the findings' node attributes; a
+    rejected finding's ROI and row are hidden (Show rejected brings the row back); Edit unlocks the ROI, the row
+    follows its size while it moves and says "edited" when done; Accept all / Reject all; Clear."""
+    from MiniGPTMedSlicerLib import review as R
+
+    p = env.panel()
+    three_analyses(env, p)
+    n = rows(p)
+    assert [status_cell(p, r) for r in range(n)] == ["pending"] * n
+    env.ui.click_cell(p.table, 0, 0)
+    env.ui.click(p.accept_button)
+    first = node_of(env, p, 0)
+    assert first.GetAttribute(R.STATUS_ATTR) == "accepted" and first.GetAttribute(R.TIME_ATTR)
+    assert status_cell(p, 0) == "accepted" and selected(p) == [1]  # on to the next finding
+    env.ui.key(p.table, "R")
+    second = node_of(env, p, 1)
+    assert second.GetAttribute(R.STATUS_ATTR) == "rejected" and not second.GetDisplayNode().GetVisibility()
+    assert p.table.isRowHidden(1) and second.GetID() in {r.node_id for r in M.finding_rows(env.mrml.scene)}
+    assert selected(p) == [2]
+    env.ui.key(p.table, "P")  # previous skips the hidden row
+    assert selected(p) == [0]
+    env.ui.key(p.table, "N")
+    assert selected(p) == [2]
+    p.show_rejected_check.setChecked(True)
+    assert not p.table.isRowHidden(1) and status_cell(p, 1) == "rejected"
+    p.show_rejected_check.setChecked(False)
+    assert p.table.isRowHidden(1)
+    # edit row 2: unlock, move and resize its ROI in code (what dragging its handles does), finish
+    third = node_of(env, p, 2)
+    c0, s0 = M.roi_center(third), np.array(third.GetSize())
+    assert third.GetLocked()
+    env.ui.key(p.table, "E")
+    assert not third.GetLocked() and third.GetDisplayNode().GetHandlesInteractive()
+    assert status_cell(p, 2) == "editing" and p.edit_button.isChecked()
+    R.move_roi(third, c0 + EDIT_SHIFT, s0 * [1.5, 0.5, 1.0])
+    want = "×".join(f"{v:.1f}" for v in s0 * [1.5, 0.5, 1.0])
+    assert cell(p, 2, 1) == want, (cell(p, 2, 1), want)  # the row follows the box while it moves
+    env.ui.click(p.edit_button)
+    assert third.GetLocked() and not third.GetDisplayNode().GetHandlesInteractive() and not p.edit_button.isChecked()
+    assert third.GetAttribute(R.STATUS_ATTR) == "edited" and status_cell(p, 2) == "edited" and cell(p, 2, 1) == want
+    orig = R.original_geometry(third)
+    assert orig is not None and np.allclose(orig[0], c0, atol=1e-3) and np.allclose(orig[1], s0, atol=1e-3)
+    assert np.allclose(M.roi_center(third), c0 + EDIT_SHIFT, atol=1e-3)
+    env.ui.click(p.accept_all_button)
+    assert {status_cell(p, r) for r in range(n)} == {"accepted"} and visible_rows(p) == list(range(n))
+    assert second.GetDisplayNode().GetVisibility()
+    env.ui.click(p.reject_all_button)
+    assert visible_rows(p) == [] and rows(p) == n
+    assert all(not node_of(env, p, r).GetDisplayNode().GetVisibility() for r in range(n))
+    assert {R.status(r) for r in R.finding_rois(env.mrml.scene)} == {"rejected"}
+    env.ui.click(p.clear_button)
+    assert rows(p) == 0 and R.finding_rois(env.mrml.scene) == []
+
+
+def export_folder(env: Env) -> None:
+    """Export writes the accepted findings: a table (CSV + JSON) and one .mrk.json each; on a volume that is not
+    DICOM the SR is refused in one line and the rest is written; on a DICOM series the SR references it."""
+    import csv
+
+    p = env.panel()
+    three_analyses(env, p)
+    n = rows(p)
+    folder = os.path.join(env.tmp_dir, "export")
+    env.ui.click(p.export_button)
+    assert_error_shown(p, "Choose a folder")
+    p.export_folder_edit.setText(folder)
+    env.ui.click(p.export_button)
+    assert_error_shown(p, "nothing to export")
+    assert not p.add_to_database_check.isEnabled()  # Slicer's DICOM database: only inside the app
+    env.ui.click(p.accept_all_button)
+    env.ui.click_cell(p.table, 1, 0)
+    env.ui.click(p.reject_button)
+    env.ui.click(p.export_button)
+    assert_error_shown(p, f"Wrote {n + 1} file(s)", "DICOM SR", "needs a DICOM source")  # n-1 markups, CSV, JSON
+    kept = [r for r in range(n) if r != 1]
+    with open(os.path.join(folder, "findings.csv"), newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [t["status"] for t in table] == ["accepted"] * (n - 1)
+    for t, r in zip(table, kept, strict=True):
+        c = M.roi_center(node_of(env, p, r))
+        assert np.allclose([float(t[k]) for k in ("center_r", "center_a", "center_s")], c, atol=1e-3)
+    marks = sorted(os.listdir(os.path.join(folder, "markups")))
+    assert len(marks) == n - 1 and all(m.endswith(".mrk.json") for m in marks), marks
+    assert not os.path.exists(os.path.join(folder, "findings-sr.dcm"))
+    p.export_sr_check.setChecked(False)
+    env.ui.click(p.export_button)
+    assert text(p.status_label) == f"Wrote {n + 1} file(s) to {folder}.", text(p.status_label)
+    if env.dicom_dir is not None:
+        export_sr_of_a_dicom_series(env, p, folder)
+
+
+def export_sr_of_a_dicom_series(env: Env, p: Panel, folder: str) -> None:
+    import pydicom
+    from MiniGPTMedSlicerLib import dicom_series
+    from MiniGPTMedSlicerLib import scene as S
+
+    assert env.dicom_dir is not None
+    mrml = env.mrml
+    red = mrml.slice_logics["Red"]
+    comp = red.GetSliceCompositeNode()
+    phantom_id = comp.GetBackgroundVolumeID()
+    (series,) = dicom_series.scan(env.dicom_dir)
+    vol = S.load_volume(mrml, env.dicom_dir)
+    try:
+        comp.SetBackgroundVolumeID(vol.GetID())
+        red.FitSliceToAll()
+        env.ui.click(p.clear_button)
+        # what Slicer's DICOM database does for a loaded series: its instances' files
+        files = {i.sop_instance_uid: i.path for i in series.instances}
+        p.logic.instance_file = files.get
+        select_task(p, "Locate")
+        select_view(p, "Red")
+        p.question_edit.setText("bone")
+        status = run_and_wait(env, p)
+        assert "finding(s) from builtin" in status and rows(p) > 0, status
+        env.ui.click(p.accept_all_button)
+        p.export_sr_check.setChecked(True)
+        env.ui.click(p.export_button)
+        assert text(p.status_label).startswith("Wrote "), text(p.status_label)
+        sr = pydicom.dcmread(os.path.join(folder, "findings-sr.dcm"))
+        assert sr.Modality == "SR" and sr.StudyInstanceUID == series.study_uid
+        ev = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+        assert ev.SeriesInstanceUID == series.uid
+        refs = {x.ReferencedSOPInstanceUID for x in ev.ReferencedSOPSequence}
+        assert refs == set(files)
+    finally:
+        comp.SetBackgroundVolumeID(phantom_id)
+        red.FitSliceToAll()
+        M.clear_results(mrml.scene)
+        M.remove_node(mrml.scene, vol)
+
+
 def gui_thread_check(env: Env) -> None:
     import threading
 
@@ -495,6 +663,8 @@ SCENARIOS: dict[str, Callable[[Env], Any]] = {
         responsive_during_a_slow_analysis,
         negative_control_blocking_call,
         cancel_during_a_slow_request,
+        review_buttons_and_keys,
+        export_folder,
         gui_thread_check,
     )
 }

@@ -35,11 +35,19 @@ def servers(host_ready):
 
 
 @pytest.fixture(scope="module", params=BUILDS, ids=[f"slicer{b}" for b in BUILDS])
-def host_run(request, servers, ct_phantom_path, tmp_path_factory):
+def host_run(request, servers, ct_phantom_path, small_dicom_dir, tmp_path_factory):
     started = servers.slow.started
     config = tmp_path_factory.mktemp("pqhost") / "config.json"
     config.write_text(
-        json.dumps({"urls": servers.urls, "volume": str(ct_phantom_path), "tmp_dir": str(config.parent), "only": None})
+        json.dumps(
+            {
+                "urls": servers.urls,
+                "volume": str(ct_phantom_path),
+                "tmp_dir": str(config.parent),
+                "dicom_dir": small_dicom_dir,
+                "only": None,
+            }
+        )
     )
     out = run_script(SCRIPT, request.param, [str(config)], timeout_s=240)
     out["slow_requests"] = servers.slow.started - started
