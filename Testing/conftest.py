@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import subprocess
 import sys
 import sysconfig
 from pathlib import Path
@@ -22,6 +23,21 @@ pytest.register_assert_rewrite("panel_scenarios")
 
 ROOT = Path(__file__).resolve().parents[1]
 SITE = Path(sysconfig.get_paths()["purelib"])
+
+
+def run_runner(*args) -> subprocess.CompletedProcess:
+    """``minigptmed-slicer ARGS`` in this process (``headless.runner.main``), stdout and stderr captured: the CLI
+    contract (exit 2, one line, no traceback) as a subprocess is tested once in test_runner_errors/test_pacs; the
+    export and PACS tests call the runner in-process to save an interpreter start and the imports each time."""
+    import contextlib
+    import io
+
+    from headless.runner import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return subprocess.CompletedProcess(["minigptmed-slicer", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def data_file(rel: str) -> Path:
@@ -150,7 +166,7 @@ def builtin_server():
 
 @pytest.fixture(scope="session")
 def dicom_folder(chest_ct_path, ct_small_path, tmp_path_factory) -> tuple[Path, dict]:
-    """A folder with one MR file and, in a subfolder, a 20-slice CT series (512 rows x 400 columns) made from the real
+    """A folder with one MR file and, in a subfolder, a 10-slice CT series (512 rows x 400 columns) made from the real
     chest CT by pydicom; returns (folder, UIDs)."""
     from dicom_fixtures import write_mixed_folder
 

@@ -12,17 +12,20 @@ import SimpleITK as sitk
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-SLICES = (60, 80)  # 20 axial slices of the 133
+SLICES = (66, 76)  # 10 axial slices of the 133
+N_SLICES = SLICES[1] - SLICES[0]
 COLUMNS = (56, 456)  # 400 columns of 512: a non-square image (512 rows x 400 columns)
 
 
-def write_ct_series(chest_ct_path: Path, out_dir: Path, slices=SLICES, columns=COLUMNS) -> dict:
-    """Write ``slices`` of the chest CT as a CT Image Storage series; returns its UIDs."""
+def write_ct_series(
+    chest_ct_path: Path, out_dir: Path, slices=SLICES, columns=COLUMNS, study: str | None = None
+) -> dict:
+    """Write ``slices`` of the chest CT as a CT Image Storage series (in ``study``, else a new one); its UIDs."""
     img = sitk.ReadImage(str(chest_ct_path))
     arr = sitk.GetArrayFromImage(img)  # (z, y, x)
     direction = np.array(img.GetDirection()).reshape(3, 3)
     sx, sy, sz = img.GetSpacing()
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    study, series, frame = study or generate_uid(), generate_uid(), generate_uid()
     out_dir.mkdir(parents=True, exist_ok=True)
     c0, c1 = columns
     now = datetime.datetime(2026, 1, 2, 3, 4, 5)
@@ -62,7 +65,7 @@ def write_ct_series(chest_ct_path: Path, out_dir: Path, slices=SLICES, columns=C
 
 
 def write_mixed_folder(chest_ct_path: Path, mr_small: Path, root: Path) -> dict:
-    """``root/MR_small.dcm`` (one MR file) + ``root/sub/ct/*.dcm`` (the 20-slice CT series in a subfolder)."""
+    """``root/MR_small.dcm`` (one MR file) + ``root/sub/ct/*.dcm`` (the 10-slice CT series in a subfolder)."""
     uids = write_ct_series(chest_ct_path, root / "sub" / "ct")
     ds = pydicom.dcmread(str(mr_small))
     ds.save_as(str(root / "MR_small.dcm"))

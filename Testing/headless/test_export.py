@@ -1,6 +1,7 @@
-"""Review and export through the runner (a real subprocess, real backend): DICOM SR checked by dciodvfy, read back by
+"""Review and export through the runner (in-process, real backend): DICOM SR checked by dciodvfy, read back by
 highdicom and mapped back through each referenced instance's IPP/IOP/PixelSpacing (pydicom, in this test) onto the
-finding's box; Slicer markups; the table; a non-DICOM source; a review file."""
+finding's box; Slicer markups; the table; a non-DICOM source; a review file; the same exports from a sweep (SCOORD on
+the best slice's instance for an axial sweep, SCOORD3D for a sagittal one)."""
 
 from __future__ import annotations
 
@@ -8,22 +9,17 @@ import csv
 import json
 import shutil
 import subprocess
-import sys
 
 import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from conftest import ROOT
+from conftest import run_runner
 from MiniGPTMedSlicerLib import markups as M
 from MiniGPTMedSlicerLib import review as R
 from MiniGPTMedSlicerLib import scene as S
 
-
-def _runner(*args, timeout=240):
-    return subprocess.run(
-        [sys.executable, "-m", "headless.runner", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
-    )
+_runner = run_runner
 
 
 def _corners(m, box):
@@ -58,7 +54,7 @@ def axial_export(dicom_folder, builtin_server, tmp_path_factory):
     r = _runner(
         "analyze", str(root), "--view", "axial", "--slice", "8", "--task", "ground", "--question", "bone", "--backend", builtin_server,
         "--out", str(out / "run"), "--export-sr", str(out / "sr.dcm"), "--export-table", str(out / "t.csv"),
-        "--export-markups", str(out / "mk"),
+        "--export-markups", str(out / "mk"), "--scene", "none",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     return out, uids, r
@@ -163,10 +159,11 @@ def test_sagittal_view_gives_scoord3d_and_review_file(dicom_folder, builtin_serv
         S.close(ctx)
 
 
-def test_nifti_source_sr_refused_in_one_line_other_exports_written(chest_ct_path, builtin_server, tmp_path):
+def test_non_dicom_source_sr_refused_in_one_line_other_exports_written(ct_phantom_path, builtin_server, tmp_path):
+    """An NRRD volume (the synthetic CT: small, so the test is quick) has no study to reference."""
     r = _runner(
-        "analyze", str(chest_ct_path), "--slice", "73", "--backend", builtin_server, "--out", str(tmp_path / "run"),
-        "--export-sr", str(tmp_path / "sr.dcm"), "--export-table", str(tmp_path / "t.csv"),
+        "analyze", str(ct_phantom_path), "--slice", "30", "--backend", builtin_server, "--out", str(tmp_path / "run"),
+        "--export-sr", str(tmp_path / "sr.dcm"), "--export-table", str(tmp_path / "t.csv"), "--scene", "none",
     )  # fmt: skip
     assert r.returncode == 2
     errs = [ln for ln in r.stderr.splitlines() if "error" in ln]
@@ -174,6 +171,83 @@ def test_nifti_source_sr_refused_in_one_line_other_exports_written(chest_ct_path
     assert not (tmp_path / "sr.dcm").exists() and (tmp_path / "t.csv").exists() and (tmp_path / "t.json").exists()
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"findings": [{"id": "F99", "status": "accepted"}]}))
-    r = _runner("analyze", str(chest_ct_path), "--slice", "73", "--backend", builtin_server, "--out",
-                str(tmp_path / "run2"), "--review", str(bad))  # fmt: skip
+    r = _runner("analyze", str(ct_phantom_path), "--slice", "30", "--backend", builtin_server, "--out",
+                str(tmp_path / "run2"), "--review", str(bad), "--scene", "none")  # fmt: skip
     assert r.returncode == 2 and "no finding 'F99'" in r.stderr and "Traceback" not in r.stderr
+
+
+def _plane_corners(center, size, axes, offset_mm, slice_normal):
+    """The corners (x0y0, x1y0, x1y1, x0y1) of a 3D finding's box (findings.json) in the slice plane at
+    ``offset_mm`` along ``slice_normal`` (Slicer's slice offset: axial +S, sagittal -R)."""
+    c = np.asarray(center, float)
+    a = np.asarray(axes, float)  # columns: the view's x, y and normal in RAS
+    ux, uy, n = (a[:, i] / np.linalg.norm(a[:, i]) for i in range(3))
+    s = np.asarray(slice_normal, float)
+    c = c + n * (offset_mm - float(np.dot(c, s))) / float(np.dot(n, s))
+    hx, hy = ux * size[0] / 2, uy * size[1] / 2
+    return np.array([c - hx - hy, c + hx - hy, c + hx + hy, c - hx + hy])
+
+
+@pytest.fixture(scope="module")
+def sweep_exports(dicom_folder, builtin_server, tmp_path_factory):
+    """An axial and a sagittal sweep of the DICOM series (3 slices each) with every export flag."""
+    root, _ = dicom_folder
+    out = tmp_path_factory.mktemp("sweep-export")
+    runs = {}
+    for view, rng in (("axial", "3:6"), ("sagittal", "190:193")):
+        d = out / view
+        r = _runner(
+            "sweep", str(root), "--view", view, "--range", rng, "--task", "ground", "--question", "bone",
+            "--backend", builtin_server, "--out", str(d / "run"), "--scene", "none", "--export-sr", str(d / "sr.dcm"),
+            "--export-table", str(d / "t.csv"), "--export-markups", str(d / "mk"),
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        runs[view] = d
+    return runs
+
+
+def test_sweep_exports_axial_sr_on_the_best_slice_table_and_markups(sweep_exports, dicom_folder):
+    d = sweep_exports["axial"]
+    data = json.loads((d / "run" / "findings.json").read_text())
+    assert data["findings"], "the built-in engine found nothing in the swept slices"
+    assert _dciodvfy(d / "sr.dcm")[0] == []
+    sr = hd.sr.srread(str(d / "sr.dcm"))
+    files = {
+        pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p
+        for p in (dicom_folder[0] / "sub" / "ct").iterdir()
+    }
+    groups = sr.content.get_planar_roi_measurement_groups()
+    assert len(groups) == len(data["findings"])
+    for g, f in zip(groups, data["findings"], strict=True):
+        # the acquisition plane: a 2D POLYLINE on the instance of the finding's best slice
+        assert g.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        ref = g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        ds = pydicom.dcmread(files[ref], stop_before_pixels=True)
+        best = f["slice_offsets_mm"][f["slices"].index(f["best_slice"])]
+        assert abs(float(ds.ImagePositionPatient[2]) - best) < 1e-3
+        back = np.array([_scoord_to_ras(ds, c, rr) for c, rr in g.roi.value[:4]])
+        want = _plane_corners(f["center_ras"], f["size_mm"], f["axes"], best, (0, 0, 1))
+        assert np.abs(back - want).max() <= 0.5 * min(float(v) for v in ds.PixelSpacing)
+    rows = list(csv.DictReader((d / "t.csv").open()))
+    assert len(rows) == len(data["findings"]) and {r["status"] for r in rows} == {"accepted"}
+    for row, f in zip(rows, data["findings"], strict=True):
+        assert float(row["size_x_mm"]) == pytest.approx(f["size_mm"][0], abs=1e-3)
+    assert sorted(p.name for p in (d / "mk").iterdir()) == sorted(f"{r['id']}.mrk.json" for r in rows)
+
+
+def test_sweep_exports_sagittal_sr_as_scoord3d(sweep_exports, dicom_folder):
+    d = sweep_exports["sagittal"]
+    data = json.loads((d / "run" / "findings.json").read_text())
+    assert data["findings"], "the built-in engine found nothing in the swept slices"
+    assert _dciodvfy(d / "sr.dcm")[0] == []
+    sr = hd.sr.srread(str(d / "sr.dcm"))
+    groups = sr.content.get_planar_roi_measurement_groups()
+    assert len(groups) == len(data["findings"])
+    for g, f in zip(groups, data["findings"], strict=True):
+        assert g.roi.graphic_type == hd.sr.GraphicTypeValues3D.POLYLINE
+        assert g.roi.ReferencedFrameOfReferenceUID == dicom_folder[1]["frame"]
+        ras = g.roi.value[:4] * np.array([-1, -1, 1])
+        best = f["slice_offsets_mm"][f["slices"].index(f["best_slice"])]
+        # Slicer's Sagittal preset looks from the patient's left: its slice normal is -R (SliceToRAS column 2)
+        want = _plane_corners(f["center_ras"], f["size_mm"], f["axes"], best, (-1, 0, 0))
+        assert np.abs(ras - want).max() < 1e-2
