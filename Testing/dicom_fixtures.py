@@ -61,7 +61,7 @@ def write_ct_series(
         ds.WindowCenter, ds.WindowWidth = "40", "400"
         ds.PixelData = plane.tobytes()
         ds.save_as(ds.filename, enforce_file_format=True)
-    return {"study": study, "series": series, "frame": frame}
+    return {"study": study, "series": series, "frame": frame, "dir": out_dir}
 
 
 def write_mixed_folder(chest_ct_path: Path, mr_small: Path, root: Path) -> dict:
