@@ -2,6 +2,7 @@
 
     minigptmed-slicer analyze VOLUME --view axial [--slice K | --offset MM] --task detect [--question Q] --out DIR
     minigptmed-slicer sweep   VOLUME --view axial [--range A:B] [--step N] --task detect [--question Q] --out DIR
+    minigptmed-slicer batch   FOLDER_OR_CSV --view axial --task report [--sweep] [--jobs N] --out DIR
 
 Without ``--backend`` the built-in engine runs in this process behind a real loopback server, so the path is always
 the same HTTP path as with a remote backend. Progress goes to stderr; errors are one line and exit code 2.
@@ -15,6 +16,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from MiniGPTMedSlicerLib.protocol import DETECT, GROUND, TASKS
@@ -64,6 +68,9 @@ def _progress(msg: str) -> None:
     print(f"[minigptmed-slicer] {msg}", file=sys.stderr, flush=True)
 
 
+Log = Callable[[str], None]
+
+
 def _parse_region(text: str | None) -> list[float] | None:
     if not text:
         return None
@@ -95,6 +102,47 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
+def view_options(sp: argparse.ArgumentParser) -> None:
+    """What is sent and how: the options that analyze, sweep and batch share."""
+    sp.add_argument("--view", choices=sorted(ORIENTATIONS), default="axial", help="slice view")
+    sp.add_argument("--question", default=None, help="the question (vqa), the phrase (ground) or the kind (detect)")
+    sp.add_argument("--backend", default=None, help="backend URL; default: the built-in engine in this process")
+    sp.add_argument("--token", default=os.environ.get("MINIGPTMED_TOKEN"), help="backend access token")
+    sp.add_argument("--view-size", type=int, default=512, help="pixels of the (square) slice view (16..4096)")
+    sp.add_argument("--export-size", type=int, default=None, help="resample the sent image: longer side in pixels")
+    sp.add_argument("--window", type=float, default=None, help="window width (default: CT 400, else the volume's)")
+    sp.add_argument("--level", type=float, default=None, help="window level (default: CT 40, else the volume's)")
+    sp.add_argument(
+        "--window-preset",
+        choices=sorted(WINDOW_PRESETS),
+        default=None,
+        help="CT window: "
+        + ", ".join(f"{k} {w:g}/{lv:g}" for k, (w, lv) in WINDOW_PRESETS.items())
+        + " (width/level HU; --window/--level, when given, win)",
+    )
+    sp.add_argument(
+        "--modality",
+        default=None,
+        help="the modality sent to the model (e.g. CT, MR), for volumes that do not say (default: DICOM's "
+        "Modality, CT for a Hounsfield range, else unknown)",
+    )
+    sp.add_argument(
+        "--scene",
+        choices=["full", "none"],
+        default="full",
+        help="full: also write scene.mrb (embeds a copy of the volume); none: only findings.json, input.png, view.png",
+    )
+    sp.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the backend")
+
+
+def sweep_options(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--range", default=None, help="slices A:B (B exclusive; default all)")
+    sp.add_argument("--step", type=int, default=1, help="every n-th slice")
+    sp.add_argument("--batch-size", type=int, default=8, help="slices per request")
+    sp.add_argument("--min-overlap", type=float, default=0.3, help="merge: intersection / smaller box area")
+    sp.add_argument("--max-gap", type=int, default=0, help="merge: swept slices a finding may be missed on")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from backend import __version__
 
@@ -110,36 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--study", default=None, help="with --dicomweb: the Study Instance UID")
         sp.add_argument("--store-sr", action="store_true", help="with --dicomweb: send the SR back (STOW-RS)")
         sp.add_argument("--series", default=None, help="DICOM folder: a series UID or its number in 'series FOLDER'")
-        sp.add_argument("--view", choices=sorted(ORIENTATIONS), default="axial", help="slice view")
-        sp.add_argument("--question", default=None, help="the question (vqa), the phrase (ground) or the kind (detect)")
-        sp.add_argument("--backend", default=None, help="backend URL; default: the built-in engine in this process")
-        sp.add_argument("--token", default=os.environ.get("MINIGPTMED_TOKEN"), help="backend access token")
-        sp.add_argument("--view-size", type=int, default=512, help="pixels of the (square) slice view (16..4096)")
-        sp.add_argument("--export-size", type=int, default=None, help="resample the sent image: longer side in pixels")
-        sp.add_argument("--window", type=float, default=None, help="window width (default: CT 400, else the volume's)")
-        sp.add_argument("--level", type=float, default=None, help="window level (default: CT 40, else the volume's)")
-        sp.add_argument(
-            "--window-preset",
-            choices=sorted(WINDOW_PRESETS),
-            default=None,
-            help="CT window: "
-            + ", ".join(f"{k} {w:g}/{lv:g}" for k, (w, lv) in WINDOW_PRESETS.items())
-            + " (width/level HU; --window/--level, when given, win)",
-        )
-        sp.add_argument(
-            "--modality",
-            default=None,
-            help="the modality sent to the model (e.g. CT, MR), for volumes that do not say (default: DICOM's "
-            "Modality, CT for a Hounsfield range, else unknown)",
-        )
-        sp.add_argument(
-            "--scene",
-            choices=["full", "none"],
-            default="full",
-            help="full: also write scene.mrb (embeds a copy of the volume); none: only findings.json, input.png, "
-            "view.png",
-        )
-        sp.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the backend")
+        view_options(sp)
         sp.add_argument("--out", required=True, help="output folder")
         sp.add_argument("--review", default=None, help="review file (JSON); without one every finding is accepted")
         sp.add_argument("--export-sr", default=None, metavar="FILE.dcm", help="DICOM SR (TID 1500) of the findings")
@@ -166,11 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(s)
     s.add_argument("--task", choices=[DETECT.id, GROUND.id], default=DETECT.id, help="what to ask on each slice")
-    s.add_argument("--range", default=None, help="slices A:B (B exclusive; default all)")
-    s.add_argument("--step", type=int, default=1, help="every n-th slice")
-    s.add_argument("--batch-size", type=int, default=8, help="slices per request")
-    s.add_argument("--min-overlap", type=float, default=0.3, help="merge: intersection / smaller box area")
-    s.add_argument("--max-gap", type=int, default=0, help="merge: swept slices a finding may be missed on")
+    sweep_options(s)
+
+    from .cohort import add_parser
+
+    add_parser(sub)
     return p
 
 
@@ -187,7 +206,7 @@ def _backend(url: str | None):
         yield local_url
 
 
-def _setup(args):
+def _setup(args, log: Log = _progress):
     from MiniGPTMedSlicerLib import scene as S
 
     if args.dicomweb:
@@ -199,20 +218,20 @@ def _setup(args):
             raise RunnerError("--dicomweb needs --study UID")
         args.volume = args._download = tempfile.mkdtemp(prefix="minigptmed-wado-")
         args.series, note = fetch_series(args.dicomweb, args.study, args.series, args.volume)
-        _progress(note)
+        log(note)
     elif not args.volume:
         raise RunnerError("give a VOLUME, or --dicomweb URL --study UID")
     elif args.store_sr:
         raise RunnerError("--store-sr needs --dicomweb (the PACS the series came from)")
     ctx = S.create_scene()
-    _progress(f"loading {args.volume}")
+    log(f"loading {args.volume}")
     try:
         vol = S.load_volume(ctx, args.volume, series=args.series)
     except S.VolumeLoadError as e:
         S.close(ctx)
         raise RunnerError(str(e)) from None
     if ctx.series_note:
-        _progress(ctx.series_note)
+        log(ctx.series_note)
     if args.modality:
         vol.SetAttribute("DICOM.Modality", args.modality.strip().upper())
     display = vol.GetDisplayNode()
@@ -226,7 +245,7 @@ def _setup(args):
     view = VIEW_NAMES[args.view]
     sl = S.add_slice_view(ctx, vol, view, ORIENTATIONS[args.view], (args.view_size, args.view_size))
     dims = vol.GetImageData().GetDimensions()
-    _progress(
+    log(
         f"volume {dims[0]}x{dims[1]}x{dims[2]}, modality {vol.GetAttribute('DICOM.Modality') or 'unknown'}, "
         f"window {display.GetWindow():g} / level {display.GetLevel():g}"
     )
@@ -245,25 +264,25 @@ def _write_json(path: str, data) -> None:
         f.flush()
 
 
-def _review_and_export(args: argparse.Namespace, ctx) -> int:
+def _review_and_export(args: argparse.Namespace, ctx, log: Log = _progress) -> int:
     """Apply the review file (or accept all), then write the requested exports. Returns the exit code."""
     from MiniGPTMedSlicerLib import export as E
     from MiniGPTMedSlicerLib import review as R
 
     if args.review:
         statuses = R.apply_review(ctx.scene, R.load_review_file(args.review))
-        _progress("review: " + ", ".join(f"{k} {v}" for k, v in statuses.items()))
+        log("review: " + ", ".join(f"{k} {v}" for k, v in statuses.items()))
     else:
         R.set_all(R.finding_rois(ctx.scene), R.ACCEPTED)
     findings = E.collect(ctx.scene)
     if args.export_table:
-        _progress("wrote " + ", ".join(E.write_table(findings, args.export_table)))
+        log("wrote " + ", ".join(E.write_table(findings, args.export_table)))
     if args.export_markups:
-        _progress(f"wrote {len(E.write_markups(ctx.scene, findings, args.export_markups))} markups file(s)")
+        log(f"wrote {len(E.write_markups(ctx.scene, findings, args.export_markups))} markups file(s)")
     sr_path = args.export_sr or (os.path.join(args.out, "sr.dcm") if args.store_sr else None)
     if sr_path:
         try:
-            _progress(f"wrote {E.write_sr(findings, ctx.dicom_series, sr_path)}")
+            log(f"wrote {E.write_sr(findings, ctx.dicom_series, sr_path)}")
         except E.ExportError as e:
             print(f"minigptmed-slicer: error: {e}", file=sys.stderr, flush=True)
             return 2
@@ -273,20 +292,42 @@ def _review_and_export(args: argparse.Namespace, ctx) -> int:
         from .pacs import store
 
         store(args.dicomweb, pydicom.dcmread(str(sr_path)))
-        _progress(f"stored the SR in {args.dicomweb} (STOW-RS)")
+        log(f"stored the SR in {args.dicomweb} (STOW-RS)")
     return 0
 
 
-def run_analyze(args: argparse.Namespace) -> int:
+@dataclass
+class Job:
+    """A case captured on the main thread (MRML is not thread-safe), ready to send: its scene stays open until
+    :func:`finish` has written the outputs. ``requests`` are what :func:`send` posts (network only, any thread)."""
+
+    args: argparse.Namespace
+    ctx: Any
+    vol: Any
+    sl: Any
+    captured: Any  # CapturedSlice (analyze) or the list of them (sweep)
+    plan: Any = None  # SweepPlan (sweep)
+    request: Any = None  # AnalyzeRequest (analyze)
+
+    @property
+    def is_sweep(self) -> bool:
+        return self.plan is not None
+
+
+@dataclass
+class Answer:
+    responses: list
+    elapsed_s: float
+
+
+def prepare_analyze(args: argparse.Namespace, log: Log = _progress) -> Job:
+    """Load the volume, place the slice and capture it; writes ``input.png`` into ``args.out``."""
     from MiniGPTMedSlicerLib import capture as C
-    from MiniGPTMedSlicerLib import markups as M
     from MiniGPTMedSlicerLib import scene as S
     from MiniGPTMedSlicerLib.sweep import plan_sweep
 
-    from .render import render_slice_view
-
     prepare_out(args.out)
-    ctx, vol, sl = _setup(args)
+    ctx, vol, sl = _setup(args, log)
     try:
         plan = plan_sweep(sl, vol)
         if args.slice is not None:
@@ -295,7 +336,7 @@ def run_analyze(args: argparse.Namespace) -> int:
                     f"--slice {args.slice} is out of range: this {args.view} view has slices 0..{plan.slice_count - 1}"
                 )
             sl.SetSliceOffset(plan.offsets_mm[args.slice])
-        elif args.offset is not None:
+        elif getattr(args, "offset", None) is not None:
             b = [0.0] * 6
             sl.GetVolumeSliceBounds(vol, b)
             if not b[4] <= args.offset <= b[5]:
@@ -304,89 +345,28 @@ def run_analyze(args: argparse.Namespace) -> int:
         else:
             sl.SetSliceOffset(plan.offsets_mm[plan.slice_count // 2])
         captured = C.capture_slice(sl, export_size=args.export_size)
-        _progress(
+        log(
             f"captured the {args.view} slice at {captured.slice_offset_mm:.2f} mm: {captured.width}x{captured.height} px, "
             f"{captured.pixel_spacing_mm[0]:.3f} mm/px"
         )
-        request = C.to_request(captured, args.task, question=args.question, region=_parse_region(args.region))
+        request = C.to_request(
+            captured, args.task, question=args.question, region=_parse_region(getattr(args, "region", None))
+        )
         with open(os.path.join(args.out, "input.png"), "wb") as f:
             f.write(captured.png)
-        with _backend(args.backend) as url:
-            client = _client(url, args)
-            health = client.health()
-            _progress(f"backend {url}: engine {health.engine}, model {health.model}")
-            t0 = time.perf_counter()
-            response = client.analyze(request)
-            client.close()
-        _progress(f"{len(response.findings)} finding(s) in {time.perf_counter() - t0:.2f} s")
-        nodes = M.add_analysis_results(ctx.scene, captured, response)
-        findings = []
-        for f, roi in zip(response.findings, nodes.rois, strict=False):
-            c = M.roi_center(roi)
-            findings.append(
-                {
-                    "label": f.label,
-                    "score": f.score,
-                    "box_px": f.box,
-                    "roi_center_ras": [round(float(v), 4) for v in c],
-                    "roi_size_mm": [round(float(v), 4) for v in roi.GetSize()],
-                    "roi_node": roi.GetID(),
-                }
-            )
-        _write_json(
-            os.path.join(args.out, "findings.json"),
-            {
-                "task": args.task,
-                "question": args.question,
-                "view": args.view,
-                "slice_offset_mm": captured.slice_offset_mm,
-                "image": {
-                    "width": captured.width,
-                    "height": captured.height,
-                    "pixel_spacing_mm": list(captured.pixel_spacing_mm),
-                    "modality": captured.modality,
-                    "window": captured.window,
-                    "level": captured.level,
-                },
-                "pixel_to_ras": np.asarray(captured.pixel_to_ras).round(6).tolist(),
-                "engine": response.engine,
-                "model": response.model,
-                "text": response.text,
-                "raw_output": response.raw_output,
-                "warnings": response.warnings,
-                "timings_ms": response.timings_ms,
-                "findings": findings,
-            },
-        )
-        code = _review_and_export(args, ctx)
-        render_slice_view(ctx.app_logic, sl, os.path.join(args.out, "view.png"), (args.view_size, args.view_size))
-        if args.scene == "full":
-            S.save_mrb(ctx, os.path.join(args.out, "scene.mrb"))
-        _progress(f"wrote {args.out}/findings.json, input.png, view.png{', scene.mrb' if args.scene == 'full' else ''}")
-        print(response.text)
-        return code
-    finally:
+    except BaseException:
         S.close(ctx)
+        raise
+    return Job(args, ctx, vol, sl, captured, request=request)
 
 
-def run_sweep_cmd(args: argparse.Namespace) -> int:
-    from MiniGPTMedSlicerLib import markups as M
+def prepare_sweep(args: argparse.Namespace, log: Log = _progress) -> Job:
+    """Load the volume, plan the sweep and capture its slices."""
     from MiniGPTMedSlicerLib import scene as S
-    from MiniGPTMedSlicerLib.merge3d import MergeOptions
-    from MiniGPTMedSlicerLib.sweep import (
-        SweepProgress,
-        analyze_sweep,
-        capture_sweep,
-        merge_sweep,
-        parse_range,
-        plan_sweep,
-        summarize,
-    )
-
-    from .render import render_slice_view
+    from MiniGPTMedSlicerLib.sweep import capture_sweep, parse_range, plan_sweep
 
     prepare_out(args.out)
-    ctx, vol, sl = _setup(args)
+    ctx, vol, sl = _setup(args, log)
     try:
         full = plan_sweep(sl, vol)
         try:
@@ -394,82 +374,185 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
             plan = plan_sweep(sl, vol, rng, args.step)
         except ValueError as e:
             raise RunnerError(str(e)) from None
-        _progress(f"sweeping {len(plan.indices)} of {full.slice_count} {args.view} slices (step {args.step})")
+        log(f"sweeping {len(plan.indices)} of {full.slice_count} {args.view} slices (step {args.step})")
         captured = capture_sweep(sl, plan, export_size=args.export_size)
+    except BaseException:
+        S.close(ctx)
+        raise
+    return Job(args, ctx, vol, sl, captured, plan=plan)
+
+
+def send(client, job: Job, log: Log = _progress) -> Answer:
+    """Post the job's requests and wait for the answers (network only: safe off the main thread)."""
+    from MiniGPTMedSlicerLib.sweep import SweepProgress, analyze_sweep
+
+    t0 = time.perf_counter()
+    if job.is_sweep:
 
         def progress(p: SweepProgress) -> None:
-            _progress(str(p))
+            log(str(p))
 
-        t0 = time.perf_counter()
+        args = job.args
+        responses = analyze_sweep(client, job.captured, args.task, args.question, args.batch_size, progress=progress)
+    else:
+        responses = [client.analyze(job.request)]
+    return Answer(responses, time.perf_counter() - t0)
+
+
+def finish(job: Job, answer: Answer, health, log: Log = _progress) -> tuple[int, dict]:
+    """Put the answers in the scene as markups and write the outputs (main thread). Returns the exit code and what
+    ``findings.json`` holds. The caller closes ``job.ctx``."""
+    return (_finish_sweep if job.is_sweep else _finish_analyze)(job, answer, health, log)
+
+
+def _finish_analyze(job: Job, answer: Answer, health, log: Log) -> tuple[int, dict]:
+    from MiniGPTMedSlicerLib import markups as M
+    from MiniGPTMedSlicerLib import scene as S
+
+    from .render import render_slice_view
+
+    args, ctx, sl, captured = job.args, job.ctx, job.sl, job.captured
+    response = answer.responses[0]
+    log(f"{len(response.findings)} finding(s) in {answer.elapsed_s:.2f} s")
+    nodes = M.add_analysis_results(ctx.scene, captured, response)
+    findings = []
+    for f, roi in zip(response.findings, nodes.rois, strict=False):
+        c = M.roi_center(roi)
+        findings.append(
+            {
+                "label": f.label,
+                "score": f.score,
+                "box_px": f.box,
+                "roi_center_ras": [round(float(v), 4) for v in c],
+                "roi_size_mm": [round(float(v), 4) for v in roi.GetSize()],
+                "roi_node": roi.GetID(),
+            }
+        )
+    data = {
+        "task": args.task,
+        "question": args.question,
+        "view": args.view,
+        "slice_offset_mm": captured.slice_offset_mm,
+        "image": {
+            "width": captured.width,
+            "height": captured.height,
+            "pixel_spacing_mm": list(captured.pixel_spacing_mm),
+            "modality": captured.modality,
+            "window": captured.window,
+            "level": captured.level,
+        },
+        "pixel_to_ras": np.asarray(captured.pixel_to_ras).round(6).tolist(),
+        "engine": response.engine,
+        "model": response.model,
+        "text": response.text,
+        "raw_output": response.raw_output,
+        "warnings": response.warnings,
+        "timings_ms": response.timings_ms,
+        "findings": findings,
+    }
+    _write_json(os.path.join(args.out, "findings.json"), data)
+    code = _review_and_export(args, ctx, log)
+    render_slice_view(ctx.app_logic, sl, os.path.join(args.out, "view.png"), (args.view_size, args.view_size))
+    if args.scene == "full":
+        S.save_mrb(ctx, os.path.join(args.out, "scene.mrb"))
+    log(f"wrote {args.out}/findings.json, input.png, view.png{', scene.mrb' if args.scene == 'full' else ''}")
+    return code, data
+
+
+def _finish_sweep(job: Job, answer: Answer, health, log: Log) -> tuple[int, dict]:
+    from MiniGPTMedSlicerLib import markups as M
+    from MiniGPTMedSlicerLib import scene as S
+    from MiniGPTMedSlicerLib.merge3d import MergeOptions
+    from MiniGPTMedSlicerLib.sweep import merge_sweep, summarize
+
+    from .render import render_slice_view
+
+    args, ctx, sl, captured, plan = job.args, job.ctx, job.sl, job.captured, job.plan
+    elapsed = answer.elapsed_s
+    findings = merge_sweep(
+        captured, answer.responses, plan, MergeOptions(min_overlap=args.min_overlap, max_gap=args.max_gap)
+    )
+    summary = summarize(findings, plan, args.view, health.engine, health.model)
+    nodes = M.add_sweep_results(
+        ctx.scene,
+        findings,
+        task=args.task,
+        engine=health.engine,
+        model=health.model,
+        view_name=sl.GetSliceNode().GetName(),
+        summary=summary,
+        offsets_mm=plan.offsets_mm,
+    )
+    out = []
+    for f, roi in zip(findings, nodes.rois, strict=False):
+        out.append(
+            {
+                "label": f.label,
+                "isolated": f.isolated,
+                "best_score": f.best_score,
+                "diameter_mm": None if f.diameter_mm is None else round(f.diameter_mm, 2),
+                "volume_ml": None if f.volume_ml is None else round(f.volume_ml, 4),
+                "center_ras": [round(v, 4) for v in f.center_ras],
+                "size_mm": [round(v, 4) for v in f.size_mm],
+                "axes": f.axes,
+                "slices": [plan.indices[p] for p in f.slice_positions],
+                "slice_offsets_mm": [round(plan.offsets_mm[p], 4) for p in f.slice_positions],
+                "best_slice": plan.indices[f.best_slice_pos],
+                "boxes_px": [list(b) for b in f.boxes],
+                "roi_node": roi.GetID(),
+            }
+        )
+    data = {
+        "task": args.task,
+        "question": args.question,
+        "view": args.view,
+        "slices": plan.indices,
+        "slice_offsets_mm": plan.offsets_mm,
+        "engine": health.engine,
+        "model": health.model,
+        "elapsed_s": round(elapsed, 3),
+        "slices_per_s": round(len(plan.indices) / max(elapsed, 1e-9), 2),
+        "findings": out,
+        "summary": summary,
+    }
+    _write_json(os.path.join(args.out, "findings.json"), data)
+    code = _review_and_export(args, ctx, log)
+    if findings:
+        sl.SetSliceOffset(plan.offsets_mm[findings[0].best_slice_pos])
+    render_slice_view(ctx.app_logic, sl, os.path.join(args.out, "view.png"), (args.view_size, args.view_size))
+    if args.scene == "full":
+        S.save_mrb(ctx, os.path.join(args.out, "scene.mrb"))
+    log(
+        f"{len(plan.indices)} slices in {elapsed:.1f} s ({len(plan.indices) / max(elapsed, 1e-9):.1f} slices/s); "
+        f"wrote {args.out}/findings.json, view.png{', scene.mrb' if args.scene == 'full' else ''}"
+    )
+    return code, data
+
+
+def _run_one(args: argparse.Namespace, prepare: Callable[[argparse.Namespace], Job]) -> int:
+    from MiniGPTMedSlicerLib import scene as S
+
+    job = prepare(args)
+    try:
         with _backend(args.backend) as url:
             client = _client(url, args)
             health = client.health()
-            responses = analyze_sweep(client, captured, args.task, args.question, args.batch_size, progress=progress)
+            _progress(f"backend {url}: engine {health.engine}, model {health.model}")
+            answer = send(client, job)
             client.close()
-        elapsed = time.perf_counter() - t0
-        findings = merge_sweep(
-            captured, responses, plan, MergeOptions(min_overlap=args.min_overlap, max_gap=args.max_gap)
-        )
-        summary = summarize(findings, plan, args.view, health.engine, health.model)
-        nodes = M.add_sweep_results(
-            ctx.scene,
-            findings,
-            task=args.task,
-            engine=health.engine,
-            model=health.model,
-            view_name=sl.GetSliceNode().GetName(),
-            summary=summary,
-            offsets_mm=plan.offsets_mm,
-        )
-        out = []
-        for f, roi in zip(findings, nodes.rois, strict=False):
-            out.append(
-                {
-                    "label": f.label,
-                    "isolated": f.isolated,
-                    "best_score": f.best_score,
-                    "diameter_mm": None if f.diameter_mm is None else round(f.diameter_mm, 2),
-                    "volume_ml": None if f.volume_ml is None else round(f.volume_ml, 4),
-                    "center_ras": [round(v, 4) for v in f.center_ras],
-                    "size_mm": [round(v, 4) for v in f.size_mm],
-                    "axes": f.axes,
-                    "slices": [plan.indices[p] for p in f.slice_positions],
-                    "slice_offsets_mm": [round(plan.offsets_mm[p], 4) for p in f.slice_positions],
-                    "best_slice": plan.indices[f.best_slice_pos],
-                    "boxes_px": [list(b) for b in f.boxes],
-                    "roi_node": roi.GetID(),
-                }
-            )
-        _write_json(
-            os.path.join(args.out, "findings.json"),
-            {
-                "task": args.task,
-                "question": args.question,
-                "view": args.view,
-                "slices": plan.indices,
-                "slice_offsets_mm": plan.offsets_mm,
-                "engine": health.engine,
-                "model": health.model,
-                "elapsed_s": round(elapsed, 3),
-                "slices_per_s": round(len(plan.indices) / max(elapsed, 1e-9), 2),
-                "findings": out,
-                "summary": summary,
-            },
-        )
-        code = _review_and_export(args, ctx)
-        if findings:
-            sl.SetSliceOffset(plan.offsets_mm[findings[0].best_slice_pos])
-        render_slice_view(ctx.app_logic, sl, os.path.join(args.out, "view.png"), (args.view_size, args.view_size))
-        if args.scene == "full":
-            S.save_mrb(ctx, os.path.join(args.out, "scene.mrb"))
-        _progress(
-            f"{len(plan.indices)} slices in {elapsed:.1f} s ({len(plan.indices) / max(elapsed, 1e-9):.1f} slices/s); "
-            f"wrote {args.out}/findings.json, view.png{', scene.mrb' if args.scene == 'full' else ''}"
-        )
-        print(summary)
+        code, data = finish(job, answer, health)
+        print(data["summary"] if job.is_sweep else data["text"])
         return code
     finally:
-        S.close(ctx)
+        S.close(job.ctx)
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    return _run_one(args, prepare_analyze)
+
+
+def run_sweep_cmd(args: argparse.Namespace) -> int:
+    return _run_one(args, prepare_sweep)
 
 
 def run_series(args: argparse.Namespace) -> int:
@@ -497,6 +580,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "series":
             return run_series(args)
+        if args.command == "batch":
+            from .cohort import run_batch
+
+            return run_batch(args)
         validate(args)
         if args.command == "analyze":
             return run_analyze(args)
