@@ -11,9 +11,11 @@ import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPBearer
+from fastapi_offline import FastAPIOffline
 from MiniGPTMedSlicerLib.protocol import (
     REQUEST_ID_HEADER,
     STREAM_DELTA,
@@ -50,6 +52,12 @@ _ERROR_RESPONSES: dict[int | str, dict] = {
 _request_ids = itertools.count(1)
 _RID_HEADER = REQUEST_ID_HEADER.lower().encode()
 
+#: Swagger UI's assets, served by this server from the fastapi-offline package (no CDN: /docs works air-gapped).
+DOCS_ASSETS = "/docs-assets"
+#: Reachable without the access token: the health check and the API's own documentation (the schema holds no data
+#: and no secret; every request made from /docs still needs the token, entered with its Authorize button).
+OPEN_PATHS = ("/health", "/docs", "/docs/oauth2-redirect", "/openapi.json")
+
 
 def error_response(err: ApiError, path: str = "") -> JSONResponse:
     """The error in the native shape, or in OpenAI's on the OpenAI-compatible routes."""
@@ -76,10 +84,14 @@ def create_app(
         yield
         await asyncio.get_running_loop().run_in_executor(None, service.stop)
 
-    app = FastAPI(
+    app = FastAPIOffline(
         title="MiniGPTMedSlicer backend",
         version=__version__,
         lifespan=lifespan,
+        static_url=DOCS_ASSETS,
+        redoc_url=None,
+        # declares the bearer token in the schema (the Authorize button of /docs); GuardMiddleware checks it
+        dependencies=[Depends(HTTPBearer(auto_error=False))],
         description="Image in, findings text and boxes (pixels of the sent image) out. "
         "All patient-space geometry stays in Slicer.",
     )
@@ -291,7 +303,8 @@ class GuardMiddleware:
 
     def _check(self, scope) -> ApiError | None:
         s = self.settings
-        if s.token and scope["path"] != "/health":
+        path = scope["path"]
+        if s.token and path not in OPEN_PATHS and not path.startswith(DOCS_ASSETS + "/"):
             header = (_header(scope, b"authorization") or b"").decode("latin-1")
             scheme, _, given = header.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), s.token.encode()):

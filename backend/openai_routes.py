@@ -41,7 +41,8 @@ _TAG = re.compile(r"^\s*\[(" + "|".join(map(re.escape, TASKS)) + r")\]\s*", re.I
 
 
 class _Lenient(BaseModel):
-    """OpenAI clients send many fields this server does not use (``top_p``, ``n``, ``tools``...): they are ignored."""
+    """OpenAI clients send many fields this server does not use (``top_p``, ``seed``, ``tools``...): they are ignored
+    (``n`` other than 1 is refused)."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -69,6 +70,7 @@ class ChatCompletionRequest(_Lenient):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     temperature: float | None = None
+    n: int | None = Field(default=None, description="choices per request: only 1 (more are refused)")
     stream: bool = False
 
 
@@ -154,6 +156,8 @@ def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 def parse_chat_request(body: ChatCompletionRequest, engine_tasks: tuple[str, ...]) -> AnalyzeRequest:
     """OpenAI chat request -> our AnalyzeRequest (raises ApiError with a clear message)."""
+    if body.n is not None and body.n != 1:
+        raise ApiError("bad_request", f"n={body.n}: this server answers one choice per request; send n=1 (or omit it)")
     users = [m for m in body.messages if m.role == "user"]
     if not users:
         raise ApiError("bad_request", "no user message")
