@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -362,6 +363,7 @@ def run_batch(args: argparse.Namespace) -> int:
         bar.set_postfix(failed=failed, refresh=False)
         bar.update(1)
 
+    stop = threading.Event()  # set on Ctrl-C: the requests in flight return, no new one starts
     pool = ThreadPoolExecutor(max_workers=args.jobs, thread_name_prefix="batch-request")
     try:
         with R._backend(args.backend) as url:
@@ -373,7 +375,7 @@ def run_batch(args: argparse.Namespace) -> int:
             def request(job: R.Job) -> R.Answer:
                 client = R._client(url, job.args)
                 try:
-                    return R.send(client, job, quiet)
+                    return R.send(client, job, quiet, stop)
                 finally:
                     client.close()
 
@@ -411,6 +413,7 @@ def run_batch(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         interrupted = True
     finally:
+        stop.set()
         pool.shutdown(wait=False, cancel_futures=True)
         for item in in_flight.values():
             S.close(item.job.ctx)

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -382,8 +383,9 @@ def prepare_sweep(args: argparse.Namespace, log: Log = _progress) -> Job:
     return Job(args, ctx, vol, sl, captured, plan=plan)
 
 
-def send(client, job: Job, log: Log = _progress) -> Answer:
-    """Post the job's requests and wait for the answers (network only: safe off the main thread)."""
+def send(client, job: Job, log: Log = _progress, cancel: threading.Event | None = None) -> Answer:
+    """Post the job's requests and wait for the answers (network only: safe off the main thread). ``cancel`` stops
+    before the next request."""
     from MiniGPTMedSlicerLib.sweep import SweepProgress, analyze_sweep
 
     t0 = time.perf_counter()
@@ -393,9 +395,11 @@ def send(client, job: Job, log: Log = _progress) -> Answer:
             log(str(p))
 
         args = job.args
-        responses = analyze_sweep(client, job.captured, args.task, args.question, args.batch_size, progress=progress)
+        responses = analyze_sweep(
+            client, job.captured, args.task, args.question, args.batch_size, cancel=cancel, progress=progress
+        )
     else:
-        responses = [client.analyze(job.request)]
+        responses = [client.analyze(job.request, cancel)]
     return Answer(responses, time.perf_counter() - t0)
 
 
