@@ -68,7 +68,18 @@ def _ct_slice_s(path: Path, k: int) -> float:
 def test_folder_results_failure_row_and_resume(cohort, tmp_path, builtin_server, capsys):
     out = tmp_path / "out"
     code, err = _batch(
-        capsys, str(cohort), "--task", "report", "--jobs", "2", "--backend", builtin_server, "--view-size", "256", "--out", str(out)
+        capsys,
+        str(cohort),
+        "--task",
+        "report",
+        "--jobs",
+        "2",
+        "--backend",
+        builtin_server,
+        "--view-size",
+        "256",
+        "--out",
+        str(out),
     )
     assert code == 1, err  # one case failed
     rows = _summary(out)
@@ -96,7 +107,9 @@ def test_folder_results_failure_row_and_resume(cohort, tmp_path, builtin_server,
 
     # resume: the three finished cases are kept as they are, the failed one is tried again
     stamps = {p: (out / "cases" / rows[p]["id"] / "case.json").stat().st_mtime_ns for p in rows}
-    code, err = _batch(capsys, str(cohort), "--task", "report", "--backend", builtin_server, "--view-size", "256", "--out", str(out))
+    code, err = _batch(
+        capsys, str(cohort), "--task", "report", "--backend", builtin_server, "--view-size", "256", "--out", str(out)
+    )
     assert code == 1 and "3 of 4 case(s) already finished" in err, err
     again = _summary(out)
     assert {p: r["id"] for p, r in again.items()} == {p: r["id"] for p, r in rows.items()}  # stable ids
@@ -118,7 +131,18 @@ def test_csv_rows_slice_question_and_failures(cohort, tmp_path, builtin_server, 
     )
     out = tmp_path / "out"
     code, err = _batch(
-        capsys, str(table), "--task", "detect", "--jobs", "2", "--backend", builtin_server, "--view-size", "256", "--out", str(out)
+        capsys,
+        str(table),
+        "--task",
+        "detect",
+        "--jobs",
+        "2",
+        "--backend",
+        builtin_server,
+        "--view-size",
+        "256",
+        "--out",
+        str(out),
     )
     assert code == 1, err
     rows = _summary(out)
@@ -156,7 +180,19 @@ def test_ctrl_c_keeps_finished_cases_and_resume_redoes_the_rest(cohort, tmp_path
     for k in range(6):
         os.link(cohort / "mr" / "mni.nrrd", many / f"mr{k}.nrrd")
     out = tmp_path / "out"
-    args = [str(many), "--task", "report", "--jobs", "1", "--backend", builtin_server, "--view-size", "256", "--out", str(out)]
+    args = [
+        str(many),
+        "--task",
+        "report",
+        "--jobs",
+        "1",
+        "--backend",
+        builtin_server,
+        "--view-size",
+        "256",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "MiniGPTMedSlicer")])}
     proc = subprocess.Popen(
         [sys.executable, "-m", "headless.runner", "batch", *args],
