@@ -90,8 +90,8 @@ def create_app(
         lifespan=lifespan,
         static_url=DOCS_ASSETS,
         redoc_url=None,
-        # declares the bearer token in the schema (the Authorize button of /docs); GuardMiddleware checks it
-        dependencies=[Depends(HTTPBearer(auto_error=False))],
+        # with a token: declared in the schema (the Authorize button of /docs); GuardMiddleware checks it
+        dependencies=[Depends(HTTPBearer(auto_error=False))] if settings.token else None,
         description="Image in, findings text and boxes (pixels of the sent image) out. "
         "All patient-space geometry stays in Slicer.",
     )
