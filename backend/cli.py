@@ -130,6 +130,11 @@ def add_model_arguments(p: argparse.ArgumentParser, convert: bool = False) -> No
         help=f"allow .pth files that hold Python objects (only files you trust; or set {ENV['trust_checkpoints']}=1)",
     )
     if convert:
+        g.add_argument(
+            "--qformer",
+            help="XrayGPT instead: blip2_pretrained_flant5xxl.pth; with --eva, --llama (the Vicuna folder), "
+            "--checkpoint (XrayGPT's) and --out, writes a folder for 'serve --engine xraygpt --converted'",
+        )
         return
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     g.add_argument(
@@ -289,6 +294,7 @@ def engine_settings(args: argparse.Namespace, env: Mapping[str, str]) -> EngineS
             qformer=args.qformer,
             llama=_value(args, env, "llama"),
             checkpoint=_value(args, env, "checkpoint"),
+            converted=_value(args, env, "converted"),
             model_config=args.model_config,
             device=args.device,
             dtype=args.dtype,
@@ -356,6 +362,7 @@ def convert_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Conver
         trust_checkpoints=_switch(args, env, "trust_checkpoints"),
         for_vllm=args.for_vllm,
         converted=_value(args, env, "converted"),
+        qformer=args.qformer,
     )
 
 
@@ -454,8 +461,14 @@ def list_engines(settings: EngineSettings) -> int:
         ("minigptmed", ok_m and not have("torch"), f"{weights}; packages missing: {have('torch') or 'none'}"),
         (
             "xraygpt",
-            len(xfiles) == 4 and all(os.path.exists(f) for f in xfiles) and not have("torch"),
-            f"{len(xfiles)} of 4 weight files set (--eva, --qformer, --llama, --checkpoint)",
+            (
+                bool(x.converted and os.path.isdir(x.converted))
+                or (len(xfiles) == 4 and all(map(os.path.exists, xfiles)))
+            )
+            and not have("torch"),
+            f"converted folder {x.converted}"
+            if x.converted
+            else f"{len(xfiles)} of 4 weight files set (--eva, --qformer, --llama, --checkpoint)",
         ),
         (
             "llava",
@@ -491,6 +504,8 @@ def convert(s: ConvertSettings) -> int:
 
     if s.for_vllm:
         return convert_for_vllm(s)
+    if s.qformer:
+        return convert_xraygpt(s)
     if not s.out:
         raise SettingError("convert needs {out} (or {for_vllm})", "out", "for_vllm")
     missing = [k for k in ("eva", "llama", "checkpoint") if not getattr(s, k)]
@@ -514,6 +529,38 @@ def convert(s: ConvertSettings) -> int:
     except WeightsError as e:
         raise StartupError(f"convert failed: {e}") from None
     print(f"wrote {res['out']} in {res['seconds']:.1f} s (LoRA {res['lora']}, LLM {res['llm_dtype']})")
+    return 0
+
+
+def convert_xraygpt(s: ConvertSettings) -> int:
+    from .minigpt.weights import WeightsError
+    from .torch_utils import parse_dtype
+    from .xraygpt.config import XrayGPTConfig
+    from .xraygpt.convert import convert as convert_files
+
+    missing = [k for k in ("eva", "llama", "checkpoint", "out") if not getattr(s, k)]
+    if missing:
+        raise SettingError("convert --qformer (XrayGPT) needs " + ", ".join("{" + k + "}" for k in missing), *missing)
+    try:
+        cfg = XrayGPTConfig.from_json(s.model_config)
+    except (OSError, ValueError) as e:
+        raise SettingError("{model_config} " + f"{s.model_config}: {e}", "model_config") from e
+    try:
+        res = convert_files(
+            s.eva or "",
+            s.qformer or "",
+            s.llama or "",
+            s.checkpoint or "",
+            s.out,
+            cfg,
+            dtype=parse_dtype(s.dtype),
+            trust_checkpoints=s.trust_checkpoints,
+        )
+    except SettingError:
+        raise
+    except WeightsError as e:
+        raise StartupError(f"convert failed: {e}") from None
+    print(f"wrote {res['out']} in {res['seconds']:.1f} s (XrayGPT, LLM {res['llm_dtype']})")
     return 0
 
 

@@ -98,6 +98,7 @@ class XrayGPTSettings:
     qformer: str | None = None  # blip2_pretrained_flant5xxl.pth (LAVIS): Q-Former, query tokens, ln_vision
     llama: str | None = None  # the Vicuna radiology folder
     checkpoint: str | None = None  # the XrayGPT checkpoint .pth (llama_proj)
+    converted: str | None = None  # a folder written by ``convert --qformer ...`` (instead of the four files)
     model_config: str | None = None  # JSON with model dimensions (tiny test models); None: the real model
     device: str = "auto"
     dtype: str = "auto"
@@ -148,3 +149,4 @@ class ConvertSettings:
     trust_checkpoints: bool = False
     for_vllm: str | None = None  # write the LoRA-merged LLM as a plain HF LLaMA folder here (for vLLM) instead
     converted: str | None = None  # for_vllm from a converted folder instead of the original files
+    qformer: str | None = None  # set: convert XrayGPT's four files (eva, qformer, llama = Vicuna, checkpoint)

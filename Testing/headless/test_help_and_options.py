@@ -24,8 +24,8 @@ def test_backend_help_shows_defaults_and_convert_only_its_options():
         assert default in serve, serve
     assert "``" not in serve and "MINIGPTMED_OPENAI_URL" in serve and "MINIGPTMED_TOKEN" in serve
     convert = _run("backend.cli", "convert", "--help").stdout
-    assert "--eva" in convert and "--out" in convert
-    for other in ("--engine", "--family", "--device", "--port", "--qformer", "--sampling"):
+    assert "--eva" in convert and "--out" in convert and "--qformer" in convert  # --qformer: XrayGPT's conversion
+    for other in ("--engine", "--family", "--device", "--port", "--sampling"):
         assert other not in convert, other
     assert "``" not in _run("backend.cli", "--help").stdout
     assert _run("backend.cli", "--version").stdout.strip() == f"minigptmed-backend {__version__}"

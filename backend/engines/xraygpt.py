@@ -52,10 +52,11 @@ class XrayGPTEngine(Engine):
         from backend.minigpt.tokenization import MiniGPTTokenizer
         from backend.minigpt.weights import LoadOptions, WeightsError
         from backend.xraygpt.config import XrayGPTConfig
-        from backend.xraygpt.template import stop_sequences
-        from backend.xraygpt.weights import load_original
+        from backend.xraygpt.weights import load_converted, load_original
 
-        missing = [k for k in ("eva", "qformer", "llama", "checkpoint") if not getattr(self.s, k)]
+        missing = (
+            [] if self.s.converted else [k for k in ("eva", "qformer", "llama", "checkpoint") if not getattr(self.s, k)]
+        )
         if missing:
             raise SettingError("the XrayGPT engine needs " + ", ".join("{" + k + "}" for k in missing), *missing)
         self.device, self.dtype = self._resolve()
@@ -65,20 +66,29 @@ class XrayGPTEngine(Engine):
             raise SettingError("{model_config} " + f"{self.s.model_config}: {e}", "model_config") from e
         opts = LoadOptions(device=self.device, dtype=self.dtype, quantize=self.s.quantize)
         try:
-            self.model, self.report = load_original(
-                str(self.s.eva),
-                str(self.s.qformer),
-                str(self.s.llama),
-                str(self.s.checkpoint),
-                self.cfg,
-                opts,
-                trust=self.s.trust_checkpoints,
-            )
-            self.tokenizer = MiniGPTTokenizer(str(self.s.llama))
+            if self.s.converted:
+                self.model, self.cfg, self.report = load_converted(str(self.s.converted), opts)
+                self.tokenizer = MiniGPTTokenizer(f"{self.s.converted}/llm")
+            else:
+                self.model, self.report = load_original(
+                    str(self.s.eva),
+                    str(self.s.qformer),
+                    str(self.s.llama),
+                    str(self.s.checkpoint),
+                    self.cfg,
+                    opts,
+                    trust=self.s.trust_checkpoints,
+                )
+                self.tokenizer = MiniGPTTokenizer(str(self.s.llama))
         except SettingError:
             raise
         except (WeightsError, FileNotFoundError) as e:
             raise EngineError(str(e)) from e
+        self._loaded_log()
+
+    def _loaded_log(self) -> None:
+        from backend.xraygpt.template import stop_sequences
+
         self.stops = stop_sequences(self.tokenizer)
         log.info(
             "XrayGPT loaded in %.1f s on %s (%s); stop words %s; ignored: %s",

@@ -182,6 +182,93 @@ def _llama_dims(folder: str | Path, cfg: XrayGPTConfig) -> tuple[int, int]:
     return hidden, int(c.get("num_hidden_layers", 0))
 
 
+CONVERTED_MARKER = "xraygpt_config.json"
+
+
+def _expected(cfg: XrayGPTConfig, hidden: int) -> tuple[dict, dict]:
+    with torch.device("meta"):
+        skeleton = XrayGPT(cfg, None, hidden)
+        eva_shapes = {k: v.shape for k, v in EvaViT(cfg.vision).state_dict().items()}
+    expected = {f"qformer.{k}": v.shape for k, v in skeleton.qformer.state_dict().items()}
+    expected.update(query_tokens=skeleton.query_tokens.shape)
+    expected.update({f"ln_vision.{k}": v.shape for k, v in skeleton.ln_vision.state_dict().items()})
+    return eva_shapes, expected
+
+
+def read_original_parts(
+    eva: str | Path, qformer: str | Path, llama: str | Path, checkpoint: str | Path, cfg: XrayGPTConfig, trust: bool
+) -> dict:
+    """Everything but the LLM, read and checked from the four original files."""
+    for label, p in (("--eva", eva), ("--qformer", qformer), ("--llama", llama), ("--checkpoint", checkpoint)):
+        if not p or not os.path.exists(p):
+            raise WeightsError(f"{label}: {p!r} does not exist")
+    hidden, _layers = _llama_dims(llama, cfg)
+    proj, ckpt_ignored = load_checkpoint(checkpoint, cfg, hidden, trust)
+    eva_shapes, expected = _expected(cfg, hidden)
+    qparts, q_ignored = load_qformer_file(qformer, cfg, expected, trust)
+    vision_sd, eva_ignored = load_eva(eva, MiniGPTMedConfig(vision=cfg.vision), eva_shapes, trust)
+    return {
+        "vision": vision_sd,
+        "qformer": qparts,
+        "proj": proj,
+        "ignored": {"eva": eva_ignored, "qformer": q_ignored, "checkpoint": ckpt_ignored},
+    }
+
+
+def is_converted(folder: str | Path | None) -> bool:
+    return bool(folder) and (Path(str(folder)) / CONVERTED_MARKER).is_file()
+
+
+def load_converted(folder: str | Path, opts: LoadOptions) -> tuple[XrayGPT, XrayGPTConfig, LoadReport]:
+    """A folder written by ``convert --qformer ...``: safetensors only, checked tensor by tensor."""
+    import json
+
+    from safetensors.torch import load_file
+
+    t0 = time.perf_counter()
+    folder = Path(folder)
+    marker = folder / CONVERTED_MARKER
+    if not marker.is_file():
+        other = (
+            " (a MiniGPT-Med converted folder: use --engine minigptmed)"
+            if (folder / "minigptmed_config.json").is_file()
+            else ""
+        )
+        raise WeightsError(f"--converted {folder}: no {CONVERTED_MARKER}: not an XrayGPT converted folder{other}")
+    meta = json.loads(marker.read_text())
+    if meta.get("format") != "xraygpt-converted" or meta.get("version") != 1:
+        raise WeightsError(
+            f"{marker}: format {meta.get('format')!r} version {meta.get('version')!r} is not ours (xraygpt-converted 1)"
+        )
+    cfg = XrayGPTConfig.from_dict(meta["model_config"])
+    hidden, _layers = _llama_dims(folder / "llm", cfg)
+    eva_shapes, expected = _expected(cfg, hidden)
+    expected.update({f"visual_encoder.{k}": v for k, v in eva_shapes.items()})
+    expected.update(
+        {"llama_proj.weight": torch.Size([hidden, cfg.qformer.hidden_size]), "llama_proj.bias": torch.Size([hidden])}
+    )
+    sd = load_file(str(folder / "vision.safetensors"))
+    unexpected, missing = sorted(set(sd) - set(expected)), sorted(set(expected) - set(sd))
+    if unexpected or missing:
+        raise WeightsError(
+            f"{folder}/vision.safetensors: missing {_names(missing) or 'none'}; unexpected {_names(unexpected) or 'none'}"
+        )
+    for k, shape in expected.items():
+        if tuple(sd[k].shape) != tuple(shape):
+            raise WeightsError(
+                f"{folder}/vision.safetensors: {k} has shape {tuple(sd[k].shape)}, expected {tuple(shape)}"
+            )
+    vision_sd = {k[len("visual_encoder.") :]: v for k, v in sd.items() if k.startswith("visual_encoder.")}
+    proj = {k[len("llama_proj.") :]: v for k, v in sd.items() if k.startswith("llama_proj.")}
+    qparts = {k: v for k, v in sd.items() if not k.startswith(("visual_encoder.", "llama_proj."))}
+    llm = _load_llm(folder / "llm", opts)
+    report = LoadReport(source="converted", lora="none")
+    report.loaded["llm"] = len(llm.state_dict())
+    model = _assemble(cfg, llm, vision_sd, qparts, proj, opts, report)
+    report.seconds = time.perf_counter() - t0
+    return model, cfg, report
+
+
 def load_original(
     eva: str | Path,
     qformer: str | Path,
@@ -193,24 +280,12 @@ def load_original(
 ) -> tuple[XrayGPT, LoadReport]:
     """``trust``: the ``trust_checkpoints`` setting (allow .pth files that hold Python objects)."""
     t0 = time.perf_counter()
-    for label, p in (("--eva", eva), ("--qformer", qformer), ("--llama", llama), ("--checkpoint", checkpoint)):
-        if not p or not os.path.exists(p):
-            raise WeightsError(f"{label}: {p!r} does not exist")
-    hidden, _layers = _llama_dims(llama, cfg)
-    proj, ckpt_ignored = load_checkpoint(checkpoint, cfg, hidden, trust)
-    with torch.device("meta"):
-        skeleton = XrayGPT(cfg, None, hidden)
-        eva_shapes = {k: v.shape for k, v in EvaViT(cfg.vision).state_dict().items()}
-    expected = {f"qformer.{k}": v.shape for k, v in skeleton.qformer.state_dict().items()}
-    expected.update(query_tokens=skeleton.query_tokens.shape)
-    expected.update({f"ln_vision.{k}": v.shape for k, v in skeleton.ln_vision.state_dict().items()})
-    qparts, q_ignored = load_qformer_file(qformer, cfg, expected, trust)
-    vision_sd, eva_ignored = load_eva(eva, MiniGPTMedConfig(vision=cfg.vision), eva_shapes, trust)
+    parts = read_original_parts(eva, qformer, llama, checkpoint, cfg, trust)
     llm = _load_llm(llama, opts)
     report = LoadReport(source="original", lora="none")
-    report.ignored = {"eva": eva_ignored, "qformer": q_ignored, "checkpoint": ckpt_ignored}
+    report.ignored = parts["ignored"]
     report.loaded["llm"] = len(llm.state_dict())
-    model = _assemble(cfg, llm, vision_sd, qparts, proj, opts, report)
+    model = _assemble(cfg, llm, parts["vision"], parts["qformer"], parts["proj"], opts, report)
     report.seconds = time.perf_counter() - t0
     return model, report
 

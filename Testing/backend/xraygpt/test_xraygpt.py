@@ -189,3 +189,44 @@ def test_served_by_the_cli_report_and_vqa_over_http(files):
             assert out["warnings"] == []  # stopped at '###', not at the token limit
         r = requests.post(f"{proc.url}/v1/analyze", json={"task": "detect", "image": png}, timeout=60)
         assert r.status_code == 501 and "supports: report, vqa" in r.json()["error"]["message"]
+
+
+def test_convert_writes_a_safetensors_folder_that_loads_the_same_model(files, loaded, tmp_path, capsys):
+    """``minigptmed-backend convert --qformer ...`` (the CLI's main, in process) -> a folder the engine serves with
+    ``--converted``: the same image embeddings and the same answer as the original files; wrong folders fail naming
+    what is wrong."""
+    import numpy as np
+
+    from backend.cli import main
+    from backend.engines.base import AnalysisInput, DecodedImage, StopToken
+    from backend.engines.xraygpt import XrayGPTEngine
+    from backend.settings import XrayGPTSettings
+    from backend.xraygpt.weights import load_converted
+
+    out = tmp_path / "xraygpt-converted"
+    argv = ["convert", *files.args(), "--out", str(out)]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {out} ")
+    assert sorted(p.name for p in out.iterdir()) == ["llm", "vision.safetensors", "xraygpt_config.json"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the temporary folder was renamed
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "exists and is not empty" in err and "Traceback" not in err
+
+    original, _report, _tok = loaded
+    model, cfg, report = load_converted(out, LoadOptions())
+    assert report.source == "converted" and cfg == original.cfg
+    pixels = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(model.encode_images(pixels), original.encode_images(pixels))
+    ids = torch.tensor([[1, 5, 9, 33]])
+    with torch.no_grad():
+        assert torch.equal(model.llm(ids).logits, original.llm(ids).logits)
+
+    engine = XrayGPTEngine(XrayGPTSettings(converted=str(out), device="cpu"))
+    engine.load()
+    img = DecodedImage(np.full((60, 80), 90, np.uint8), "PNG")
+    res = engine.analyze_batch([AnalysisInput(task="report", image=img, max_new_tokens=60)], StopToken())
+    assert res[0].text == SCRIPT_ANSWER
+
+    with pytest.raises(WeightsError, match=r"no xraygpt_config\.json: not an XrayGPT converted folder"):
+        load_converted(files.llama, LoadOptions())
