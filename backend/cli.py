@@ -133,7 +133,7 @@ def add_model_arguments(p: argparse.ArgumentParser, convert: bool = False) -> No
         g.add_argument(
             "--qformer",
             help="XrayGPT instead: blip2_pretrained_flant5xxl.pth; with --eva, --llama (the Vicuna folder), "
-            "--checkpoint (XrayGPT's) and --out, writes a folder for 'serve --engine xraygpt --converted'",
+            "--checkpoint (XrayGPT's) and --out, writes a folder that the XrayGPT engine serves with --converted",
         )
         return
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
