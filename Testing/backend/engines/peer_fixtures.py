@@ -252,3 +252,29 @@ def peer_model(family: str) -> Path:
         builders = {"medgemma": build_medgemma, "qwen2_5_vl": build_qwen2_5_vl, "qwen3_vl": build_qwen3_vl}
         _CACHE[family] = builders[family](root)
     return _CACHE[family]
+
+
+_SCRIPTED: dict[tuple[str, str, str], Path] = {}
+
+
+def scripted_peer(family: str, answer: str, name: str | None = None) -> Path:
+    """A copy of the tiny ``family`` folder (``name`` as its folder name) whose ``generation_config.json`` carries a
+    transformers ``sequence_bias`` that makes greedy decoding write ``answer`` to any prompt: the real engine,
+    processor, ``generate()`` and decoder run, and the answer is the one given. Built once per process."""
+    key = (family, answer, name or family)
+    if key not in _SCRIPTED:
+        import shutil
+
+        from scripted_answers import script_bias
+        from transformers import AutoTokenizer, GenerationConfig
+
+        dst = Path(tempfile.mkdtemp(prefix=f"scripted-{family}-")) / (name or family)
+        shutil.copytree(peer_model(family), dst)
+        tok = AutoTokenizer.from_pretrained(dst, local_files_only=True)
+        ids = tok(answer, add_special_tokens=False).input_ids
+        assert tok.decode(ids, skip_special_tokens=True) == answer
+        gc = GenerationConfig.from_pretrained(dst, local_files_only=True)
+        gc.sequence_bias = script_bias(ids, tok.eos_token_id)
+        gc.save_pretrained(dst)
+        _SCRIPTED[key] = dst
+    return _SCRIPTED[key]

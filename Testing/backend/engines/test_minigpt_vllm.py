@@ -187,3 +187,42 @@ def test_four_numbers_become_a_box_only_where_the_model_gave_a_box(tiny, vllm_fo
                 got = ask(answer, REQUESTS["ground"])["findings"]
                 assert [f["box"] for f in got] == [pytest.approx([51.2, 102.4, 153.6, 204.8])]
             assert ask("nodule at 10 20 30 40", REQUESTS["ground"])["findings"] == []
+
+
+#: width, height: a portrait, a landscape and a square image (MiniGPT-Med squashes each to 448 x 448)
+SHAPES = {"portrait": (90, 150), "landscape": (170, 100), "square": (120, 120)}
+
+
+def _grid_to_pixels(g, w: int, h: int) -> list[float]:
+    """MiniGPT-Med's box convention, written out here: integers on 0..100 of the image's width and height."""
+    return [g[0] * w / 100, g[1] * h / 100, g[2] * w / 100, g[3] * h / 100]
+
+
+def test_boxes_land_on_each_images_grid_locally_and_on_vllm(tiny, vllm_folder, local):
+    """Issue 13 §2 for MiniGPT-Med, through both of its engines over HTTP: the local LLaMA (the tiny model trained to
+    answer ``[detection] tumor`` with ``{<10><20><30><40>}``) and the vLLM route (the stand-in writes a scripted
+    two-box answer); expected pixels from the 0..100 grid of each image's own width and height."""
+    script = "<p>mass</p> {<12><34><56><78>}<delim>{<3><7><41><29>}"
+    with VLLMStandIn(vllm_folder) as standin:
+        standin.script = script
+        remote = MiniGPTMedEngine(_settings(tiny, vllm_url=standin.url))
+        with ServerThread(local) as url_local, ServerThread(remote) as url_remote:
+            for shape, (w, h) in SHAPES.items():
+                a = np.add.outer(np.arange(h), np.arange(w)).astype(np.uint8)
+                png = b64(encode_png(a))
+                r = requests.post(
+                    f"{url_local}/v1/analyze", json={"task": "detect", "question": "tumor", "image": png}, timeout=60
+                )
+                assert r.status_code == 200, r.text
+                out = r.json()
+                assert out["raw_output"] == "<p>tumor</p> {<10><20><30><40>}", shape  # what the tiny model learnt
+                assert [f["label"] for f in out["findings"]] == ["tumor"]
+                assert np.allclose(out["findings"][0]["box"], _grid_to_pixels((10, 20, 30, 40), w, h), atol=1.0)
+                r = requests.post(
+                    f"{url_remote}/v1/analyze", json={"task": "detect", "question": "mass", "image": png}, timeout=60
+                )
+                assert r.status_code == 200, r.text
+                out = r.json()
+                assert out["raw_output"] == script and [f["label"] for f in out["findings"]] == ["mass", "mass"]
+                for f, g in zip(out["findings"], [(12, 34, 56, 78), (3, 7, 41, 29)], strict=True):
+                    assert np.allclose(f["box"], _grid_to_pixels(g, w, h), atol=1.0), (shape, f["box"])
