@@ -124,13 +124,20 @@ def reslice(volume_node: vtkMRMLVolumeNode, xy_to_ras: np.ndarray, w: int, h: in
 
 
 def window_level(raw: np.ndarray, window: float, level: float) -> np.ndarray:
-    """What Slicer displays: linear ramp over [level - window/2, level + window/2] to 0..255; NaN (outside the
-    volume) is black."""
-    lo = level - window / 2.0
-    scale = 255.0 / max(window, 1e-12)
-    v = (np.asarray(raw, dtype=np.float32) - np.float32(lo)) * np.float32(scale) + np.float32(0.5)
+    """What Slicer displays: the mapping of ``vtkImageMapToWindowLevelColors``, which Slicer's scalar volume display
+    node runs (grey colour table): ``(x + window / 2 - level) * 255 / window``, truncated to an integer, 0 at or
+    below ``level - window / 2`` and 255 at or above ``level + window / 2``. NaN (outside the volume) is black.
+
+    DICOM's linear VOI LUT (PS3.3 C.11.2.1.2) spreads 0..255 over ``window - 1`` instead of ``window`` (centred on
+    ``level - 0.5``), so a DICOM viewer shows up to ``255 / (window - 1)`` levels more contrast than Slicer (under one
+    level for windows wider than 256); the image sent is the one in the Slicer view, so VTK's mapping wins.
+    Computed in double precision, as VTK does."""
+    w = max(float(window), 1e-12)
+    x = np.asarray(raw, dtype=np.float64)
+    v = (x + (w / 2.0 - float(level))) * (255.0 / w)
+    v[x >= float(level) + w / 2.0] = 255.0  # VTK's upper clamp (the product above can round to 254.99...)
     np.nan_to_num(v, copy=False, nan=0.0)
-    np.clip(v, 0, 255, out=v)
+    np.clip(v, 0.0, 255.0, out=v)
     return np.floor(v).astype(np.uint8)
 
 

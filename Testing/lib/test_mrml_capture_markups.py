@@ -68,6 +68,68 @@ def _oblique(sl, degrees=25.0):
     sn.UpdateMatrices()
 
 
+def _slicer_window_level(raw, window: float, level: float) -> np.ndarray:
+    """Slicer's display mapping, written out here: vtkImageMapToWindowLevelColors (run by Slicer's scalar volume
+    display node) computes (x + window/2 - level) * 255/window in double precision, truncates it and clamps to
+    0..255, with 0 at or below level - window/2 and 255 at or above level + window/2; outside the volume (NaN here)
+    the view is black."""
+    x = np.asarray(raw, dtype=np.float64)
+    out = np.trunc((x + (window / 2.0 - level)) * (255.0 / window))
+    out = np.where(x <= level - window / 2, 0.0, np.where(x >= level + window / 2, 255.0, out))
+    out = np.where(np.isnan(x), 0.0, np.clip(out, 0.0, 255.0))
+    return out.astype(np.uint8)
+
+
+def _dicom_voi_linear(raw, window: float, level: float) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2 linear VOI LUT to 0..255 (continuous, not rounded)."""
+    x = np.asarray(raw, dtype=np.float64)
+    c, w = level, window
+    inner = ((x - (c - 0.5)) / (w - 1) + 0.5) * 255.0
+    return np.where(x <= c - 0.5 - (w - 1) / 2, 0.0, np.where(x > c - 0.5 + (w - 1) / 2, 255.0, inner))
+
+
+def _displayed_by_slicer(ctx, raw: np.ndarray, window: float, level: float) -> np.ndarray:
+    """What Slicer's own scalar volume display node (grey colour table) makes of ``raw``: its output RGBA's red."""
+    import slicer
+    import vtk
+    from vtk.util.numpy_support import numpy_to_vtk
+
+    img = vtk.vtkImageData()
+    img.SetDimensions(raw.size, 1, 1)
+    img.GetPointData().SetScalars(numpy_to_vtk(raw.astype(np.float32).ravel(), deep=True, array_type=vtk.VTK_FLOAT))
+    dn = slicer.vtkMRMLScalarVolumeDisplayNode()
+    ctx.scene.AddNode(dn)
+    try:
+        dn.SetAndObserveColorNodeID("vtkMRMLColorTableNodeGrey")
+        dn.AutoWindowLevelOff()
+        dn.SetWindowLevel(window, level)
+        source = vtk.vtkTrivialProducer()
+        source.SetOutput(img)
+        dn.SetInputImageDataConnection(source.GetOutputPort())
+        producer = dn.GetOutputImageDataConnection().GetProducer()
+        producer.Update()
+        rgba = vtk_to_numpy(producer.GetOutputDataObject(0).GetPointData().GetScalars())
+    finally:
+        ctx.scene.RemoveNode(dn)
+    return rgba.reshape((*raw.shape, 4))[..., 0]
+
+
+@pytest.mark.parametrize("window,level", [(400.0, 40.0), (1500.0, -600.0), (80.0, 40.0), (2.0, 0.0), (14478.0, 7342.0)])
+def test_window_level_is_what_slicer_displays(ctx, window, level):
+    """The project's window/level against Slicer's own display node, VTK's formula written here, and DICOM's linear
+    VOI LUT: equal to the first two; within 255/(window-1) levels (plus truncation) of DICOM's, which spreads the
+    ramp over window - 1 values."""
+    lo, hi = level - window, level + window
+    ramp = [np.linspace(lo, hi, 20001), np.round(np.linspace(lo, hi, 2001)), [level - window / 2, level + window / 2]]
+    raw = np.concatenate(ramp).astype(np.float32)  # the capture's reslice gives float32
+    got = C.window_level(raw, window, level)
+    assert np.array_equal(got, _displayed_by_slicer(ctx, raw, window, level))
+    assert np.array_equal(got, _slicer_window_level(raw, window, level))
+    assert got.min() == 0 and got.max() == 255
+    assert np.abs(got - _dicom_voi_linear(raw, window, level)).max() < 1 + 255 / (window - 1)
+    assert C.window_level(np.array([np.nan]), window, level)[0] == 0  # outside the volume: black
+
+
 def _expected_pixels(vol, captured):
     """Independent sampling: pixel centre -> RAS (recorded matrix) -> IJK (volume) -> nearest voxel -> W/L."""
     import vtk
@@ -85,7 +147,7 @@ def _expected_pixels(vol, captured):
     inside = np.all((ijk >= -0.5) & (ijk <= dims - 0.5), axis=0)
     idx = np.clip(idx, 0, dims - 1)
     raw = arr[idx[2], idx[1], idx[0]].astype(float)
-    out = C.window_level(raw, captured.window, captured.level)
+    out = _slicer_window_level(raw, captured.window, captured.level)
     out[~inside] = 0
     # sampling points exactly between two voxels: either neighbour is a correct nearest-neighbour answer
     tie = np.any(np.abs(ijk - np.floor(ijk) - 0.5) < 1e-3, axis=0)
@@ -126,6 +188,28 @@ def test_pixels_sent_equal_volume_at_recorded_positions(ctx, volumes, name, orie
     assert np.allclose(corner, pixel_to_ras(cap2.pixel_to_ras, 0.5, cap2.height - 0.5), atol=1e-6)
 
 
+@pytest.mark.parametrize("orientation", ["Axial", "Sagittal", "Coronal"])
+@pytest.mark.parametrize("name", ["chest_ct", "mni", "anatomical"])
+def test_pixels_sent_are_the_view_slicer_displays(ctx, volumes, name, orientation):
+    """The captured image against the slice view's own displayed image (the slice logic's RGBA output: Slicer's
+    reslice, window/level and grey colour table; transparent outside the volume, where the view is black)."""
+    vol = volumes[name]
+    vol.GetDisplayNode().SetInterpolate(0)
+    sl = S.add_slice_view(ctx, vol, f"shown{name}{orientation}", orientation, (240, 200))
+    sl.SetSliceOffset(sl.GetSliceOffset() + 1.3)
+    cap = C.capture_slice(sl)
+    producer = sl.GetImageDataConnection().GetProducer()
+    producer.Update()
+    img = producer.GetOutputDataObject(0)
+    w, h, _ = img.GetDimensions()
+    rgba = vtk_to_numpy(img.GetPointData().GetScalars()).reshape(h, w, 4)[::-1]  # PNG row order
+    shown = np.where(rgba[..., 3] > 0, rgba[..., 0], 0)
+    assert shown.shape == cap.pixels.shape
+    differ = shown != cap.pixels
+    assert differ.mean() < 0.005, f"{differ.mean():.3%} of pixels differ from the view"  # voxel-edge ties only
+    assert (shown > 0).mean() > 0.05
+
+
 def test_anatomical_left_handed_geometry(ctx, volumes):
     vol = volumes["anatomical"]
     import vtk
@@ -148,9 +232,7 @@ def test_request_carries_only_pixels_spacing_modality_and_values(ctx, volumes):
     assert stored.dtype == np.uint16 and stored.shape == cap.pixels.shape == (96, 128)
     hu = stored * v["slope"] + v["intercept"]
     # the same reslice as the image, before windowing: the window applied to the HU gives the image's pixels
-    assert np.array_equal(C.window_level(hu, cap.window, cap.level), cap.pixels) or (
-        np.abs(C.window_level(hu, cap.window, cap.level).astype(int) - cap.pixels).max() <= 1
-    )
+    assert np.array_equal(_slicer_window_level(hu, cap.window, cap.level), cap.pixels)
     # and they are the volume's voxel values: nearest voxel of the independently read series
     finite = np.isfinite(cap.values)
     assert np.allclose(hu[finite], np.rint(cap.values[finite]), atol=0.5)
