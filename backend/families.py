@@ -272,6 +272,10 @@ def _loads_lenient(s: str):
     raise ValueError("no JSON value")
 
 
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def decode_output(family: str, raw: str, g: ImageGeometry, default_label: str = "finding") -> Decoded:
     """Model text -> (text for the user, findings in sent-image pixels, warnings). Never raises."""
     text = strip_thinking(raw if isinstance(raw, str) else str(raw))
@@ -298,8 +302,8 @@ def decode_output(family: str, raw: str, g: ImageGeometry, default_label: str = 
             continue
         coords = obj.get(key)
         try:
-            if not isinstance(coords, (list, tuple)) or len(coords) != 4:
-                raise ValueError
+            if not isinstance(coords, (list, tuple)) or len(coords) != 4 or not all(map(_is_number, coords)):
+                raise ValueError  # only JSON numbers are coordinates: not "120" (text), not true
             box = decode_box(family, list(coords), g)
             if not all(math.isfinite(v) for v in box):
                 raise ValueError
@@ -311,7 +315,7 @@ def decode_output(family: str, raw: str, g: ImageGeometry, default_label: str = 
             Finding(
                 label=str(label) if label else default_label,
                 box=box,
-                score=obj.get("score") if isinstance(obj.get("score"), (int, float)) else None,
+                score=obj.get("score") if _is_number(obj.get("score")) else None,
             )
         )
     if dropped:
