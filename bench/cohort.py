@@ -1,15 +1,18 @@
 """Wall time of ``minigptmed-slicer batch`` on a cohort made from the real volumes, with --jobs 1 and --jobs 2.
 
-    python bench/cohort.py [--copies 3] [--task report] [--sweep-step 0]
+    python bench/cohort.py [--copies 3] [--task report] [--jobs 1,2] [--engine-delay S]
 
 The cohort: ``copies`` x (the full chest CT as NIfTI, a 24-slice DICOM series of it, the MNI template) plus a cut-short
-file, behind one built-in engine server (the runner's default, in process). Each setting runs on a fresh --out.
+file. Backend: the built-in engine inside the runner (its default), or with ``--engine-delay S`` a server in this
+process whose engine takes S seconds per call and no CPU (Testing/fault_engines.py's FixedCostEngine: a stand-in for
+a GPU VLM, whose time the runner can overlap with loading the next volume). Each setting runs on a fresh --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -43,7 +46,19 @@ def main() -> int:
     ap.add_argument("--copies", type=int, default=3)
     ap.add_argument("--task", default="report")
     ap.add_argument("--jobs", default="1,2")
+    ap.add_argument("--engine-delay", type=float, default=None, help="seconds per engine call (a GPU stand-in)")
     args = ap.parse_args()
+    if args.engine_delay is None:
+        return run(args, None)
+    from fault_engines import FixedCostEngine
+
+    from backend.server_thread import ServerThread
+
+    with ServerThread(FixedCostEngine(args.engine_delay)) as url:
+        return run(args, url)
+
+
+def run(args: argparse.Namespace, backend: str | None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-cohort-"))
     try:
         n = build(work / "in", args.copies)
@@ -51,18 +66,21 @@ def main() -> int:
         print(
             f"cohort: {n} cases ({args.copies} x chest CT NIfTI 512x512x133, DICOM 24 slices, MNI 197x233x189; 1 cut-short)"
         )
-        for jobs in [int(j) for j in args.jobs.split(",")]:
+        for k, jobs in enumerate(int(j) for j in args.jobs.split(",")):
             load0 = os.getloadavg()[0]
+            cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.perf_counter()
             r = subprocess.run(
                 [sys.executable, "-m", "headless.runner", "batch", str(work / "in"), "--task", args.task,
-                 "--jobs", str(jobs), "--out", str(work / f"out{jobs}")],
+                 "--jobs", str(jobs), "--out", str(work / f"out{k}"), *(["--backend", backend] if backend else [])],
                 cwd=ROOT, env=env, capture_output=True, text=True,
             )  # fmt: skip
             wall = time.perf_counter() - t0
-            ok = (work / f"out{jobs}" / "summary.csv").read_text().count(",ok,")
+            cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+            ok = (work / f"out{k}" / "summary.csv").read_text().count(",ok,")
             print(
-                f"--jobs {jobs}: {wall:.1f} s wall ({wall / n:.2f} s/case), {ok} ok, exit {r.returncode}, "
+                f"--jobs {jobs}: {wall:.1f} s wall ({wall / n:.2f} s/case), {cpu:.1f} s CPU, {ok} ok, exit {r.returncode}, "
                 f"load {load0:.1f} -> {os.getloadavg()[0]:.1f}"
             )
     finally:
