@@ -87,6 +87,7 @@ def test_folder_results_failure_row_and_resume(cohort, tmp_path, builtin_server,
     broken = rows["broken/cut.nii.gz"]
     assert broken["status"] == "failed" and "cut short" in broken["error"] and "\n" not in broken["error"]
     assert "broken/cut.nii.gz: failed:" in err and "Traceback" not in err
+    assert "batch: 100%" in err and "4/4" in err  # the progress bar (tqdm)
     middle = (CT_SLICES[1] - CT_SLICES[0]) // 2
     s_mid = _ct_slice_s(cohort / "ct" / "chest.nii", middle)
     for path in ("ct/chest.nii", "dicom/chest", "mr/mni.nrrd"):
@@ -234,3 +235,31 @@ def test_ctrl_c_keeps_finished_cases_and_resume_redoes_the_rest(cohort, tmp_path
     texts = {r["text"] for r in final.values()}
     assert len(texts) == 1  # the same volume six times: the same answer
     assert np.all([(cases / r["id"] / "view.png").exists() for r in final.values()])
+
+
+def test_sweep_cases_merge_in_3d(cohort, ct_phantom_path, tmp_path, builtin_server, capsys):
+    """A sweep per case: the synthetic CT phantom (solid 6 mm spheres centred every 10 mm along S, from S = -15 mm)
+    and the real CT's DICOM series."""
+    table = tmp_path / "sweep.csv"
+    table.write_text(f"path\n{ct_phantom_path}\n{cohort / 'dicom' / 'chest'}\n")
+    out = tmp_path / "out"
+    args = ["--sweep", "--task", "detect", "--range", "0:24", "--step", "2", "--backend", builtin_server]
+    code, err = _batch(capsys, str(table), *args, "--view-size", "256", "--out", str(out))
+    assert code == 0, err
+    phantom, dicom = _summary(out).values()
+    assert phantom["status"] == dicom["status"] == "ok" and phantom["slices"] == "12" and dicom["slices"] == "12"
+    data = json.loads((out / "cases" / phantom["id"] / "findings.json").read_text())
+    assert data["slices"] == list(range(0, 24, 2)) and phantom["text"] == data["summary"]
+    assert len(data["findings"]) == int(phantom["findings"]) >= 1
+    # the spheres' centres in RAS from the phantom's definition (conftest: voxel (x, y, z), LPS origin (80, 64, -20),
+    # 1 mm voxels): i even at (45, 55), odd at (115, 65), z = 5 + 10 i
+    centres = [
+        np.array([-(80.0 + (45 if i % 2 == 0 else 115)), -(64.0 + (55 if i % 2 == 0 else 65)), -20.0 + cz])
+        for i, cz in enumerate(range(5, 60, 10))
+    ]
+    for f in data["findings"]:
+        assert min(np.linalg.norm(np.array(f["center_ras"]) - c) for c in centres) < 6.0, f  # inside a sphere
+    lines = [ln for ln in _findings(out) if ln["case"] == phantom["id"]]
+    assert [ln["center_ras"] for ln in lines] == [f["center_ras"] for f in data["findings"]]
+    code, err = _batch(capsys, str(table), *args, "--out", str(tmp_path / "bad"), "--task", "report")
+    assert code == 2 and "a sweep asks detect or ground" in err
