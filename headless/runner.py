@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -180,6 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--offset", type=float, default=None, help="slice offset in mm (as Slicer's slice slider)")
     a.add_argument("--region", default=None, help="x0,y0,x1,y1 in pixels of the sent image (task identify)")
+    a.add_argument("--stream", action="store_true", help="print the answer's text on stdout as the model writes it")
+    a.add_argument(
+        "--follow-up",
+        action="append",
+        default=[],
+        metavar="QUESTION",
+        help="ask this (vqa) about the same image afterwards, with the earlier turns (repeatable)",
+    )
 
     s = sub.add_parser(
         "sweep", help="sweep detect/ground over slices and merge into 3D findings", formatter_class=HelpFormatter
@@ -319,6 +328,37 @@ class Job:
 class Answer:
     responses: list
     elapsed_s: float
+    conversation: Any = None  # analyze: the Conversation (its turns go into findings.json)
+    printed: bool = False  # the answers are already on stdout (--stream, --follow-up)
+
+
+def _ask(client, request, args: argparse.Namespace, cancel: threading.Event | None) -> Answer:
+    """The first question, then each --follow-up about the same image (uploaded once, with the earlier turns), the
+    answers' text on stdout as they come with --stream."""
+    from MiniGPTMedSlicerLib.client import run_calls
+    from MiniGPTMedSlicerLib.conversation import Conversation
+    from MiniGPTMedSlicerLib.protocol import VQA, AnalyzeRequest
+
+    t0 = time.perf_counter()
+    stream, follow = bool(getattr(args, "stream", False)), list(getattr(args, "follow_up", None) or [])
+    conv = Conversation(image=request.image, values=request.values)
+    asks = [request] + [AnalyzeRequest(task=VQA.id, question=q) for q in follow]
+    first = None
+    for i, req in enumerate(asks):
+        if i == 0 and not follow and not stream:
+            response = client.analyze(req, cancel)
+            conv.add(req, response)
+        elif stream:
+            for piece in conv.stream(client, req):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            response = conv.last_response
+        else:
+            response = run_calls(conv.ask(client, req), client, cancel)
+            print(response.text if i == 0 else f"Q: {req.question}\nA: {response.text}", flush=True)
+        first = first or response
+    return Answer([first], time.perf_counter() - t0, conv, printed=stream or bool(follow))
 
 
 def prepare_analyze(args: argparse.Namespace, log: Log = _progress) -> Job:
@@ -399,7 +439,7 @@ def send(client, job: Job, log: Log = _progress, cancel: threading.Event | None 
             client, job.captured, args.task, args.question, args.batch_size, cancel=cancel, progress=progress
         )
     else:
-        responses = [client.analyze(job.request, cancel)]
+        return _ask(client, job.request, job.args, cancel)
     return Answer(responses, time.perf_counter() - t0)
 
 
@@ -454,6 +494,8 @@ def _finish_analyze(job: Job, answer: Answer, health, log: Log) -> tuple[int, di
         "timings_ms": response.timings_ms,
         "findings": findings,
     }
+    if answer.conversation is not None:
+        data["conversation"] = [dataclasses.asdict(t) for t in answer.conversation.turns]
     _write_json(os.path.join(args.out, "findings.json"), data)
     code = _review_and_export(args, ctx, log)
     render_slice_view(ctx.app_logic, sl, os.path.join(args.out, "view.png"), (args.view_size, args.view_size))
@@ -545,7 +587,8 @@ def _run_one(args: argparse.Namespace, prepare: Callable[[argparse.Namespace], J
             answer = send(client, job)
             client.close()
         code, data = finish(job, answer, health)
-        print(data["summary"] if job.is_sweep else data["text"])
+        if not answer.printed:
+            print(data["summary"] if job.is_sweep else data["text"])
         return code
     finally:
         S.close(job.ctx)

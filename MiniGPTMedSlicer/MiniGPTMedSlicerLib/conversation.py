@@ -12,10 +12,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 from . import protocol
-from .client import BackendClient, BackendError, Calls
+from .client import BackendClient, BackendError, Calls, run_calls
 from .protocol import REUPLOAD_CODES, AnalyzeRequest, AnalyzeResponse, HistoryTurn, SliceValues
 
 
@@ -35,6 +35,7 @@ class Conversation:
     image_id: Optional[str] = None
     turns: List[ConversationTurn] = field(default_factory=list)
     uploads: int = 0  # how many times the image was uploaded (1, or more after an eviction)
+    last_response: Optional[AnalyzeResponse] = None
 
     def history(self) -> List[HistoryTurn]:
         return [HistoryTurn(question=t.question, answer=t.answer, task=t.task) for t in self.turns]
@@ -57,7 +58,27 @@ class Conversation:
             yield from self._upload(client)
             response = yield client.analyze_request(self.request_for(request))
         self.add(request, response)
+        self.last_response = response
         return response
+
+    def stream(self, client: BackendClient, request: AnalyzeRequest) -> Iterator[str]:
+        """The blocking transport's streamed :meth:`ask`: yields text deltas; then ``last_response`` holds the answer
+        (re-uploads on 404/410 before the first delta, as :meth:`ask`)."""
+        if self.image_id is None:
+            run_calls(self._upload(client), client)
+        for attempt in (0, 1):
+            s = client.stream(self.request_for(request))
+            try:
+                yield from s
+            except BackendError as e:
+                if attempt or e.code not in REUPLOAD_CODES:
+                    raise
+                run_calls(self._upload(client), client)
+                continue
+            assert s.response is not None
+            self.last_response = s.response
+            self.add(request, s.response)
+            return
 
     def _upload(self, client: BackendClient) -> Calls:
         stored = yield client.upload_request(self.image, self.values)
