@@ -1,0 +1,95 @@
+"""Conversation and streaming latencies over the real server (uvicorn on loopback) with the tiny offline MiniGPT-Med:
+time to first delta of a streamed report, follow-up latency with and without the image-embedding cache, and
+Cancel-to-idle (DELETE /v1/requests/{id} after the first delta -> the engine worker idle).
+
+    PYTHONPATH=.:MiniGPTMedSlicer:Testing python bench/conversation.py [--reps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / p) for p in ("", "MiniGPTMedSlicer", "Testing")]
+
+import requests  # noqa: E402
+from minigpt_fixtures import _training_images, tiny_files  # noqa: E402
+from MiniGPTMedSlicerLib import protocol  # noqa: E402
+from MiniGPTMedSlicerLib.client import BackendClient  # noqa: E402
+from MiniGPTMedSlicerLib.png import encode_png  # noqa: E402
+
+from backend.engines.minigptmed import MiniGPTMedEngine  # noqa: E402
+from backend.server_thread import ServerThread  # noqa: E402
+from backend.settings import MiniGPTMedSettings  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=5)
+    a = ap.parse_args()
+    t = tiny_files()
+    e = MiniGPTMedEngine(
+        MiniGPTMedSettings(
+            eva=str(t.eva), llama=str(t.llama), checkpoint=str(t.checkpoint), model_config=str(t.model_config)
+        )
+    )
+    st = ServerThread(e)
+    url = st.start()
+    service = st.app.state.service
+    img = base64.b64encode(encode_png(_training_images()[0])).decode()
+    client = BackendClient(url)
+    client.analyze(protocol.AnalyzeRequest(task="report", image=img))  # warm-up
+    ttfd, total, warm, cold, idle, decoded = [], [], [], [], [], []
+    for _ in range(a.reps):
+        e._cache.clear()
+        t0 = time.perf_counter()
+        s = client.stream(protocol.AnalyzeRequest(task="report", image=img))
+        it = iter(s)
+        next(it)
+        ttfd.append(time.perf_counter() - t0)
+        list(it)
+        total.append(time.perf_counter() - t0)
+        stored = client.upload(img)
+        first = client.analyze(
+            protocol.AnalyzeRequest(task="vqa", question="is there a mass?", image_id=stored.image_id)
+        )
+        hist = [protocol.HistoryTurn(question="is there a mass?", answer=first.raw_output, task="vqa")]
+        follow = protocol.AnalyzeRequest(task="report", image_id=stored.image_id, history=hist)
+        t0 = time.perf_counter()
+        client.analyze(follow)
+        warm.append(time.perf_counter() - t0)
+        e._cache.clear()
+        t0 = time.perf_counter()
+        client.analyze(follow)
+        cold.append(time.perf_counter() - t0)
+        # Cancel-to-idle: a long sampled answer, cancelled after its first delta
+        s = client.stream(protocol.AnalyzeRequest(task="report", image=img, temperature=1.5, max_new_tokens=1000))
+        it = iter(s)
+        next(it)
+        t0 = time.perf_counter()
+        requests.delete(f"{url}/v1/requests/{s.request_id}", timeout=5)
+        while service.engine_busy:
+            time.sleep(0.0005)
+        idle.append(time.perf_counter() - t0)
+        try:
+            decoded.append(len(list(it)))
+        except Exception:
+            decoded.append(-1)
+    st.stop()
+
+    def ms(v):
+        return f"median {statistics.median(v) * 1000:.1f} ms (min {min(v) * 1000:.1f}, max {max(v) * 1000:.1f})"
+
+    print(f"reps {a.reps}")
+    print(f"time to first delta (streamed report, cold cache): {ms(ttfd)}; whole answer {ms(total)}")
+    print(f"follow-up (report after one vqa turn, image_id) with the image cache: {ms(warm)}")
+    print(f"follow-up without the image cache (vision encoder runs): {ms(cold)}")
+    print(f"Cancel-to-idle (DELETE after the first delta -> engine idle): {ms(idle)}")
+
+
+if __name__ == "__main__":
+    main()
