@@ -41,6 +41,7 @@ class BuiltinSettings:
 
     max_nodule_candidates: int = 8  # per slice, strongest first
     max_lesion_candidates: int = 4
+    workers: int = 0  # slices of one batch analysed at once, one ITK thread each (0: one per CPU core)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .measure import axes_mm
-from .tissue import TissueMap, components, fill_holes
+from .tissue import TissueMap, components, dilate_mm, erode_mm, fill_holes
 
 SMOOTH_MM = 1.5
 ORGAN_RANGE_HU = (20.0, 250.0)
@@ -81,20 +81,6 @@ def _smooth(hu: np.ndarray, spacing: tuple[float, float], sigma_mm: float) -> np
     return sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(img, sigma_mm))
 
 
-def _erode_mm(mask: np.ndarray, spacing: tuple[float, float], mm: float) -> np.ndarray:
-    import SimpleITK as sitk
-
-    r = [max(1, int(round(mm / spacing[1]))), max(1, int(round(mm / spacing[0])))]
-    return sitk.GetArrayFromImage(sitk.BinaryErode(sitk.GetImageFromArray(mask.astype(np.uint8)), r)) > 0
-
-
-def _dilate_mm(mask: np.ndarray, spacing: tuple[float, float], mm: float) -> np.ndarray:
-    import SimpleITK as sitk
-
-    r = [max(1, int(round(mm / spacing[1]))), max(1, int(round(mm / spacing[0])))]
-    return sitk.GetArrayFromImage(sitk.BinaryDilate(sitk.GetImageFromArray(mask.astype(np.uint8)), r)) > 0
-
-
 def detect_lesions(hu: np.ndarray, tmap: TissueMap) -> list[LesionCandidate]:
     spacing = tmap.spacing
     px_area = spacing[0] * spacing[1]
@@ -115,7 +101,7 @@ def detect_lesions(hu: np.ndarray, tmap: TissueMap) -> list[LesionCandidate]:
         noise = 1.4826 * float(np.median(np.abs(inside - level)))
         delta = max(MIN_CONTRAST_HU, NOISE_FACTOR * noise)
         filled = fill_holes(organ)
-        inner = _erode_mm(filled, spacing, EDGE_MM)
+        inner = erode_mm(filled, spacing, EDGE_MM)
         for polarity, cand in (
             ("hypodense", inner & (sm <= level - delta)),
             ("hyperdense", inner & (sm >= level + delta)),
@@ -135,10 +121,15 @@ def detect_lesions(hu: np.ndarray, tmap: TissueMap) -> list[LesionCandidate]:
                 mean_hu = float(hu[region].mean())
                 if mean_hu < LESION_MIN_HU or mean_hu > HYPER_MAX_HU:
                     continue
-                ring = _dilate_mm(region, spacing, RING_MM) & ~region
-                if float(filled[ring].mean()) < MIN_ORGAN_RING:
-                    continue
                 ys, xs = np.nonzero(region)
+                # the ring, on the region's bounding box plus the ring's width
+                py, px = int(math.ceil(RING_MM / spacing[0])) + 1, int(math.ceil(RING_MM / spacing[1])) + 1
+                a0, a1 = max(0, ys.min() - py), min(region.shape[0], ys.max() + py + 1)
+                b0, b1 = max(0, xs.min() - px), min(region.shape[1], xs.max() + px + 1)
+                sub = region[a0:a1, b0:b1]
+                ring = dilate_mm(sub, spacing, RING_MM) & ~sub
+                if float(filled[a0:a1, b0:b1][ring].mean()) < MIN_ORGAN_RING:
+                    continue
                 out.append(
                     LesionCandidate(
                         box=(float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)),

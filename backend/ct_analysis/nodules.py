@@ -23,8 +23,11 @@ Classical computer-aided detection, in five steps (constants below):
    * at most ``MAX_RIM_FRACTION`` of the region's pixels on the window's rim (it does not run on);
    * at least ``MIN_LUNG_CONTACT`` of a 1-pixel ring around the region lies in aerated lung (a nodule is surrounded
      by lung, a juxtapleural one at least on one side);
-   * core HU (mean of the region eroded by one pixel) <= ``MAX_CORE_HU`` (brighter: an enhanced vessel) and at
-     most ``MAX_FAT_FRACTION`` of its pixels in the fat range (fat at the mediastinum or diaphragm);
+   * core HU (mean of the region eroded by one pixel) <= ``MAX_CORE_HU`` (brighter: a contrast-enhanced vessel seen
+     in cross-section; a solid nodule reads about -100..+60 HU and enhances by some 20 HU, a calcified one is benign and
+     left to "calcification"); at most ``MAX_FAT_FRACTION`` of its pixels in the fat range and, from
+     ``FAT_CORE_MIN_MM`` on, a core median outside it (fat at the mediastinum or diaphragm taken in by the closing;
+     smaller regions are exempt because a nodule's partial-volume edge slices read in the fat range too);
    * Hessian blob objectness (SimpleITK ``ObjectnessMeasure``, object dimension 0, bright, on the image smoothed at
      the blob scale) at the maximum >= ``MIN_OBJECTNESS`` (a line scores near 0, a disc near 1).
 
@@ -55,8 +58,9 @@ MAX_ELONGATION = 1.5
 MAX_RIM_FRACTION = 0.05
 MIN_LUNG_CONTACT = 0.4
 MIN_OBJECTNESS = 0.5
-MAX_CORE_HU = 150.0
+MAX_CORE_HU = 100.0
 MAX_FAT_FRACTION = 0.5
+FAT_CORE_MIN_MM = 10.0
 GGO_MIN_CORE_HU = -750.0
 GGO_MIN_RESPONSE_HU = 150.0
 GGO_THRESHOLDS_HU = (-775.0, -700.0, -625.0)
@@ -133,12 +137,19 @@ def blob_response(x: np.ndarray, spacing: tuple[float, float]) -> tuple[np.ndarr
 
 
 def _local_maxima(r: np.ndarray, allowed: np.ndarray, threshold: float) -> list[tuple[int, int]]:
-    import SimpleITK as sitk
-
-    dil = sitk.GetArrayFromImage(sitk.GrayscaleDilate(sitk.GetImageFromArray(r), [2, 2]))
-    peaks = (r >= dil) & allowed & (r >= threshold)
-    ys, xs = np.nonzero(peaks)
-    order = np.argsort(-r[ys, xs])
+    """Pixels of ``allowed`` with ``r >= threshold`` that are the maximum of their 5 x 5 neighbourhood, strongest
+    first (the neighbourhood is read only around those pixels)."""
+    ys, xs = np.nonzero(allowed & (r >= threshold))
+    if ys.size == 0:
+        return []
+    p = np.pad(r, 2, constant_values=-np.inf)
+    vals = r[ys, xs]
+    peak = np.ones(ys.size, dtype=bool)
+    for dy in range(5):
+        for dx in range(5):
+            peak &= vals >= p[ys + dy, xs + dx]
+    ys, xs, vals = ys[peak], xs[peak], vals[peak]
+    order = np.argsort(-vals, kind="stable")
     return [(int(ys[i]), int(xs[i])) for i in order]
 
 
@@ -245,7 +256,9 @@ def detect_nodules(hu: np.ndarray, tmap: TissueMap) -> list[NoduleCandidate]:
         core_hu = float(hv[inner].mean()) if inner.any() else float(vals.mean())
         if core_hu > MAX_CORE_HU:
             continue
-        if float(np.mean((vals >= FAT_RANGE_HU[0]) & (vals < FAT_RANGE_HU[1]))) > MAX_FAT_FRACTION:
+        core_median = float(np.median(hv[inner])) if inner.any() else float(np.median(vals))
+        fat_core = diameter >= FAT_CORE_MIN_MM and FAT_RANGE_HU[0] <= core_median < FAT_RANGE_HU[1]
+        if fat_core or float(np.mean((vals >= FAT_RANGE_HU[0]) & (vals < FAT_RANGE_HU[1]))) > MAX_FAT_FRACTION:
             continue  # fat (pericardial, at the diaphragm) taken in by the closing, not a nodule
         objectness = _objectness(x, spacing, r_mm / math.sqrt(2.0), py, px)
         if objectness < MIN_OBJECTNESS:

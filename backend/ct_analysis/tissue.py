@@ -118,24 +118,49 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.BinaryFillhole(sitk.GetImageFromArray(mask.astype(np.uint8)))) > 0
 
 
-def close_disc(mask: np.ndarray, radius_mm: float, spacing: tuple[float, float], fill: bool = False) -> np.ndarray:
-    """Binary closing with a disc of ``radius_mm`` (elliptic in pixels when the spacing is anisotropic), then
-    (``fill``) its holes filled; computed on the mask's bounding box plus the radius."""
+def distance_to_mm(mask: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
+    """Euclidean distance in mm from every pixel to the nearest pixel of ``mask`` (0 on the mask; SimpleITK
+    ``SignedMaurerDistanceMap``, linear in the pixel count). An empty mask gives +inf everywhere."""
     import SimpleITK as sitk
 
+    if not mask.any():
+        return np.full(mask.shape, np.inf, dtype=np.float32)
+    d = sitk.SignedMaurerDistanceMap(
+        _sitk_mask(mask, spacing), insideIsPositive=False, squaredDistance=False, useImageSpacing=True
+    )
+    return np.maximum(sitk.GetArrayFromImage(d), 0.0).astype(np.float32)
+
+
+def dilate_mm(mask: np.ndarray, spacing: tuple[float, float], radius_mm: float) -> np.ndarray:
+    """``mask`` dilated by a closed disc of ``radius_mm`` (every pixel within that distance of the mask)."""
+    return distance_to_mm(mask, spacing) <= radius_mm
+
+
+def erode_mm(mask: np.ndarray, spacing: tuple[float, float], radius_mm: float) -> np.ndarray:
+    """``mask`` eroded by a closed disc of ``radius_mm`` (the pixels farther than that from everything outside;
+    the border of the array counts as inside)."""
+    return mask & (distance_to_mm(~mask, spacing) > radius_mm)
+
+
+def close_disc(mask: np.ndarray, radius_mm: float, spacing: tuple[float, float], fill: bool = False) -> np.ndarray:
+    """Binary closing with a disc of ``radius_mm`` (a disc in mm, so elliptic in pixels when the spacing is
+    anisotropic: dilation then erosion, each a threshold of a Euclidean distance map), then (``fill``) its holes
+    filled; computed on the mask's bounding box plus the radius."""
     ys, xs = np.nonzero(mask)
     if ys.size == 0:
         return mask.copy()
-    ry = max(1, int(round(radius_mm / spacing[0])))
-    rx = max(1, int(round(radius_mm / spacing[1])))
-    y0, y1 = max(0, ys.min() - ry - 1), min(mask.shape[0], ys.max() + ry + 2)
-    x0, x1 = max(0, xs.min() - rx - 1), min(mask.shape[1], xs.max() + rx + 2)
-    crop = sitk.GetImageFromArray(mask[y0:y1, x0:x1].astype(np.uint8))
-    closed = sitk.BinaryMorphologicalClosing(crop, [rx, ry], sitk.sitkBall, 1, True)
+    ry = int(np.ceil(radius_mm / spacing[0])) + 2
+    rx = int(np.ceil(radius_mm / spacing[1])) + 2
+    y0, y1 = max(0, ys.min() - ry), min(mask.shape[0], ys.max() + ry + 1)
+    x0, x1 = max(0, xs.min() - rx), min(mask.shape[1], xs.max() + rx + 1)
+    # pad the crop by the radius so that the erosion does not eat in from the array's border (as for ITK's
+    # closing with the "safe border")
+    crop = np.pad(mask[y0:y1, x0:x1], ((ry, ry), (rx, rx)))
+    closed = erode_mm(dilate_mm(crop, spacing, radius_mm), spacing, radius_mm)[ry:-ry, rx:-rx]
     if fill:
-        closed = sitk.BinaryFillhole(closed)
+        closed = fill_holes(closed)
     out = np.zeros_like(mask, dtype=bool)
-    out[y0:y1, x0:x1] = sitk.GetArrayFromImage(closed) > 0
+    out[y0:y1, x0:x1] = closed
     return out
 
 
