@@ -78,8 +78,13 @@ def parse_range(text: Optional[str], count: int) -> Tuple[int, int]:
     a, sep, b = text.partition(":")
     if not sep:
         raise ValueError(f"range must look like A:B, got {text!r}")
-    start = int(a) if a.strip() else 0
-    stop = int(b) if b.strip() else count
+    try:
+        start = int(a) if a.strip() else 0
+        stop = int(b) if b.strip() else count
+    except ValueError:
+        raise ValueError(
+            f"range must look like A:B with whole slice numbers (a step goes in --step), got {text!r}"
+        ) from None
     start = start + count if start < 0 else start
     stop = stop + count if stop < 0 else stop
     if 0 <= start <= count and 0 <= stop <= count and start >= stop:

@@ -251,3 +251,11 @@ def test_sweep_exports_sagittal_sr_as_scoord3d(sweep_exports, dicom_folder):
         # Slicer's Sagittal preset looks from the patient's left: its slice normal is -R (SliceToRAS column 2)
         want = _plane_corners(f["center_ras"], f["size_mm"], f["axes"], best, (-1, 0, 0))
         assert np.abs(ras - want).max() < 1e-2
+
+
+def test_sweep_range_with_a_step_is_one_clear_line(dicom_folder, builtin_server, tmp_path):
+    r = _runner("sweep", dicom_folder[0], "--range", "2:8:2", "--backend", builtin_server, "--out", tmp_path / "r")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        "minigptmed-slicer: error: range must look like A:B with whole slice numbers (a step goes in --step), "
+        "got '2:8:2'"
+    )
