@@ -22,7 +22,7 @@ SHELL := /bin/bash
 # this machine's pip.conf points at local mirrors that print a warning per package; keep the log readable
 QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup demo test lint bench clean pythonqt-runtime dicom-tools
+.PHONY: setup demo test lint bench mutation clean pythonqt-runtime dicom-tools
 
 setup: $(STAMP)
 
@@ -48,6 +48,11 @@ dicom-tools:
 # packages are installed here when missing (as root; CI=true makes a missing host an error)
 pythonqt-runtime:
 	@sh tools/pythonqt_runtime.sh
+
+# mutation testing of the modules where a silent bug moves a box (not in make test or CI; docs/testing.md).
+# make mutation MUTANTS='backend.box_codecs*' runs one module; MUTATION_JOBS=2 runs two mutants at a time.
+mutation: $(STAMP)
+	VENV=$(VENV) sh tools/mutation.sh $(MUTANTS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

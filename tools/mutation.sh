@@ -1,0 +1,38 @@
+#!/bin/sh
+# make mutation: mutmut over the modules where a silent bug moves a box ([tool.mutmut] in pyproject.toml,
+# results and survivors in docs/testing.md). Not part of make test or CI.
+#
+# mutmut names a mutant by its file's path, and the tests import the Slicer module's core as the top-level package
+# MiniGPTMedSlicerLib: so the run happens in a staging copy (build/mutation) where that package sits at the top,
+# as it is imported. Usage: tools/mutation.sh [MUTANT-GLOB...], e.g. tools/mutation.sh 'backend.box_codecs*'
+set -eu
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+VENV=${VENV:-$ROOT/.venv}
+STAGE=${MUTATION_DIR:-$ROOT/build/mutation}
+rm -rf "$STAGE"
+mkdir -p "$STAGE"
+cp -r "$ROOT/backend" "$ROOT/headless" "$ROOT/Testing" "$ROOT/pyproject.toml" "$STAGE/"
+cp -r "$ROOT/MiniGPTMedSlicer/MiniGPTMedSlicerLib" "$STAGE/MiniGPTMedSlicerLib"
+find "$STAGE" -name __pycache__ -prune -exec rm -rf {} +
+cd "$STAGE"
+unset PYTHONPATH  # only the mutated copy may be importable
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false QT_QPA_PLATFORM=offscreen
+export VTK_DEFAULT_OPENGL_WINDOW=vtkEGLRenderWindow
+start=$(date +%s)
+nice -n 15 "$VENV/bin/mutmut" run --max-children "${MUTATION_JOBS:-1}" "$@" || true
+echo "mutmut run: $(( $(date +%s) - start )) s"
+"$VENV/bin/mutmut" results --all true > "$STAGE/results.txt" || true
+"$VENV/bin/python" - "$STAGE/results.txt" <<'PY'
+import collections, sys
+by = collections.defaultdict(collections.Counter)
+for line in open(sys.argv[1]):
+    name, _, status = line.strip().rpartition(": ")
+    if name:
+        by[name.split(".x_")[0].split(".x\u01c1")[0]][status] += 1  # module.x_function__mutmut_N
+print(f"{'module':40} {'killed':>7} {'total':>6} score  (survived / no tests / timeout)")
+for mod, c in sorted(by.items()):
+    total = sum(c.values())
+    bad = c["survived"] + c["no tests"]  # a timeout counts as killed
+    print(f"{mod:40} {total - bad:7} {total:6} {100 * (total - bad) / total:5.1f}%  {dict(c)}")
+PY
+echo "survivors: cd $STAGE && $VENV/bin/mutmut show NAME (list in $STAGE/results.txt)"
