@@ -10,7 +10,9 @@ Without either, the engine's free-text task is used: ``vqa`` when it has one and
 When the answer has boxes, the message content ends with a fenced JSON list in Qwen3-VL's convention
 (``bbox_2d`` = [x0, y0, x1, y1] on 0..1000 of the image, plus ``label`` and ``score``), and the message carries them
 in pixels as an extra ``findings`` field. ``"stream": true`` is answered as server-sent events (OpenAI's
-``chat.completion.chunk`` objects, then ``data: [DONE]``) carrying the whole answer in one content chunk.
+``chat.completion.chunk`` objects, then ``data: [DONE]``): one content chunk per piece the engine decodes (MiniGPT-Med
+streams token by token; engines that do not stream send one chunk), then the boxes with ``usage``.
+Multi-turn ``messages``: one image in the conversation; the earlier user/assistant pairs are the request's history.
 """
 
 from __future__ import annotations
@@ -20,12 +22,21 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
-from MiniGPTMedSlicerLib.protocol import ERRORS, REPORT, TASKS, VQA, AnalyzeRequest, Finding, Task, status_descriptions
+from MiniGPTMedSlicerLib.protocol import (
+    ERRORS,
+    REPORT,
+    TASKS,
+    VQA,
+    AnalyzeRequest,
+    Finding,
+    HistoryTurn,
+    Task,
+    status_descriptions,
+)
 from pydantic import BaseModel, ConfigDict, Field
 
 from .box_codecs import pixels_to_norm1000
@@ -154,38 +165,63 @@ def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 # -- parsing ----------------------------------------------------------------------------------------
 
 
-def parse_chat_request(body: ChatCompletionRequest, engine_tasks: tuple[str, ...]) -> AnalyzeRequest:
-    """OpenAI chat request -> our AnalyzeRequest (raises ApiError with a clear message)."""
-    if body.n is not None and body.n != 1:
-        raise ApiError("bad_request", f"n={body.n}: this server answers one choice per request; send n=1 (or omit it)")
-    users = [m for m in body.messages if m.role == "user"]
-    if not users:
-        raise ApiError("bad_request", "no user message")
-    content = users[-1].content
-    texts: list[str] = []
-    image = None
+def _parts(m: ChatMessage) -> tuple[str, list[str]]:
+    """(the message's text, its image URLs)."""
+    content = m.content
+    if content is None:
+        return "", []
     if isinstance(content, str):
-        texts.append(content)
-    elif isinstance(content, list):
-        for part in content:
-            if part.type == "text" and part.text is not None:
-                texts.append(part.text)
-            elif part.type == "image_url" and image is None and part.image_url is not None:
-                image = part.image_url.url if isinstance(part.image_url, ImageURL) else part.image_url
-    else:
+        return content.strip(), []
+    if not isinstance(content, list):
         raise ApiError("invalid_schema", "message content must be a string or a list of parts")
-    if image is None:
-        raise ApiError("bad_request", "the user message needs an image part (image_url with a data: URI)")
-    if not image.startswith("data:"):
-        raise ApiError("bad_request", "only data: URIs are accepted for images (this server fetches no URLs)")
-    text = " ".join(t.strip() for t in texts if t.strip())
-    task: str | None = body.task
+    texts, images = [], []
+    for part in content:
+        if part.type == "text" and part.text is not None:
+            texts.append(part.text)
+        elif part.type == "image_url" and part.image_url is not None:
+            images.append(part.image_url.url if isinstance(part.image_url, ImageURL) else part.image_url)
+    return " ".join(t.strip() for t in texts if t.strip()), images
+
+
+def _task_of(text: str, given: str | None, engine_tasks: tuple[str, ...]) -> tuple[str, str]:
     m = _TAG.match(text)
+    task = given
     if m:
         task = task or m.group(1).lower()
         text = text[m.end() :]
     if task is None:
         task = VQA.id if (VQA.id in engine_tasks and text) else REPORT.id
+    return task, text
+
+
+def parse_chat_request(body: ChatCompletionRequest, engine_tasks: tuple[str, ...]) -> AnalyzeRequest:
+    """OpenAI chat request -> our AnalyzeRequest (raises ApiError with a clear message). Multi-turn: one image in
+    any user message (usually the first); the last user message is the question; each earlier user message with the
+    assistant message after it is a turn of ``history``."""
+    if body.n is not None and body.n != 1:
+        raise ApiError("bad_request", f"n={body.n}: this server answers one choice per request; send n=1 (or omit it)")
+    msgs = [m for m in body.messages if m.role in ("user", "assistant")]
+    users = [i for i, m in enumerate(msgs) if m.role == "user"]
+    if not users:
+        raise ApiError("bad_request", "no user message")
+    parsed = [_parts(m) for m in msgs]
+    images = [u for _, imgs in parsed for u in imgs]
+    if not images:
+        raise ApiError("bad_request", "the user message needs an image part (image_url with a data: URI)")
+    if len(images) > 1:
+        raise ApiError(
+            "bad_request", f"{len(images)} images in the conversation; this server takes one per conversation"
+        )
+    image = images[0]
+    if not image.startswith("data:"):
+        raise ApiError("bad_request", "only data: URIs are accepted for images (this server fetches no URLs)")
+    history: list[HistoryTurn] = []
+    last = users[-1]
+    for i in users[:-1]:
+        answer = parsed[i + 1][0] if i + 1 < len(msgs) and msgs[i + 1].role == "assistant" else ""
+        t_task, t_text = _task_of(parsed[i][0], None, engine_tasks)
+        history.append(HistoryTurn(question=t_text, answer=answer, task=t_task))  # type: ignore[arg-type]
+    task, text = _task_of(parsed[last][0], body.task, engine_tasks)
     return AnalyzeRequest(
         task=task,
         image=image,
@@ -193,6 +229,7 @@ def parse_chat_request(body: ChatCompletionRequest, engine_tasks: tuple[str, ...
         region=body.region,
         max_new_tokens=body.max_completion_tokens or body.max_tokens,
         temperature=body.temperature,
+        history=history or None,
     )
 
 
@@ -208,27 +245,32 @@ def add_openai_routes(app: FastAPI, service: AnalysisService) -> None:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletion | StreamingResponse:
         req = parse_chat_request(body, service.info.tasks)
         inp = await asyncio.get_running_loop().run_in_executor(None, service.prepare, req)
-        t0 = time.perf_counter()
-        (result,) = await service.run([inp], request.is_disconnected)
-        resp = service.respond(inp, result, {"engine": (time.perf_counter() - t0) * 1000})
         request.scope.setdefault("state", {}).setdefault("log", {}).update(task=req.task, engine=service.info.engine)
-        content = resp.text
-        if resp.findings:
-            w, h = inp.image.width, inp.image.height
-            boxes = [
-                {"bbox_2d": [round(v) for v in pixels_to_norm1000(f.box, w, h)], "label": f.label, "score": f.score}
-                for f in resp.findings
-            ]
-            content += "\n```json\n" + json.dumps(boxes) + "\n```"
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        if body.stream:  # the whole answer in one chunk (the engines do not stream tokens)
+        rid = request.scope.get("state", {}).get("rid")
+        if (
+            body.stream
+        ):  # real per-token deltas from the engine's decode loop (one chunk for engines that do not stream)
+            loop = asyncio.get_running_loop()
+            pieces: asyncio.Queue[str] = asyncio.Queue()
+
+            def on_text(text: str) -> None:
+                loop.call_soon_threadsafe(pieces.put_nowait, text)
+
+            inp.on_text = on_text
+            job = service.submit([inp], rid)
             return StreamingResponse(
-                _sse(cid, created, resp.model, content, resp.findings),
+                _stream_chunks(service, job, inp, pieces, cid, created),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
-        message = AssistantMessage(content=content, findings=resp.findings)
-        return ChatCompletion(id=cid, created=created, model=resp.model, choices=[Choice(message=message)])
+        t0 = time.perf_counter()
+        (result,) = await service.wait(service.submit([inp], rid), request.is_disconnected)
+        resp = service.respond(inp, result, {"engine": (time.perf_counter() - t0) * 1000})
+        message = AssistantMessage(content=resp.text + _boxes_block(resp.findings, inp), findings=resp.findings)
+        return ChatCompletion(
+            id=cid, created=created, model=resp.model, choices=[Choice(message=message)], usage=_usage(resp)
+        )
 
     app.router.add_api_route(
         "/v1/chat/completions",
@@ -241,14 +283,73 @@ def add_openai_routes(app: FastAPI, service: AnalysisService) -> None:
     )
 
 
-def _sse(cid: str, created: int, model: str, content: str, findings: list[Finding]) -> Iterator[str]:
-    """``stream: true``: OpenAI's chunk events (role, the content, the finish) and ``data: [DONE]``."""
+def _usage(resp) -> Usage:
+    p = int(resp.timings_ms.get("prompt_tokens", 0))
+    c = int(resp.timings_ms.get("new_tokens", 0))
+    return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+
+
+def _boxes_block(findings: list[Finding], inp) -> str:
+    """The boxes as a fenced JSON list in Qwen3-VL's convention (0..1000 of the image), appended to the content."""
+    if not findings:
+        return ""
+    w, h = inp.image.width, inp.image.height
+    boxes = [
+        {"bbox_2d": [round(v) for v in pixels_to_norm1000(f.box, w, h)], "label": f.label, "score": f.score}
+        for f in findings
+    ]
+    return "\n```json\n" + json.dumps(boxes) + "\n```"
+
+
+async def _stream_chunks(service: AnalysisService, job, inp, pieces, cid: str, created: int):
+    """``stream: true``: OpenAI's chunk events: the role, one content chunk per decoded piece, the boxes (when any)
+    with the finish reason and ``usage``, then ``data: [DONE]``; an engine error mid-stream is one
+    ``data:`` object in OpenAI's error shape. A client that goes away cancels the request."""
+    model = service.info.model
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
-    for delta, finish in (
-        (Delta(role="assistant", content=""), None),
-        (Delta(content=content, findings=findings), None),
-        (Delta(), "stop"),
-    ):
+
+    def chunk(delta: Delta, finish: str | None = None, **extra) -> str:
         choice = {"index": 0, "delta": delta.model_dump(exclude_none=True), "finish_reason": finish}
-        yield f"data: {json.dumps({**base, 'choices': [choice]})}\n\n"
-    yield "data: [DONE]\n\n"
+        return f"data: {json.dumps({**base, 'choices': [choice], **extra})}\n\n"
+
+    finished = False
+    sent: list[str] = []
+    try:
+        yield chunk(Delta(role="assistant", content=""))
+        getter = asyncio.ensure_future(pieces.get())
+        while True:
+            done, _ = await asyncio.wait({getter, job.future}, timeout=0.25, return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                sent.append(getter.result())
+                yield chunk(Delta(content=sent[-1]))
+                getter = asyncio.ensure_future(pieces.get())
+            elif job.future.done():
+                break
+            elif service.timed_out(job):
+                finished = True
+                yield f"data: {json.dumps(openai_error_body(service.timeout_error()))}\n\n"
+                return
+        getter.cancel()
+        while not pieces.empty():
+            sent.append(pieces.get_nowait())
+            yield chunk(Delta(content=sent[-1]))
+        finished = True
+        try:
+            (result,) = job.future.result()
+        except ApiError as e:
+            yield f"data: {json.dumps(openai_error_body(e))}\n\n"
+            return
+        resp = service.respond(inp, result, {})
+        final, so_far = resp.raw_output or resp.text, "".join(sent)
+        rest = final[len(so_far) :] if final.startswith(so_far) else ""
+        if rest:
+            yield chunk(Delta(content=rest))
+        tail = _boxes_block(resp.findings, inp)
+        yield chunk(
+            Delta(content=tail or None, findings=resp.findings or None), "stop", usage=_usage(resp).model_dump()
+        )
+        yield "data: [DONE]\n\n"
+    finally:
+        if not finished:
+            service.cancel_job(job)
+        service.forget(job)

@@ -150,3 +150,46 @@ def test_stream_errors_before_it_starts_are_plain_json(served):
     with pytest.raises(BackendError) as e:
         list(BackendClient(url).stream(protocol.AnalyzeRequest(task="report", image_id="f" * 64)))
     assert e.value.code == "image_not_found" and e.value.status == 404
+
+
+def test_chat_completions_multi_turn_and_per_token_stream(served):
+    url, _, _ = served
+    uri = "data:image/png;base64," + IMGS[1]
+    first = _post(url, "/v1/analyze", {"task": "vqa", "question": "is there a mass?", "image": IMGS[1]})
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": uri}},
+                {"type": "text", "text": "[vqa] is there a mass?"},
+            ],
+        },
+        {"role": "assistant", "content": first["raw_output"]},
+        {"role": "user", "content": "Describe this image in detail"},
+    ]
+    plain = _post(url, "/v1/chat/completions", {"messages": messages, "task": "report"})
+    hist = [{"question": "is there a mass?", "answer": first["raw_output"], "task": "vqa"}]
+    native = _post(url, "/v1/analyze", {"task": "report", "image": IMGS[1], "history": hist})
+    assert plain["choices"][0]["message"]["content"] == native["text"]
+    assert plain["usage"]["prompt_tokens"] == native["timings_ms"]["prompt_tokens"]
+    r = requests.post(
+        f"{url}/v1/chat/completions",
+        json={"messages": messages, "task": "report", "stream": True},
+        stream=True,
+        timeout=60,
+    )
+    events = []
+    parser = SseParser()
+    for chunk in r.iter_content(chunk_size=None):
+        events += parser.feed(chunk)
+    assert events[-1].data == "[DONE]"
+    objs = [json.loads(e.data) for e in events[:-1]]
+    content = [o["choices"][0]["delta"].get("content") for o in objs if o["choices"]]
+    assert len([c for c in content if c]) >= 2 and "".join(c or "" for c in content) == native["text"]
+    usage = objs[-1]["usage"]
+    assert (
+        usage["completion_tokens"] == native["timings_ms"]["new_tokens"]
+        and usage["total_tokens"] > usage["completion_tokens"]
+    )
+    two = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}}] * 2}]
+    assert "one per conversation" in _post(url, "/v1/chat/completions", {"messages": two}, 400)["error"]["message"]
