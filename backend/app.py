@@ -39,6 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import __version__
 from .engines.base import AnalysisInput, Engine
 from .errors import ApiError
+from .findings import MAX_TEXT_CHARS, clean_text
 from .openai_routes import add_openai_routes, is_openai_path, openai_error_body
 from .service import AnalysisService, _Job
 from .settings import ServerSettings
@@ -197,7 +198,9 @@ def _stream(service: AnalysisService, inp: AnalysisInput, rid: str, decode_s: fl
     pieces: asyncio.Queue[str] = asyncio.Queue()
 
     def on_text(text: str) -> None:
-        loop.call_soon_threadsafe(pieces.put_nowait, text)
+        text = clean_text(text, MAX_TEXT_CHARS)  # as the final text is cleaned (control characters dropped)
+        if text:
+            loop.call_soon_threadsafe(pieces.put_nowait, text)
 
     inp.on_text = on_text
     t1 = time.perf_counter()

@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .box_codecs import pixels_to_norm1000
 from .errors import ApiError
+from .findings import MAX_TEXT_CHARS, clean_text
 from .service import AnalysisService
 
 #: The routes that answer in OpenAI's shapes (errors included).
@@ -255,7 +256,9 @@ def add_openai_routes(app: FastAPI, service: AnalysisService) -> None:
             pieces: asyncio.Queue[str] = asyncio.Queue()
 
             def on_text(text: str) -> None:
-                loop.call_soon_threadsafe(pieces.put_nowait, text)
+                text = clean_text(text, MAX_TEXT_CHARS)  # as the final text is cleaned
+                if text:
+                    loop.call_soon_threadsafe(pieces.put_nowait, text)
 
             inp.on_text = on_text
             job = service.submit([inp], rid)

@@ -15,13 +15,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from MiniGPTMedSlicerLib.protocol import TEXT_TASKS
+from MiniGPTMedSlicerLib.protocol import REPORT, TEXT_TASKS
 
 from .. import families
 from ..families import ImageGeometry
 from ..setting_error import SettingError
 from ..settings import HFSettings
 from .base import AnalysisInput, AnalysisResult, Engine, EngineError, EngineInfo, StopToken, model_image
+from .text_stream import DeltaText
 
 log = logging.getLogger("minigptmed.hf")
 
@@ -144,7 +145,7 @@ class HFEngine(Engine):
             patch = int(getattr(self.image_processor, "patch_size", 14))
             g.model_height, g.model_width = gh * patch, gw * patch
         prompt = inp.prompt or families.prompt_for(self.family, inp.task, inp.question, inp.region, g, inp.modality)
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        messages = self.messages(inp, prompt, g)
         if im is not None:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             merge = int(getattr(self.image_processor, "merge_size", 2))
@@ -153,6 +154,21 @@ class HFEngine(Engine):
         else:
             text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return text, img, g, im
+
+    def messages(self, inp: AnalysisInput, prompt: str, g: ImageGeometry) -> list[dict]:
+        """The chat messages for the model's own chat template: the earlier turns (the image in the first user
+        message, each answer as the assistant's message), then the question."""
+        turns = []
+        for t in inp.history:
+            q = t.question or families.prompt_for(self.family, REPORT.id, None, None, g, inp.modality)
+            turns += [(q, t.answer)]
+        out: list[dict] = []
+        for k, (q, a) in enumerate([*turns, (prompt, None)]):
+            content: list[dict] = [{"type": "image"}] if k == 0 else []
+            out.append({"role": "user", "content": [*content, {"type": "text", "text": q}]})
+            if a is not None:
+                out.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
+        return out
 
     def _collate(self, preps) -> dict:
         """Several prepared inputs -> one left-padded batch."""
@@ -176,9 +192,9 @@ class HFEngine(Engine):
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
-        class _Stop(StoppingCriteria):
+        class _Stop(StoppingCriteria):  # the deadline, or every row of the batch cancelled
             def __call__(self, input_ids, scores, **kwargs):
-                return stop.should_stop()
+                return stop.should_stop() or all(i.is_cancelled() for i in inputs)
 
         t0 = time.perf_counter()
         preps = [self._prepare(inp) for inp in inputs]
@@ -200,6 +216,10 @@ class HFEngine(Engine):
             "do_sample": temperature > 0,
             "stopping_criteria": StoppingCriteriaList([_Stop()]),
         }
+        streamer = None
+        if len(inputs) == 1 and inputs[0].on_text is not None:  # streaming (transformers streams batch 1 only)
+            streamer = _DeltaStreamer(self.tokenizer, DeltaText(inputs[0].on_text))
+            gen_kwargs["streamer"] = streamer
         if temperature > 0:
             gen_kwargs["temperature"] = temperature
         else:  # the folder's generation_config may ask for sampling: greedy must win
@@ -212,11 +232,13 @@ class HFEngine(Engine):
         ends = {int(v) for v in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id) if v is not None}
         eos = getattr(self.model.generation_config, "eos_token_id", None)
         ends.update([eos] if isinstance(eos, int) else (eos or []))
-        results = []
+        results: list[AnalysisResult] = []
         for row, inp, limit, (_text, _img, g, _im) in zip(out, inputs, limits, preps, strict=True):
             new = row[batch["input_ids"].shape[1] :].tolist()[:limit]
             n = next((i for i, tid in enumerate(new) if tid in ends), len(new))
             raw = self.tokenizer.decode(new[:n], skip_special_tokens=True)
+            if streamer is not None:
+                streamer.delta.finish(raw)
             default_label = inp.question or families.default_detect_label(self.family, inp.modality)
             dec = families.decode_output(self.family, raw, g, default_label=default_label)
             if inp.task in TEXT_TASKS and self.family == "generic":
@@ -236,3 +258,23 @@ class HFEngine(Engine):
                 )
             )
         return results
+
+
+class _DeltaStreamer:
+    """transformers' streamer interface (``put`` ids, ``end``) over the whole decode so far, through ``DeltaText``
+    (never half a UTF-8 character; special tokens skipped). The prompt's ids (the first ``put``) are not shown."""
+
+    def __init__(self, tokenizer, delta: DeltaText):
+        self.tokenizer, self.delta = tokenizer, delta
+        self.ids: list[int] = []
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.ids += [int(v) for v in value.reshape(-1).tolist()]
+        self.delta.update(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+
+    def end(self) -> None:
+        pass
