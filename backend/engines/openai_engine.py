@@ -120,15 +120,7 @@ class OpenAIEngine(Engine):
             "model": self.model,
             "temperature": inp.temperature if inp.temperature is not None else 0.0,
             "max_tokens": inp.max_new_tokens or self.default_max_tokens,
-            "messages": [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": data_uri}},
-                        {"type": "text", "text": prompt},
-                    ],
-                }
-            ],
+            "messages": _messages(inp, prompt, data_uri),
         }
         remaining = None
         if stop.deadline is not None:
@@ -170,3 +162,16 @@ class OpenAIEngine(Engine):
 
     def close(self) -> None:
         self.session.close()
+
+
+def _messages(inp: AnalysisInput, prompt: str, data_uri: str) -> list[dict]:
+    """Chat messages: the earlier turns (the image in the first user message, each answer as the assistant's
+    message), then the question."""
+    turns = [(t.question or prompt, t.answer) for t in inp.history]
+    out: list[dict] = []
+    for k, (q, a) in enumerate([*turns, (prompt, None)]):
+        image = [{"type": "image_url", "image_url": {"url": data_uri}}] if k == 0 else []
+        out.append({"role": "user", "content": [*image, {"type": "text", "text": q}]})
+        if a is not None:
+            out.append({"role": "assistant", "content": a})
+    return out

@@ -193,3 +193,29 @@ def test_chat_completions_multi_turn_and_per_token_stream(served):
     )
     two = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}}] * 2}]
     assert "one per conversation" in _post(url, "/v1/chat/completions", {"messages": two}, 400)["error"]["message"]
+
+
+def test_openai_engine_sends_the_turns_as_chat_messages(served):
+    from backend.engines.openai_engine import OpenAIEngine
+    from backend.settings import OpenAISettings
+
+    url, engine, _ = served
+    seen: list = []
+    inner = engine.analyze_batch
+
+    def recording(inputs, stop):  # what the inner engine is asked: the turns it got
+        seen.extend([(i.history, i.question) for i in inputs])
+        return inner(inputs, stop)
+
+    engine.analyze_batch = recording
+    first = _post(url, "/v1/analyze", {"task": "vqa", "question": "is there a mass?", "image": IMGS[2]})
+    hist = [{"question": "is there a mass?", "answer": first["raw_output"] + " really", "task": "vqa"}]
+    body = {"task": "vqa", "question": "is there a mass?", "image": IMGS[2], "history": hist}
+    native = _post(url, "/v1/analyze", body)
+    with ServerThread(OpenAIEngine(OpenAISettings(url=url + "/v1", family="generic"))) as outer:
+        relayed = _post(outer, "/v1/analyze", body)
+        single = _post(outer, "/v1/analyze", {**body, "history": None})
+    del engine.analyze_batch
+    assert relayed["text"] == native["text"]
+    assert single["text"] == first["text"]
+    assert seen[2] == seen[1] and seen[1][0][0].answer == first["raw_output"] + " really" and seen[3][0] == ()
