@@ -401,8 +401,9 @@ def prepare_analyze(args: argparse.Namespace, log: Log = _progress) -> Job:
     return Job(args, ctx, vol, sl, captured, request=request)
 
 
-def prepare_sweep(args: argparse.Namespace, log: Log = _progress) -> Job:
-    """Load the volume, plan the sweep and capture its slices."""
+def prepare_sweep(args: argparse.Namespace, log: Log = _progress, capture: bool = True) -> Job:
+    """Load the volume, plan the sweep and capture its slices (``capture=False``: leave that to
+    :func:`capture_and_send`, which overlaps it with the analysis)."""
     from MiniGPTMedSlicerLib import scene as S
     from MiniGPTMedSlicerLib.sweep import capture_sweep, parse_range, plan_sweep
 
@@ -416,7 +417,7 @@ def prepare_sweep(args: argparse.Namespace, log: Log = _progress) -> Job:
         except ValueError as e:
             raise RunnerError(str(e)) from None
         log(f"sweeping {len(plan.indices)} of {full.slice_count} {args.view} slices (step {args.step})")
-        captured = capture_sweep(sl, plan, export_size=args.export_size)
+        captured = capture_sweep(sl, plan, export_size=args.export_size) if capture else []
     except BaseException:
         S.close(ctx)
         raise
@@ -440,6 +441,42 @@ def send(client, job: Job, log: Log = _progress, cancel: threading.Event | None 
         )
     else:
         return _ask(client, job.request, job.args, cancel)
+    return Answer(responses, time.perf_counter() - t0)
+
+
+def capture_and_send(client, job: Job, log: Log = _progress) -> Answer:
+    """A sweep whose slices are captured here (MRML: the main thread) batch by batch while the batches already
+    captured are being analysed (network only, one sender thread): the backend works while MRML reslices. Fills
+    ``job.captured``; the answers come back in slice order."""
+    import dataclasses
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from MiniGPTMedSlicerLib.sweep import SweepProgress, analyze_sweep, capture_sweep
+
+    args, plan = job.args, job.plan
+    size = max(1, args.batch_size)
+    total = len(plan.offsets_mm)
+    t0 = time.perf_counter()
+    done = [0]
+
+    def analyse(chunk: list) -> list:
+        out = analyze_sweep(client, chunk, args.task, args.question, size)
+        done[0] += len(chunk)
+        log(str(SweepProgress(done[0], total, time.perf_counter() - t0)))
+        return out
+
+    futures: list[Future] = []
+    with ThreadPoolExecutor(1, thread_name_prefix="sweep-send") as pool:
+        for a in range(0, total, size):
+            if any(f.done() and f.exception() is not None for f in futures):
+                break  # a batch failed: stop capturing, its error is raised below
+            part = dataclasses.replace(
+                plan, indices=plan.indices[a : a + size], offsets_mm=plan.offsets_mm[a : a + size]
+            )
+            chunk = capture_sweep(job.sl, part, export_size=args.export_size)
+            job.captured.extend(chunk)
+            futures.append(pool.submit(analyse, chunk))
+        responses = [r for f in futures for r in f.result()]
     return Answer(responses, time.perf_counter() - t0)
 
 
@@ -584,7 +621,7 @@ def _run_one(args: argparse.Namespace, prepare: Callable[[argparse.Namespace], J
             client = _client(url, args)
             health = client.health()
             _progress(f"backend {url}: engine {health.engine}, model {health.model}")
-            answer = send(client, job)
+            answer = capture_and_send(client, job) if job.is_sweep and not job.captured else send(client, job)
             client.close()
         code, data = finish(job, answer, health)
         if not answer.printed:
@@ -599,7 +636,7 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 
 def run_sweep_cmd(args: argparse.Namespace) -> int:
-    return _run_one(args, prepare_sweep)
+    return _run_one(args, lambda a: prepare_sweep(a, capture=False))
 
 
 def run_series(args: argparse.Namespace) -> int:
