@@ -54,7 +54,10 @@ def test_full_queue_answers_503_with_retry_after():
     eng = SlowEngine()
     with ServerThread(eng, ServerSettings(queue_size=1)) as url, cf.ThreadPoolExecutor(4) as pool:
         first = pool.submit(requests.post, f"{url}/v1/analyze", json=_req(1.0), timeout=30)
-        time.sleep(0.3)  # first is running
+        t_end = time.monotonic() + 10
+        while eng.started == 0 and time.monotonic() < t_end:  # first is running (not still waiting in the queue)
+            time.sleep(0.01)
+        assert eng.started == 1
         second = pool.submit(requests.post, f"{url}/v1/analyze", json=_req(0.01), timeout=30)
         time.sleep(0.3)  # second is queued
         third = requests.post(f"{url}/v1/analyze", json=_req(0.01), timeout=30)
