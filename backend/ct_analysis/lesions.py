@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .measure import axes_mm
+from .measure import compact_axes
 from .tissue import TissueMap, components, dilate_mm, erode_mm, fill_holes
 
 SMOOTH_MM = 1.5
@@ -112,12 +112,10 @@ def detect_lesions(hu: np.ndarray, tmap: TissueMap) -> list[LesionCandidate]:
                 area = float(region.sum() * px_area)
                 if area < math.pi / 4 * DIAMETER_RANGE_MM[0] ** 2:
                     continue
-                long_mm, short_mm = axes_mm(region, spacing)
-                diameter = (long_mm + short_mm) / 2
-                if not (DIAMETER_RANGE_MM[0] <= diameter <= DIAMETER_RANGE_MM[1]):
+                shape = compact_axes(region, spacing, DIAMETER_RANGE_MM, MAX_ELONGATION)
+                if shape is None:
                     continue
-                if long_mm > MAX_ELONGATION * max(short_mm, 1e-6):
-                    continue
+                long_mm, short_mm, diameter = shape
                 mean_hu = float(hu[region].mean())
                 if mean_hu < LESION_MIN_HU or mean_hu > HYPER_MAX_HU:
                     continue

@@ -29,6 +29,21 @@ def axes_mm(region: np.ndarray, spacing: tuple[float, float]) -> tuple[float, fl
     return float(4 * math.sqrt(max(ev[1], 0.0))), float(4 * math.sqrt(max(ev[0], 0.0)))
 
 
+def compact_axes(
+    region: np.ndarray, spacing: tuple[float, float], diameter_range_mm: tuple[float, float], max_elongation: float
+) -> tuple[float, float, float] | None:
+    """The shape test of the candidate detectors: (long axis, short axis, mean diameter) in mm of the region's
+    equivalent ellipse when its mean diameter ((long + short) / 2) lies in ``diameter_range_mm`` and its elongation
+    (long / short) is at most ``max_elongation``; None otherwise."""
+    long_mm, short_mm = axes_mm(region, spacing)
+    diameter = (long_mm + short_mm) / 2
+    if not (diameter_range_mm[0] <= diameter <= diameter_range_mm[1]):
+        return None
+    if long_mm > max_elongation * max(short_mm, 1e-6):
+        return None
+    return long_mm, short_mm, diameter
+
+
 @dataclass
 class RegionMeasurement:
     unit: str  # "HU" or "raw"

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .measure import axes_mm
+from .measure import compact_axes
 from .tissue import FAT_RANGE_HU, TissueMap
 
 CLIP_MAX_HU = 100.0
@@ -245,12 +245,10 @@ def detect_nodules(hu: np.ndarray, tmap: TissueMap) -> list[NoduleCandidate]:
         ring = _shift_or(region) & ~region
         if ring.any() and float(lung[a0:a1, b0:b1][ring].mean()) < MIN_LUNG_CONTACT:
             continue
-        long_mm, short_mm = axes_mm(region, spacing)
-        diameter = (long_mm + short_mm) / 2
-        if not (DIAMETER_RANGE_MM[0] <= diameter <= DIAMETER_RANGE_MM[1]):
+        shape = compact_axes(region, spacing, DIAMETER_RANGE_MM, MAX_ELONGATION)
+        if shape is None:
             continue
-        if long_mm > MAX_ELONGATION * max(short_mm, 1e-6):
-            continue
+        long_mm, short_mm, diameter = shape
         vals = hv[region]
         inner = _erode(region)
         core_hu = float(hv[inner].mean()) if inner.any() else float(vals.mean())
