@@ -113,19 +113,12 @@ class LlavaEngine(Engine):
         return q
 
     def prompt_embeds(self, question: str, image_emb):
-        import torch
-
         from backend.llava.template import build_prompt, prompt_chunks
+        from backend.prompt_embeds import splice_image
 
         chunks = prompt_chunks(self.tokenizer.sp, build_prompt(question), self.tokenizer.bos_id)
-        parts = []
-        for i, ids in enumerate(chunks):
-            if ids:
-                parts.append(self.model.embed_tokens(torch.tensor(ids, dtype=torch.long)))
-            if i < len(chunks) - 1:
-                parts.append(image_emb)
         dtype = self.model.llm.get_input_embeddings().weight.dtype
-        return torch.cat([p.to(dtype) for p in parts], dim=0)
+        return splice_image(self.model.embed_tokens, chunks, image_emb, dtype)
 
     def analyze_batch(self, inputs: Sequence[AnalysisInput], stop: StopToken) -> list[AnalysisResult]:
         import torch

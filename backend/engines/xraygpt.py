@@ -120,19 +120,12 @@ class XrayGPTEngine(Engine):
         return q
 
     def _embed(self, question: str, image_emb):
-        import torch
-
+        from backend.prompt_embeds import splice_image
         from backend.xraygpt.template import build_prompt
 
         segs = self.tokenizer.prompt_segments(build_prompt(question))
-        parts = []
-        for i, ids in enumerate(segs):
-            if ids:
-                parts.append(self.model.embed_tokens(torch.tensor(ids, dtype=torch.long)))
-            if i < len(segs) - 1:
-                parts.append(image_emb)
         dtype = self.model.llm.get_input_embeddings().weight.dtype
-        return torch.cat([p.to(dtype) for p in parts], dim=0)
+        return splice_image(self.model.embed_tokens, segs, image_emb, dtype)
 
     def analyze_batch(self, inputs: Sequence[AnalysisInput], stop: StopToken) -> list[AnalysisResult]:
         import torch
