@@ -4,6 +4,7 @@ on a 200 x 100 image (make mutation, docs/testing.md)."""
 from __future__ import annotations
 
 import pytest
+
 from backend.minigpt.boxes import parse_answer
 
 
@@ -46,7 +47,10 @@ def test_broken_boxes_in_a_group_are_dropped_with_one_warning(group, warning):
 
 def test_grid_limits_are_inclusive_and_the_default_label_is_finding():
     res = parse_answer("{<0><0><100><100>} <p>a</p> {<99><0><100><1>}", 200, 100)
-    assert _boxes(res) == [("a", (99, 0, 100, 1), [198.0, 0.0, 200.0, 1.0]), ("finding", (0, 0, 100, 100), [0.0, 0.0, 200.0, 100.0])]
+    assert _boxes(res) == [
+        ("a", (99, 0, 100, 1), [198.0, 0.0, 200.0, 1.0]),
+        ("finding", (0, 0, 100, 100), [0.0, 0.0, 200.0, 100.0]),
+    ]
     assert res.warnings == [] and res.text == "a"
 
 
