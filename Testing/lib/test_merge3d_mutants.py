@@ -229,3 +229,10 @@ def test_a_skipped_pair_does_not_stop_the_linking():
     ]
     tracks = link_tracks(dets, MergeOptions())
     assert [[d.box for d in t] for t in tracks] == [[(0, 0, 10, 10), (0, 0, 10, 10)], [(5, 0, 15, 10), (11, 0, 21, 10)]]
+
+
+def test_best_slice_nearest_the_middle_of_a_track_that_starts_later():
+    heights = [10, 9.4, 9.5, 9.4, 10]  # slices 1..5, areas 100 94 95 94 100: near ties on 1, 3, 5
+    dets = [SliceDetection(k + 1, "mass", (0, 0, 10, h)) for k, h in enumerate(heights)]
+    (f,) = merge_detections(dets, [_p2r(k) for k in range(6)], 3.0)
+    assert f.best_slice_pos == 3  # the middle of 1..5

@@ -77,3 +77,24 @@ def test_bare_box_broken_or_already_seen():
     assert res.boxes == [] and res.warnings == ["dropped box '{<10,20,30,40>}': not in the {<x1><y1><x2><y2>} form"]
     res = parse_answer("{<10><20><30><40>}", 200, 100, bare_box=True)  # one box, not two
     assert [b.grid for b in res.boxes] == [(10, 20, 30, 40)] and res.text == ""
+
+
+def test_a_dropped_box_in_a_group_does_not_end_the_group():
+    res = parse_answer("<p>a</p> {<1><2>{<10><20><30><40>}", 200, 100)
+    assert _boxes(res) == [("a", (10, 20, 30, 40), [20.0, 20.0, 60.0, 40.0])] and res.text == "a"
+    assert res.warnings == ["dropped box '{<1><2>': missing closing brace"]
+    res = parse_answer("<p>a</p> {<1>,<2>,<3>,<4>}{<10><20><30><40>}", 200, 100)
+    assert _boxes(res) == [("a", (10, 20, 30, 40), [20.0, 20.0, 60.0, 40.0])] and res.text == "a"
+    assert res.warnings == ["dropped box '{<1>,<2>,<3>,<4>}': not in the <x1><y1><x2><y2> form"]
+
+
+def test_boxes_outside_a_group_unclosed_broken_or_not_boxes():
+    res = parse_answer("see {<10><20><30><40>", 200, 100)
+    assert res.boxes == [] and res.text == "see"
+    assert res.warnings == ["dropped box '{<10><20><30><40>': not in the {<x1><y1><x2><y2>} form"]
+    res = parse_answer("see {<30><20><10><40>}", 200, 100)
+    assert res.boxes == [] and res.text == "see"
+    assert res.warnings == ["dropped box '{<30><20><10><40>}': empty or inverted (need x1 < x2 and y1 < y2)"]
+    for answer in ("x {<abc} y", "x {abc>} y"):  # braces with only one angle bracket are text
+        res = parse_answer(answer, 200, 100)
+        assert res.boxes == [] and res.warnings == [] and res.text == answer
