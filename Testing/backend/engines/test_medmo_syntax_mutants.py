@@ -39,3 +39,10 @@ def test_cut_off_tag_empty_label_long_label_and_spacing():
 
 def test_format_rounds_each_coordinate():
     assert format_boxes([[1.6, 2, 3, 4], [5, 6, 7, 8.5]]) == "<box>[[2, 2, 3, 4], [5, 6, 7, 8]]</box>"
+
+
+def test_label_with_leading_space_an_x_and_a_line_break():
+    assert [b.label for b in parse("    A. Mass <box>[1, 2, 3, 4]</box>").boxes] == ["Mass"]
+    assert [b.label for b in parse("Xanthoma <box>[1, 2, 3, 4]</box>").boxes] == ["Xanthoma"]
+    a = parse("Mass. \n Cyst <box>[1, 2, 3, 4]</box>")
+    assert _boxes(a) == [("Cyst", [1.0, 2.0, 3.0, 4.0])] and a.text == "Mass.\nCyst"
