@@ -3,6 +3,12 @@
 Each image goes to ``{url}/chat/completions`` as a base64 ``data:`` URI with the family's prompt; the answer is
 decoded with the family's box decoder. Temperature 0 unless the request asks otherwise (vLLM would otherwise apply the
 model's own sampling defaults). Batches are sent as concurrent requests (the server batches them itself).
+
+A streaming request (``AnalysisInput.on_text``) relays the remote server's own stream: ``"stream": true`` (with
+``stream_options.include_usage``), each ``choices[0].delta.content`` of its server-sent events goes out through
+``DeltaText`` as the other engines' tokens do, until ``data: [DONE]``; a cancel or the deadline, checked between
+chunks, closes the connection (the remote server then stops generating). The boxes are decoded from the whole text
+at the end, as for a plain answer. An ``error`` object mid-stream is an engine error.
 """
 
 from __future__ import annotations
@@ -10,17 +16,33 @@ from __future__ import annotations
 import base64
 import concurrent.futures as cf
 import io
+import json
 import time
 from collections.abc import Sequence
 
 import requests
 from MiniGPTMedSlicerLib.protocol import REPORT, TEXT_TASKS
+from MiniGPTMedSlicerLib.sse import SseParser
 
 from .. import families
 from ..families import ImageGeometry
 from ..setting_error import SettingError
 from ..settings import OpenAISettings
-from .base import AnalysisInput, AnalysisResult, Engine, EngineError, EngineInfo, StopToken, model_image
+from .base import (
+    AnalysisInput,
+    AnalysisResult,
+    Engine,
+    EngineCancelled,
+    EngineError,
+    EngineInfo,
+    StopToken,
+    model_image,
+)
+from .text_stream import DeltaText
+
+
+class _RowCancelled(Exception):
+    """This request was cancelled while its answer streamed in (the connection is closed)."""
 
 
 class OpenAIEngine(Engine):
@@ -97,6 +119,8 @@ class OpenAIEngine(Engine):
 
     def _one(self, inp: AnalysisInput, stop: StopToken) -> AnalysisResult:
         stop.check()
+        if inp.is_cancelled():  # its batch row is dropped; the other rows go on
+            return AnalysisResult(text="", cancelled=True)
         t0 = time.perf_counter()
         img = model_image(self.family, inp)
         w, h = img.size
@@ -125,25 +149,19 @@ class OpenAIEngine(Engine):
         remaining = None
         if stop.deadline is not None:
             remaining = max(1.0, stop.deadline - time.monotonic())
-        data = self._call("POST", "/chat/completions", body, timeout=min(self.timeout_s, remaining or self.timeout_s))
-        try:
-            choice = data["choices"][0]
-            raw = choice["message"]["content"]
-            if raw is None:  # e.g. a reasoning parser that kept everything in reasoning_content (cut while thinking)
-                raw = ""
-            if isinstance(raw, list):  # some servers return content parts
-                raw = "".join(p.get("text", "") for p in raw if isinstance(p, dict))
-            if not isinstance(raw, str):
-                raise TypeError
-        except (KeyError, IndexError, TypeError):
-            raise EngineError(
-                f"the model server at {self.url} sent a reply without choices[0].message.content"
-            ) from None
+        timeout = min(self.timeout_s, remaining or self.timeout_s)
+        if inp.on_text is not None:
+            try:
+                raw, finish, usage = self._streamed(body, inp, stop, timeout)
+            except _RowCancelled:
+                return AnalysisResult(text="", cancelled=True)
+        else:
+            raw, finish, usage = _reply(self._call("POST", "/chat/completions", body, timeout=timeout), self.url)
         default_label = inp.question or families.default_detect_label(self.family, inp.modality)
         dec = families.decode_output(
             self.family, raw, g, default_label=default_label if inp.task != REPORT.id else "finding"
         )
-        if choice.get("finish_reason") == "length":
+        if finish == "length":
             dec.warnings.append(
                 f"the answer was cut at max_tokens ({body['max_tokens']}); raise max_new_tokens if "
                 "text or boxes are missing"
@@ -157,11 +175,113 @@ class OpenAIEngine(Engine):
             findings=dec.findings,
             raw_output=raw,
             warnings=dec.warnings,
-            timings_ms={"remote": (time.perf_counter() - t0) * 1000},
+            timings_ms={"remote": (time.perf_counter() - t0) * 1000, **usage},
         )
+
+    def _streamed(
+        self, body: dict, inp: AnalysisInput, stop: StopToken, timeout: float
+    ) -> tuple[str, str | None, dict[str, float]]:
+        """The remote answer as a stream: each delta to ``inp.on_text`` as it arrives; (whole text, finish reason,
+        token counts). A cancel or the deadline between chunks closes the connection (EngineCancelled)."""
+        url = f"{self.url}/chat/completions"
+        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        try:
+            r = self.session.post(url, json=body, headers=self._headers(), timeout=(5.0, timeout), stream=True)
+        except requests.exceptions.Timeout:
+            raise EngineError(f"the model server at {self.url} did not answer within {timeout:g} s") from None
+        except requests.exceptions.ConnectionError:
+            raise EngineError(f"cannot reach the model server at {self.url}: is it running?") from None
+        with r:
+            if r.status_code >= 400:
+                detail = r.text[:300].replace("\n", " ")
+                raise EngineError(f"the model server at {self.url} answered {r.status_code}: {detail}")
+            if not r.headers.get("content-type", "").startswith("text/event-stream"):  # a server that ignored stream
+                try:
+                    data = r.json()
+                except ValueError:
+                    raise EngineError(f"the model server at {self.url} sent a reply that is not JSON") from None
+                raw, finish, usage = _reply(data, self.url)
+                DeltaText(inp.on_text or (lambda _t: None)).finish(raw)
+                return raw, finish, usage
+            return self._relay(r, inp, stop)
+
+    def _relay(self, r, inp: AnalysisInput, stop: StopToken) -> tuple[str, str | None, dict[str, float]]:
+        delta = DeltaText(inp.on_text or (lambda _t: None))
+        parser, parts = SseParser(), list[str]()
+        finish: str | None = None
+        usage: dict[str, float] = {}
+        try:
+            for chunk in r.iter_content(chunk_size=None):
+                if inp.is_cancelled() or stop.should_stop():
+                    r.close()  # the remote server sees the disconnect and stops generating
+                    if inp.is_cancelled():
+                        raise _RowCancelled
+                    raise EngineCancelled("stopped: time limit reached or request cancelled")
+                for ev in parser.feed(chunk):
+                    if ev.data.strip() == "[DONE]":
+                        text = "".join(parts)
+                        delta.finish(text)
+                        return text, finish, usage
+                    piece, f, u = _chunk(ev.data, self.url)
+                    finish, usage = f or finish, u or usage
+                    if piece:
+                        parts.append(piece)
+                        delta.update("".join(parts))
+        except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError):
+            raise EngineError(f"the model server at {self.url} broke off its stream") from None
+        raise EngineError(f"the model server at {self.url} ended its stream without data: [DONE]")
 
     def close(self) -> None:
         self.session.close()
+
+
+def _usage(data: dict) -> dict[str, float]:
+    """The server's token counts as the engine's timings (``prompt_tokens``, ``new_tokens``), when it sent them."""
+    u = data.get("usage")
+    if not isinstance(u, dict):
+        return {}
+    out = {}
+    for key, name in (("prompt_tokens", "prompt_tokens"), ("completion_tokens", "new_tokens")):
+        v = u.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+            out[name] = float(v)
+    return out
+
+
+def _reply(data: dict, url: str) -> tuple[str, str | None, dict[str, float]]:
+    """A plain chat completion: (``choices[0].message.content``, finish reason, token counts)."""
+    try:
+        choice = data["choices"][0]
+        raw = choice["message"]["content"]
+        if raw is None:  # e.g. a reasoning parser that kept everything in reasoning_content (cut while thinking)
+            raw = ""
+        if isinstance(raw, list):  # some servers return content parts
+            raw = "".join(p.get("text", "") for p in raw if isinstance(p, dict))
+        if not isinstance(raw, str):
+            raise TypeError
+    except (KeyError, IndexError, TypeError):
+        raise EngineError(f"the model server at {url} sent a reply without choices[0].message.content") from None
+    return raw, choice.get("finish_reason"), _usage(data)
+
+
+def _chunk(data: str, url: str) -> tuple[str, str | None, dict[str, float]]:
+    """One ``chat.completion.chunk``: (its ``choices[0].delta.content``, finish reason, token counts); an ``error``
+    object (what vLLM sends when generation fails mid-stream) is an EngineError."""
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        raise EngineError(f"the model server at {url} sent a stream event that is not JSON") from None
+    if not isinstance(obj, dict):
+        raise EngineError(f"the model server at {url} sent an unexpected stream event")
+    if "error" in obj:
+        err = obj["error"]
+        msg = err.get("message") if isinstance(err, dict) else err
+        raise EngineError(f"the model server at {url} failed mid-answer: {str(msg)[:300]}")
+    choices = obj.get("choices") or []
+    choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+    d = choice.get("delta")
+    piece = d.get("content") if isinstance(d, dict) else None
+    return (piece if isinstance(piece, str) else ""), choice.get("finish_reason"), _usage(obj)
 
 
 def _messages(inp: AnalysisInput, prompt: str, data_uri: str) -> list[dict]:

@@ -1,0 +1,162 @@
+"""A stand-in for a remote OpenAI-compatible server (vLLM, SGLang, Ollama cannot run here) that speaks the real
+streaming protocol on a real socket: ``GET /v1/models``; ``POST /v1/chat/completions`` answered as one JSON
+completion, or with ``"stream": true`` as vLLM answers it: HTTP/1.1 chunked ``text/event-stream``, a first chunk with
+the role, one ``chat.completion.chunk`` per scripted piece (``choices[0].delta.content``), a chunk with the finish
+reason, a usage chunk (``choices: []``) when ``stream_options.include_usage`` asks for it, then ``data: [DONE]``.
+
+What the tests script (reset with :meth:`script`): the pieces; ``split_bytes`` writes each event in two HTTP chunks cut
+inside its first multi-byte UTF-8 character; ``fail_after=N`` sends N pieces then vLLM's mid-stream error object;
+``hold_after=N`` waits after N pieces until the test sets ``release`` (so a test can see deltas arrive before the
+answer is complete); ``endless`` then keeps sending pieces until the client closes the connection, which sets
+``disconnected``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+MODEL = "standin-vlm"
+ENDLESS_CAP = 100_000  # pieces: an endless stream whose client never closes still ends
+
+
+class OpenAIStandIn:
+    def __init__(self) -> None:
+        self.bodies: list[dict] = []
+        self.script(["ok"])
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def script(
+        self,
+        pieces: list[str],
+        split_bytes: bool = False,
+        fail_after: int | None = None,
+        hold_after: int | None = None,
+        endless: bool = False,
+    ) -> None:
+        self.pieces, self.split_bytes, self.fail_after = list(pieces), split_bytes, fail_after
+        self.hold_after, self.endless = hold_after, endless
+        self.release = threading.Event()
+        self.disconnected = threading.Event()
+        self.sent = 0  # pieces written by the last stream
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self) -> OpenAIStandIn:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+    def completion(self) -> dict:
+        text = "".join(self.pieces)
+        return {
+            "id": "chatcmpl-standin",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": MODEL,
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+            "usage": {"prompt_tokens": 7, "completion_tokens": len(self.pieces), "total_tokens": 7 + len(self.pieces)},
+        }
+
+    def stream_events(self, include_usage: bool):
+        """(event bytes, whether to split them inside a character) in the order they are written."""
+        base = {
+            "id": "chatcmpl-standin",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": MODEL,
+        }
+
+        def event(obj: dict) -> bytes:
+            return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+        def chunk(delta: dict, finish: str | None = None) -> bytes:
+            return event({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+        yield chunk({"role": "assistant", "content": ""})
+        k = 0
+        while k < len(self.pieces) or (self.endless and k < ENDLESS_CAP):
+            if k == self.hold_after:
+                self.release.wait(30)
+            if k == self.fail_after:  # what vLLM sends when generation fails after the stream started
+                yield event({"error": {"object": "error", "message": "CUDA error: device-side assert", "code": 500}})
+                yield b"data: [DONE]\n\n"
+                return
+            piece = self.pieces[k % len(self.pieces)]
+            yield chunk({"content": piece})
+            k += 1
+            self.sent = k
+        yield chunk({}, "stop")
+        if include_usage:
+            n = len(self.pieces)
+            yield event(
+                {**base, "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n}}
+            )
+        yield b"data: [DONE]\n\n"
+
+
+def _cut_inside_a_character(data: bytes) -> int | None:
+    """The offset of the second byte of the first multi-byte UTF-8 character in ``data``, or None."""
+    for i, b in enumerate(data):
+        if b >= 0xC0:
+            return i + 1
+    return None
+
+
+def _handler(standin: OpenAIStandIn):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            if self.path.rstrip("/") == "/v1/models":
+                self._json(200, {"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+            else:
+                self._json(404, {"error": {"message": "not found"}})
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+            standin.bodies.append(body)
+            if self.path.rstrip("/") != "/v1/chat/completions":
+                self._json(404, {"error": {"message": "not found"}})
+            elif not body.get("stream"):
+                self._json(200, standin.completion())
+            else:
+                self._stream(bool((body.get("stream_options") or {}).get("include_usage")))
+
+        def _stream(self, include_usage: bool) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            try:
+                for data in standin.stream_events(include_usage):
+                    cut = _cut_inside_a_character(data) if standin.split_bytes else None
+                    for part in (data,) if cut is None else (data[:cut], data[cut:]):
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+                self.wfile.write(b"0\r\n\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                standin.disconnected.set()
+                self.close_connection = True
+
+        def _json(self, status: int, obj: dict) -> None:
+            data = json.dumps(obj).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    return Handler
