@@ -126,8 +126,13 @@ class HFEngine(Engine):
         for idx in groups.values():
             for k in range(0, len(idx), self.max_batch):
                 chunk = idx[k : k + self.max_batch]
-                for i, r in zip(chunk, self._generate([inputs[i] for i in chunk], stop), strict=True):
-                    results[i] = r
+                for i in chunk:
+                    if inputs[i].is_cancelled():  # cancelled while it waited: its row is dropped before it runs
+                        results[i] = AnalysisResult(text="", cancelled=True)
+                chunk = [i for i in chunk if results[i] is None]
+                if chunk:
+                    for i, r in zip(chunk, self._generate([inputs[i] for i in chunk], stop), strict=True):
+                        results[i] = r
         return [r for r in results if r is not None]
 
     def _prepare(self, inp: AnalysisInput):
@@ -188,13 +193,37 @@ class HFEngine(Engine):
             )
         )
 
+    def _end_ids(self) -> list[int]:
+        """The ids generate() finishes a row on: the folder's generation_config eos ids, else the tokenizer's."""
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        ids = [eos] if isinstance(eos, int) else list(eos or [])
+        if not ids and self.tokenizer.eos_token_id is not None:
+            ids = [int(self.tokenizer.eos_token_id)]
+        return [int(i) for i in ids]
+
     def _generate(self, inputs: Sequence[AnalysisInput], stop: StopToken) -> list[AnalysisResult]:
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
         class _Stop(StoppingCriteria):  # the deadline, or every row of the batch cancelled
             def __call__(self, input_ids, scores, **kwargs):
                 return stop.should_stop() or all(i.is_cancelled() for i in inputs)
+
+        end_ids = self._end_ids()
+
+        class _EndRows(LogitsProcessor):
+            """A row that is cancelled, or past its own max_new_tokens, may only end next: transformers then finishes
+            it (pad from there on) and generate() returns when every row has, as MiniGPT-Med's decode loop does."""
+
+            def __call__(self, input_ids, scores):
+                step = input_ids.shape[1] - prompt_len
+                ending = [inp.is_cancelled() or step >= limit for inp, limit in zip(inputs, limits, strict=True)]
+                if not any(ending):
+                    return scores
+                rows = torch.tensor(ending, device=scores.device)[:, None]
+                forced = torch.full_like(scores, float("-inf"))
+                forced[:, end_ids[0]] = 0.0
+                return torch.where(rows, forced, scores)
 
         t0 = time.perf_counter()
         preps = [self._prepare(inp) for inp in inputs]
@@ -211,11 +240,15 @@ class HFEngine(Engine):
         }
         limits = [inp.max_new_tokens or self.default_max_tokens for inp in inputs]
         temperature = inputs[0].temperature or 0.0
-        gen_kwargs = {
+        prompt_len = int(batch["input_ids"].shape[1])
+        gen_kwargs: dict[str, Any] = {
             "max_new_tokens": max(limits),
             "do_sample": temperature > 0,
             "stopping_criteria": StoppingCriteriaList([_Stop()]),
         }
+        if end_ids:
+            gen_kwargs["logits_processor"] = LogitsProcessorList([_EndRows()])
+            gen_kwargs["eos_token_id"] = end_ids
         streamer = None
         if len(inputs) == 1 and inputs[0].on_text is not None:  # streaming (transformers streams batch 1 only)
             streamer = _DeltaStreamer(self.tokenizer, DeltaText(inputs[0].on_text))
@@ -230,11 +263,13 @@ class HFEngine(Engine):
         stop.check()
         t2 = time.perf_counter()
         ends = {int(v) for v in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id) if v is not None}
-        eos = getattr(self.model.generation_config, "eos_token_id", None)
-        ends.update([eos] if isinstance(eos, int) else (eos or []))
+        ends.update(end_ids)
         results: list[AnalysisResult] = []
         for row, inp, limit, (_text, _img, g, _im) in zip(out, inputs, limits, preps, strict=True):
-            new = row[batch["input_ids"].shape[1] :].tolist()[:limit]
+            if inp.is_cancelled():  # its row was ended at the step after the cancel; the others went on
+                results.append(AnalysisResult(text="", cancelled=True))
+                continue
+            new = row[prompt_len:].tolist()[:limit]
             n = next((i for i, tid in enumerate(new) if tid in ends), len(new))
             raw = self.tokenizer.decode(new[:n], skip_special_tokens=True)
             if streamer is not None:

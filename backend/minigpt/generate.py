@@ -10,7 +10,8 @@
 * Streaming and cancel (both optional, both checked between decode steps): ``on_step(tokens)`` receives the ids
   chosen at each step, one per row (eos for a finished row; it costs a host sync per step, so only streaming
   requests pass it); ``row_stopped()`` says which rows were cancelled: a cancelled row is dropped (its tokens
-  discarded, ``cancelled`` set) and the loop ends as soon as no row is left, so the engine is free within one step.
+  discarded, ``cancelled`` set) and counts as finished (it no longer keeps the loop going for the others), and the
+  loop ends as soon as no row is left, so the engine is free within one step.
 """
 
 from __future__ import annotations
@@ -114,9 +115,15 @@ def _decode_loop(
         if stop is not None:
             stop.check()
         if row_stopped is not None:
-            cancelled = [bool(c) for c in row_stopped()][:b]
-            if all(cancelled):
+            now = [bool(c) for c in row_stopped()][:b]
+            if all(now):
+                cancelled = now
                 break
+            if now != cancelled:  # a cancelled row is finished: it emits eos and no longer keeps the loop going
+                cancelled = now
+                gone = torch.tensor(cancelled + [False] * (rows - b), device=device)
+                unfinished = unfinished & ~gone
+                limits = torch.where(gone, torch.zeros_like(limits), limits)
         nxt = _warp(logits, settings, history, gen)
         if not ignore_eos:
             nxt = torch.where(unfinished, nxt, torch.full_like(nxt, eos_id))

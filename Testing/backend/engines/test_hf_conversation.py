@@ -1,8 +1,11 @@
 """The hf engine in a conversation, on the tiny offline Qwen2.5-VL behind the real server: the earlier turns go
 into Qwen's own chat template (the image once, in the first user message; the answer as the assistant's message),
-and a streamed answer's deltas add up to its text."""
+a streamed answer's deltas add up to its text, and cancelling one row of a batch ends that row at the next decode step
+while the other row's answer is the one it gives alone."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import requests
@@ -11,7 +14,7 @@ from MiniGPTMedSlicerLib.png import encode_png
 from MiniGPTMedSlicerLib.sse import SseParser
 from peer_fixtures import peer_model
 
-from backend.engines.base import AnalysisInput, DecodedImage, Turn
+from backend.engines.base import AnalysisInput, DecodedImage, StopToken, Turn
 from backend.engines.hf import HFEngine
 from backend.server_thread import ServerThread
 from backend.settings import HFSettings
@@ -56,3 +59,43 @@ def test_stream_deltas_add_up(served):
     deltas = [e.json()["text"] for e in events if e.event == "delta"]
     assert "".join(deltas) == events[-1].json()["raw_output"]
     assert events[-1].json()["timings_ms"]["new_tokens"] >= 1
+
+
+class _Steps:
+    """A forward hook on the real model: the ids fed at each decode step (one per row), and a cancel set from inside
+    the decode loop after ``cancel_at`` forward calls."""
+
+    def __init__(self, model, cancel: threading.Event | None = None, cancel_at: int = 0):
+        self.fed: list[list[int]] = []  # per forward call after the prefill: the token fed for each row
+        self.calls, self.cancel, self.cancel_at = 0, cancel, cancel_at
+        self.handle = model.register_forward_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs, output):
+        self.calls += 1
+        if self.calls > 1:
+            self.fed.append([int(t) for t in kwargs["input_ids"][:, -1].tolist()])
+        if self.cancel is not None and self.calls == self.cancel_at:
+            self.cancel.set()  # before this step's logits are turned into tokens
+
+
+def test_cancelling_one_row_ends_it_at_the_next_step_and_keeps_the_other(served):
+    _, engine = served
+    img = DecodedImage(IMG, "PNG")
+    keep = dict(task="vqa", image=img, question="Is there a nodule?", max_new_tokens=8)
+    drop = dict(task="report", image=DecodedImage(IMG[:80], "PNG"), max_new_tokens=40)
+    alone = engine.analyze_batch([AnalysisInput(**keep)], StopToken())[0]
+    assert alone.timings_ms["new_tokens"] >= 4  # the tiny model writes several tokens before it ends
+    gone = threading.Event()
+    steps = _Steps(engine.model, gone, cancel_at=3)  # the prefill and two decode steps, then the cancel
+    try:
+        out = engine.analyze_batch([AnalysisInput(**keep), AnalysisInput(**drop, cancelled=gone)], StopToken())
+    finally:
+        steps.handle.remove()
+    assert not out[0].cancelled and out[0].raw_output == alone.raw_output and out[0].text == alone.text
+    assert out[1].cancelled and out[1].text == "" and out[1].findings == []
+    fed_after = [row[1] for row in steps.fed[2:]]  # the cancelled row's tokens chosen after the cancel
+    ended = {*engine._end_ids(), int(engine.tokenizer.pad_token_id)}
+    real = [t for t in fed_after if t not in ended]
+    assert real == [] and fed_after[0] in engine._end_ids()  # one step to end it, then only padding
+    # generate() returned when the kept row was done (8 tokens at most), not at the cancelled row's 40
+    assert steps.calls <= 8 + 1, steps.calls

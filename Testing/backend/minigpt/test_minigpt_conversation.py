@@ -159,3 +159,30 @@ def test_multibyte_text_is_never_split():
     d.finish("a\u00e9 \u6771")
     assert out == ["a", "\u00e9", " ", "\u6771"] and all("\ufffd" not in s for s in out)
     assert np.array_equal(np.array(list("".join(out))), np.array(list("a\u00e9 \u6771")))
+
+
+def test_a_cancelled_row_no_longer_keeps_the_decode_loop_going(engine):
+    """As in the hf engine: the cancelled row counts as finished, so the loop ends when the kept row is done (within
+    the loop's check interval of 8 steps), not when the cancelled row would have ended (its report runs 19 tokens)."""
+    img = _img(1)
+    keep = dict(task="vqa", image=img, question="is there a mass?", max_new_tokens=6)
+    drop = dict(task="report", image=img, max_new_tokens=300)
+    solo = engine.analyze_batch([AnalysisInput(**keep)], StopToken())[0]
+    long_ = engine.analyze_batch([AnalysisInput(**drop)], StopToken())[0]
+    assert solo.timings_ms["new_tokens"] < 6 and long_.timings_ms["new_tokens"] > 1 + 8 + 2
+    gone = threading.Event()
+    calls = 0
+
+    def hook(module, args, output):
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # the prefill and two decode steps, then the cancel
+            gone.set()
+
+    handle = engine.model.llm.register_forward_hook(hook)
+    try:
+        out = engine.analyze_batch([AnalysisInput(**keep), AnalysisInput(**drop, cancelled=gone)], StopToken())
+    finally:
+        handle.remove()
+    assert out[0].raw_output == solo.raw_output and out[1].cancelled
+    assert calls <= 1 + 8, calls
