@@ -57,6 +57,7 @@ FLAGS = {
     "qformer": "--qformer",
     "converted": "--converted",
     "model_config": "--model-config",
+    "vision_tower": "--vision-tower",
     "device": "--device",
     "dtype": "--dtype",
     "quantize": "--quantize",
@@ -180,17 +181,24 @@ def add_model_arguments(p: argparse.ArgumentParser, convert: bool = False) -> No
     g.add_argument("--vllm-model", help="--vllm: the served model name (default: the first the server lists)")
     x = p.add_argument_group("XrayGPT engine (--engine xraygpt; also --eva, --llama = the Vicuna folder, --checkpoint)")
     x.add_argument("--qformer", help="blip2_pretrained_flant5xxl.pth (the BLIP-2 Q-Former, LAVIS release)")
-    p.add_argument_group(
-        "LLaVA family (--engine llava --family llava_rad): --model = the LLaVA-Rad folder (microsoft/llava-rad), "
-        "--llama = its base LLM (lmsys/vicuna-7b-v1.5); also --model-config, --device, --dtype"
+    lv = p.add_argument_group(
+        "LLaVA family (--engine llava): --family llava_rad: --model = the LLaVA-Rad folder (microsoft/llava-rad), "
+        "--llama = its base LLM (lmsys/vicuna-7b-v1.5); --family bimedix2: --model = the BiMediX2 folder "
+        "(MBZUAI/BiMediX2-8B); also --model-config, --device, --dtype"
+    )
+    lv.add_argument(
+        "--vision-tower",
+        metavar="DIR",
+        help="bimedix2: a local copy of the CLIP tower its config.json names (openai/clip-vit-large-patch14-336), "
+        "read as the authors' loader does; without it the tower saved in the folder's shards is used",
     )
     h = p.add_argument_group("transformers VLMs (--engine hf) and OpenAI-compatible servers (--engine openai)")
     h.add_argument("--model", help=f"hf: local model folder; openai: served model name (or set {ENV['model']})")
     h.add_argument(
         "--family",
         default="generic",
-        choices=["medgemma", "qwen2_5_vl", "qwen3_vl", "medmo", "generic", "llava_rad"],
-        help="prompt format and box decoder of the model family (llava_rad: --engine llava only)",
+        choices=["medgemma", "qwen2_5_vl", "qwen3_vl", "medmo", "generic", "llava_rad", "bimedix2"],
+        help="prompt format and box decoder of the model family (llava_rad, bimedix2: --engine llava only)",
     )
     h.add_argument("--url", help=f"openai: base URL, e.g. http://127.0.0.1:8000/v1 (or set {ENV['url']})")
     h.add_argument("--api-key", help=f"openai: API key of that server, if any (or set {ENV['api_key']})")
@@ -305,6 +313,7 @@ def engine_settings(args: argparse.Namespace, env: Mapping[str, str]) -> EngineS
             model=model,
             llama=_value(args, env, "llama"),
             family="llava_rad" if args.family == "generic" else args.family,
+            vision_tower=getattr(args, "vision_tower", None),
             model_config=args.model_config,
             device=args.device,
             dtype=args.dtype,
@@ -472,8 +481,15 @@ def list_engines(settings: EngineSettings) -> int:
         ),
         (
             "llava",
-            bool(lv.model and os.path.isdir(lv.model) and lv.llama and os.path.isdir(lv.llama)) and not have("torch"),
-            f"--family {lv.family}: --model (the LLaVA-Rad folder) and --llama (its base LLM) "
+            bool(
+                lv.model
+                and os.path.isdir(lv.model)
+                and (lv.family == "bimedix2" or (lv.llama and os.path.isdir(lv.llama)))
+            )
+            and not have("torch"),
+            f"--family {lv.family}: --model (the BiMediX2 folder) " + ("set" if lv.model else "not set")
+            if lv.family == "bimedix2"
+            else f"--family {lv.family}: --model (the LLaVA-Rad folder) and --llama (its base LLM) "
             + ("set" if lv.model and lv.llama else "not both set"),
         ),
         (

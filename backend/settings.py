@@ -110,11 +110,15 @@ class XrayGPTSettings:
 
 @dataclass(frozen=True)
 class LlavaSettings:
-    """The LLaVA family (``--engine llava``): LLaVA-Rad from its released folder and its base LLM."""
+    """The LLaVA family (``--engine llava``): LLaVA-Rad from its released folder and its base LLM, or BiMediX2
+    from its merged folder (and, optionally, a local copy of its CLIP tower)."""
 
-    model: str | None = None  # the LLaVA-Rad folder (microsoft/llava-rad: config.json, LoRA, projector, tower)
-    llama: str | None = None  # the base LLM folder (lmsys/vicuna-7b-v1.5)
-    family: str = "llava_rad"
+    model: str | None = (
+        None  # llava_rad: microsoft/llava-rad (config.json, LoRA, projector, tower); bimedix2: the folder
+    )
+    llama: str | None = None  # llava_rad: the base LLM folder (lmsys/vicuna-7b-v1.5)
+    family: str = "llava_rad"  # llava_rad / bimedix2
+    vision_tower: str | None = None  # bimedix2: a local copy of the CLIP checkpoint config.json's mm_vision_tower names
     model_config: str | None = None  # JSON overriding the tower's dimensions (tiny test models)
     device: str = "auto"
     dtype: str = "auto"
