@@ -4,11 +4,12 @@ Each image goes to ``{url}/chat/completions`` as a base64 ``data:`` URI with the
 decoded with the family's box decoder. Temperature 0 unless the request asks otherwise (vLLM would otherwise apply the
 model's own sampling defaults). Batches are sent as concurrent requests (the server batches them itself).
 
-A streaming request (``AnalysisInput.on_text``) relays the remote server's own stream: ``"stream": true`` (with
-``stream_options.include_usage``), each ``choices[0].delta.content`` of its server-sent events goes out through
-``DeltaText`` as the other engines' tokens do, until ``data: [DONE]``; a cancel or the deadline, checked between
-chunks, closes the connection (the remote server then stops generating). The boxes are decoded from the whole text
-at the end, as for a plain answer. An ``error`` object mid-stream is an engine error.
+Every request reads the remote server's own stream: ``"stream": true`` (with ``stream_options.include_usage``); for a
+streaming request (``AnalysisInput.on_text``) each ``choices[0].delta.content`` of its server-sent events goes out
+through ``DeltaText`` as the other engines' tokens do, until ``data: [DONE]``. A cancel (streaming or not: a client
+that went away, ``DELETE /v1/requests/{id}``) or the deadline, checked between chunks, closes the connection, and the
+remote server stops generating. The boxes are decoded from the whole text at the end. An ``error`` object mid-stream
+is an engine error; a server that answers with one JSON completion instead of a stream is read as such.
 """
 
 from __future__ import annotations
@@ -150,13 +151,10 @@ class OpenAIEngine(Engine):
         if stop.deadline is not None:
             remaining = max(1.0, stop.deadline - time.monotonic())
         timeout = min(self.timeout_s, remaining or self.timeout_s)
-        if inp.on_text is not None:
-            try:
-                raw, finish, usage = self._streamed(body, inp, stop, timeout)
-            except _RowCancelled:
-                return AnalysisResult(text="", cancelled=True)
-        else:
-            raw, finish, usage = _reply(self._call("POST", "/chat/completions", body, timeout=timeout), self.url)
+        try:  # streamed from the remote server even when our client does not stream: a cancel then stops it too
+            raw, finish, usage = self._streamed(body, inp, stop, timeout)
+        except _RowCancelled:
+            return AnalysisResult(text="", cancelled=True)
         default_label = inp.question or families.default_detect_label(self.family, inp.modality)
         dec = families.decode_output(
             self.family, raw, g, default_label=default_label if inp.task != REPORT.id else "finding"
@@ -181,8 +179,8 @@ class OpenAIEngine(Engine):
     def _streamed(
         self, body: dict, inp: AnalysisInput, stop: StopToken, timeout: float
     ) -> tuple[str, str | None, dict[str, float]]:
-        """The remote answer as a stream: each delta to ``inp.on_text`` as it arrives; (whole text, finish reason,
-        token counts). A cancel or the deadline between chunks closes the connection (EngineCancelled)."""
+        """The remote answer as a stream: each delta to ``inp.on_text`` (when set) as it arrives; (whole text, finish
+        reason, token counts). A cancel or the deadline between chunks closes the connection."""
         url = f"{self.url}/chat/completions"
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
         try:

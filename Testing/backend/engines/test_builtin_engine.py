@@ -246,3 +246,38 @@ def test_model_id_and_texts_say_not_a_diagnosis(ct):
     ):
         assert "not a diagnosis" in _run(task, ct[75], **kw).text
     assert math.isfinite(_run("detect", ct[75]).timings_ms["analysis"])
+
+
+def test_follow_ups_on_the_wire_identify_answers_and_the_rest_is_501(builtin_server, ct):
+    """A conversation with the built-in engine over the real server: a follow-up identify (the region's HU
+    measurement) with the earlier turns answers as it does alone; a free-text follow-up is the honest 501, and so is
+    a ground follow-up on an image without HU."""
+    import requests
+    from conftest import b64
+    from MiniGPTMedSlicerLib.png import encode_png
+
+    url = builtin_server
+    stored_hu = np.clip(ct[75] + 1024, 0, 65535).astype(np.uint16)  # what the wire carries; the test's HU below
+    hu = stored_hu.astype(np.float64) - 1024
+    image = np.clip((hu + 160) / 400 * 255, 0, 255).astype(np.uint8)
+    values = {"data": b64(encode_png(stored_hu)), "slope": 1.0, "intercept": -1024.0, "unit": "HU"}
+    up = requests.post(f"{url}/v1/images", json={"image": b64(encode_png(image)), "values": values}, timeout=30)
+    assert up.status_code == 200, up.text
+    base = {"image_id": up.json()["image_id"], "pixel_spacing_mm": list(SP2), "modality": "CT"}
+
+    def post(body, status=200):
+        r = requests.post(f"{url}/v1/analyze", json={**base, **body}, timeout=60)
+        assert r.status_code == status, r.text
+        return r.json()
+
+    first = post({"task": "report"})
+    history = [{"question": "", "answer": first["raw_output"], "task": "report"}]
+    ident = {"task": "identify", "region": [100.3, 180.6, 161.2, 240.0]}
+    alone, follow = post(ident), post({**ident, "history": history})
+    assert follow["text"] == alone["text"] and follow["findings"] == alone["findings"]
+    assert f"mean {hu[181:240, 100:161].mean():.0f} HU" in follow["text"]
+    e = post({"task": "vqa", "question": "Is it malignant?", "history": history}, 501)["error"]
+    assert e["code"] == "not_supported" and "vision-language model" in e["message"]
+    plain = requests.post(f"{url}/v1/images", json={"image": b64(encode_png(image))}, timeout=30).json()
+    e = post({"task": "ground", "question": "nodule", "image_id": plain["image_id"], "history": history}, 501)
+    assert e["error"]["code"] == "not_supported"

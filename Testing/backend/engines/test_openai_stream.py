@@ -87,8 +87,7 @@ def test_remote_error_mid_stream_is_an_error_event(served):
     assert err.code == "engine_error" and "failed mid-answer" in err.message and "CUDA error" in err.message
     standin.script(["fine"])
     r = requests.post(f"{url}/v1/analyze", json={"task": "report", "image": IMG}, timeout=30)
-    assert r.status_code == 200 and r.json()["text"] == "fine"  # still serving; a plain request is not streamed
-    assert not standin.bodies[-1].get("stream")
+    assert r.status_code == 200 and r.json()["text"] == "fine"  # still serving
 
 
 def _wait(cond, timeout_s: float = 10.0) -> bool:
@@ -152,3 +151,34 @@ def test_our_chat_completions_relays_the_remote_deltas_with_usage(served):
     contents = [c["choices"][0]["delta"].get("content") for c in chunks]
     assert [c for c in contents if c] == pieces
     assert chunks[-1]["usage"] == {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11}
+
+
+def test_a_plain_request_whose_client_goes_away_closes_the_remote_stream(served):
+    """Not streamed to our client, still read as a stream from the remote server: the client giving up stops it."""
+    url, standin, service = served
+    standin.script([" tok"], hold_after=1, endless=True)
+    body = {"task": "report", "image": IMG}
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.post(f"{url}/v1/analyze", json=body, timeout=(5, 0.5))  # the client gives up and closes
+    assert _wait(lambda: not service._running)  # the server saw it go and cancelled the request
+    standin.release.set()
+    assert standin.disconnected.wait(10) and standin.sent < 1000
+    assert _wait(lambda: not service.engine_busy)
+    standin.script(["plain", " answer"])
+    r = requests.post(f"{url}/v1/analyze", json=body, timeout=30)
+    assert r.status_code == 200 and r.json()["text"] == "plain answer"
+    assert r.json()["timings_ms"]["new_tokens"] == 2  # the remote's usage, from its stream
+
+
+def test_the_request_id_comes_before_the_first_byte_of_the_stream(served):
+    """The X-Request-ID header arrives while the remote server has written nothing yet; cancelling with it ends the
+    stream with the cancelled error as its first event."""
+    url, standin, _ = served
+    standin.script([" tok"], hold_after=0, endless=True)
+    r = _open(url)  # returns with the headers; no delta can have been written
+    rid = r.headers[protocol.REQUEST_ID_HEADER]
+    assert requests.delete(f"{url}/v1/requests/{rid}", timeout=10).json()["cancelled"] is True
+    standin.release.set()
+    events = list(_events(r))
+    assert [e.event for e in events] == ["error"] and events[0].json()["error"]["code"] == "cancelled"
+    assert standin.disconnected.wait(10)
