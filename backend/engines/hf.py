@@ -265,7 +265,8 @@ class HFEngine(Engine):
         ends = {int(v) for v in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id) if v is not None}
         ends.update(end_ids)
         results: list[AnalysisResult] = []
-        for row, inp, limit, (_text, _img, g, _im) in zip(out, inputs, limits, preps, strict=True):
+        mask = batch.get("attention_mask")
+        for k, (row, inp, limit, (_text, _img, g, _im)) in enumerate(zip(out, inputs, limits, preps, strict=True)):
             if inp.is_cancelled():  # its row was ended at the step after the cancel; the others went on
                 results.append(AnalysisResult(text="", cancelled=True))
                 continue
@@ -288,6 +289,7 @@ class HFEngine(Engine):
                         "preprocess": (t1 - t0) * 1000,
                         "generate": (t2 - t1) * 1000,
                         "new_tokens": float(n),
+                        "prompt_tokens": float(mask[k].sum()) if mask is not None else float(prompt_len),
                         "batch": float(len(inputs)),
                     },
                 )

@@ -5,6 +5,7 @@ while the other row's answer is the one it gives alone."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -49,7 +50,7 @@ def test_history_in_qwens_chat_template(served):
 
 
 def test_stream_deltas_add_up(served):
-    url, _ = served
+    url, engine = served
     body = {"task": "report", "image": b64(encode_png(IMG)), "max_new_tokens": 12, "stream": True}
     r = requests.post(f"{url}/v1/analyze", json=body, stream=True, timeout=120)
     parser, events = SseParser(), []
@@ -58,7 +59,18 @@ def test_stream_deltas_add_up(served):
     assert events[-1].event == "done"
     deltas = [e.json()["text"] for e in events if e.event == "delta"]
     assert "".join(deltas) == events[-1].json()["raw_output"]
-    assert events[-1].json()["timings_ms"]["new_tokens"] >= 1
+    timings = events[-1].json()["timings_ms"]
+    assert timings["new_tokens"] >= 1
+    prompt = engine._prepare(AnalysisInput(task="report", image=DecodedImage(IMG, "PNG")))[0]
+    assert timings["prompt_tokens"] == len(engine.tokenizer(prompt)["input_ids"])
+    # an OpenAI client streaming from our /v1/chat/completions gets the same counts in usage
+    uri = "data:image/png;base64," + body["image"]
+    chat = {"stream": True, "task": "report", "max_tokens": 12}
+    chat["messages"] = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}}]}]
+    with requests.post(f"{url}/v1/chat/completions", json=chat, stream=True, timeout=120) as r:
+        lines = [ln[len("data: ") :] for ln in r.iter_lines(decode_unicode=True) if ln]
+    usage = json.loads(lines[-2])["usage"]
+    assert usage["prompt_tokens"] == timings["prompt_tokens"] and usage["completion_tokens"] == timings["new_tokens"]
 
 
 class _Steps:
