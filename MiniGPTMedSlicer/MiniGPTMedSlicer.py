@@ -111,6 +111,7 @@ class MiniGPTMedSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.panel.region_combo.currentIndexChanged.connect(self.onRegionChanged)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodeAdded)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onNodeRemoved)
         self.initializeParameterNode()
@@ -140,6 +141,13 @@ class MiniGPTMedSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.initializeParameterNode()
         if self.panel is not None:
             self.panel.refresh_table()
+            self.panel.restore_conversation()  # none left: the transcript is cleared
+
+    def onSceneEndImport(self, caller, event) -> None:
+        # a scene loaded (e.g. an .mrb): its analyses in the table, the conversation saved with the newest one
+        if self.panel is not None:
+            self.panel.refresh_table()
+            self.panel.restore_conversation()
 
     @vtk.calldata_type(vtk.VTK_OBJECT)
     def onNodeAdded(self, caller, event, node) -> None:

@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from . import protocol
+from .chat import view_key
 from .client import BackendClient, BackendError, Calls, Timeouts, run_calls
 
 if TYPE_CHECKING:  # Slicer's MRML classes (the app's or slicer-core's); without stubs, mypy sees them as Any
     import numpy as np
     from slicer import vtkMRMLMarkupsROINode, vtkMRMLScene, vtkMRMLSliceLogic
 
+    from .chat import ChatState
     from .dicom_series import Series
     from .export import FolderExport
     from .markups import FindingRow
@@ -40,7 +42,7 @@ class AnalysisError(Exception):
 
 @dataclass
 class Job:
-    kind: str  # "analyze" | "sweep" | "health"
+    kind: str  # "analyze" | "follow_up" | "sweep" | "health"
     task: str
     view: str
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -115,6 +117,13 @@ class AnalysisLogic:
         self.token: Optional[str] = None
         self.export_size: Optional[int] = None
         self.batch_size = 8
+        # the conversation about the image in a view (see chat.py): started by an analysis or a first question,
+        # continued by follow-up questions, ended when its view, slice or volume changes (then this is called with
+        # the reason, on the main thread: the panel clears its transcript)
+        self.chat: Optional[ChatState] = None
+        self.on_conversation_ended: Optional[Callable[[str], None]] = None
+        self._chat_generation = 0
+        self._watched: List[Tuple[Any, int]] = []
 
     # -- backend ------------------------------------------------------------------------------
 
@@ -183,9 +192,157 @@ class AnalysisLogic:
             except ValueError as e:
                 raise AnalysisError(f"The ROI {roi.GetName()!r} is not in the {view} view: {e}") from None
         request = to_request(captured, task, question=question or None, region=region)
-        job = Job(kind="analyze", task=task, view=view, context={"captured": captured})
+        job = Job(
+            kind="analyze",
+            task=task,
+            view=view,
+            context={"captured": captured, "request": request, "key": view_key(view, sl)},
+        )
         self._run(job, lambda client: _one(client.analyze_request(request)), runner)
         return job
+
+    def start_follow_up(
+        self,
+        view: str,
+        question: str,
+        runner: Optional[Any] = None,
+        task_name: str = protocol.VQA.label,
+        region_roi_id: Optional[str] = None,
+    ) -> Job:
+        """A question (the panel's question box: Ask; any single-image task here) about the image in ``view``: a
+        follow-up of the conversation about it (the image stored once on the server, the earlier turns sent as
+        history), or the first turn of a new one when there is none or the view, its slice or its volume changed.
+        Sent with ``runner``; :meth:`finish` adds the answer (its boxes under the conversation's analysis)."""
+        import dataclasses
+
+        from .capture import capture_slice, region_from_roi, to_request
+        from .conversation import Conversation
+        from .scene import volume_of
+
+        spec = protocol.task_by_label(task_name)
+        if spec is None:
+            raise AnalysisError(f"unknown task {task_name!r}")
+        question = (question or "").strip()
+        if protocol.missing_input(spec.id, question, None) == "question":
+            raise AnalysisError(f"Type {spec.question} for {spec.label}.")
+        sl = self.slice_logic(view)
+        if volume_of(sl) is None:
+            raise AnalysisError(f"The {view} view shows no volume: load one and show it in that view.")
+        key = view_key(view, sl)
+        state = self.chat if self.chat is not None and (self.chat.view, self.chat.key) == (view, key) else None
+        if state is None and self.chat is not None:
+            self.new_conversation()
+        captured = state.captured if state is not None else None
+        if captured is None:  # a new conversation, or one restored from the scene: the image as it is shown now
+            try:
+                captured = capture_slice(sl, export_size=self.export_size)
+            except ValueError as e:
+                raise AnalysisError(str(e)) from None
+        region = None
+        if spec.needs_region:
+            roi = self.scene.GetNodeByID(region_roi_id) if region_roi_id else None
+            if roi is None:
+                raise AnalysisError(f"{spec.label} needs an ROI: draw one in the view and pick it as Region ROI.")
+            try:
+                region = region_from_roi(captured, roi)
+            except ValueError as e:
+                raise AnalysisError(f"The ROI {roi.GetName()!r} is not in the {view} view: {e}") from None
+        request = to_request(captured, spec.id, question=question or None, region=region)
+        if state is None:
+            conv = Conversation(image=request.image or "", values=request.values)
+        else:  # a copy: the conversation changes only when the answer is in the scene (finish)
+            conv = dataclasses.replace(state.conversation, turns=list(state.conversation.turns))
+            if state.captured is None:
+                conv.image, conv.values, conv.image_id = request.image or "", request.values, None
+        job = Job(
+            kind="follow_up",
+            task=spec.id,
+            view=view,
+            context={
+                "captured": captured,
+                "conversation": conv,
+                "folder": state.folder_item if state is not None else None,
+                "key": key,
+                "generation": self._chat_generation,
+            },
+        )
+        self._run(job, lambda client: conv.ask(client, request), runner)
+        return job
+
+    # -- the conversation ------------------------------------------------------------------------
+
+    def transcript(self) -> str:
+        """The questions and answers of the conversation going on ("" when there is none)."""
+        return self.chat.conversation.transcript() if self.chat is not None else ""
+
+    def new_conversation(self, reason: str = "") -> None:
+        """Forget the conversation (its analysis stays in the scene); ``reason``: tell :attr:`on_conversation_ended`."""
+        had = self.chat is not None
+        self.chat = None
+        self._chat_generation += 1
+        self._unwatch()
+        if had and reason and self.on_conversation_ended is not None:
+            self.on_conversation_ended(reason)
+
+    def select_view(self, view: str) -> None:
+        """The panel's view changed: a conversation about another view ends."""
+        if self.chat is not None and self.chat.view != view:
+            self.new_conversation(f"New conversation: the view changed to {view}.")
+
+    def restore_conversation(self) -> Optional[ChatState]:
+        """After the scene was loaded (e.g. from a ``.mrb``): the newest conversation saved in it becomes the panel's
+        (its transcript is shown; a question continues it if its view still shows the same slice of the same
+        volume, with the earlier turns as history). None when the scene holds none."""
+        from .chat import saved_conversation
+
+        self.new_conversation()
+        state = saved_conversation(self.scene)
+        if state is not None:
+            self.chat = state
+            self._watch(state.view)
+        return state
+
+    def _adopt(self, state: ChatState, generation: int) -> None:
+        """``state`` becomes the conversation going on, unless New conversation was asked for meanwhile or its view
+        no longer shows that image."""
+        if generation != self._chat_generation:
+            return
+        try:
+            current = view_key(state.view, self.slice_logic(state.view))
+        except AnalysisError:
+            current = None
+        if current != state.key:
+            self.new_conversation(f"New conversation: the {state.view} view changed.")
+            return
+        self._unwatch()
+        self.chat = state
+        self._watch(state.view)
+
+    def _watch(self, view: str) -> None:
+        """Observe the view's slice and composite nodes: a change of slice plane or volume ends the conversation."""
+        try:
+            sl = self.slice_logic(view)
+        except AnalysisError:
+            return
+        for node in (sl.GetSliceNode(), sl.GetSliceCompositeNode()):
+            if node is not None:
+                self._watched.append((node, node.AddObserver("ModifiedEvent", self._on_view_modified)))
+
+    def _unwatch(self) -> None:
+        for node, tag in self._watched:
+            node.RemoveObserver(tag)
+        self._watched.clear()
+
+    def _on_view_modified(self, caller: Any = None, event: Any = None) -> None:
+        state = self.chat
+        if state is None:
+            return
+        try:
+            current = view_key(state.view, self.slice_logic(state.view))
+        except AnalysisError:
+            current = None
+        if current != state.key:
+            self.new_conversation(f"New conversation: the slice or the volume of the {state.view} view changed.")
 
     def _start_sweep(self, view: str, sl, volume, question: str, sweep_range: str, runner: Optional[Any]) -> Job:
         from .sweep import capture_at, capture_sweep, parse_range, plan_sweep, sweep_calls
@@ -262,16 +419,8 @@ class AnalysisLogic:
             return Outcome(False, "Cancelled. Nothing was added to the scene.")
         if job.error is not None:
             return Outcome(False, describe_error(job.error))
-        if job.kind == "analyze":
-            response: protocol.AnalyzeResponse = job.result
-            M.add_analysis_results(self.scene, job.context["captured"], response, replace_previous=not keep_previous)
-            note = f" ({'; '.join(response.warnings)})" if response.warnings else ""
-            return Outcome(
-                True,
-                f"{len(response.findings)} finding(s) from {response.engine} in {job.elapsed():.1f} s{note}.",
-                response.text,
-                len(response.findings),
-            )
+        if job.kind in ("analyze", "follow_up"):
+            return self._finish_turn(job, keep_previous)
         if job.kind == "sweep":
             from .sweep import merge_sweep, summarize
 
@@ -300,6 +449,55 @@ class AnalysisLogic:
         return Outcome(
             True,
             f"Connected: {health.engine} engine, {health.model} on {health.device}; tasks: {', '.join(health.tasks)}.",
+        )
+
+    def _finish_turn(self, job: Job, keep_previous: bool) -> Outcome:
+        """An analysis (the first turn of a new conversation) or a follow-up: its boxes become markups (under the
+        conversation's analysis for a follow-up), the conversation is saved on the analysis' text node."""
+        from . import markups as M
+        from .chat import ChatState, text_attributes
+        from .conversation import Conversation
+
+        response: protocol.AnalyzeResponse = job.result
+        ctx = job.context
+        captured = ctx["captured"]
+        if job.kind == "analyze":
+            request = ctx["request"]
+            conv = Conversation(image=request.image or "", values=request.values)
+            conv.add(request, response)
+            folder, generation = None, self._chat_generation + 1
+        else:
+            conv, folder, generation = ctx["conversation"], ctx["folder"], ctx["generation"]
+        state = ChatState(job.view, ctx["key"], conv, captured, folder)
+        if folder is not None and folder in M.list_results(self.scene):
+            M.add_turn_results(
+                self.scene,
+                folder,
+                captured,
+                response,
+                turn=len(conv.turns),
+                text=conv.transcript(),
+                text_attributes=text_attributes(state),
+            )
+        else:  # a new conversation (or its analysis was removed meanwhile): a new analysis
+            out = M.add_analysis_results(
+                self.scene,
+                captured,
+                response,
+                replace_previous=not keep_previous,
+                text_attributes=text_attributes(state),
+            )
+            state.folder_item = out.folder_item
+        if job.kind == "analyze":
+            self.new_conversation()
+        self._adopt(state, generation)
+        note = f" ({'; '.join(response.warnings)})" if response.warnings else ""
+        turn = f" (turn {len(conv.turns)})" if len(conv.turns) > 1 else ""
+        return Outcome(
+            True,
+            f"{len(response.findings)} finding(s) from {response.engine} in {job.elapsed():.1f} s{turn}{note}.",
+            response.text,
+            len(response.findings),
         )
 
     def analyze(
@@ -346,6 +544,7 @@ class AnalysisLogic:
     def clear(self) -> int:
         from .markups import clear_results
 
+        self.new_conversation()
         return clear_results(self.scene)
 
     # review (the panel's Accept / Reject / Edit; statuses are node attributes, see review.py)

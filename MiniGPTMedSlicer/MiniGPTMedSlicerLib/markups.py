@@ -202,6 +202,52 @@ def _create_all_or_nothing(
     return out
 
 
+def _common(captured: CapturedSlice, response: protocol.AnalyzeResponse, now: str) -> Dict[str, str]:
+    """The attributes every node of one answer carries."""
+    return {
+        "task": response.task,
+        "engine": response.engine,
+        "model": response.model,
+        "view": captured.view_name,
+        "slice_offset": f"{captured.slice_offset_mm:.3f}",
+        "time": now,
+        "pixel_to_ras": " ".join(f"{v:.6g}" for v in np.asarray(captured.pixel_to_ras).ravel()),
+    }
+
+
+def _add_finding_rois(
+    scene,
+    undo: _Undo,
+    folder: int,
+    captured: CapturedSlice,
+    response: protocol.AnalyzeResponse,
+    common: dict,
+    thickness: float,
+    first_index: int = 1,
+    extra: Optional[Dict[str, str]] = None,
+) -> list:
+    """One ROI per finding of ``response`` under ``folder`` (recorded in ``undo``)."""
+    sh = subject_hierarchy(scene)
+    rois = []
+    for i, f in enumerate(response.findings):
+        center, size, axes = box_to_plane_roi(captured.pixel_to_ras, f.box, thickness)
+        label = f.label or "finding"
+        attrs = {
+            **common,
+            **(extra or {}),
+            "label": label,
+            "score": _fmt(f.score),
+            "box_px": " ".join(f"{v:.2f}" for v in f.box),
+            "index": str(first_index + i),
+        }
+        point_label = f"{label} ({f.score:.2f})" if f.score is not None else label
+        roi = add_roi(scene, label, center, size, axes, label_color(label), attrs, point_label)
+        undo.nodes.append(roi)
+        sh.CreateItem(folder, roi)
+        rois.append(roi)
+    return rois
+
+
 def add_analysis_results(
     scene: vtkMRMLScene,
     captured: CapturedSlice,
@@ -210,50 +256,83 @@ def add_analysis_results(
     replace_previous: bool = False,
     folder_name: Optional[str] = None,
     thickness_mm: Optional[float] = None,
+    text_attributes: Optional[Dict[str, str]] = None,
 ) -> AnalysisNodes:
-    """Create the markups of one analysis. ``captured`` is the :class:`.capture.CapturedSlice` that was sent."""
+    """Create the markups of one analysis. ``captured`` is the :class:`.capture.CapturedSlice` that was sent;
+    ``text_attributes`` go on its text node too (e.g. the conversation)."""
     now = datetime.datetime.now().isoformat(timespec="seconds")
     name = folder_name or f"MiniGPT-Med {response.task} ({captured.view_name}, {captured.slice_offset_mm:.1f} mm)"
     thickness = float(thickness_mm or captured.slice_thickness_mm or 1.0)
 
     def build(undo: _Undo) -> AnalysisNodes:
-        common = {
-            "task": response.task,
-            "engine": response.engine,
-            "model": response.model,
-            "view": captured.view_name,
-            "slice_offset": f"{captured.slice_offset_mm:.3f}",
-            "time": now,
-            "pixel_to_ras": " ".join(f"{v:.6g}" for v in np.asarray(captured.pixel_to_ras).ravel()),
-        }
-        sh, folder = _new_folder(scene, undo, name, {**common, "findings": str(len(response.findings))})
+        common = _common(captured, response, now)
+        _sh, folder = _new_folder(scene, undo, name, {**common, "findings": str(len(response.findings))})
         out = AnalysisNodes(folder_item=folder, name=name)
-        for i, f in enumerate(response.findings):
-            center, size, axes = box_to_plane_roi(captured.pixel_to_ras, f.box, thickness)
-            label = f.label or "finding"
-            attrs = {
-                **common,
-                "label": label,
-                "score": _fmt(f.score),
-                "box_px": " ".join(f"{v:.2f}" for v in f.box),
-                "index": str(i + 1),
-            }
-            point_label = f"{label} ({f.score:.2f})" if f.score is not None else label
-            roi = add_roi(scene, label, center, size, axes, label_color(label), attrs, point_label)
-            undo.nodes.append(roi)
-            sh.CreateItem(folder, roi)
-            out.rois.append(roi)
+        out.rois = _add_finding_rois(scene, undo, folder, captured, response, common, thickness)
         out.text_node = _add_text(
             scene,
             undo,
             folder,
             f"{name} findings",
             response.text or "(no text)",
-            {**common, "raw_output": response.raw_output, "warnings": " | ".join(response.warnings)},
+            {
+                **common,
+                "raw_output": response.raw_output,
+                "warnings": " | ".join(response.warnings),
+                **(text_attributes or {}),
+            },
         )
         return out
 
     return _create_all_or_nothing(scene, replace_previous, build)
+
+
+def text_node_of(scene: vtkMRMLScene, folder_item: int) -> Optional[Any]:
+    """The findings text node of an analysis (None if it has none)."""
+    for node in analysis_nodes(scene, folder_item):
+        if node.IsA("vtkMRMLTextNode"):
+            return node
+    return None
+
+
+def add_turn_results(
+    scene: vtkMRMLScene,
+    folder_item: int,
+    captured: CapturedSlice,
+    response: protocol.AnalyzeResponse,
+    *,
+    turn: int,
+    text: str,
+    text_attributes: Optional[Dict[str, str]] = None,
+    thickness_mm: Optional[float] = None,
+) -> List[Any]:
+    """A follow-up answer (``turn``: its number, 1 = the first) in an existing analysis: its boxes become ROIs under
+    that analysis' folder, its text node gets ``text`` and ``text_attributes``. All or nothing."""
+    now = datetime.datetime.now().isoformat(timespec="seconds")
+    thickness = float(thickness_mm or captured.slice_thickness_mm or 1.0)
+    sh = subject_hierarchy(scene)
+    before = len([n for n in analysis_nodes(scene, folder_item) if n.IsA("vtkMRMLMarkupsROINode")])
+    undo = _Undo(scene)
+    try:
+        common = _common(captured, response, now)
+        rois = _add_finding_rois(
+            scene, undo, folder_item, captured, response, common, thickness, before + 1, {"turn": str(turn)}
+        )
+        node = text_node_of(scene, folder_item)
+        if node is None:
+            node = _add_text(scene, undo, folder_item, f"{sh.GetItemName(folder_item)} findings", "", {})
+    except BaseException:
+        undo.rollback()
+        raise
+    node.SetText(text or "(no text)")
+    for k, v in {
+        "raw_output": response.raw_output,
+        "warnings": " | ".join(response.warnings),
+        **(text_attributes or {}),
+    }.items():
+        node.SetAttribute(ATTR + k, v)
+    sh.SetItemAttribute(folder_item, ATTR + "findings", str(before + len(rois)))
+    return rois
 
 
 def list_results(scene: vtkMRMLScene) -> List[int]:

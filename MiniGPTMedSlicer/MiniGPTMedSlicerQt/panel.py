@@ -101,6 +101,9 @@ class Panel:
         self.export_markups_check = find(w, "exportMarkupsCheckBox")
         self.add_to_database_check = find(w, "addToDatabaseCheckBox")
         self.export_button = find(w, "exportButton")
+        self.conversation_edit = find(w, "conversationTextEdit")
+        self.follow_up_edit = find(w, "followUpLineEdit")
+        self.new_conversation_button = find(w, "newConversationButton")
         self._statuses: List[str] = []  # review status of each table row
         self.editing: Optional[str] = None  # the node id of the finding being edited
         self._edit_observer: Optional[int] = None
@@ -116,6 +119,7 @@ class Panel:
         self.table.setWordWrap(False)
         self.table.setMinimumHeight(160)
         self.text_edit.setMinimumHeight(6 * font_metrics(self.text_edit).lineSpacing())
+        self.conversation_edit.setMinimumHeight(6 * font_metrics(self.conversation_edit).lineSpacing())
         self.progress.setRange(0, 100)
         self.progress.setValue(0)
 
@@ -140,6 +144,10 @@ class Panel:
         self.show_rejected_check.toggled.connect(self._update_hidden_rows)
         self.export_button.clicked.connect(self.on_export)
         self.export_browse_button.clicked.connect(self.on_browse_export_folder)
+        self.follow_up_edit.returnPressed.connect(self.on_ask)
+        self.new_conversation_button.clicked.connect(self.on_new_conversation)
+        self.view_combo.currentIndexChanged.connect(self._on_view_changed)
+        self.logic.on_conversation_ended = self._conversation_ended
         self._update_database_option()
         # the review keys on the findings table: a filter sees the key before the table's own keyboard search
         self.key_filter = ReviewKeys(self)
@@ -153,6 +161,7 @@ class Panel:
         self._update_task_widgets()
         self.refresh_regions()
         self.refresh_table()
+        self.restore_conversation()
 
     # -- settings (stored as str: PythonQt and PySide6 read them back differently otherwise) -----
 
@@ -288,12 +297,69 @@ class Panel:
         self.timer.stop()
         self.job = None
         self._set_busy(False, "")
+        self.refresh_conversation()
         self._ok("Cancelled. Nothing was added to the scene.")
+
+    # -- the conversation (the logic keeps it: MiniGPTMedSlicerLib.chat) ---------------------------
+
+    def on_ask(self) -> None:
+        """Enter in the question box: a follow-up about the image in the chosen view (or the first question of a
+        new conversation when the view, its slice or its volume changed)."""
+        if self.job is not None:
+            return
+        self._configure()
+        question = str(prop(self.follow_up_edit, "text"))
+        try:
+            self.job = self.logic.start_follow_up(
+                view=str(prop(self.view_combo, "currentText")), question=question, runner=self.runner
+            )
+        except AnalysisError as e:
+            self._error(str(e))
+            return
+        except Exception as e:  # capture failed: nothing was sent, nothing changed
+            self._error(describe_error(e))
+            return
+        self._ok("")
+        shown = self.logic.transcript()
+        self._show_transcript((shown + "\n\n" if shown else "") + f"Q: {question.strip()}\nA: …")
+        self._set_busy(True, f"Asking about the {self.job.view} view…")
+        self.timer.start()
+
+    def on_new_conversation(self) -> None:
+        self.logic.new_conversation()
+        self.refresh_conversation()
+        self._ok("New conversation: the next question starts from the image in view.")
+
+    def _on_view_changed(self, *args) -> None:
+        self.logic.select_view(str(prop(self.view_combo, "currentText")))
+
+    def _conversation_ended(self, reason: str) -> None:
+        """The logic ended the conversation (its view, slice or volume changed)."""
+        if self.job is not None and self.job.kind == "follow_up":
+            return  # the answer on its way belongs to the old image; the transcript is redrawn when it lands
+        self.refresh_conversation()
+        self._ok(reason)
+
+    def refresh_conversation(self) -> None:
+        self._show_transcript(self.logic.transcript())
+
+    def _show_transcript(self, text: str) -> None:
+        assert is_gui_thread(), "widgets and MRML are touched only on the main thread"
+        self.conversation_edit.setPlainText(text)
+        bar = self.conversation_edit.verticalScrollBar()
+        bar.setValue(int(prop(bar, "maximum")))
+
+    def restore_conversation(self) -> None:
+        """The scene was loaded (the module calls this on the scene's EndImportEvent): show the conversation saved
+        with its newest analysis."""
+        self.logic.restore_conversation()
+        self.refresh_conversation()
 
     def on_clear(self) -> None:
         self._stop_editing()
         n = self.logic.clear()
         self.text_edit.setPlainText("")
+        self.refresh_conversation()
         self.refresh_table()
         self._ok(f"Removed {n} analysis result(s).")
 
@@ -335,10 +401,14 @@ class Panel:
         self._set_busy(False, "")
         if job.kind == "health":
             self.connection_label.setText(outcome.message if outcome.ok else "Not connected")
+        if job.kind in ("analyze", "follow_up"):
+            self.refresh_conversation()
         if not outcome.ok:
-            self._error(outcome.message)
+            self._error(outcome.message)  # a follow-up's question stays in its box, to send again
             return
         self._ok(outcome.message)
+        if job.kind == "follow_up":
+            self.follow_up_edit.setText("")
         if job.kind != "health":
             self.text_edit.setPlainText(outcome.text)
             self.refresh_table()
@@ -534,3 +604,5 @@ class Panel:
         if self.job is not None:
             self.logic.cancel(self.job)
             self.job = None
+        self.logic.on_conversation_ended = None
+        self.logic.new_conversation()  # its observers on the slice nodes go (it stays saved with its analysis)

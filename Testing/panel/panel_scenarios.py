@@ -12,6 +12,7 @@ uvicorn thread there would compete for the GIL that Slicer's main thread keeps.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import time
 from collections.abc import Callable
@@ -53,6 +54,11 @@ class Ui:
         for kind in (qt.QEvent.KeyPress, qt.QEvent.KeyRelease):
             qt.QApplication.sendEvent(widget, qt.QKeyEvent(kind, code, qt.Qt.NoModifier, key.lower()))
 
+    def enter(self, widget) -> None:
+        """Return pressed and released on ``widget`` (a line edit sends returnPressed)."""
+        for kind in (qt.QEvent.KeyPress, qt.QEvent.KeyRelease):
+            qt.QApplication.sendEvent(widget, qt.QKeyEvent(kind, qt.Qt.Key_Return, qt.Qt.NoModifier, "\r"))
+
     def wait(self, ms: int) -> None:
         loop = qt.QEventLoop()
         qt.QTimer.singleShot(int(ms), loop.quit)
@@ -70,7 +76,7 @@ class Ui:
 class Env:
     mrml: Any  # MiniGPTMedSlicerLib.scene.SceneContext with Red/Yellow/Green views of the test CT volume
     ui: Ui
-    urls: dict[str, str]  # builtin, slow, not_backend (404 for everything), token, closed
+    urls: dict[str, str]  # builtin, slow, not_backend (404 for everything), token, minigpt, closed
     tmp_dir: str
     register: Callable[[Any], None] = lambda widget: None  # pytest-qt: qtbot.addWidget
     slow_started: Callable[[], int] | None = None  # requests the slow engine has begun (None: not visible here)
@@ -633,6 +639,86 @@ def export_sr_of_a_dicom_series(env: Env, p: Panel, folder: str) -> None:
         M.remove_node(mrml.scene, vol)
 
 
+def _seen(env: Env) -> list[dict]:
+    """What the tiny MiniGPT-Med's engine was given so far (the server's own record: panel_servers.py)."""
+    import requests
+
+    r = requests.get(env.urls["minigpt"] + "/test/seen", timeout=10)
+    r.raise_for_status()
+    return r.json()
+
+
+def conversation(env: Env) -> dict:
+    """Two turns about one CT slice with the tiny MiniGPT-Med: Analyze (Report), then a follow-up typed in the
+    question box and sent with Enter. Both turns are in the transcript; on the server the second request had the
+    stored image's id and the first turn (with the model's own first answer) as history. The conversation is saved on
+    the analysis' text node and comes back from a saved and reopened .mrb; a slice change starts a new
+    conversation (its first question goes without history, about the new image)."""
+    from MiniGPTMedSlicerLib import scene as S
+    from MiniGPTMedSlicerLib.chat import CONVERSATION_ATTR
+
+    mrml = env.mrml
+    n0 = len(_seen(env))
+    p = env.panel("minigpt")
+    select_view(p, "Red")
+    mrml.slice_logics["Red"].SetSliceOffset(10.0)
+    select_task(p, "Report")
+    t0 = time.monotonic()
+    status = run_and_wait(env, p, 120000)
+    assert "finding(s) from minigptmed" in status, status
+    first = p.text_edit.toPlainText()
+    assert first and p.conversation_edit.toPlainText() == f"Q: report\nA: {first}"
+    p.follow_up_edit.setText("is there a mass?")
+    env.ui.enter(p.follow_up_edit)
+    assert p.job is not None and p.job.kind == "follow_up", text(p.status_label)
+    assert p.conversation_edit.toPlainText().endswith("\n\nQ: is there a mass?\nA: …")  # shown while it runs
+    env.ui.wait_until(lambda: idle(p), 120000)
+    elapsed = time.monotonic() - t0
+    assert "(turn 2)" in text(p.status_label), text(p.status_label)
+    second = p.text_edit.toPlainText()
+    transcript = p.conversation_edit.toPlainText()
+    assert transcript == f"Q: report\nA: {first}\n\nQ: is there a mass?\nA: {second}", transcript
+    assert text(p.follow_up_edit) == ""
+    # the server's side: the first request came with its image, the second with the stored image and the history
+    seen = _seen(env)[n0:]
+    assert [(x["task"], x["question"]) for x in seen] == [("report", None), ("vqa", "is there a mass?")], seen
+    assert seen[0]["image"] and seen[0]["image_id"] is None and seen[0]["history"] == []
+    assert not seen[1]["image"] and seen[1]["image_id"] == p.logic.chat.conversation.image_id, seen[1]
+    assert seen[1]["history"] == [["report", "", seen[0]["raw_output"]]], seen[1]
+    # one analysis holds both turns, its text node the saved conversation
+    (folder,) = M.list_results(mrml.scene)
+    node = M.text_node_of(mrml.scene, folder)
+    saved = node.GetAttribute(M.ATTR + CONVERSATION_ATTR)
+    assert [(t["task"], t["question"], t["text"]) for t in json.loads(saved)] == [
+        ("report", "", first),
+        ("vqa", "is there a mass?", second),
+    ]
+    assert node.GetText() == transcript
+    # saved as .mrb and opened again: a panel on the reopened scene shows the conversation
+    mrb = S.save_mrb(mrml, os.path.join(env.tmp_dir, "conversation.mrb"))
+    ctx = S.open_mrb(mrb, os.path.join(env.tmp_dir, "reopened"))
+    try:
+        p2 = Panel(AnalysisLogic(ctx.scene, lambda: dict(ctx.slice_logics)))
+        env.register(p2.widget)
+        assert p2.conversation_edit.toPlainText() == transcript
+        assert p2.logic.chat is not None and p2.logic.chat.conversation.to_json() == saved
+        p2.cleanup()
+    finally:
+        S.close(ctx)
+    # a slice change: a new conversation, whose first question goes about the new image without history
+    mrml.slice_logics["Red"].SetSliceOffset(20.0)
+    assert p.conversation_edit.toPlainText() == "" and "New conversation" in text(p.status_label)
+    p.follow_up_edit.setText("is there a mass?")
+    env.ui.enter(p.follow_up_edit)
+    env.ui.wait_until(lambda: idle(p), 120000)
+    assert p.conversation_edit.toPlainText() == f"Q: is there a mass?\nA: {p.text_edit.toPlainText()}"
+    (third,) = _seen(env)[n0 + 2 :]
+    assert third["history"] == [] and not third["image"], third
+    assert third["image_id"] == p.logic.chat.conversation.image_id != seen[1]["image_id"], third  # another image
+    assert len(M.list_results(mrml.scene)) == 2  # kept: a new analysis
+    return {"two_turns_s": elapsed}
+
+
 def gui_thread_check(env: Env) -> None:
     import threading
 
@@ -665,6 +751,7 @@ SCENARIOS: dict[str, Callable[[Env], Any]] = {
         cancel_during_a_slow_request,
         review_buttons_and_keys,
         export_folder,
+        conversation,
         gui_thread_check,
     )
 }

@@ -1,6 +1,7 @@
 """The real servers the panel scenarios talk to (panel_scenarios.py), on loopback ports in the test process:
-the built-in engine, a slow engine, a backend that wants a token, some other web server that answers 404, and a
-closed port."""
+the built-in engine, a slow engine, a backend that wants a token, the tiny offline MiniGPT-Med (the conversation
+scenario; it also answers ``GET /test/seen`` with what its engine was given, so a scenario running in another
+process checks the requests on the server's side), some other web server that answers 404, and a closed port."""
 
 from __future__ import annotations
 
@@ -44,12 +45,63 @@ class PanelServers:
     slow: SlowEngine
 
 
+def recording_minigpt():
+    """The tiny MiniGPT-Med (minigpt_fixtures), recording what each ``/v1/analyze`` request carried (its image
+    inline, or a stored image's id), the task, question and history its engine got, and what it answered."""
+    from minigpt_fixtures import tiny_files
+
+    from backend.engines.minigptmed import MiniGPTMedEngine
+    from backend.settings import MiniGPTMedSettings
+
+    class Recording(MiniGPTMedEngine):
+        def __init__(self, settings):
+            super().__init__(settings)
+            self.seen: list[dict] = []
+
+        def analyze_batch(self, inputs, stop):
+            results = super().analyze_batch(inputs, stop)
+            self.seen.extend(
+                {
+                    "task": i.task,
+                    "question": i.question,
+                    "history": [[t.task, t.question, t.answer] for t in i.history],
+                    "raw_output": r.raw_output,
+                }
+                for i, r in zip(inputs, results, strict=True)
+            )
+            return results
+
+    t = tiny_files()
+    engine = Recording(
+        MiniGPTMedSettings(
+            eva=str(t.eva), llama=str(t.llama), checkpoint=str(t.checkpoint), model_config=str(t.model_config)
+        )
+    )
+
+    sent: list[dict] = []  # what each /v1/analyze request carried: its image inline, or the id of a stored one
+
+    def routes(app, service) -> None:
+        prepare = service.prepare
+
+        def recording_prepare(body, *args):
+            sent.append({"image": body.image is not None, "image_id": body.image_id})
+            return prepare(body, *args)
+
+        service.prepare = recording_prepare
+        app.add_api_route(
+            "/test/seen", lambda: [{**s, **e} for s, e in zip(sent, engine.seen, strict=False)], methods=["GET"]
+        )
+
+    return engine, routes
+
+
 @contextlib.contextmanager
 def panel_servers() -> Iterator[PanelServers]:
     from backend.engines.builtin import BuiltinEngine
     from backend.settings import ServerSettings
 
     slow = SlowEngine(delay_s=SLOW_DELAY_S)
+    minigpt, minigpt_routes = recording_minigpt()
     other = ThreadingHTTPServer(("127.0.0.1", 0), _NotTheBackend)
     Thread(target=other.serve_forever, daemon=True).start()
     try:
@@ -57,12 +109,14 @@ def panel_servers() -> Iterator[PanelServers]:
             ServerThread(BuiltinEngine()) as builtin,
             ServerThread(slow) as slow_url,
             ServerThread(BuiltinEngine(), settings=ServerSettings(token=TOKEN)) as token,
+            ServerThread(minigpt, extra_routes=minigpt_routes, startup_timeout_s=120) as minigpt_url,
         ):
             yield PanelServers(
                 urls={
                     "builtin": builtin,
                     "slow": slow_url,
                     "token": token,
+                    "minigpt": minigpt_url,
                     "not_backend": f"http://127.0.0.1:{other.server_address[1]}",
                     "closed": f"http://127.0.0.1:{free_port()}",
                 },

@@ -1,0 +1,87 @@
+"""The panel's conversation about the image in a view: which image it is about, and how it is kept with its analysis.
+
+A conversation belongs to one view showing one volume on one slice plane (:func:`view_key`); when any of those
+changes, the next question starts a new conversation. Its turns are saved on the analysis' text node
+(``MiniGPTMed.conversation``: :meth:`.conversation.Conversation.to_json`, with the view key beside it), so a scene
+saved as ``.mrb`` and opened again gives the conversation back (:func:`saved_conversation`). No Qt, no Slicer app.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
+
+from . import protocol
+from .conversation import Conversation
+
+if TYPE_CHECKING:  # Slicer's MRML classes (the app's or slicer-core's); without stubs, mypy sees them as Any
+    from slicer import vtkMRMLScene, vtkMRMLSliceLogic
+
+    from .capture import CapturedSlice
+
+#: The text node attributes (under markups.ATTR) that hold the conversation and the image it is about.
+CONVERSATION_ATTR = "conversation"
+CONVERSATION_KEY_ATTR = "conversation_key"
+
+
+@dataclass
+class ChatState:
+    """The conversation going on in the panel."""
+
+    view: str  # the slice view it is about
+    key: str  # view_key() of that view when the image was captured
+    conversation: Conversation
+    captured: Optional[CapturedSlice]  # the image sent (None when restored from a scene: captured again when asked)
+    folder_item: Optional[int]  # the analysis its answers (text, boxes) go under
+
+
+def _num(v: float, digits: int) -> str:
+    s = f"{v:.{digits}f}"
+    return "0" if float(s) == 0 else s  # -0.00 and 0.00 read the same
+
+
+def view_key(view: str, slice_logic: vtkMRMLSliceLogic) -> str:
+    """What the image of a view depends on for a conversation: the view, its volume, its slice plane (normal and
+    offset). Panning and zooming keep the conversation (the answers are about the image that was sent, and its
+    boxes are placed with that image's own geometry)."""
+    from .scene import volume_of
+
+    volume = volume_of(slice_logic)
+    node = slice_logic.GetSliceNode()
+    m = node.GetSliceToRAS()
+    normal = [m.GetElement(i, 2) for i in range(3)]
+    return "|".join(
+        [
+            view,
+            volume.GetID() if volume is not None else "",
+            " ".join(_num(v, 4) for v in normal),
+            _num(float(slice_logic.GetSliceOffset()), 3),
+        ]
+    )
+
+
+def text_attributes(state: ChatState) -> dict:
+    """What is saved on the analysis' text node (markups.ATTR is prefixed there)."""
+    return {CONVERSATION_ATTR: state.conversation.to_json(), CONVERSATION_KEY_ATTR: state.key}
+
+
+def saved_conversation(scene: vtkMRMLScene) -> Optional[ChatState]:
+    """The newest conversation saved in the scene (e.g. one opened from a ``.mrb``), or None. A saved conversation
+    that cannot be read is logged and skipped (the scene is left as it is)."""
+    from . import markups as M
+
+    for folder in reversed(M.list_results(scene)):
+        node: Any = M.text_node_of(scene, folder)
+        raw = node.GetAttribute(M.ATTR + CONVERSATION_ATTR) if node is not None else None
+        if not raw:
+            continue
+        try:
+            turns = Conversation.turns_from_json(raw)
+        except (ValueError, TypeError, protocol.ProtocolError) as e:
+            logging.warning(f"MiniGPT-Med: the conversation saved in {node.GetName()!r} cannot be read ({e})")
+            continue
+        key = node.GetAttribute(M.ATTR + CONVERSATION_KEY_ATTR) or ""
+        view = key.split("|", 1)[0] if key else (node.GetAttribute(M.ATTR + "view") or "")
+        return ChatState(view, key, Conversation(image="", turns=turns), None, folder)
+    return None
