@@ -13,10 +13,10 @@ import os
 
 import pytest
 from panel_scenarios import SCENARIOS
-from panel_servers import panel_servers
 from pythonqt_host import BUILDS, ROOT, run_script, unavailable_reason
 
 SCRIPT = ROOT / "Testing" / "panel" / "host_panel_scenarios.py"
+pytest_plugins = ["panel_fixtures"]  # the servers, ct_phantom_path and small_dicom_dir fixtures
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +29,9 @@ def host_ready():
 
 
 @pytest.fixture(scope="module")
-def servers(host_ready):
-    with panel_servers() as s:
-        yield s
+def servers(host_ready, servers):
+    """The panel tests' own servers (panel_fixtures, one set per session: the tiny MiniGPT-Med loads once)."""
+    return servers
 
 
 @pytest.fixture(scope="module", params=BUILDS, ids=[f"slicer{b}" for b in BUILDS])
