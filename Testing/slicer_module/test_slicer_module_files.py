@@ -97,6 +97,9 @@ def test_ui_file_loads_and_has_the_panel_widgets(qtbot):
         "progressBar",
         "findingsTable",
         "clearResultsButton",
+        "conversationTextEdit",
+        "followUpLineEdit",
+        "newConversationButton",
     ):
         find(w, name)
     assert find(w, "taskComboBox").count() == 0  # the panel fills it from protocol.TASK_TABLE
