@@ -7,6 +7,8 @@ Qwen2.5-VL's smart resize on images that are not multiples of 28, 0..1000 for Qw
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -98,6 +100,9 @@ def test_medgemma_rgb_ct_windows_by_hand():
     assert rgb[:, :, 1].tolist() == [[0, 0, 0, 98], [128, 142, 171, 255]]
     # B: v / 80 * 255: 40 -> 127.5 -> 128, 60 -> 191.25
     assert rgb[:, :, 2].tolist() == [[0, 0, 0, 0], [128, 191, 255, 255]]
+    # in double precision, as the notebook's float arithmetic: float32 -345.349 is -345.3489990; (v + 1024) / 2048 * 255
+    # = 84.50011 -> 85 (in float32 arithmetic it would be 84.5 -> 84)
+    assert F.medgemma_rgb(np.array([[-345.349]], dtype=np.float32), "HU")[0, 0, 0] == 85
 
 
 def test_medgemma_rgb_mr_min_max_of_the_volume_or_the_slice():
@@ -113,7 +118,10 @@ def test_medgemma_rgb_mr_min_max_of_the_volume_or_the_slice():
     # only the minimum sent: 0 .. the slice's 150; only the maximum: the slice's -5 .. 50
     assert F.medgemma_rgb(v, "raw", 0.0, None)[:, :, 2].tolist() == [[17, 34, 51], [85, 0, 255]]
     assert F.medgemma_rgb(v, "raw", None, 50.0)[:, :, 0].tolist() == [[70, 116, 162], [255, 0, 255]]
-    flat = F.medgemma_rgb(np.full((2, 3), 7.0), "raw")  # a constant slice: black, not a division by zero
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a constant slice: black, not a division by zero (0 / 0 warns)
+        flat = F.medgemma_rgb(np.full((2, 3), 7.0), "raw")
+        assert F.medgemma_rgb(v, "raw", 30.0, 30.0).tolist() == np.zeros((2, 3, 3)).tolist()
     assert flat.shape == (2, 3, 3) and flat.dtype == np.uint8 and not flat.any()
 
 
@@ -233,6 +241,9 @@ def test_medmo_prompts_are_the_readme_ones():
     assert (
         F.prompt_for("medmo", "report", None, None, g, "MR") == "Generate a detailed radiology report for this MR scan."
     )
+    assert (
+        F.prompt_for("medmo", "detect", "rib fractures", None, g) == "Detect and localize rib fractures in this image."
+    )
     assert F.medmo_prompt("report", None, None, g) == "Generate a detailed radiology report for this image."
     assert F.medmo_prompt("vqa", " What is this?  ", None, g) == "What is this?"
     assert F.medmo_prompt("detect", None, None, g) == "Detect and localize all abnormalities in this image."
@@ -291,6 +302,10 @@ def test_qwen_decoding_portrait_and_landscape():
     d = decode_output("qwen2_5_vl", '```\n[{"bbox_2d": [196, 112, 392, 224], "label": "b", "score": 0.75}]\n```', land)
     assert _at(d, [[195, 107.5, 390, 215]]) and d.findings[0].score == 0.75
     assert d.text == "b"  # nothing but the fence: the labels
+    d = decode_output(
+        "qwen3_vl", '```json\n[{"bbox_2d": [0, 0, 1, 1], "label": "b"}, {"bbox_2d": [0, 0, 2, 2]}]\n```', land
+    )
+    assert d.text == "b, finding"
 
 
 def test_medgemma_decoding_final_answer_on_both_axes():
@@ -307,6 +322,20 @@ def test_medgemma_decoding_final_answer_on_both_axes():
     # "Final Answer:" twice: the JSON after the first one
     d = decode_output("medgemma", 'Final Answer: (see below) Final Answer: [{"box_2d": [0, 0, 1000, 1000]}]', land)
     assert _at(d, [[0, -87, 390, 303]]) and d.findings[0].label == "finding"
+    assert d.text == "finding"  # nothing before the first "Final Answer:"
+    # a JSON list after each: the one after the first
+    two = 'Final Answer: [{"box_2d": [0, 0, 500, 500]}] Final Answer: [{"box_2d": [0, 0, 1000, 1000]}]'
+    assert _at(decode_output("medgemma", two, land), [[0, -87, 195, 108]])
+    # JSON in the reasoning before the answer (an example list, a fenced block) is not the answer
+    reasoning = (
+        'The format is [y0, x0, y1, x1], e.g. ```json [{"box_2d": [1, 2, 3, 4]}] ``` here. Final Answer: '
+        '```json [{"box_2d": [0, 0, 500, 500], "label": "lung"}] ```'
+    )
+    d = decode_output("medgemma", reasoning, land)
+    assert _at(d, [[0, -87, 195, 108]]) and d.warnings == []
+    assert d.text == 'The format is [y0, x0, y1, x1], e.g. ```json [{"box_2d": [1, 2, 3, 4]}] ``` here.'
+    d = decode_output("medgemma", 'See [1]. Final Answer: [{"box_2d": [0, 0, 500, 500]}]', land)
+    assert _at(d, [[0, -87, 195, 108]]) and d.warnings == [] and d.text == "See [1]."
     # the other family's key is no box
     d = decode_output("medgemma", '```json\n[{"bbox_2d": [0, 0, 10, 10], "label": "x"}]\n```', land)
     assert d.findings == [] and d.warnings == [
@@ -319,6 +348,14 @@ def test_json_without_a_fence_and_with_junk():
     # an object before a list: the outermost value starts at the brace
     d = decode_output("qwen3_vl", 'Here {"bbox_2d": [100, 200, 300, 400], "label": "x"} done, see [1]', g)
     assert _at(d, [[20, 20, 60, 40]]) and d.findings[0].label == "x" and d.warnings == []
+    # two objects without a list: the first one (the search starts at the first brace, not the last)
+    two = 'A {"bbox_2d": [0, 0, 500, 500], "label": "a"} and {"bbox_2d": [500, 500, 1000, 1000], "label": "b"}'
+    d = decode_output("qwen3_vl", two, g)
+    assert [f.label for f in d.findings] == ["a"] and _at(d, [[0, 0, 100, 50]])
+    # trailing junk of any length (every end position is tried, not every other one)
+    for junk in ("", " .", " ..", " ...", " ]"):
+        d = decode_output("qwen3_vl", '[{"bbox_2d": [0, 0, 500, 500], "label": "y"}]' + junk, g)
+        assert _at(d, [[0, 0, 100, 50]]) and d.warnings == [], junk
     # a list at the very start of the answer, trailing junk with a bracket inside the fence
     d = decode_output("qwen3_vl", '[{"bbox_2d": [0, 0, 500, 500], "label": "y"}] and [2', g)
     assert _at(d, [[0, 0, 100, 50]])
@@ -341,6 +378,9 @@ def test_a_cut_off_list_keeps_its_complete_objects():
     d = decode_output("qwen3_vl", raw, g)
     assert [f.label for f in d.findings] == ["a", "b"] and d.warnings == []
     assert _at(d, [[0, 0, 100, 50], [100, 50, 200, 100]])
+    for cut in ('{"bbox_2d": [1', '{"bbox_2d": [12', '{"bbox_2d"', "{"):  # cut anywhere: the complete ones kept
+        d = decode_output("qwen3_vl", '[{"bbox_2d": [0, 0, 500, 500], "label": "a"}, ' + cut, g)
+        assert [f.label for f in d.findings] == ["a"] and d.warnings == [], cut
     # the last closing brace belongs to a nested object of the cut one: the list up to the previous one
     raw = '[{"bbox_2d": [0, 0, 500, 500], "label": "a"}, {"label": "b", "x": {"y": 1}'
     d = decode_output("qwen3_vl", raw, g)
@@ -404,5 +444,9 @@ def test_medmo_decoding():
     d = decode_output("medmo", f"Mass <box>[[{huge}, 0, 10, 10], [0, 0, 1000, 1000]]</box>", g, "x")
     assert _at(d, [[0, 0, 215, 390]])
     assert d.warnings == ["1 box(es) in the model's answer were not finite and were dropped"]
+    d = decode_output("medmo", f"Mass <box>[[{huge}, 0, 10, 10], [0, {huge}, 10, 10], [0, 0, 1, 1]]</box>", g, "x")
+    assert d.warnings == ["2 box(es) in the model's answer were not finite and were dropped"] and len(d.findings) == 1
+    d = decode_output("medmo", "Fractures <box>[[0, 0, 10, 10]]</box> Effusion <box>[[0, 0, 20, 20]]</box>", g, "x")
+    assert [f.label for f in d.findings] == ["Fractures", "Effusion"] and d.text == "Fractures Effusion"
     d = decode_output("medmo", "No fracture.", g, "x")
     assert (d.text, d.findings, d.warnings) == ("No fracture.", [], [])
