@@ -7,8 +7,8 @@ model's own sampling defaults). Batches are sent as concurrent requests (the ser
 Every request reads the remote server's own stream: ``"stream": true`` (with ``stream_options.include_usage``); for a
 streaming request (``AnalysisInput.on_text``) each ``choices[0].delta.content`` of its server-sent events goes out
 through ``DeltaText`` as the other engines' tokens do, until ``data: [DONE]``. A cancel (streaming or not: a client
-that went away, ``DELETE /v1/requests/{id}``) or the deadline, checked between chunks, closes the connection, and the
-remote server stops generating. The boxes are decoded from the whole text at the end. An ``error`` object mid-stream
+that went away, ``DELETE /v1/requests/{id}``) or the deadline closes the connection at once (a watcher shuts its
+socket; without one, at the next chunk), and the remote server stops generating. The boxes are decoded from the whole text at the end. An ``error`` object mid-stream
 is an engine error; a server that answers with one JSON completion instead of a stream is read as such.
 """
 
@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures as cf
+import contextlib
 import io
 import json
+import socket
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import requests
 from MiniGPTMedSlicerLib.protocol import REPORT, TEXT_TASKS
@@ -180,7 +183,7 @@ class OpenAIEngine(Engine):
         self, body: dict, inp: AnalysisInput, stop: StopToken, timeout: float
     ) -> tuple[str, str | None, dict[str, float]]:
         """The remote answer as a stream: each delta to ``inp.on_text`` (when set) as it arrives; (whole text, finish
-        reason, token counts). A cancel or the deadline between chunks closes the connection."""
+        reason, token counts). A cancel or the deadline closes the connection (within 20 ms, or at the next chunk)."""
         url = f"{self.url}/chat/completions"
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
         try:
@@ -208,13 +211,12 @@ class OpenAIEngine(Engine):
         parser, parts = SseParser(), list[str]()
         finish: str | None = None
         usage: dict[str, float] = {}
+        done = threading.Event()
+        _watch(r, lambda: inp.is_cancelled() or stop.should_stop(), done)
         try:
             for chunk in r.iter_content(chunk_size=None):
                 if inp.is_cancelled() or stop.should_stop():
-                    r.close()  # the remote server sees the disconnect and stops generating
-                    if inp.is_cancelled():
-                        raise _RowCancelled
-                    raise EngineCancelled("stopped: time limit reached or request cancelled")
+                    break
                 for ev in parser.feed(chunk):
                     if ev.data.strip() == "[DONE]":
                         text = "".join(parts)
@@ -226,11 +228,37 @@ class OpenAIEngine(Engine):
                         parts.append(piece)
                         delta.update("".join(parts))
         except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError):
-            raise EngineError(f"the model server at {self.url} broke off its stream") from None
+            if not (inp.is_cancelled() or stop.should_stop()):
+                raise EngineError(f"the model server at {self.url} broke off its stream") from None
+        finally:
+            done.set()
+        if inp.is_cancelled() or stop.should_stop():
+            r.close()  # the remote server sees the disconnect and stops generating
+            if inp.is_cancelled():
+                raise _RowCancelled
+            raise EngineCancelled("stopped: time limit reached or request cancelled")
         raise EngineError(f"the model server at {self.url} ended its stream without data: [DONE]")
 
     def close(self) -> None:
         self.session.close()
+
+
+def _watch(r: requests.Response, stopped: Callable[[], bool], done: threading.Event) -> None:
+    """Close the stream's socket as soon as ``stopped()`` (checked every 20 ms until ``done``), so a cancel does not wait
+    for the remote server's next chunk (a long prefill, its own queue): the blocked read returns and the remote server
+    sees the disconnect. Without a reachable socket the check between chunks remains."""
+    sock = getattr(getattr(r.raw, "connection", None), "sock", None)
+    if sock is None:
+        return
+
+    def run() -> None:
+        while not done.wait(0.02):
+            if stopped():
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                return
+
+    threading.Thread(target=run, name="openai-cancel", daemon=True).start()
 
 
 def _usage(data: dict) -> dict[str, float]:

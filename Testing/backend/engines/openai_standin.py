@@ -7,19 +7,20 @@ reason, a usage chunk (``choices: []``) when ``stream_options.include_usage`` as
 What the tests script (reset with :meth:`script`): the pieces; ``split_bytes`` writes each event in two HTTP chunks cut
 inside its first multi-byte UTF-8 character; ``fail_after=N`` sends N pieces then vLLM's mid-stream error object;
 ``hold_after=N`` waits after N pieces until the test sets ``release`` (so a test can see deltas arrive before the
-answer is complete); ``endless`` then keeps sending pieces until the client closes the connection, which sets
-``disconnected``.
+answer is complete), watching the socket meanwhile as a server does: the client closing the connection sets
+``disconnected`` and ends the stream (vLLM then aborts the request).
 """
 
 from __future__ import annotations
 
 import json
+import select
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 MODEL = "standin-vlm"
-ENDLESS_CAP = 100_000  # pieces: an endless stream whose client never closes still ends
 
 
 class OpenAIStandIn:
@@ -36,10 +37,9 @@ class OpenAIStandIn:
         split_bytes: bool = False,
         fail_after: int | None = None,
         hold_after: int | None = None,
-        endless: bool = False,
     ) -> None:
         self.pieces, self.split_bytes, self.fail_after = list(pieces), split_bytes, fail_after
-        self.hold_after, self.endless = hold_after, endless
+        self.hold_after = hold_after
         self.release = threading.Event()
         self.disconnected = threading.Event()
         self.sent = 0  # pieces written by the last stream
@@ -68,8 +68,8 @@ class OpenAIStandIn:
             "usage": {"prompt_tokens": 7, "completion_tokens": len(self.pieces), "total_tokens": 7 + len(self.pieces)},
         }
 
-    def stream_events(self, include_usage: bool):
-        """(event bytes, whether to split them inside a character) in the order they are written."""
+    def stream_events(self, include_usage: bool, gone):
+        """The events' bytes in the order they are written; ``gone()`` says whether the client closed the connection."""
         base = {
             "id": "chatcmpl-standin",
             "object": "chat.completion.chunk",
@@ -85,14 +85,18 @@ class OpenAIStandIn:
 
         yield chunk({"role": "assistant", "content": ""})
         k = 0
-        while k < len(self.pieces) or (self.endless and k < ENDLESS_CAP):
+        while k < len(self.pieces):
             if k == self.hold_after:
-                self.release.wait(30)
+                t_end = time.monotonic() + 30
+                while not self.release.wait(0.005) and time.monotonic() < t_end:
+                    if gone():
+                        self.disconnected.set()
+                        return
             if k == self.fail_after:  # what vLLM sends when generation fails after the stream started
                 yield event({"error": {"object": "error", "message": "CUDA error: device-side assert", "code": 500}})
                 yield b"data: [DONE]\n\n"
                 return
-            piece = self.pieces[k % len(self.pieces)]
+            piece = self.pieces[k]
             yield chunk({"content": piece})
             k += 1
             self.sent = k
@@ -142,7 +146,7 @@ def _handler(standin: OpenAIStandIn):
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
             try:
-                for data in standin.stream_events(include_usage):
+                for data in standin.stream_events(include_usage, self._gone):
                     cut = _cut_inside_a_character(data) if standin.split_bytes else None
                     for part in (data,) if cut is None else (data[:cut], data[cut:]):
                         self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
@@ -150,6 +154,15 @@ def _handler(standin: OpenAIStandIn):
             except (BrokenPipeError, ConnectionResetError):
                 standin.disconnected.set()
                 self.close_connection = True
+
+        def _gone(self) -> bool:
+            """The client closed its end: the socket is readable and holds nothing more (EOF) or was reset."""
+            if not select.select([self.connection], [], [], 0)[0]:
+                return False
+            try:
+                return self.connection.recv(1, socket.MSG_PEEK) == b""
+            except OSError:
+                return True
 
         def _json(self, status: int, obj: dict) -> None:
             data = json.dumps(obj).encode()
