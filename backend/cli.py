@@ -136,6 +136,13 @@ def add_model_arguments(p: argparse.ArgumentParser, convert: bool = False) -> No
             help="XrayGPT instead: blip2_pretrained_flant5xxl.pth; with --eva, --llama (the Vicuna folder), "
             "--checkpoint (XrayGPT's) and --out, writes a folder that the XrayGPT engine serves with --converted",
         )
+        g.add_argument(
+            "--bimedix2",
+            metavar="DIR",
+            help="BiMediX2 instead: its folder (MBZUAI/BiMediX2-8B) -> --out, a transformers "
+            "LlavaForConditionalGeneration folder with its conv_llama3 chat template, for --engine hf or vLLM",
+        )
+        g.add_argument("--vision-tower", metavar="DIR", help="--bimedix2: a local copy of its CLIP tower")
         return
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     g.add_argument(
@@ -372,6 +379,8 @@ def convert_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Conver
         for_vllm=args.for_vllm,
         converted=_value(args, env, "converted"),
         qformer=args.qformer,
+        bimedix2=args.bimedix2,
+        vision_tower=args.vision_tower,
     )
 
 
@@ -522,6 +531,8 @@ def convert(s: ConvertSettings) -> int:
         return convert_for_vllm(s)
     if s.qformer:
         return convert_xraygpt(s)
+    if s.bimedix2:
+        return convert_bimedix2(s)
     if not s.out:
         raise SettingError("convert needs {out} (or {for_vllm})", "out", "for_vllm")
     missing = [k for k in ("eva", "llama", "checkpoint") if not getattr(s, k)]
@@ -546,6 +557,33 @@ def convert(s: ConvertSettings) -> int:
         raise StartupError(f"convert failed: {e}") from None
     print(f"wrote {res['out']} in {res['seconds']:.1f} s (LoRA {res['lora']}, LLM {res['llm_dtype']})")
     return 0
+
+
+def convert_bimedix2(s: ConvertSettings) -> int:
+    from .llava.bimedix2_config import read_bimedix2_config
+    from .llava.bimedix2_convert import convert_to_llava_hf
+    from .llava.config import LlavaConfigError
+    from .minigpt.weights import WeightsError
+    from .torch_utils import parse_dtype
+
+    if not s.out:
+        raise SettingError("convert --bimedix2 needs {out}", "out")
+    try:
+        cfg = read_bimedix2_config(s.bimedix2 or "", s.model_config, s.vision_tower)
+        res = convert_to_llava_hf(s.bimedix2 or "", s.out, cfg, parse_dtype(s.dtype) or _bf16())
+    except (LlavaConfigError, WeightsError, FileNotFoundError) as e:
+        raise StartupError(f"convert failed: {e}") from None
+    print(
+        f"wrote {res['out']} in {res['seconds']:.1f} s (LlavaForConditionalGeneration, {res['tensors']} tensors, "
+        f"image placeholder {res['image_token']})"
+    )
+    return 0
+
+
+def _bf16():
+    import torch
+
+    return torch.bfloat16
 
 
 def convert_xraygpt(s: ConvertSettings) -> int:

@@ -155,3 +155,5 @@ class ConvertSettings:
     for_vllm: str | None = None  # write the LoRA-merged LLM as a plain HF LLaMA folder here (for vLLM) instead
     converted: str | None = None  # for_vllm from a converted folder instead of the original files
     qformer: str | None = None  # set: convert XrayGPT's four files (eva, qformer, llama = Vicuna, checkpoint)
+    bimedix2: str | None = None  # set: BiMediX2's folder -> a transformers LlavaForConditionalGeneration folder (out)
+    vision_tower: str | None = None  # bimedix2: a local copy of its CLIP tower (else the shards' copy)

@@ -33,7 +33,15 @@ VISION = {
     "projection_dim": 16,
 }
 HIDDEN, LAYERS, HEADS, KV_HEADS, INTER = 64, 2, 4, 2, 128
-SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
 #: English and Arabic; the Arabic letters are not in the tokenizer's corpus, so each is two byte tokens
 SCRIPT_ANSWER = "The heart is normal. القلب طبيعي."
 CORPUS = [

@@ -287,3 +287,48 @@ def test_served_by_the_cli_report_vqa_arabic_and_stream_over_http(files, tok):
         assert r.status_code == 200 and r.json()["timings_ms"]["prompt_tokens"] > out["timings_ms"]["prompt_tokens"]
         r = requests.post(f"{proc.url}/v1/analyze", json={"task": "detect", "image": png}, timeout=60)
         assert r.status_code == 501 and "supports: report, vqa" in r.json()["error"]["message"]
+
+
+def test_converted_to_llava_hf_computes_the_same_and_the_hf_engine_serves_it(files, tok, tmp_path):
+    """``convert --bimedix2``: transformers' own LlavaForConditionalGeneration + LlavaProcessor + the written
+    conv_llama3 chat template give the same prompt ids, pixels and logits as the llava engine's path; the hf engine
+    (``--family generic``) answers from the folder with the model's own template."""
+    import requests
+    from conftest import b64
+    from MiniGPTMedSlicerLib.png import encode_png
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from backend.cli import main
+    from backend.engines.hf import HFEngine
+    from backend.prompt_embeds import splice_image
+    from backend.server_thread import ServerThread
+    from backend.settings import HFSettings
+
+    out = tmp_path / "BiMediX2-8B-llava-hf"
+    args = ["convert", "--bimedix2", str(files.model), "--model-config", str(files.model_config), "--out", str(out)]
+    assert main([*args, "--dtype", "float32"]) == 0
+    assert main([*args, "--dtype", "float32"]) == 2  # an existing --out: one line, nothing overwritten
+    proc = AutoProcessor.from_pretrained(str(out), local_files_only=True)
+    hf = LlavaForConditionalGeneration.from_pretrained(str(out), local_files_only=True).eval()
+    img = np.random.default_rng(1).integers(0, 256, (40, 24, 3), dtype=np.uint8)  # portrait: padded, not cropped
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ARABIC_Q}]}]
+    text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    enc = proc(text=[text], images=[Image.fromarray(img)], return_tensors="pt")
+    ids, tid = enc["input_ids"][0].tolist(), hf.config.image_token_index
+    assert ids.count(tid) == 16
+    chunks = prompt_chunks(tok, build_prompt(ARABIC_Q))
+    assert [i for k, i in enumerate(ids) if not (i == tid and ids[k - 1] == tid)] == [*chunks[0], tid, *chunks[1]]
+    cfg = read_bimedix2_config(files.model, files.model_config)
+    ours, _ = load_bimedix2(files.model, cfg, LoadOptions())
+    px = preprocess(img, 32, cfg.mean, cfg.std, "pad")
+    assert torch.allclose(px, enc["pixel_values"][0], atol=1e-6)
+    with torch.no_grad():
+        emb = splice_image(ours.embed_tokens, chunks, ours.encode_images(px[None])[0], torch.float32)
+        assert torch.allclose(ours.llm(inputs_embeds=emb[None]).logits, hf(**enc).logits, atol=1e-5)
+    engine = HFEngine(HFSettings(model=str(out), family="generic", device="cpu", dtype="float32"))
+    with ServerThread(engine) as url:
+        body = {"task": "vqa", "question": ARABIC_Q, "image": b64(encode_png(img)), "max_new_tokens": 60}
+        r = requests.post(f"{url}/v1/analyze", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["text"] == SCRIPT_ANSWER
