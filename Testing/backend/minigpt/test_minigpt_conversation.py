@@ -168,8 +168,7 @@ def test_a_cancelled_row_no_longer_keeps_the_decode_loop_going(engine):
     keep = dict(task="vqa", image=img, question="is there a mass?", max_new_tokens=6)
     drop = dict(task="report", image=img, max_new_tokens=300)
     solo = engine.analyze_batch([AnalysisInput(**keep)], StopToken())[0]
-    long_ = engine.analyze_batch([AnalysisInput(**drop)], StopToken())[0]
-    assert solo.timings_ms["new_tokens"] < 6 and long_.timings_ms["new_tokens"] > 1 + 8 + 2
+    assert solo.timings_ms["new_tokens"] < 6  # the kept row ends by itself, early
     gone = threading.Event()
     calls = 0
 
@@ -185,4 +184,4 @@ def test_a_cancelled_row_no_longer_keeps_the_decode_loop_going(engine):
     finally:
         handle.remove()
     assert out[0].raw_output == solo.raw_output and out[1].cancelled
-    assert calls <= 1 + 8, calls
+    assert calls <= 1 + 8, calls  # 24 before the change: the loop ran on until the cancelled report's own end
