@@ -8,7 +8,6 @@ temperature, a cancel check and the streaming callback per step."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -38,41 +37,22 @@ def generate(
 ) -> Generated:
     """``embeds``: [L, H] prompt embeddings. Returns the new ids without the stop token; ``on_step`` gets the ids
     generated so far after each step."""
-    from transformers import StoppingCriteria, StoppingCriteriaList
+    from backend.embeds_generate import generate_on_embeds
 
-    state = {"why": "length"}
     stops = [eos_id] if isinstance(eos_id, int) else [int(i) for i in eos_id]
-
-    class _Cancel(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            if on_step is not None:
-                on_step([int(i) for i in input_ids[0].tolist()])
-            if should_stop is not None and should_stop():
-                state["why"] = "cancelled"
-                return True
-            return False
-
-    kw: dict = {
-        "max_new_tokens": max_new_tokens,
-        "num_beams": 1,
-        "use_cache": True,
-        "stopping_criteria": StoppingCriteriaList([_Cancel()]),
-        "eos_token_id": stops,
-        "pad_token_id": stops[0],
-    }
-    if temperature > 0:
-        kw.update(do_sample=True, temperature=float(temperature), top_p=top_p, top_k=None)
-        if seed is not None:
-            torch.manual_seed(seed)
-    else:
-        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    t0 = time.perf_counter()
-    n = int(embeds.shape[0])
-    mask = torch.ones(1, n, dtype=torch.long, device=embeds.device)
-    out = llm.generate(inputs_embeds=embeds[None], attention_mask=mask, **kw)
-    ids = [int(i) for i in out[0].tolist()]
-    why = state["why"]
+    d = generate_on_embeds(
+        llm,
+        embeds,
+        max_new_tokens,
+        stops,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        should_stop=should_stop,
+        on_step=on_step,
+    )
+    ids, why = d.ids, d.why
     cut = next((k for k, i in enumerate(ids) if i in stops), None)
     if cut is not None:
         ids, why = ids[:cut], "eos"
-    return Generated(ids=ids, stopped=why, prompt_tokens=n, seconds=time.perf_counter() - t0)
+    return Generated(ids=ids, stopped=why, prompt_tokens=int(embeds.shape[0]), seconds=d.seconds)

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -40,44 +39,24 @@ def generate(
     seed: int | None = None,
 ) -> Generated:
     """``embeds``: [L, H] prompt embeddings. Returns the new ids without the stop word or EOS."""
-    from transformers import StoppingCriteria, StoppingCriteriaList
+    from backend.embeds_generate import generate_on_embeds
 
     begin = max(0, embeds.shape[0] + max_new_tokens - MAX_LENGTH)
     embeds = embeds[begin:]
     prompt_len = int(embeds.shape[0])
-    state = {"why": "length"}
-
-    class _Stop(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            row = input_ids[0].tolist()
-            for s in stops:
-                if len(row) >= len(s) and row[-len(s) :] == s:
-                    state["why"] = "stop_word"
-                    return True
-            if should_stop is not None and should_stop():
-                state["why"] = "cancelled"
-                return True
-            return False
-
-    kw: dict = {
-        "max_new_tokens": max_new_tokens,
-        "num_beams": 1,
-        "repetition_penalty": 1.0,
-        "stopping_criteria": StoppingCriteriaList([_Stop()]),
-        "eos_token_id": eos_id,
-        "pad_token_id": eos_id,
-    }
-    if temperature > 0:
-        kw.update(do_sample=True, temperature=float(temperature), top_p=DEMO_TOP_P, top_k=None)
-        if seed is not None:
-            torch.manual_seed(seed)
-    else:
-        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    t0 = time.perf_counter()
-    mask = torch.ones(1, prompt_len, dtype=torch.long, device=embeds.device)
-    out = llm.generate(inputs_embeds=embeds[None], attention_mask=mask, **kw)
-    ids = [int(i) for i in out[0].tolist()]
-    why = state["why"]
+    d = generate_on_embeds(
+        llm,
+        embeds,
+        max_new_tokens,
+        eos_id,
+        temperature=temperature,
+        top_p=DEMO_TOP_P,
+        seed=seed,
+        should_stop=should_stop,
+        stop_sequences=stops,
+        extra={"repetition_penalty": 1.0},
+    )
+    ids, why = d.ids, d.why
     if ids and ids[-1] == eos_id:
         ids, why = ids[:-1], "eos"
     elif why == "stop_word":
@@ -90,4 +69,4 @@ def generate(
         ids = ids[1:]
     if ids and ids[0] == 1:
         ids = ids[1:]
-    return Generated(ids=ids, stopped=why, prompt_tokens=prompt_len, prefill_and_decode_s=time.perf_counter() - t0)
+    return Generated(ids=ids, stopped=why, prompt_tokens=prompt_len, prefill_and_decode_s=d.seconds)
