@@ -34,6 +34,9 @@ def choose_engine(settings: EngineSettings) -> tuple[str, str]:
         log.warning("auto: MiniGPT-Med configured but missing %s", ", ".join(missing))
     if settings.openai.model and settings.openai.url:
         return "openai", f"an OpenAI-compatible server is configured at {settings.openai.url}"
+    lv = settings.llava
+    if settings.hf.family in ("llava_rad", "bimedix2") and lv.model and os.path.isdir(lv.model):
+        return "llava", f"--family {settings.hf.family}: a LLaVA model folder was found at {lv.model}"
     if settings.hf.model and os.path.isdir(settings.hf.model):
         return "hf", f"a transformers model folder was found at {settings.hf.model}"
     return "builtin", "no VLM weights configured or found locally"

@@ -332,3 +332,12 @@ def test_converted_to_llava_hf_computes_the_same_and_the_hf_engine_serves_it(fil
         r = requests.post(f"{url}/v1/analyze", json=body, timeout=120)
         assert r.status_code == 200, r.text
         assert r.json()["text"] == SCRIPT_ANSWER
+
+
+def test_auto_picks_the_llava_engine_for_the_llava_families(files):
+    from backend.cli import build_parser, engine_settings
+    from backend.engines import choose_engine
+
+    for family, want in (("bimedix2", "llava"), ("llava_rad", "llava"), ("generic", "hf")):
+        args = build_parser().parse_args(["serve", "--family", family, "--model", str(files.model)])
+        assert choose_engine(engine_settings(args, {}))[0] == want, family
