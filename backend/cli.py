@@ -170,7 +170,8 @@ def add_model_arguments(p: argparse.ArgumentParser, convert: bool = False) -> No
         "--image-cache-entries",
         type=int,
         default=32,
-        help="images whose vision embeddings are kept for follow-up questions (LRU; default 32; 0 = none)",
+        help="images whose vision embeddings (minigptmed) or processed pixel values (hf, Qwen families) are kept "
+        "for follow-up questions (LRU; default 32; 0 = none)",
     )
     g.add_argument(
         "--image-cache-mb",
@@ -327,7 +328,15 @@ def engine_settings(args: argparse.Namespace, env: Mapping[str, str]) -> EngineS
             quantize=args.quantize,
             trust_checkpoints=_switch(args, env, "trust_checkpoints"),
         ),
-        hf=HFSettings(model=model, family=args.family, device=args.device, dtype=args.dtype, quantize=args.quantize),
+        hf=HFSettings(
+            model=model,
+            family=args.family,
+            device=args.device,
+            dtype=args.dtype,
+            quantize=args.quantize,
+            cache_size=args.image_cache_entries,
+            cache_bytes=args.image_cache_mb * 1024 * 1024,
+        ),
         openai=OpenAISettings(
             url=_value(args, env, "url"),
             model=model,

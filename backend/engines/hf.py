@@ -19,6 +19,7 @@ from MiniGPTMedSlicerLib.protocol import REPORT, TEXT_TASKS
 
 from .. import families
 from ..families import ImageGeometry
+from ..lru import LRUStore
 from ..setting_error import SettingError
 from ..settings import HFSettings
 from .base import AnalysisInput, AnalysisResult, Engine, EngineError, EngineInfo, StopToken, model_image
@@ -41,6 +42,9 @@ class HFEngine(Engine):
         self.processor: Any = None  # Gemma3Processor / AutoProcessor
         self.tokenizer: Any = None
         self.image_processor: Any = None  # Qwen: the PIL image processor
+        # Qwen: the image processor's output per image (pixel values, grid), so a follow-up skips it
+        self._cache: LRUStore[Any] = LRUStore(settings.cache_size, settings.cache_bytes)
+        self.image_processor_calls = 0  # images run through the image processor (a cache hit does not count)
         self.device = "cpu"
 
     # -- loading ------------------------------------------------------------------------------
@@ -138,14 +142,19 @@ class HFEngine(Engine):
     def _prepare(self, inp: AnalysisInput):
         """(prompt text with the image placeholder, model image, geometry, Qwen image-processor output) for one input."""
 
-        img = model_image(self.family, inp)
-        w, h = img.size
-        g = ImageGeometry(width=w, height=h)
-        im = None
-        if self.family == "medgemma":
-            img = families.pad_to_square(img, g)
+        img = None
+        g = ImageGeometry(width=inp.image.width, height=inp.image.height)
+        im = self._cache.get(inp.cache_key()) if families.uses_qwen_processor(self.family) else None
+        if im is None:
+            img = model_image(self.family, inp)
+            if self.family == "medgemma":
+                img = families.pad_to_square(img, g)
         if families.uses_qwen_processor(self.family):
-            im = self.image_processor(images=[img], return_tensors="pt")
+            if im is None:
+                im = self.image_processor(images=[img], return_tensors="pt")
+                self.image_processor_calls += 1
+                nbytes = sum(v.numel() * v.element_size() for v in im.values() if hasattr(v, "numel"))
+                self._cache.put(inp.cache_key(), im, nbytes)
             t, gh, gw = (int(v) for v in im["image_grid_thw"][0])
             patch = int(getattr(self.image_processor, "patch_size", 14))
             g.model_height, g.model_width = gh * patch, gw * patch

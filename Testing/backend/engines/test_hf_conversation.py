@@ -111,3 +111,18 @@ def test_cancelling_one_row_ends_it_at_the_next_step_and_keeps_the_other(served)
     assert real == [] and fed_after[0] in engine._end_ids()  # one step to end it, then only padding
     # generate() returned when the kept row was done (8 tokens at most), not at the cancelled row's 40
     assert steps.calls <= 8 + 1, steps.calls
+
+
+def test_a_follow_up_skips_the_image_processor(served):
+    """Qwen's processed pixel values are kept per image (LRU): a follow-up about the same image, with the earlier turn,
+    does not run the image processor again, and asking the first question again gives the same answer."""
+    _, engine = served
+    img = DecodedImage(blob_image(size=96, seed=7)[:, :72], "PNG")  # an image no other test sends
+    calls = engine.image_processor_calls
+    first = engine.analyze_batch([AnalysisInput(task="report", image=img, max_new_tokens=6)], StopToken())[0]
+    assert engine.image_processor_calls == calls + 1
+    turn = Turn("report", None, first.raw_output)
+    follow = AnalysisInput(task="vqa", image=img, question="Which side?", history=(turn,), max_new_tokens=6)
+    engine.analyze_batch([follow], StopToken())
+    again = engine.analyze_batch([AnalysisInput(task="report", image=img, max_new_tokens=6)], StopToken())[0]
+    assert engine.image_processor_calls == calls + 1 and again.raw_output == first.raw_output
