@@ -1,5 +1,5 @@
 """transformers' ``generate`` on prompt embeddings, as the XrayGPT and LLaVA engines run it: one row, greedy unless
-a temperature is given (then sampling with the model's ``top_p``), a stopping criterion that feeds the streaming
+a temperature is given (then sampling with the model's ``top_p`` and ``top_k``), a stopping criterion that feeds the streaming
 callback, ends at a stop-token sequence and checks the cancel flag after every step. What each model trims from the
 answer (stop words, EOS, leading tokens) and how it cuts its context stays with the model."""
 
@@ -28,6 +28,7 @@ def generate_on_embeds(
     *,
     temperature: float = 0.0,
     top_p: float | None = None,
+    top_k: int | None = None,
     seed: int | None = None,
     should_stop: Callable[[], bool] | None = None,
     stop_sequences: Sequence[Sequence[int]] = (),
@@ -66,7 +67,7 @@ def generate_on_embeds(
         **(extra or {}),
     }
     if temperature > 0:
-        kw.update(do_sample=True, temperature=float(temperature), top_p=top_p, top_k=None)
+        kw.update(do_sample=True, temperature=float(temperature), top_p=top_p, top_k=top_k)
         if seed is not None:
             torch.manual_seed(seed)
     else:

@@ -234,6 +234,7 @@ class LlavaEngine(Engine):
                         seed=self.s.seed,
                         on_step=on_step,
                         top_p=1.0 if bimedix2 else None,
+                        top_k=50 if bimedix2 else None,
                     )
                 except torch.cuda.OutOfMemoryError as e:
                     raise EngineError(f"GPU out of memory: {e}") from e

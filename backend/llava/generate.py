@@ -3,7 +3,8 @@
 LLaVA-Rad (``llava/eval/model_mimic_cxr.py``): ``do_sample = temperature > 0`` (``scripts/eval.sh`` passes
 ``--temperature 0``: greedy), ``top_p=None``, ``num_beams=1``, ``max_new_tokens=256``, ``use_cache=True``; no
 stopping criteria besides EOS. BiMediX2 (``BiMed-MBench/bimedix_inference.py``): ``top_p`` 1.0, up to 1024 new
-tokens, stopped at ``<|eot_id|>`` or the generation config's EOS ids. Ours: greedy unless a request sets a
+tokens, stopped at ``<|eot_id|>`` or the generation config's EOS ids; its ``generate`` call leaves ``top_k`` to
+transformers' default, 50 (Llama 3.1's generation config sets none). Ours: greedy unless a request sets a
 temperature, a cancel check and the streaming callback per step."""
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def generate(
     seed: int | None = None,
     on_step: Callable[[list[int]], None] | None = None,
     top_p: float | None = None,
+    top_k: int | None = None,
 ) -> Generated:
     """``embeds``: [L, H] prompt embeddings. Returns the new ids without the stop token; ``on_step`` gets the ids
     generated so far after each step."""
@@ -47,6 +49,7 @@ def generate(
         stops,
         temperature=temperature,
         top_p=top_p,
+        top_k=top_k,
         seed=seed,
         should_stop=should_stop,
         on_step=on_step,

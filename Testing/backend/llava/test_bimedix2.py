@@ -281,6 +281,9 @@ def test_served_by_the_cli_report_vqa_arabic_and_stream_over_http(files, tok):
         deltas = [e.json()["text"] for e in events if e.event == "delta"]
         assert len(deltas) >= 5 and all("\ufffd" not in d for d in deltas)
         assert "".join(deltas) == SCRIPT_ANSWER == events[-1].json()["text"]
+        # sampling (a request temperature: top_p 1.0, top_k 50) still follows the scripted answer's large bias
+        r = requests.post(f"{proc.url}/v1/analyze", json={**body, "temperature": 0.7}, timeout=120)
+        assert r.status_code == 200 and r.json()["text"] == SCRIPT_ANSWER
         # a follow-up with history, and the box tasks
         hist = [{"question": "What is shown?", "answer": SCRIPT_ANSWER}]
         r = requests.post(f"{proc.url}/v1/analyze", json={**body, "history": hist}, timeout=120)

@@ -229,5 +229,15 @@ def test_served_by_the_cli_report_and_vqa_over_http(files):
             out = r.json()
             assert out["engine"] == "llava" and out["text"] == SCRIPT_ANSWER and out["findings"] == []
             assert out["warnings"] == []  # stopped at EOS, not at the token limit
+        from MiniGPTMedSlicerLib.sse import SseParser
+
+        r = requests.post(
+            f"{proc.url}/v1/analyze", json={"task": "report", "image": png, "stream": True}, stream=True, timeout=120
+        )
+        parser, events = SseParser(), []
+        for chunk in r.iter_content(chunk_size=None):
+            events += parser.feed(chunk)
+        deltas = [e.json()["text"] for e in events if e.event == "delta"]
+        assert len(deltas) >= 3 and "".join(deltas) == SCRIPT_ANSWER == events[-1].json()["text"]
         r = requests.post(f"{proc.url}/v1/analyze", json={"task": "detect", "image": png}, timeout=60)
         assert r.status_code == 501 and "supports: report, vqa" in r.json()["error"]["message"]
