@@ -1,6 +1,9 @@
 """Conversation and streaming latencies over the real server (uvicorn on loopback) with the tiny offline MiniGPT-Med:
 time to first delta of a streamed report, follow-up latency with and without the image-embedding cache, and
-Cancel-to-idle (DELETE /v1/requests/{id} after the first delta -> the engine worker idle).
+Cancel-to-idle (DELETE /v1/requests/{id} after the first delta -> the engine worker idle); then the openai engine
+relaying the stream of a remote server (the stand-in of Testing/backend/engines/openai_standin.py, vLLM's chunked SSE on
+loopback): time to first delta through both servers, and Cancel-to-idle while the remote server is silent (the engine
+closes the connection without waiting for its next chunk) with the time until the remote server sees the disconnect.
 
     PYTHONPATH=.:MiniGPTMedSlicer:Testing python bench/conversation.py [--reps 5]
 """
@@ -14,17 +17,21 @@ import sys
 import time
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / p) for p in ("", "MiniGPTMedSlicer", "Testing")]
+sys.path[:0] = [
+    str(Path(__file__).resolve().parents[1] / p) for p in ("", "MiniGPTMedSlicer", "Testing", "Testing/backend/engines")
+]
 
 import requests  # noqa: E402
 from minigpt_fixtures import _training_images, tiny_files  # noqa: E402
 from MiniGPTMedSlicerLib import protocol  # noqa: E402
 from MiniGPTMedSlicerLib.client import BackendClient  # noqa: E402
 from MiniGPTMedSlicerLib.png import encode_png  # noqa: E402
+from openai_standin import OpenAIStandIn  # noqa: E402
 
 from backend.engines.minigptmed import MiniGPTMedEngine  # noqa: E402
+from backend.engines.openai_engine import OpenAIEngine  # noqa: E402
 from backend.server_thread import ServerThread  # noqa: E402
-from backend.settings import MiniGPTMedSettings  # noqa: E402
+from backend.settings import MiniGPTMedSettings, OpenAISettings  # noqa: E402
 
 
 def main() -> None:
@@ -89,6 +96,43 @@ def main() -> None:
     print(f"follow-up (report after one vqa turn, image_id) with the image cache: {ms(warm)}")
     print(f"follow-up without the image cache (vision encoder runs): {ms(cold)}")
     print(f"Cancel-to-idle (DELETE after the first delta -> engine idle): {ms(idle)}")
+    r_ttfd, r_idle, r_seen = _openai_relay(img, a.reps)
+    print(f"openai engine relay: time to first delta {ms(r_ttfd)}")
+    print(f"openai engine relay, remote silent: Cancel-to-idle {ms(r_idle)}; remote sees the disconnect {ms(r_seen)}")
+
+
+def _openai_relay(img: str, reps: int) -> tuple[list[float], list[float], list[float]]:
+    ttfd, idle, seen = [], [], []
+    with OpenAIStandIn() as standin:
+        st = ServerThread(OpenAIEngine(OpenAISettings(url=standin.url)))
+        url, service = st.start(), st.app.state.service
+        client = BackendClient(url)
+        client.analyze(protocol.AnalyzeRequest(task="report", image=img))  # warm-up
+        for _ in range(reps):
+            standin.script(["The lungs", " are clear."])
+            t0 = time.perf_counter()
+            s = client.stream(protocol.AnalyzeRequest(task="report", image=img))
+            it = iter(s)
+            next(it)
+            ttfd.append(time.perf_counter() - t0)
+            list(it)
+            standin.script([" tok", " more"], hold_after=1)  # the remote server goes silent after one piece
+            s = client.stream(protocol.AnalyzeRequest(task="report", image=img))
+            it = iter(s)
+            next(it)
+            t0 = time.perf_counter()
+            requests.delete(f"{url}/v1/requests/{s.request_id}", timeout=5)
+            while service.engine_busy:
+                time.sleep(0.0005)
+            idle.append(time.perf_counter() - t0)
+            standin.disconnected.wait(10)
+            seen.append(standin.disconnected_t - t0)
+            try:
+                list(it)
+            except Exception:
+                pass
+        st.stop()
+    return ttfd, idle, seen
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ class OpenAIStandIn:
         self.hold_after = hold_after
         self.release = threading.Event()
         self.disconnected = threading.Event()
+        self.disconnected_t = 0.0  # time.perf_counter() when the disconnect was seen
         self.sent = 0  # pieces written by the last stream
 
     @property
@@ -90,6 +91,7 @@ class OpenAIStandIn:
                 t_end = time.monotonic() + 30
                 while not self.release.wait(0.005) and time.monotonic() < t_end:
                     if gone():
+                        self.disconnected_t = time.perf_counter()
                         self.disconnected.set()
                         return
             if k == self.fail_after:  # what vLLM sends when generation fails after the stream started
@@ -152,6 +154,7 @@ def _handler(standin: OpenAIStandIn):
                         self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
                 self.wfile.write(b"0\r\n\r\n")
             except (BrokenPipeError, ConnectionResetError):
+                standin.disconnected_t = time.perf_counter()
                 standin.disconnected.set()
                 self.close_connection = True
 
