@@ -114,6 +114,7 @@ class BackendClient:
             "POST", "/v1/analyze", body, self.timeouts.analyze_s, lambda d: self._parse(AnalyzeResponse, d)
         )
         call.headers["Accept"] = "text/event-stream"
+        call.stream = True
         return call
 
     def cancel_request_call(self, request_id: str) -> HttpRequest:
@@ -257,6 +258,10 @@ class BackendClient:
             raise self.other_error(str(e)) from e
         if cancel is not None and cancel.is_set():
             raise BackendError("cancelled", "Cancelled.")
+        if request.stream and resp.status_code == 200 and is_event_stream(resp.headers.get("content-type")):
+            reader = StreamReader(self, request)  # a streamed call sent by a blocking transport: read it whole
+            reader.feed(resp.content)
+            return reader.finish()
         return self.result(request, HttpResponse(resp.status_code, resp.reason or "", resp.content, resp.url))
 
 
@@ -305,6 +310,11 @@ class StreamReader:
         return BackendError("protocol", f"The backend sent a stream event this module does not understand ({e}).")
 
 
+def is_event_stream(content_type: Optional[str]) -> bool:
+    """Whether an answer's Content-Type is server-sent events (a streamed analysis)."""
+    return (content_type or "").startswith("text/event-stream")
+
+
 def _status_of_error(data: str) -> int:
     try:
         code = json.loads(data)["error"]["code"]
@@ -345,7 +355,7 @@ class AnalyzeStream:
         self._resp = resp
         self.request_id = resp.headers.get(REQUEST_ID_HEADER)
         try:
-            if resp.status_code != 200 or not resp.headers.get("content-type", "").startswith("text/event-stream"):
+            if resp.status_code != 200 or not is_event_stream(resp.headers.get("content-type")):
                 c.result(call, HttpResponse(resp.status_code, resp.reason or "", resp.content, resp.url))
                 raise BackendError("protocol", "The backend did not stream its answer. Is it an older version?")
             try:
@@ -387,6 +397,7 @@ class HttpRequest:
     read_timeout_s: float
     parse: Callable[[Any], Any]  # the answer's JSON -> the call's result (protocol types)
     retries: int = 0  # only for idempotent reads
+    stream: bool = False  # the answer is server-sent events (read with a StreamReader; the result is the final one)
 
     def may_retry(self, error: BackendError, attempt: int) -> bool:
         return error.kind in ("connection", "timeout") and attempt < self.retries

@@ -46,17 +46,19 @@ class Conversation:
             request, image=None, values=None, image_id=self.image_id, history=self.history() or None
         )
 
-    def ask(self, client: BackendClient, request: AnalyzeRequest) -> Calls:
-        """Calls: upload if needed, then the question; the answer is added as a turn and returned."""
+    def ask(self, client: BackendClient, request: AnalyzeRequest, stream: bool = False) -> Calls:
+        """Calls: upload if needed, then the question (``stream``: answered as server-sent events, which a transport
+        may show as they come); the answer is added as a turn and returned."""
+        call = client.stream_request if stream else client.analyze_request
         if self.image_id is None:
             yield from self._upload(client)
         try:
-            response = yield client.analyze_request(self.request_for(request))
+            response = yield call(self.request_for(request))
         except BackendError as e:
             if e.code not in REUPLOAD_CODES:
                 raise
             yield from self._upload(client)
-            response = yield client.analyze_request(self.request_for(request))
+            response = yield call(self.request_for(request))
         self.add(request, response)
         self.last_response = response
         return response

@@ -54,6 +54,7 @@ class Job:
     context: Dict[str, Any] = field(default_factory=dict)  # main-thread data (captured slices, plan, options)
     on_main_thread: bool = False  # its calls run on the main thread's event loop (no worker thread to lend the GIL)
     abort: Optional[Callable[[], None]] = None  # set by a transport that can abort the call in flight
+    streamed: str = ""  # the answer so far, while a transport that reads it as it comes streams it
 
     @property
     def cancelled(self) -> bool:
@@ -117,6 +118,9 @@ class AnalysisLogic:
         self.token: Optional[str] = None
         self.export_size: Optional[int] = None
         self.batch_size = 8
+        # analyses and follow-ups are answered as server-sent events (shown as they come by a streaming transport;
+        # Cancel then names the request: DELETE /v1/requests/{id}); False: one JSON answer
+        self.stream_answers = True
         # the conversation about the image in a view (see chat.py): started by an analysis or a first question,
         # continued by follow-up questions, ended when its view, slice or volume changes (then this is called with
         # the reason, on the main thread: the panel clears its transcript)
@@ -198,7 +202,8 @@ class AnalysisLogic:
             view=view,
             context={"captured": captured, "request": request, "key": view_key(view, sl)},
         )
-        self._run(job, lambda client: _one(client.analyze_request(request)), runner)
+        call = (lambda c: c.stream_request(request)) if self.stream_answers else (lambda c: c.analyze_request(request))
+        self._run(job, lambda client: _one(call(client)), runner)
         return job
 
     def start_follow_up(
@@ -266,7 +271,7 @@ class AnalysisLogic:
                 "generation": self._chat_generation,
             },
         )
-        self._run(job, lambda client: conv.ask(client, request), runner)
+        self._run(job, lambda client: conv.ask(client, request, stream=self.stream_answers), runner)
         return job
 
     # -- the conversation ------------------------------------------------------------------------

@@ -126,7 +126,9 @@ class Panel:
         self.job: Optional[Job] = None
         # how the calls are sent: Qt's event loop by default; MiniGPTMedSlicerLib.logic.ThreadRunner() for a worker
         # thread with requests (what the panel did before; kept for comparison in bench/panel_pythonqt.py)
-        self.runner = runner if runner is not None else QtRunner(self.widget, on_done=self._job_done)
+        self.runner = runner if runner is not None else QtRunner(self.widget, self._job_done, self._show_streamed)
+        self._pending_transcript = ""  # the transcript shown while a follow-up is answered (its answer streams in)
+        self._text_before = ""  # the findings box before a streamed answer began to fill it (back on cancel, error)
         self.timer = qt.QTimer(self.widget)
         self.timer.setInterval(POLL_MS)
         self.timer.timeout.connect(self._poll)
@@ -286,6 +288,7 @@ class Panel:
             self._error(describe_error(e))
             return
         self._ok("")
+        self._text_before = self.text_edit.toPlainText()
         what = "Sweeping" if self.job.kind == "sweep" else "Analyzing"
         self._set_busy(True, f"{what} the {self.job.view} view…")
         self.timer.start()
@@ -297,6 +300,7 @@ class Panel:
         self.timer.stop()
         self.job = None
         self._set_busy(False, "")
+        self.text_edit.setPlainText(self._text_before)  # a streamed answer's first words go
         self.refresh_conversation()
         self._ok("Cancelled. Nothing was added to the scene.")
 
@@ -320,8 +324,10 @@ class Panel:
             self._error(describe_error(e))
             return
         self._ok("")
+        self._text_before = self.text_edit.toPlainText()
         shown = self.logic.transcript()
-        self._show_transcript((shown + "\n\n" if shown else "") + f"Q: {question.strip()}\nA: …")
+        self._pending_transcript = (shown + "\n\n" if shown else "") + f"Q: {question.strip()}\nA: "
+        self._show_transcript(self._pending_transcript + "…")
         self._set_busy(True, f"Asking about the {self.job.view} view…")
         self.timer.start()
 
@@ -403,6 +409,8 @@ class Panel:
             self.connection_label.setText(outcome.message if outcome.ok else "Not connected")
         if job.kind in ("analyze", "follow_up"):
             self.refresh_conversation()
+            if not outcome.ok:
+                self.text_edit.setPlainText(self._text_before)
         if not outcome.ok:
             self._error(outcome.message)  # a follow-up's question stays in its box, to send again
             return
@@ -413,6 +421,14 @@ class Panel:
             self.text_edit.setPlainText(outcome.text)
             self.refresh_table()
             self.progress.setValue(100)
+
+    def _show_streamed(self, job) -> None:
+        """The answer so far, as the backend writes it (a streamed analysis or follow-up)."""
+        if job is not self.job:
+            return
+        self.text_edit.setPlainText(job.streamed)
+        if job.kind == "follow_up":
+            self._show_transcript(self._pending_transcript + job.streamed + " …")
 
     def _job_done(self) -> None:
         """A job on the event loop finished: apply it now rather than at the next poll tick."""

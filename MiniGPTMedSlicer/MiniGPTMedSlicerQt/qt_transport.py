@@ -11,7 +11,17 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from MiniGPTMedSlicerLib.client import PAUSE, BackendClient, BackendError, Calls, HttpRequest, HttpResponse
+from MiniGPTMedSlicerLib.client import (
+    PAUSE,
+    BackendClient,
+    BackendError,
+    Calls,
+    HttpRequest,
+    HttpResponse,
+    StreamReader,
+    is_event_stream,
+)
+from MiniGPTMedSlicerLib.protocol import REQUEST_ID_HEADER
 
 from .qt_compat import qt
 
@@ -19,15 +29,20 @@ from .qt_compat import qt
 class QtRunner:
     """Runs a job's calls on the main thread's event loop: each :class:`HttpRequest` goes out through one shared
     ``QNetworkAccessManager``; its answer resumes the calls from the reply's ``finished`` signal. ``on_done`` is called
-    (on the main thread) once the job's result or error is in the job. Cancel (``logic.cancel(job)``) aborts the
-    reply in flight."""
+    (on the main thread) once the job's result or error is in the job. A streamed call (server-sent events) is read
+    as its bytes arrive (``readyRead``): the text so far goes into ``job.streamed`` and ``on_delta(job)`` is called.
+    Cancel (``logic.cancel(job)``) sends ``DELETE /v1/requests/{id}`` for a streamed call whose id came in its
+    headers, then aborts the reply (at once for the other calls: a client that goes away cancels its request too)."""
 
     on_main_thread = True
+    #: how long Cancel waits for the DELETE's answer before it aborts the reply anyway
+    cancel_wait_ms = 2000
 
-    def __init__(self, parent, on_done: Optional[Callable[[], None]] = None):
+    def __init__(self, parent, on_done: Optional[Callable[[], None]] = None, on_delta: Optional[Callable] = None):
         self.manager = qt.QNetworkAccessManager(parent)
         self.parent = parent
         self.on_done = on_done
+        self.on_delta = on_delta
 
     def run(self, job, client: BackendClient, calls: Calls) -> None:
         _Run(self, job, client, calls).step(None, None)
@@ -41,6 +56,10 @@ class _Run:
         self.reply: Any = None
         self.timer: Any = None
         self.timed_out = False
+        self.reader: Optional[StreamReader] = None  # the streamed call in flight
+        self.request_id: Optional[str] = None  # its id (X-Request-ID), once its headers came
+        self.deleting: Any = None  # the DELETE of a cancelled stream
+        self.stream_error: Optional[BackendError] = None  # an error event read while the stream came in
 
     def step(self, value: Any, error: Optional[BaseException]) -> None:
         job = self.job
@@ -78,13 +97,74 @@ class _Run:
         else:
             reply = manager.post(q, qt.QByteArray(request.body or b""))
         self.reply, self.timed_out = reply, False
+        self.reader, self.request_id = (StreamReader(self.client, request) if request.stream else None), None
+        self.stream_error = None
         self.timer = qt.QTimer(self.runner.parent)
         self.timer.setSingleShot(True)
         self.timer.setInterval(int(1000 * request.read_timeout_s))  # connect failures come from Qt itself
         self.timer.timeout.connect(self._on_timeout)
         self.timer.start()
-        self.job.abort = reply.abort
+        self.job.abort = lambda: self._cancel(reply)
+        if request.stream:
+            reply.metaDataChanged.connect(lambda: self._on_headers(reply))
+            reply.readyRead.connect(lambda: self._on_ready_read(reply))
         reply.finished.connect(lambda: self._on_finished(reply, request, attempt))
+
+    # -- a streamed answer ---------------------------------------------------------------------
+
+    def _streaming(self, reply) -> bool:
+        """The reply is a stream being answered (200, server-sent events), not an error body to read at the end."""
+        status = reply.attribute(qt.QNetworkRequest.HttpStatusCodeAttribute)
+        content_type = reply.header(qt.QNetworkRequest.ContentTypeHeader)
+        return (
+            status is not None
+            and int(status) == 200
+            and is_event_stream(None if content_type is None else str(content_type))
+        )
+
+    def _on_headers(self, reply) -> None:
+        if self.request_id is None:
+            self.request_id = _raw_header(reply, REQUEST_ID_HEADER) or None
+
+    def _on_ready_read(self, reply) -> None:
+        if self.reader is None or reply is not self.reply or not self._streaming(reply):
+            return  # an error body: read whole when the reply finishes
+        self._on_headers(reply)
+        try:
+            pieces = self.reader.feed(bytes(reply.readAll().data()))
+        except BackendError as e:  # an error event: the call's error once the reply finishes
+            self.stream_error = e
+            return
+        if pieces and not self.job.cancel.is_set():
+            self.job.streamed = self.reader.text
+            if self.runner.on_delta is not None:
+                self.runner.on_delta(self.job)
+
+    # -- cancel --------------------------------------------------------------------------------
+
+    def _cancel(self, reply) -> None:
+        """Cancel: a stream whose id is known is named in a DELETE first (the reply is aborted once that is
+        answered, or after ``cancel_wait_ms``); any other call is aborted at once."""
+        if self.reader is None or self.request_id is None or self.deleting is not None:
+            reply.abort()
+            return
+        call = self.client.cancel_request_call(self.request_id)
+        q = qt.QNetworkRequest(qt.QUrl(call.url))
+        for k, v in call.headers.items():
+            q.setRawHeader(qt.QByteArray(k.encode("latin-1")), qt.QByteArray(v.encode("latin-1")))
+        self.deleting = self.runner.manager.deleteResource(q)
+        deleting = self.deleting
+
+        def abort() -> None:
+            if self.reply is reply:
+                reply.abort()
+
+        def answered() -> None:
+            deleting.deleteLater()
+            abort()
+
+        deleting.finished.connect(answered)
+        qt.QTimer.singleShot(int(self.runner.cancel_wait_ms), abort)
 
     def _on_timeout(self) -> None:
         if self.reply is not None:
@@ -99,8 +179,16 @@ class _Run:
         status = reply.attribute(qt.QNetworkRequest.HttpStatusCodeAttribute)
         value: Any = None
         error: Optional[BaseException] = None
+        reader, self.reader = self.reader, None
         try:
-            if status is not None and not self.timed_out:
+            if self.job.cancel.is_set() and reader is not None:
+                raise BackendError("cancelled", "Cancelled.")
+            if self.stream_error is not None:
+                raise self.stream_error
+            if status is not None and not self.timed_out and reader is not None and self._streaming(reply):
+                reader.feed(bytes(reply.readAll().data()))  # what came after the last readyRead
+                value = reader.finish()
+            elif status is not None and not self.timed_out:
                 reason = reply.attribute(qt.QNetworkRequest.HttpReasonPhraseAttribute)
                 body = bytes(reply.readAll().data())
                 response = HttpResponse(int(status), "" if reason is None else str(reason), body, request.url)
@@ -133,3 +221,15 @@ class _Run:
         if code == R.SslHandshakeFailedError:
             return self.client.tls_error(str(reply.errorString()))
         return self.client.other_error(str(reply.errorString()))
+
+
+def _raw_header(reply, name: str) -> str:
+    """A response header's value ("" when absent): PySide6 6.12 takes the name as a str, Qt 5's PythonQt as a
+    QByteArray."""
+    for arg in (name, qt.QByteArray(name.encode("latin-1"))):
+        try:
+            raw = reply.rawHeader(arg)
+        except TypeError:
+            continue
+        return bytes(raw.data()).decode("latin-1").strip()
+    return ""

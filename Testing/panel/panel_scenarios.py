@@ -29,6 +29,7 @@ from MiniGPTMedSlicerQt.panel import Panel
 from MiniGPTMedSlicerQt.qt_compat import is_gui_thread, prop, qt
 
 SLOW_DELAY_S = 1.5  # the slow engine's default delay (the responsiveness scenario)
+TOKEN_STEP_S = 0.03  # the decoding stand-in's time per word (50 words: a 1.5 s streamed answer)
 TICK_MS = 20
 TOKEN = "s3cret-token"  # the access token of the "token" backend
 EDIT_SHIFT = np.array([4.0, -2.0, 0.0])  # the review scenario moves an ROI by this (RAS mm)
@@ -76,7 +77,7 @@ class Ui:
 class Env:
     mrml: Any  # MiniGPTMedSlicerLib.scene.SceneContext with Red/Yellow/Green views of the test CT volume
     ui: Ui
-    urls: dict[str, str]  # builtin, slow, not_backend (404 for everything), token, minigpt, closed
+    urls: dict[str, str]  # builtin, slow, not_backend (404 for everything), token, minigpt, tokens, closed
     tmp_dir: str
     register: Callable[[Any], None] = lambda widget: None  # pytest-qt: qtbot.addWidget
     slow_started: Callable[[], int] | None = None  # requests the slow engine has begun (None: not visible here)
@@ -719,6 +720,51 @@ def conversation(env: Env) -> dict:
     return {"two_turns_s": elapsed}
 
 
+def streamed_answer_and_cancel(env: Env) -> dict:
+    """The answer grows in the findings box as the backend writes it (a decoding stand-in: 50 words, one per step);
+    Cancel during a streamed answer names the request in ``DELETE /v1/requests/{id}`` (counted on the server) and the
+    engine stops decoding (its step count stands still, short of the 50 words); the panel is idle at once, the box is
+    as before, the scene unchanged."""
+    import requests
+
+    def stats() -> dict:
+        r = requests.get(env.urls["tokens"] + "/test/cancels", timeout=10)
+        r.raise_for_status()
+        return r.json()
+
+    mrml = env.mrml
+    p = env.panel("tokens")
+    select_task(p, "Report")
+    seen: list[str] = []
+    sampler = qt.QTimer(p.widget)
+    sampler.setInterval(TICK_MS)
+    sampler.timeout.connect(lambda: seen.append(p.text_edit.toPlainText()) if p.job is not None else None)
+    sampler.start()
+    status = run_and_wait(env, p, 30000)
+    sampler.stop()
+    final = "".join(f"tok{i} " for i in range(50))  # what the stand-in writes, word by word
+    assert p.text_edit.toPlainText() == final, (status, p.text_edit.toPlainText())
+    partial = sorted({s for s in seen if s and s != final}, key=len)
+    assert len(partial) >= 2 and all(final.startswith(s.rstrip(" …")) for s in partial), partial
+    before, nodes, analyses = stats(), mrml.scene.GetNumberOfNodes(), len(M.list_results(mrml.scene))
+    env.ui.click(p.analyze_button)
+    job = p.job
+    env.ui.wait_until(lambda: "tok3" in job.streamed, 10000)  # streaming: its id came with the headers
+    assert p.text_edit.toPlainText() == job.streamed
+    t0 = time.monotonic()
+    env.ui.click(p.cancel_button)
+    assert idle(p) and "Cancelled" in text(p.status_label)
+    assert p.text_edit.toPlainText() == final  # the box as it was before
+    env.ui.wait_until(lambda: stats()["deleted"] > before["deleted"], 10000)
+    stopped = stats()["steps"]
+    env.ui.wait(10 * int(TOKEN_STEP_S * 1000))  # ten decode steps later the engine has not gone on
+    after = stats()
+    assert after["deleted"] == before["deleted"] + 1, (before, after)  # by DELETE, not by the connection closing
+    assert after["steps"] == stopped and stopped - before["steps"] < 50, (before, after)
+    assert mrml.scene.GetNumberOfNodes() == nodes and len(M.list_results(mrml.scene)) == analyses
+    return {"cancelled_after_steps": stopped - before["steps"], "cancel_to_delete_answered_s": time.monotonic() - t0}
+
+
 def gui_thread_check(env: Env) -> None:
     import threading
 
@@ -752,6 +798,7 @@ SCENARIOS: dict[str, Callable[[Env], Any]] = {
         review_buttons_and_keys,
         export_folder,
         conversation,
+        streamed_answer_and_cancel,
         gui_thread_check,
     )
 }

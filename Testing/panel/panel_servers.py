@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from threading import Thread
 
 from fault_engines import SlowEngine
-from panel_scenarios import SLOW_DELAY_S, TOKEN
+from panel_scenarios import SLOW_DELAY_S, TOKEN, TOKEN_STEP_S
 
 from backend.server_thread import ServerThread, free_port
 
@@ -95,6 +95,36 @@ def recording_minigpt():
     return engine, routes
 
 
+def token_server():
+    """The decoding stand-in (stream_engines.TokenEngine: 50 words, one per step), answering ``GET /test/cancels``
+    with how many ``DELETE /v1/requests/{id}`` cancelled a running request and how many decode steps the engine
+    has made."""
+    from stream_engines import TokenEngine
+
+    engine = TokenEngine(step_s=TOKEN_STEP_S)
+    deleted = [0]
+
+    def routes(app, service) -> None:
+        cancel = service.cancel
+
+        def counting_cancel(request_id):
+            ok = cancel(request_id)
+            deleted[0] += bool(ok)
+            return ok
+
+        service.cancel = counting_cancel
+        app.add_api_route(
+            "/test/cancels",
+            lambda: {
+                "deleted": deleted[0],
+                "steps": engine.steps,
+            },
+            methods=["GET"],
+        )
+
+    return engine, routes
+
+
 @contextlib.contextmanager
 def panel_servers() -> Iterator[PanelServers]:
     from backend.engines.builtin import BuiltinEngine
@@ -102,6 +132,7 @@ def panel_servers() -> Iterator[PanelServers]:
 
     slow = SlowEngine(delay_s=SLOW_DELAY_S)
     minigpt, minigpt_routes = recording_minigpt()
+    tokens, token_routes = token_server()
     other = ThreadingHTTPServer(("127.0.0.1", 0), _NotTheBackend)
     Thread(target=other.serve_forever, daemon=True).start()
     try:
@@ -110,6 +141,7 @@ def panel_servers() -> Iterator[PanelServers]:
             ServerThread(slow) as slow_url,
             ServerThread(BuiltinEngine(), settings=ServerSettings(token=TOKEN)) as token,
             ServerThread(minigpt, extra_routes=minigpt_routes, startup_timeout_s=120) as minigpt_url,
+            ServerThread(tokens, extra_routes=token_routes) as tokens_url,
         ):
             yield PanelServers(
                 urls={
@@ -117,6 +149,7 @@ def panel_servers() -> Iterator[PanelServers]:
                     "slow": slow_url,
                     "token": token,
                     "minigpt": minigpt_url,
+                    "tokens": tokens_url,
                     "not_backend": f"http://127.0.0.1:{other.server_address[1]}",
                     "closed": f"http://127.0.0.1:{free_port()}",
                 },

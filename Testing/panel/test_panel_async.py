@@ -24,3 +24,7 @@ def test_cancel_during_a_slow_request(env):
 
 def test_is_gui_thread_tells_the_worker_from_the_main_thread(env):
     PS.gui_thread_check(env)
+
+
+def test_streamed_answer_and_cancel_by_delete(env):
+    PS.streamed_answer_and_cancel(env)
