@@ -422,7 +422,7 @@ class Panel:
             self.refresh_table()
             self.progress.setValue(100)
 
-    def _show_streamed(self, job) -> None:
+    def _show_streamed(self, job: Job) -> None:
         """The answer so far, as the backend writes it (a streamed analysis or follow-up)."""
         if job is not self.job:
             return
