@@ -29,7 +29,7 @@ from MiniGPTMedSlicerQt.panel import Panel
 from MiniGPTMedSlicerQt.qt_compat import is_gui_thread, prop, qt
 
 SLOW_DELAY_S = 1.5  # the slow engine's default delay (the responsiveness scenario)
-TOKEN_STEP_S = 0.03  # the decoding stand-in's time per word (50 words: a 1.5 s streamed answer)
+TOKEN_STEP_S = 0.02  # the decoding stand-in's time per word (50 words: a 1 s streamed answer)
 TICK_MS = 20
 TOKEN = "s3cret-token"  # the access token of the "token" backend
 EDIT_SHIFT = np.array([4.0, -2.0, 0.0])  # the review scenario moves an ROI by this (RAS mm)
