@@ -140,7 +140,7 @@ def add_model_arguments(p: argparse.ArgumentParser, convert: bool = False) -> No
             "--bimedix2",
             metavar="DIR",
             help="BiMediX2 instead: its folder (MBZUAI/BiMediX2-8B) -> --out, a transformers "
-            "LlavaForConditionalGeneration folder with its conv_llama3 chat template, for --engine hf or vLLM",
+            "LlavaForConditionalGeneration folder with its conv_llama3 chat template, for the hf engine or vLLM",
         )
         g.add_argument("--vision-tower", metavar="DIR", help="--bimedix2: a local copy of its CLIP tower")
         return
