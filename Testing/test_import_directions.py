@@ -3,7 +3,8 @@
 
 - the Slicer extension (the module script and the panel) never imports the backend or the headless tools;
 - ``MiniGPTMedSlicerLib`` (the Qt-free core) neither, nor Qt (qt, qtpy, PySide, PyQt, PythonQt, ctk, the panel);
-- the backend imports only ``MiniGPTMedSlicerLib.protocol`` from the Lib, and never Qt or the headless tools;
+- the backend imports only the wire from the Lib (``MiniGPTMedSlicerLib.protocol``, and ``.sse``: the event-stream
+  framing, stdlib only, which the openai engine reads a remote server's stream with), never Qt or the headless tools;
 - the engines (``backend/engines/``) import no HTTP framework (fastapi, starlette, uvicorn), not even through the
   backend modules they import (checked over the import graph, parent packages included);
 - the model packages (``backend/minigpt/``, ``backend/xraygpt/``) import no engine, also not through other modules;
@@ -56,8 +57,8 @@ RULES = (
     Rule(
         ("backend",),
         ("MiniGPTMedSlicerLib", "headless", *QT),
-        allowed=("MiniGPTMedSlicerLib.protocol",),
-        why="the backend imports only protocol from the Lib",
+        allowed=("MiniGPTMedSlicerLib.protocol", "MiniGPTMedSlicerLib.sse"),
+        why="the backend imports only the wire (protocol, sse) from the Lib",
     ),
     Rule(("backend.engines",), HTTP_FRAMEWORKS, transitive=True, why="engines import no HTTP framework"),
     Rule(
