@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # Slicer's MRML classes (the app's or slicer-core's); without
     import numpy as np
     from slicer import vtkMRMLMarkupsROINode, vtkMRMLScene, vtkMRMLSliceLogic
 
+    from .capture import CapturedSlice
     from .chat import ChatState
     from .dicom_series import Series
     from .export import FolderExport
@@ -166,7 +167,7 @@ class AnalysisLogic:
         runner: Optional[Any] = None,
     ) -> Job:
         """Validate and capture on the main thread, then send with ``runner`` (default: a :class:`ThreadRunner`)."""
-        from .capture import capture_slice, region_from_roi, to_request
+        from .capture import to_request
         from .scene import volume_of
 
         spec = protocol.task_by_label(task_name)
@@ -182,19 +183,8 @@ class AnalysisLogic:
         if spec is None:
             return self._start_sweep(view, sl, volume, question, sweep_range, runner)
         task = spec.id
-        try:
-            captured = capture_slice(sl, export_size=self.export_size)
-        except ValueError as e:
-            raise AnalysisError(str(e)) from None
-        region = None
-        if spec.needs_region:
-            roi = self.scene.GetNodeByID(region_roi_id) if region_roi_id else None
-            if roi is None:
-                raise AnalysisError(f"{spec.label} needs an ROI: draw one in the view and pick it as Region ROI.")
-            try:
-                region = region_from_roi(captured, roi)
-            except ValueError as e:
-                raise AnalysisError(f"The ROI {roi.GetName()!r} is not in the {view} view: {e}") from None
+        captured = self._capture(sl)
+        region = self._region(spec, captured, view, region_roi_id)
         request = to_request(captured, task, question=question or None, region=region)
         job = Job(
             kind="analyze",
@@ -220,7 +210,7 @@ class AnalysisLogic:
         Sent with ``runner``; :meth:`finish` adds the answer (its boxes under the conversation's analysis)."""
         import dataclasses
 
-        from .capture import capture_slice, region_from_roi, to_request
+        from .capture import to_request
         from .conversation import Conversation
         from .scene import volume_of
 
@@ -239,19 +229,8 @@ class AnalysisLogic:
             self.new_conversation()
         captured = state.captured if state is not None else None
         if captured is None:  # a new conversation, or one restored from the scene: the image as it is shown now
-            try:
-                captured = capture_slice(sl, export_size=self.export_size)
-            except ValueError as e:
-                raise AnalysisError(str(e)) from None
-        region = None
-        if spec.needs_region:
-            roi = self.scene.GetNodeByID(region_roi_id) if region_roi_id else None
-            if roi is None:
-                raise AnalysisError(f"{spec.label} needs an ROI: draw one in the view and pick it as Region ROI.")
-            try:
-                region = region_from_roi(captured, roi)
-            except ValueError as e:
-                raise AnalysisError(f"The ROI {roi.GetName()!r} is not in the {view} view: {e}") from None
+            captured = self._capture(sl)
+        region = self._region(spec, captured, view, region_roi_id)
         request = to_request(captured, spec.id, question=question or None, region=region)
         if state is None:
             conv = Conversation(image=request.image or "", values=request.values)
@@ -273,6 +252,32 @@ class AnalysisLogic:
         )
         self._run(job, lambda client: conv.ask(client, request, stream=self.stream_answers), runner)
         return job
+
+    def _capture(self, sl: vtkMRMLSliceLogic) -> CapturedSlice:
+        """The slice in view as it is shown (an analysis's or a conversation's image)."""
+        from .capture import capture_slice
+
+        try:
+            return capture_slice(sl, export_size=self.export_size)
+        except ValueError as e:
+            raise AnalysisError(str(e)) from None
+
+    def _region(
+        self, spec: protocol.TaskSpec, captured: CapturedSlice, view: str, region_roi_id: Optional[str]
+    ) -> Optional[Tuple[float, float, float, float]]:
+        """The region of a task that needs one: the ROI ``region_roi_id`` in the captured slice's pixels (None for a
+        task without a region)."""
+        from .capture import region_from_roi
+
+        if not spec.needs_region:
+            return None
+        roi = self.scene.GetNodeByID(region_roi_id) if region_roi_id else None
+        if roi is None:
+            raise AnalysisError(f"{spec.label} needs an ROI: draw one in the view and pick it as Region ROI.")
+        try:
+            return region_from_roi(captured, roi)
+        except ValueError as e:
+            raise AnalysisError(f"The ROI {roi.GetName()!r} is not in the {view} view: {e}") from None
 
     # -- the conversation ------------------------------------------------------------------------
 
