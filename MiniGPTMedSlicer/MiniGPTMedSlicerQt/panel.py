@@ -272,8 +272,8 @@ class Panel:
         spec = protocol.task_by_label(str(prop(self.task_combo, "currentText")))
         if spec is not None and spec.needs_region:
             self.refresh_regions()  # an ROI drawn since the task was picked
-        try:
-            self.job = self.logic.start(
+        job = self._start(
+            lambda: self.logic.start(
                 view=str(prop(self.view_combo, "currentText")),
                 task_name=str(prop(self.task_combo, "currentText")),
                 question=str(prop(self.question_edit, "text")),
@@ -281,17 +281,27 @@ class Panel:
                 sweep_range=str(prop(self.range_edit, "text")),
                 runner=self.runner,
             )
-        except AnalysisError as e:
+        )
+        if job is None:
+            return
+        what = "Sweeping" if job.kind == "sweep" else "Analyzing"
+        self._set_busy(True, f"{what} the {job.view} view…")
+        self.timer.start()
+
+    def _start(self, start: Callable[[], Job]) -> Optional[Job]:
+        """Start an analysis or a question with ``start`` (the logic's checks and capture, on the main thread): the job
+        it sends, kept as the panel's, or None with the error shown (nothing was sent, nothing changed)."""
+        try:
+            self.job = start()
+        except AnalysisError as e:  # bad input in the panel, no volume in the view, ...
             self._error(str(e))
-            return
-        except Exception as e:  # capture failed: nothing was sent, nothing changed
+            return None
+        except Exception as e:  # capture failed
             self._error(describe_error(e))
-            return
+            return None
         self._ok("")
         self._text_before = self.text_edit.toPlainText()
-        what = "Sweeping" if self.job.kind == "sweep" else "Analyzing"
-        self._set_busy(True, f"{what} the {self.job.view} view…")
-        self.timer.start()
+        return self.job
 
     def on_cancel(self) -> None:
         if self.job is None:
@@ -313,22 +323,17 @@ class Panel:
             return
         self._configure()
         question = str(prop(self.follow_up_edit, "text"))
-        try:
-            self.job = self.logic.start_follow_up(
+        job = self._start(
+            lambda: self.logic.start_follow_up(
                 view=str(prop(self.view_combo, "currentText")), question=question, runner=self.runner
             )
-        except AnalysisError as e:
-            self._error(str(e))
+        )
+        if job is None:
             return
-        except Exception as e:  # capture failed: nothing was sent, nothing changed
-            self._error(describe_error(e))
-            return
-        self._ok("")
-        self._text_before = self.text_edit.toPlainText()
         shown = self.logic.transcript()
         self._pending_transcript = (shown + "\n\n" if shown else "") + f"Q: {question.strip()}\nA: "
         self._show_transcript(self._pending_transcript + "…")
-        self._set_busy(True, f"Asking about the {self.job.view} view…")
+        self._set_busy(True, f"Asking about the {job.view} view…")
         self.timer.start()
 
     def on_new_conversation(self) -> None:
