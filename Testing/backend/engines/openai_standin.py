@@ -18,18 +18,17 @@ import select
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from loopback_http import JSONHandler, LoopbackServer
 
 MODEL = "standin-vlm"
 
 
-class OpenAIStandIn:
+class OpenAIStandIn(LoopbackServer):
     def __init__(self) -> None:
         self.bodies: list[dict] = []
         self.script(["ok"])
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        super().__init__(_handler(self))
 
     def script(
         self,
@@ -45,18 +44,9 @@ class OpenAIStandIn:
         self.disconnected_t = 0.0  # time.perf_counter() when the disconnect was seen
         self.sent = 0  # pieces written by the last stream
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def __enter__(self) -> OpenAIStandIn:
-        self.thread.start()
-        return self
-
     def __exit__(self, *exc) -> None:
         self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().__exit__(*exc)
 
     def completion(self) -> dict:
         text = "".join(self.pieces)
@@ -120,25 +110,22 @@ def _cut_inside_a_character(data: bytes) -> int | None:
 
 
 def _handler(standin: OpenAIStandIn):
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(JSONHandler):
         protocol_version = "HTTP/1.1"
-
-        def log_message(self, *a):
-            pass
 
         def do_GET(self):
             if self.path.rstrip("/") == "/v1/models":
-                self._json(200, {"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+                self.send_json(200, {"object": "list", "data": [{"id": MODEL, "object": "model"}]})
             else:
-                self._json(404, {"error": {"message": "not found"}})
+                self.send_json(404, {"error": {"message": "not found"}})
 
         def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+            body = self.read_json()
             standin.bodies.append(body)
             if self.path.rstrip("/") != "/v1/chat/completions":
-                self._json(404, {"error": {"message": "not found"}})
+                self.send_json(404, {"error": {"message": "not found"}})
             elif not body.get("stream"):
-                self._json(200, standin.completion())
+                self.send_json(200, standin.completion())
             else:
                 self._stream(bool((body.get("stream_options") or {}).get("include_usage")))
 
@@ -166,13 +153,5 @@ def _handler(standin: OpenAIStandIn):
                 return self.connection.recv(1, socket.MSG_PEEK) == b""
             except OSError:
                 return True
-
-        def _json(self, status: int, obj: dict) -> None:
-            data = json.dumps(obj).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
 
     return Handler

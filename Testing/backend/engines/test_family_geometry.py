@@ -22,16 +22,15 @@ import base64
 import io
 import json
 import math
-import threading
 from collections.abc import Callable
 from contextlib import ExitStack
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
 import numpy as np
 import pytest
 import requests
 from conftest import b64
+from loopback_http import JSONHandler, LoopbackServer
 from MiniGPTMedSlicerLib.png import encode_png
 from peer_fixtures import scripted_peer
 
@@ -194,44 +193,31 @@ def test_hf_qwen3_vl_box_on_0_1000_of_the_image(hf_url):
 QWEN25_SERVER_MIN_PIXELS, QWEN25_SERVER_MAX_PIXELS = 56 * 56, 28 * 28 * 16384
 
 
-class _StandIn(BaseHTTPRequestHandler):
+class _StandIn(JSONHandler):
     """A remote vLLM cannot run here: the OpenAI chat protocol on a real socket. ``answer`` writes the model's text
     from the PNG it received; every received image is kept."""
 
     answer: ClassVar[Callable[[np.ndarray], str]] = staticmethod(lambda img: "")
     received: ClassVar[list[np.ndarray]] = []
 
-    def log_message(self, *a):
-        pass
-
     def do_GET(self):
-        self._send({"object": "list", "data": [{"id": "stand-in", "object": "model"}]})
+        self.send_json(200, {"object": "list", "data": [{"id": "stand-in", "object": "model"}]})
 
     def do_POST(self):
         from PIL import Image
 
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        body = self.read_json()
         uri = body["messages"][0]["content"][0]["image_url"]["url"]
         img = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("L"))
         type(self).received.append(img)
         msg = {"role": "assistant", "content": type(self).answer(img)}
-        self._send({"choices": [{"index": 0, "finish_reason": "stop", "message": msg}]})
-
-    def _send(self, obj):
-        data = json.dumps(obj).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        self.send_json(200, {"choices": [{"index": 0, "finish_reason": "stop", "message": msg}]})
 
 
 @pytest.fixture(scope="module")
 def openai_url():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _StandIn)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    remote = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    with ExitStack() as stack:
+    with LoopbackServer(_StandIn) as server, ExitStack() as stack:
+        remote = server.url
         urls: dict[str, str] = {}
 
         def get(family: str, answer: Callable[[np.ndarray], str]) -> str:
@@ -244,8 +230,6 @@ def openai_url():
             return urls[family]
 
         yield get
-    server.shutdown()
-    server.server_close()
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))

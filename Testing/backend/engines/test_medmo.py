@@ -3,15 +3,13 @@ portrait and a landscape image (expected pixels computed here from MedMO's 0..10
 
 from __future__ import annotations
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
 import numpy as np
 import pytest
 import requests
 from conftest import b64
+from loopback_http import JSONHandler, LoopbackServer
 from medmo_fixtures import scripted_medmo
 from MiniGPTMedSlicerLib.png import encode_png
 
@@ -71,41 +69,27 @@ def _check_boxes(url: str, engine: str) -> None:
             assert np.allclose(f["box"], want, atol=1.0), (w, h, f["box"], want)
 
 
-class _StandInServer(BaseHTTPRequestHandler):
+class _StandInServer(JSONHandler):
     """A remote vLLM serving MedMO cannot run here: the OpenAI chat protocol on a real socket, with a fixed answer."""
 
     answer = README_ANSWER
     bodies: ClassVar[list] = []
 
-    def log_message(self, *a):
-        pass
-
     def do_GET(self):
-        self._send({"object": "list", "data": [{"id": "MBZUAI/MedMO-4B", "object": "model"}]})
+        self.send_json(200, {"object": "list", "data": [{"id": "MBZUAI/MedMO-4B", "object": "model"}]})
 
     def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        body = self.read_json()
         type(self).bodies.append(body)
         msg = {"role": "assistant", "content": self.answer}
-        self._send({"choices": [{"index": 0, "finish_reason": "stop", "message": msg}]})
-
-    def _send(self, obj):
-        data = json.dumps(obj).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        self.send_json(200, {"choices": [{"index": 0, "finish_reason": "stop", "message": msg}]})
 
 
 @pytest.fixture
 def stand_in():
     _StandInServer.bodies = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _StandInServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
+    with LoopbackServer(_StandInServer) as server:
+        yield server.url
 
 
 def test_prompts_are_the_readme_ones_and_identify_names_the_region_on_0_1000():

@@ -4,8 +4,6 @@ against our own OpenAI-compatible endpoint and against misbehaving servers on re
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -13,6 +11,7 @@ import requests
 from conftest import b64, blob_image
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from loopback_http import JSONHandler, LoopbackServer
 from MiniGPTMedSlicerLib import protocol
 from MiniGPTMedSlicerLib.png import encode_png
 from peer_fixtures import peer_model
@@ -232,25 +231,21 @@ def test_our_chat_endpoint_returns_boxes_in_qwen3_convention():
         assert r.status_code == 400 and "image" in r.json()["error"]["message"]
 
 
-class _FakeVLLM(BaseHTTPRequestHandler):
+class _FakeVLLM(JSONHandler):
     """A stand-in for a remote vLLM (which cannot run here): the real OpenAI protocol on a real socket."""
 
     mode = "ok"
     content: str | None = ""
     finish_reason = "stop"
 
-    def log_message(self, *a):
-        pass
-
     def do_GET(self):
-        self._send(200, {"object": "list", "data": [{"id": "google/medgemma-1.5-4b-it", "object": "model"}]})
+        self.send_json(200, {"object": "list", "data": [{"id": "google/medgemma-1.5-4b-it", "object": "model"}]})
 
     def do_POST(self):
-        n = int(self.headers.get("Content-Length", 0))
-        body = json.loads(self.rfile.read(n))
+        body = self.read_json()
         type(self).last_body = body
         if self.mode == "500":
-            self._send(500, {"error": {"message": "CUDA error"}})
+            self.send_json(500, {"error": {"message": "CUDA error"}})
         elif self.mode == "garbage":
             self.send_response(200)
             self.end_headers()
@@ -259,9 +254,9 @@ class _FakeVLLM(BaseHTTPRequestHandler):
             import time
 
             time.sleep(3)
-            self._send(200, {})
+            self.send_json(200, {})
         else:
-            self._send(
+            self.send_json(
                 200,
                 {
                     "choices": [
@@ -274,24 +269,12 @@ class _FakeVLLM(BaseHTTPRequestHandler):
                 },
             )
 
-    def _send(self, status, obj):
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
 
 @pytest.fixture
 def fake_vllm():
     _FakeVLLM.mode, _FakeVLLM.content, _FakeVLLM.finish_reason = "ok", "", "stop"
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeVLLM)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    yield server, f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
+    with LoopbackServer(_FakeVLLM) as remote:
+        yield remote.server, remote.url
 
 
 def test_openai_engine_medgemma_boxes_and_request_shape(fake_vllm):

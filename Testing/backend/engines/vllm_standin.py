@@ -13,14 +13,14 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from loopback_http import JSONHandler, LoopbackServer
 
-class VLLMStandIn:
+
+class VLLMStandIn(LoopbackServer):
     def __init__(self, folder: Path, served_name: str = "minigptmed-llm"):
         import sentencepiece as spm
         import torch
@@ -39,20 +39,7 @@ class VLLMStandIn:
         self.script: str | None = None  # a text to answer instead of generating (the prompt is still checked)
         self.lock = threading.Lock()
         self._torch = torch
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def __enter__(self) -> VLLMStandIn:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(self._handler())
 
     # -- what vLLM does with a request ---------------------------------------------------------------------------
 
@@ -137,35 +124,23 @@ class VLLMStandIn:
     def _handler(self):
         standin = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
+        class Handler(JSONHandler):
             def do_GET(self):
                 if self.path.rstrip("/") == "/v1/models":
-                    self._send(200, {"object": "list", "data": [{"id": standin.served_name, "object": "model"}]})
+                    self.send_json(200, {"object": "list", "data": [{"id": standin.served_name, "object": "model"}]})
                 else:
-                    self._send(404, _error("not found"))
+                    self.send_json(404, _error("not found"))
 
             def do_POST(self):
-                n = int(self.headers.get("Content-Length", 0))
                 try:
-                    body = json.loads(self.rfile.read(n))
+                    body = self.read_json()
                 except ValueError:
-                    self._send(400, _error("body is not JSON"))
+                    self.send_json(400, _error("body is not JSON"))
                     return
                 if self.path.rstrip("/") != "/v1/completions":
-                    self._send(404, _error("not found"))
+                    self.send_json(404, _error("not found"))
                     return
-                self._send(*standin.complete(body))
-
-            def _send(self, status, obj):
-                data = json.dumps(obj).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                self.send_json(*standin.complete(body))
 
         return Handler
 

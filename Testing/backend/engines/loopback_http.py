@@ -1,0 +1,50 @@
+"""What the stand-ins for remote OpenAI-compatible servers share (vLLM, SGLang, Ollama cannot run here; see
+openai_standin.py, vllm_standin.py and the tests' own): a threaded HTTP server on a free loopback port served from a
+daemon thread, and a request handler that reads and writes JSON bodies."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Self
+
+
+class JSONHandler(BaseHTTPRequestHandler):
+    """A quiet handler with JSON bodies in and out."""
+
+    def log_message(self, *a):
+        pass
+
+    def read_json(self) -> Any:
+        """The request's body as JSON (ValueError when it is not)."""
+        return json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+
+    def send_json(self, status: int, obj: Any) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+class LoopbackServer:
+    """``handler`` on 127.0.0.1 at a free port: served from a daemon thread while in a ``with`` block; :attr:`url` is
+    its OpenAI base URL (``…/v1``)."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
