@@ -15,7 +15,9 @@ import base64
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 sys.path[:0] = [
     str(Path(__file__).resolve().parents[1] / p) for p in ("", "MiniGPTMedSlicer", "Testing", "Testing/backend/engines")
@@ -24,7 +26,7 @@ sys.path[:0] = [
 import requests  # noqa: E402
 from minigpt_fixtures import _training_images, tiny_files  # noqa: E402
 from MiniGPTMedSlicerLib import protocol  # noqa: E402
-from MiniGPTMedSlicerLib.client import BackendClient  # noqa: E402
+from MiniGPTMedSlicerLib.client import AnalyzeStream, BackendClient  # noqa: E402
 from MiniGPTMedSlicerLib.png import encode_png  # noqa: E402
 from openai_standin import OpenAIStandIn  # noqa: E402
 
@@ -54,10 +56,8 @@ def main() -> None:
     for _ in range(a.reps):
         e._cache.clear()
         t0 = time.perf_counter()
-        s = client.stream(protocol.AnalyzeRequest(task="report", image=img))
-        it = iter(s)
-        next(it)
-        ttfd.append(time.perf_counter() - t0)
+        first, _s, it = _first_delta(client, protocol.AnalyzeRequest(task="report", image=img))
+        ttfd.append(first)
         list(it)
         total.append(time.perf_counter() - t0)
         stored = client.upload(img)
@@ -74,14 +74,10 @@ def main() -> None:
         client.analyze(follow)
         cold.append(time.perf_counter() - t0)
         # Cancel-to-idle: a long sampled answer, cancelled after its first delta
-        s = client.stream(protocol.AnalyzeRequest(task="report", image=img, temperature=1.5, max_new_tokens=1000))
-        it = iter(s)
-        next(it)
-        t0 = time.perf_counter()
-        requests.delete(f"{url}/v1/requests/{s.request_id}", timeout=5)
-        while service.engine_busy:
-            time.sleep(0.0005)
-        idle.append(time.perf_counter() - t0)
+        long = protocol.AnalyzeRequest(task="report", image=img, temperature=1.5, max_new_tokens=1000)
+        _first, s, it = _first_delta(client, long)
+        _t0, to_idle = _cancel_to_idle(url, service, s.request_id)
+        idle.append(to_idle)
         try:
             decoded.append(len(list(it)))
         except Exception:
@@ -101,6 +97,25 @@ def main() -> None:
     print(f"openai engine relay, remote silent: Cancel-to-idle {ms(r_idle)}; remote sees the disconnect {ms(r_seen)}")
 
 
+def _first_delta(client: BackendClient, request: protocol.AnalyzeRequest) -> tuple[float, AnalyzeStream, Iterator[Any]]:
+    """Send ``request`` streamed and read its first delta: (the seconds until it came, the stream, its other deltas)."""
+    t0 = time.perf_counter()
+    s = client.stream(request)
+    it = iter(s)
+    next(it)
+    return time.perf_counter() - t0, s, it
+
+
+def _cancel_to_idle(url: str, service: Any, request_id: str | None) -> tuple[float, float]:
+    """Cancel the request (DELETE /v1/requests/{id}) and wait until the engine is idle: (time.perf_counter() when the
+    DELETE was sent, the seconds from then until idle)."""
+    t0 = time.perf_counter()
+    requests.delete(f"{url}/v1/requests/{request_id}", timeout=5)
+    while service.engine_busy:
+        time.sleep(0.0005)
+    return t0, time.perf_counter() - t0
+
+
 def _openai_relay(img: str, reps: int) -> tuple[list[float], list[float], list[float]]:
     ttfd, idle, seen = [], [], []
     with OpenAIStandIn() as standin:
@@ -110,21 +125,13 @@ def _openai_relay(img: str, reps: int) -> tuple[list[float], list[float], list[f
         client.analyze(protocol.AnalyzeRequest(task="report", image=img))  # warm-up
         for _ in range(reps):
             standin.script(["The lungs", " are clear."])
-            t0 = time.perf_counter()
-            s = client.stream(protocol.AnalyzeRequest(task="report", image=img))
-            it = iter(s)
-            next(it)
-            ttfd.append(time.perf_counter() - t0)
+            first, _s, it = _first_delta(client, protocol.AnalyzeRequest(task="report", image=img))
+            ttfd.append(first)
             list(it)
             standin.script([" tok", " more"], hold_after=1)  # the remote server goes silent after one piece
-            s = client.stream(protocol.AnalyzeRequest(task="report", image=img))
-            it = iter(s)
-            next(it)
-            t0 = time.perf_counter()
-            requests.delete(f"{url}/v1/requests/{s.request_id}", timeout=5)
-            while service.engine_busy:
-                time.sleep(0.0005)
-            idle.append(time.perf_counter() - t0)
+            _first, s, it = _first_delta(client, protocol.AnalyzeRequest(task="report", image=img))
+            t0, to_idle = _cancel_to_idle(url, service, s.request_id)
+            idle.append(to_idle)
             standin.disconnected.wait(10)
             seen.append(standin.disconnected_t - t0)
             try:
