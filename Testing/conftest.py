@@ -164,6 +164,16 @@ def builtin_server():
         yield url
 
 
+@pytest.fixture(scope="module")
+def ctx():
+    """An empty slicer-core MRML scene (MiniGPTMedSlicerLib.scene) of the test module's own, closed after it."""
+    from MiniGPTMedSlicerLib import scene as S
+
+    c = S.create_scene()
+    yield c
+    S.close(c)
+
+
 @pytest.fixture(scope="session")
 def dicom_folder(chest_ct_path, ct_small_path, tmp_path_factory) -> tuple[Path, dict]:
     """A folder with one MR file and, in a subfolder, a 10-slice CT series (512 rows x 400 columns) made from the real

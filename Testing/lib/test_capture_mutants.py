@@ -53,13 +53,6 @@ def _set_axial_view(sl, fov=(21.0, 20.0, 4.0), dims=(7, 5), origin=(0.0, 0.0, 0.
 
 
 @pytest.fixture(scope="module")
-def ctx():
-    c = S.create_scene()
-    yield c
-    S.close(c)
-
-
-@pytest.fixture(scope="module")
 def tiny(ctx):
     k, j, i = np.meshgrid(np.arange(4), np.arange(5), np.arange(6), indexing="ij")
     vol = _volume(ctx, (10 * (30 * k + 6 * j + i) - 500).astype(np.int16))

@@ -39,13 +39,6 @@ def _dicom_series(src, folder, n=8, dz=5.0):
 
 
 @pytest.fixture(scope="module")
-def ctx():
-    c = S.create_scene()
-    yield c
-    S.close(c)
-
-
-@pytest.fixture(scope="module")
 def volumes(ctx, chest_ct_path, mni_path, anatomical_path, ct_small_path, tmp_path_factory):
     folder = _dicom_series(str(ct_small_path), str(tmp_path_factory.mktemp("dicom")))
     return {
