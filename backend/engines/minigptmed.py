@@ -327,19 +327,14 @@ class MiniGPTMedEngine(Engine):
         return out
 
     def _embed_prompt(self, it: _Item, image_emb):
-        import torch
-
         from backend.minigpt.tokenization import build_prompt, left_truncation
+        from backend.prompt_embeds import splice_image
 
         history = [(turn_instruction(t), t.answer) for t in it.inp.history]
         segs = self.tokenizer.prompt_segments(build_prompt(it.instruction, history))
-        parts = []
-        for i, ids in enumerate(segs):
-            if ids:
-                parts.append(self.model.embed_tokens(torch.tensor(ids, dtype=torch.long)))
-            if i < len(segs) - 1:
-                parts.append(image_emb.to(parts[0].dtype if parts else image_emb.dtype))
-        emb = torch.cat(parts, dim=0)
+        # the image in the text's dtype: the embedding table's (the whole LLM's, or on the vLLM route the table alone)
+        dtype = self.model.llm.get_input_embeddings().weight.dtype
+        emb = splice_image(self.model.embed_tokens, segs, image_emb, dtype)
         cut = left_truncation(int(emb.shape[0]), it.max_new)
         if cut:
             it.warnings.append(
