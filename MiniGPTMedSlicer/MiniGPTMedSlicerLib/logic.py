@@ -317,11 +317,7 @@ class AnalysisLogic:
         no longer shows that image."""
         if generation != self._chat_generation:
             return
-        try:
-            current = view_key(state.view, self.slice_logic(state.view))
-        except AnalysisError:
-            current = None
-        if current != state.key:
+        if not self._shows_its_image(state):
             self.new_conversation(f"New conversation: the {state.view} view changed.")
             return
         self._unwatch()
@@ -345,14 +341,15 @@ class AnalysisLogic:
 
     def _on_view_modified(self, caller: Any = None, event: Any = None) -> None:
         state = self.chat
-        if state is None:
-            return
-        try:
-            current = view_key(state.view, self.slice_logic(state.view))
-        except AnalysisError:
-            current = None
-        if current != state.key:
+        if state is not None and not self._shows_its_image(state):
             self.new_conversation(f"New conversation: the slice or the volume of the {state.view} view changed.")
+
+    def _shows_its_image(self, state: ChatState) -> bool:
+        """Whether the conversation's view still shows its image (the same slice plane of the same volume)."""
+        try:
+            return view_key(state.view, self.slice_logic(state.view)) == state.key
+        except AnalysisError:  # the view is gone
+            return False
 
     def _start_sweep(self, view: str, sl, volume, question: str, sweep_range: str, runner: Optional[Any]) -> Job:
         from .sweep import capture_at, capture_sweep, parse_range, plan_sweep, sweep_calls
