@@ -170,7 +170,7 @@ def add_model_arguments(p: argparse.ArgumentParser, convert: bool = False) -> No
         "--image-cache-entries",
         type=int,
         default=32,
-        help="images whose vision embeddings (minigptmed) or processed pixel values (hf, Qwen families) are kept "
+        help="images whose vision embeddings (minigptmed) or processed pixel values (hf: MedGemma, Qwen) are kept "
         "for follow-up questions (LRU; default 32; 0 = none)",
     )
     g.add_argument(

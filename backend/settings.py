@@ -78,7 +78,7 @@ class HFSettings:
     quantize: str = "none"
     default_max_tokens: int = 512
     max_batch: int = 4
-    cache_size: int = 32  # Qwen families: images whose processed pixel values are kept (LRU)
+    cache_size: int = 32  # MedGemma, Qwen families: images whose processed pixel values are kept (LRU)
     cache_bytes: int = 256 * 1024 * 1024  # and their total size
 
 

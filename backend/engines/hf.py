@@ -2,9 +2,12 @@
 
 ``AutoModelForImageTextToText`` + the family's processor, from local files only (nothing is downloaded). MedGemma:
 images zero-padded to a square (the processor then resizes to its size, 896 px for the real model), no system
-prompt, bf16 (Gemma 3 gives empty output in fp16). Qwen: its own smart resize through the PIL image processor (Qwen's
-full processor needs torchvision), the image tokens expanded here. Boxes come back through the family decoder in
-pixels of the image that was sent.
+prompt, bf16 (Gemma 3 gives empty output in fp16); the processor's image processor runs on its own and the text side
+is built here as Gemma3Processor builds it (``_gemma_text``, ``_collate``), so that its output can be cached. Qwen:
+its own smart resize through the PIL image processor (Qwen's full processor needs torchvision), the image tokens
+expanded here. The image processor's output is kept per image (LRU) for MedGemma and the Qwen families, not for
+``generic`` (its processor expands the text and processes the image in one call). Boxes come back through the family
+decoder in pixels of the image that was sent.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ class HFEngine(Engine):
         self.processor: Any = None  # Gemma3Processor / AutoProcessor
         self.tokenizer: Any = None
         self.image_processor: Any = None  # Qwen: the PIL image processor
-        # Qwen: the image processor's output per image (pixel values, grid), so a follow-up skips it
+        # MedGemma, Qwen: the image processor's output per image (pixel values; Qwen's grid), so a follow-up skips it
         self._cache: LRUStore[Any] = LRUStore(settings.cache_size, settings.cache_bytes)
         self.image_processor_calls = 0  # images run through the image processor (a cache hit does not count)
         self.device = "cpu"
@@ -139,35 +142,58 @@ class HFEngine(Engine):
                         results[i] = r
         return [r for r in results if r is not None]
 
+    def _caches_images(self) -> bool:
+        return self.family == "medgemma" or families.uses_qwen_processor(self.family)
+
+    def _process_image(self, img):
+        """The image processor alone on one model image (MedGemma: with Gemma3Processor's image defaults)."""
+        if self.family == "medgemma":
+            kwargs = getattr(self.processor, "images_kwargs", {})
+            return self.processor.image_processor(images=[img], return_tensors="pt", **kwargs)
+        return self.image_processor(images=[img], return_tensors="pt")
+
     def _prepare(self, inp: AnalysisInput):
-        """(prompt text with the image placeholder, model image, geometry, Qwen image-processor output) for one input."""
+        """(prompt text, model image, geometry, image-processor output) for one input. The text has the image
+        tokens expanded (MedGemma, Qwen) or the image placeholder for the processor (generic: no image-processor
+        output, the processor runs on the image in ``_collate``)."""
 
         img = None
         g = ImageGeometry(width=inp.image.width, height=inp.image.height)
-        im = self._cache.get(inp.cache_key()) if families.uses_qwen_processor(self.family) else None
+        im: Any = self._cache.get(inp.cache_key()) if self._caches_images() else None
         if im is None:
             img = model_image(self.family, inp)
             if self.family == "medgemma":
                 img = families.pad_to_square(img, g)
-        if families.uses_qwen_processor(self.family):
-            if im is None:
-                im = self.image_processor(images=[img], return_tensors="pt")
+            if self._caches_images():
+                im = self._process_image(img)
                 self.image_processor_calls += 1
                 nbytes = sum(v.numel() * v.element_size() for v in im.values() if hasattr(v, "numel"))
                 self._cache.put(inp.cache_key(), im, nbytes)
+        if families.uses_qwen_processor(self.family):
             t, gh, gw = (int(v) for v in im["image_grid_thw"][0])
             patch = int(getattr(self.image_processor, "patch_size", 14))
             g.model_height, g.model_width = gh * patch, gw * patch
         prompt = inp.prompt or families.prompt_for(self.family, inp.task, inp.question, inp.region, g, inp.modality)
         messages = self.messages(inp, prompt, g)
-        if im is not None:
+        if families.uses_qwen_processor(self.family):
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             merge = int(getattr(self.image_processor, "merge_size", 2))
             n = t * gh * gw // (merge * merge)
             text = text.replace("<|image_pad|>", "<|image_pad|>" * n, 1)
         else:
             text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            if self.family == "medgemma":
+                text = self._gemma_text(text, im)
         return text, img, g, im
+
+    def _gemma_text(self, text: str, im) -> str:
+        """Gemma3Processor's text side for one image: its placeholder (the ``<start_of_image>`` the chat template
+        wrote) replaced by the processor's own expansion (``full_image_sequence``: the boi token, the image soft
+        tokens, the eoi token; with pan-and-scan crops, their sequences too)."""
+        boi = self.processor.image_token
+        if text.count(boi) != 1:  # as the processor's own check: one placeholder per image
+            raise ValueError(f"the prompt holds {text.count(boi)} {boi} tokens for one image")
+        return text.replace(boi, self.processor.replace_image_token(im, image_idx=0), 1)
 
     def messages(self, inp: AnalysisInput, prompt: str, g: ImageGeometry) -> list[dict]:
         """The chat messages for the model's own chat template: the earlier turns (the image in the first user
@@ -189,6 +215,14 @@ class HFEngine(Engine):
         import torch
 
         texts = [p[0] for p in preps]
+        if self.family == "medgemma":  # as Gemma3Processor.__call__: token_type_ids 1 on the image soft tokens
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+            types = self.processor.create_mm_token_type_ids(enc["input_ids"])
+            return {
+                **enc,
+                "token_type_ids": torch.tensor(types, dtype=enc["input_ids"].dtype),
+                "pixel_values": torch.cat([p[3]["pixel_values"] for p in preps]),
+            }
         if families.uses_qwen_processor(self.family):
             enc = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
             return {
