@@ -8,6 +8,7 @@ The volume: 6 x 5 x 4 voxels (i, j, k), spacing 2, 3, 4 mm, origin (10, 20, 30),
 from __future__ import annotations
 
 import base64
+import warnings
 
 import numpy as np
 import pytest
@@ -38,14 +39,18 @@ def _volume(ctx, data: np.ndarray, display: bool = True, components: int = 1):
     return v
 
 
-def _set_axial_view(sl, fov=(21.0, 20.0, 4.0), dims=(7, 5), origin=(0.0, 0.0, 0.0)):
+AXIAL = [[-1, 0, 0], [0, 1, 0], [0, 0, 1]]
+CORONAL = [[-1, 0, 0], [0, 0, 1], [0, 1, 0]]  # x to the patient's left, y up (S), the normal anterior
+
+
+def _set_axial_view(sl, fov=(21.0, 20.0, 4.0), dims=(7, 5), origin=(0.0, 0.0, 0.0), rot=AXIAL, nz=1):
     """Axial view (x to the patient's left: SliceToRAS diag(-1, 1, 1)) centred on RAS (15, 26, 38), the plane k = 2."""
     sn = sl.GetSliceNode()
     m = sn.GetSliceToRAS()
-    for i, row in enumerate([[-1, 0, 0, 15], [0, 1, 0, 26], [0, 0, 1, 38], [0, 0, 0, 1]]):
+    for i, row in enumerate([[*rot[0], 15], [*rot[1], 26], [*rot[2], 38], [0, 0, 0, 1]]):
         for j, x in enumerate(row):
             m.SetElement(i, j, float(x))
-    sn.SetDimensions(dims[0], dims[1], 1)
+    sn.SetDimensions(dims[0], dims[1], nz)
     sn.SetFieldOfView(*fov)
     sn.SetXYZOrigin(*origin)
     sn.UpdateMatrices()
@@ -71,7 +76,12 @@ def test_window_level_by_hand():
     assert C.window_level(np.array([-0.5, 0.0, 1.0, 1.49, 1.5]), 2.0, 0.5).tolist() == [0, 63, 191, 253, 255]
     # exactly at level + window / 2 the product rounds to 254.99999999999997: VTK's clamp makes it 255
     assert C.window_level(np.array([-37.5, -37.6]), 25.0, -50.0).tolist() == [255, 253]
-    assert C.window_level(np.array([41.0, 39.0]), 0.0, 40.0).tolist() == [255, 0]  # window 0: a step at the level
+    # window 0: a step at the level (the window taken as 1e-12)
+    assert C.window_level(np.array([41.0, 40.4, 39.0]), 0.0, 40.0).tolist() == [255, 255, 0]
+    assert C.window_level(np.array([0.125]), 0.5, 0.25).tolist() == [63]  # a window under 1: (0.125 + 0) * 510
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # NaN becomes 0 before the cast (casting NaN warns and is undefined)
+        assert C.window_level(np.array([NAN, 1.0]), 1020, 0).tolist() == [0, 127]
     assert C.window_level(np.array([[3, 4]], dtype=np.int16), 10.0, 0.0).dtype == np.uint8
 
 
@@ -90,6 +100,12 @@ def test_encode_values_hu_whole_units():
     wide = C.encode_values(np.array([[0.0, 70000.0, 35000.0]]), "HU", (-3.0, 4.0))
     assert wide.slope == 70000 / 65535 and wide.intercept == 0.0 and (wide.volume_min, wide.volume_max) == (-3.0, 4.0)
     assert _stored(wide) == [[0, 65535, 32768]]  # 35000 / (70000 / 65535) = 32767.5 -> rint 32768
+    high = C.encode_values(np.array([[40000.0, 50000.0]]), "HU")  # the span counts, not the values
+    assert (high.slope, high.intercept, _stored(high)) == (1.0, 40000.0, [[0, 10000]])
+    low = C.encode_values(np.array([[-70000.0, 0.0]]), "HU")
+    assert (low.slope, low.intercept, _stored(low)) == (70000 / 65535, -70000.0, [[0, 65535]])
+    assert C.encode_values(np.array([[0.0, 65535.0]]), "HU").slope == 1.0  # 65535 units fit
+    assert C.encode_values(np.array([[0.0, 65536.0]]), "HU").slope == 65536 / 65535
 
 
 def test_encode_values_raw_scaled_onto_16_bits():
@@ -99,6 +115,9 @@ def test_encode_values_raw_scaled_onto_16_bits():
     assert _stored(sv) == [[1638, 33587], [65535, 0]]
     flat = C.encode_values(np.array([[5.0, 5.0]]), "raw")
     assert (flat.slope, flat.intercept, _stored(flat)) == (1.0, 5.0, [[0, 0]])
+    # in double precision: float32 670.0618 is 670.06183; * 65535 / 1000 = 43912.502 -> 43913 (float32: 43912)
+    f32 = C.encode_values(np.array([[0.0, 670.0618, 1000.0]], dtype=np.float32), "raw")
+    assert _stored(f32) == [[0, 43913, 65535]]
     empty = C.encode_values(np.array([[NAN, NAN]]), "HU")
     assert (empty.slope, empty.intercept, _stored(empty)) == (1.0, 0.0, [[0, 0]])
 
@@ -170,6 +189,9 @@ def test_export_geometry_by_hand(tiny):
     w, h, m = C.export_geometry(sn, (14, 10))
     assert (w, h) == (14, 10)
     assert np.allclose(m, [[-1.5, 0, 0, 24.5], [0, 2, 0, 18], [0, 0, 4, 38], [0, 0, 0, 1]])
+    sn = _set_axial_view(sl, nz=2)  # two slices deep: the z step is half the field's depth, as Slicer's own
+    assert sn.GetXYToRAS().GetElement(2, 2) == 2.0 and C.export_geometry(sn, (14, 10))[2][2, 2] == 2.0
+    sn = _set_axial_view(sl, origin=(1.0, 2.0, 0.0))
     w, h, m = C.export_geometry(sn, 14)  # the longer side 14: 20 / 21 * 14 = 13.3 -> 13 rows
     assert (w, h) == (14, 13) and np.allclose(m[:2, :2], [[-1.5, 0], [0, 20 / 13]])
     sn = _set_axial_view(sl, fov=(20.0, 21.0, 4.0))  # portrait field: 13 columns
@@ -225,6 +247,9 @@ def test_capture_of_the_tiny_volume_by_hand(tiny):
     assert (cap.view_name, cap.orientation, cap.volume_node_id) == ("Red", "Axial", vol.GetID())
     assert (cap.window, cap.level, cap.modality, cap.volume_range) == (510.0, 300.0, None, (-500.0, 690.0))
     assert (cap.width, cap.height) == (7, 5)
+    vol.SetAttribute("DICOM.Modality", "MR")
+    assert C.capture_slice(sl).modality == "MR"
+    vol.RemoveAttribute("DICOM.Modality")
     # linear interpolation when the display interpolates: column 3 (i = 3.25) of row 0 is 370 + 2.5
     d.SetInterpolate(1)
     lin = C.capture_slice(sl)
@@ -253,6 +278,28 @@ def test_capture_refuses_an_empty_view(ctx):
     empty.GetSliceCompositeNode().SetBackgroundVolumeID(no_data.GetID())
     with pytest.raises(ValueError, match="the Green view shows no volume"):
         C.capture_slice(empty)
+
+
+def test_capture_of_a_coronal_view_records_its_normal(tiny):
+    vol, sl = tiny
+    _set_axial_view(sl, rot=CORONAL)
+    cap = C.capture_slice(sl)
+    assert cap.slice_normal_ras == (0.0, 1.0, 0.0) and cap.orientation == "Coronal"
+    # the third column: the unit normal times the slice spacing Slicer reports for this volume in this view
+    assert np.allclose(cap.pixel_to_ras[:3, 2], [0, sl.GetVolumeSliceSpacing(vol)[2], 0])
+    # R = 25.5 - 3 (u - 0.5), S = 38 - 10 + 4 (4.5 - v)
+    assert np.allclose(cap.pixel_to_ras[[0, 2]][:, [0, 1, 3]], [[-3, 0, 27], [0, -4, 46]])
+    _set_axial_view(sl)
+
+
+def test_capture_refuses_a_logic_without_a_view(ctx):
+    import slicer
+
+    bare = slicer.vtkMRMLSliceLogic()
+    bare.SetMRMLScene(ctx.scene)
+    with pytest.raises(ValueError) as e:
+        C.capture_slice(bare)
+    assert str(e.value) == "the ? view shows no volume: choose a background volume first"
 
 
 def test_volume_modality(ctx):
@@ -298,3 +345,8 @@ def test_region_from_roi_by_hand(ctx, tiny):
         C.region_from_roi(cap, roi((19.5, 8, 38), (6, 8, 2)))
     # just inside the bottom edge: v 4.5 .. 6.5 clipped to 4.5 .. 5
     assert C.region_from_roi(cap, roi((19.5, 12, 38), (6, 8, 2))) == pytest.approx((1.5, 4.5, 3.5, 5.0))
+    # a coronal view: the ROI's S extent is the v range: R = 27 - 3u, S = 46 - 4v; S 36 .. 44 -> v 0.5 .. 2.5
+    _set_axial_view(sl, rot=CORONAL)
+    cor = C.capture_slice(sl)
+    assert C.region_from_roi(cor, roi((19.5, 26, 40), (6, 2, 8))) == pytest.approx((1.5, 0.5, 3.5, 2.5))
+    _set_axial_view(sl)
