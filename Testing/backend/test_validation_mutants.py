@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
+import logging
 import math
+import re
 
 import numpy as np
 import pytest
 from MiniGPTMedSlicerLib.png import encode_png
 from MiniGPTMedSlicerLib.protocol import AnalyzeRequest, HistoryTurn, ImageUpload, SliceValues
 
-from backend.app import GuardMiddleware
+from backend.app import GuardMiddleware, _header
 from backend.engines.base import AnalysisResult, Engine, EngineInfo
 from backend.errors import ApiError
 from backend.service import AnalysisService, _unsupported_message
@@ -143,6 +146,9 @@ def test_a_valid_request_becomes_exactly_this_input(svc):
     assert (bare.max_new_tokens, bare.temperature, bare.prompt) == (None, None, None)
     assert svc.prepare(_req(modality="abcdefghijklmnopqrst")).modality == "ABCDEFGHIJKLMNOP"  # 16 characters
     assert svc.prepare(_req(max_new_tokens=1, temperature=0.0)).max_new_tokens == 1
+    assert svc.prepare(_req()).modality is None
+    rgb = _png(np.zeros((H, W, 3), np.uint8))  # values go with a colour image too: its height and width count
+    assert svc.prepare(_req(image=rgb, values=_values())).values is not None
     assert svc.prepare(_req(task="detect", region=[39.5, 29.5, 41, 31])).region == (39.5, 29.5, 40.0, 30.0)
 
 
@@ -267,6 +273,12 @@ def test_image_or_image_id():
             f"x.image_id {stored.image_id[:16]}... was evicted from the image store: upload it again",
         )
     )
+    # the id is of the pixels and the values: the same image with other values is another image
+    ids = {svc.store_image(ImageUpload(image=IMAGE, values=v)).image_id for v in (None, _values(), _values(unit="raw"))}
+    assert len(ids) == 3
+    with pytest.raises(ApiError) as e:  # an upload's errors name the field without a prefix
+        svc.store_image(ImageUpload(image=IMAGE, values=_values(slope=0.0)))
+    assert e.value.message == "values.slope must be a finite, nonzero number; got 0.0"
     small = _service(ServerSettings(image_store_bytes=1000))
     with pytest.raises(ApiError) as e:
         small.store_image(ImageUpload(image=IMAGE))
@@ -305,6 +317,9 @@ def test_values(svc):
         "bad_image",
         data=_png(np.zeros((W, H), np.uint16)),
     )
+    bad_values("values.data is empty: send a base64-encoded PNG or JPEG", "bad_image", data="")
+    assert _err(svc, "q", image="") == ("bad_image", 400, "q.image is empty: send a base64-encoded PNG or JPEG")
+    assert _err(svc, image="@@") == ("bad_image", 400, "image is not valid base64")
     raw = svc.prepare(_req(values=_values(unit="raw", slope=-2, intercept=0, volume_min=-5.0, volume_max=0.0))).values
     assert raw is not None and (raw.unit, raw.volume_min, raw.volume_max) == ("raw", -5.0, 0.0)
     assert np.array_equal(raw.array, STORED.astype(np.float32) * -2)
@@ -364,45 +379,115 @@ def test_content_length_limits():
         assert _check(guard, _scope("/v1/analyze", length=bad)) == ("bad_request", "invalid Content-Length"), bad
 
 
-def _asgi(guard_settings: ServerSettings, scope: dict, chunks: list[bytes]):
-    """One request through GuardMiddleware around a tiny ASGI app that echoes the body it received."""
+def _asgi(settings: ServerSettings, scope: dict, messages: list[dict], app_fails: bool = False):
+    """One request through GuardMiddleware around a tiny ASGI app that reads the body as an app does (until
+    ``more_body`` is false), then asks once more (a disconnect check), notes a log field and answers "ok"."""
     got: dict = {}
 
     async def app(scope, receive, send):
+        got["path"], got["rid"] = scope["path"], scope["state"]["rid"]
+        scope["state"]["log"].update(task="report", rows=2)
         body = b""
         while True:
             m = await receive()
+            assert m["type"] == "http.request", m
             body += m.get("body", b"")
             if not m.get("more_body"):
                 break
-        got["body"] = body
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        got["body"], got["after"] = body, (await receive())["type"]
+        if app_fails:
+            raise RuntimeError("engine bug")
+        await send({"type": "http.response.start", "status": 201, "headers": [(b"content-type", b"text/plain")]})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+    queue = list(messages)
     sent: list[dict] = []
 
     async def receive():
-        return messages.pop(0) if messages else {"type": "http.disconnect"}
+        return queue.pop(0) if queue else {"type": "http.disconnect"}
 
     async def send(m):
         sent.append(m)
 
-    asyncio.run(GuardMiddleware(app, guard_settings)(scope, receive, send))
+    asyncio.run(GuardMiddleware(app, settings)(scope, receive, send))
     start = next(m for m in sent if m["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    return start["status"], dict(start["headers"]), body, got.get("body")
+    return start["status"], dict(start["headers"]), body, got
 
 
-def test_guard_end_to_end_in_process():
-    s = ServerSettings(token="t", max_body_bytes=10)
-    status, headers, body, seen = _asgi(s, _scope("/v1/analyze", b"Bearer t", None, "POST"), [b"12345", b"678"])
-    assert (status, seen, body) == (200, b"12345678", b"ok") and headers[b"x-request-id"]
-    status, _, body, seen = _asgi(s, _scope("/v1/analyze", b"Bearer t", None, "POST"), [b"123456", b"78901"])
-    assert status == 413 and seen is None and b"request body exceeds 10 bytes" in body
-    status, _, body, seen = _asgi(s, _scope("/v1/analyze", None, None, "POST"), [b"1"])
-    assert status == 401 and seen is None and b"missing or wrong access token" in body
-    status, _, _, seen = _asgi(s, _scope("/v1/analyze", b"Bearer t", b"3", "POST"), [b"abc"])
-    assert (status, seen) == (200, b"abc")  # with a Content-Length: passed through as it comes
-    status, _, _, seen = _asgi(s, _scope("/health"), [b""])
-    assert (status, seen) == (200, b"")
+def _chunks(*parts: bytes) -> list[dict]:
+    return [{"type": "http.request", "body": c, "more_body": i < len(parts) - 1} for i, c in enumerate(parts)]
+
+
+S = ServerSettings(token="t", max_body_bytes=10)
+POST = _scope("/v1/analyze", b"Bearer t", None, "POST")
+
+
+def test_guard_reads_a_body_without_length_up_to_the_limit(caplog):
+    caplog.set_level(logging.INFO, "minigptmed.access")
+    status, headers, body, got = _asgi(S, POST, _chunks(b"12345", b"67890"))  # exactly the limit
+    assert (status, body, got["body"], got["after"], got["path"]) == (
+        201,
+        b"ok",
+        b"1234567890",
+        "http.disconnect",
+        "/v1/analyze",
+    )
+    assert headers[b"content-type"] == b"text/plain"  # the app's own headers kept, the request id added
+    rid = headers[b"x-request-id"].decode()
+    assert re.fullmatch(r"\d+-[0-9a-f]{12}", rid) and got["rid"] == rid
+    (rec,) = [r for r in caplog.records if r.name == "minigptmed.access"]
+    msg = rec.getMessage()
+    assert re.fullmatch(
+        rf"request id={rid} method=POST path=/v1/analyze status=201 ms=(\d+\.\d) task=report rows=2", msg
+    )
+    assert float(msg.split("ms=")[1].split()[0]) < 60_000
+    status, _, body, got = _asgi(S, POST, _chunks(b"123456", b"78901"))
+    assert status == 413 and "body" not in got and b"request body exceeds 10 bytes" in body
+    put = _scope("/v1/analyze", b"Bearer t", None, "PUT")
+    assert _asgi(S, put, _chunks(b"123456", b"78901"))[0] == 413
+    status, _, _, got = _asgi(S, POST, [{"type": "http.request"}, {"type": "http.request", "body": b"late"}])
+    assert (status, got["body"]) == (201, b"")  # no body key, no more_body key: an empty body, and the end
+    status, _, _, got = _asgi(
+        S, POST, [{"type": "http.request", "body": b"ab"}, {"type": "http.request", "body": b"cd"}]
+    )
+    assert (status, got["body"]) == (201, b"ab")
+    # the client went away before sending anything: the app gets an empty body, then the disconnect
+    status, _, _, got = _asgi(S, POST, [{"type": "http.disconnect"}])
+    assert (status, got["body"], got["after"]) == (201, b"", "http.disconnect")
+
+
+def test_guard_rejections_and_pass_through(caplog):
+    caplog.set_level(logging.INFO, "minigptmed.access")
+    status, _, body, got = _asgi(S, _scope("/v1/analyze", None, None, "POST"), _chunks(b"1"))
+    assert (
+        status == 401
+        and got == {}
+        and json.loads(body) == {"error": {"code": "unauthorized", "message": UNAUTHORIZED[1]}}
+    )
+    status, _, body, _ = _asgi(S, _scope("/v1/chat/completions", b"Bearer x", None, "POST"), _chunks(b"{}"))
+    err = json.loads(body)["error"]  # OpenAI's shape on its routes
+    assert status == 401 and set(err) == {"message", "type", "code", "param"} and err["message"] == UNAUTHORIZED[1]
+    assert "status=401" in caplog.records[-1].getMessage()
+    # with a Content-Length the body is not read here (the HTTP parser holds the client to it)
+    status, _, _, got = _asgi(S, _scope("/v1/analyze", b"Bearer t", b"3", "POST"), _chunks(b"abc", b"defghijklmn"))
+    assert (status, got["body"]) == (201, b"abcdefghijklmn")
+    status, _, _, got = _asgi(S, _scope("/health"), _chunks(b""))
+    assert (status, got["body"]) == (201, b"")
+    with pytest.raises(RuntimeError):
+        _asgi(S, POST, _chunks(b"x"), app_fails=True)
+    assert "path=/v1/analyze status=500" in caplog.records[-1].getMessage()
+    seen: list = []
+
+    async def inner(scope, receive, send):
+        seen.append((scope, receive, send))
+
+    lifespan, rcv, snd = {"type": "lifespan"}, object(), object()
+    asyncio.run(GuardMiddleware(inner, S)(lifespan, rcv, snd))
+    assert seen == [(lifespan, rcv, snd)] and "state" not in lifespan
+
+
+def test_header_lookup():
+    assert _header({}, b"authorization") is None
+    scope = {"headers": [(b"a", b"1"), (b"b", b"2"), (b"a", b"3")]}
+    assert (_header(scope, b"a"), _header(scope, b"b"), _header(scope, b"c")) == (b"1", b"2", None)
