@@ -15,6 +15,19 @@ cp -r "$ROOT/backend" "$ROOT/headless" "$ROOT/Testing" "$ROOT/pyproject.toml" "$
 cp -r "$ROOT/MiniGPTMedSlicer/MiniGPTMedSlicerLib" "$STAGE/MiniGPTMedSlicerLib"
 find "$STAGE" -name __pycache__ -prune -exec rm -rf {} +
 cd "$STAGE"
+# MUTATION_FILES / MUTATION_TESTS (space-separated): narrow [tool.mutmut]'s only_mutate / test selection for one run,
+# e.g. one module and the fast tests that reach it (docs/testing.md has the per-module commands)
+if [ -n "${MUTATION_FILES:-}${MUTATION_TESTS:-}" ]; then
+    "$VENV/bin/python" - "${MUTATION_FILES:-}" "${MUTATION_TESTS:-}" <<'PY'
+import re, sys
+s = open("pyproject.toml").read()
+for key, arg in (("only_mutate", sys.argv[1]), ("pytest_add_cli_args_test_selection", sys.argv[2])):
+    if arg.split():
+        items = ", ".join(f'"{x}"' for x in arg.split())
+        s = re.sub(rf"^{key} = \[.*?^\]", f"{key} = [{items}]", s, count=1, flags=re.S | re.M)
+open("pyproject.toml", "w").write(s)
+PY
+fi
 unset PYTHONPATH  # only the mutated copy may be importable
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false QT_QPA_PLATFORM=offscreen
 export VTK_DEFAULT_OPENGL_WINDOW=vtkEGLRenderWindow

@@ -356,6 +356,8 @@ def test_json_without_a_fence_and_with_junk():
     for junk in ("", " .", " ..", " ...", " ]"):
         d = decode_output("qwen3_vl", '[{"bbox_2d": [0, 0, 500, 500], "label": "y"}]' + junk, g)
         assert _at(d, [[0, 0, 100, 50]]) and d.warnings == [], junk
+        d = decode_output("qwen3_vl", '{"bbox_2d": [0, 0, 500, 500], "label": "y"}' + junk, g)  # one object
+        assert _at(d, [[0, 0, 100, 50]]) and d.warnings == [], junk
     # a list at the very start of the answer, trailing junk with a bracket inside the fence
     d = decode_output("qwen3_vl", '[{"bbox_2d": [0, 0, 500, 500], "label": "y"}] and [2', g)
     assert _at(d, [[0, 0, 100, 50]])
