@@ -118,8 +118,9 @@ def test_encode_values_raw_scaled_onto_16_bits():
     # in double precision: float32 670.0618 is 670.06183; * 65535 / 1000 = 43912.502 -> 43913 (float32: 43912)
     f32 = C.encode_values(np.array([[0.0, 670.0618, 1000.0]], dtype=np.float32), "raw")
     assert _stored(f32) == [[0, 43913, 65535]]
-    empty = C.encode_values(np.array([[NAN, NAN]]), "HU")
-    assert (empty.slope, empty.intercept, _stored(empty)) == (1.0, 0.0, [[0, 0]])
+    for unit in ("HU", "raw"):  # nothing inside the volume: slope 1, intercept 0
+        empty = C.encode_values(np.array([[NAN, NAN]]), unit)
+        assert (empty.slope, empty.intercept, _stored(empty)) == (1.0, 0.0, [[0, 0]])
 
 
 def _captured(modality, values=True):
