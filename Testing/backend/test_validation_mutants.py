@@ -193,6 +193,9 @@ def test_prompt_tokens_and_temperature_at_their_edges(svc):
     for t in (-0.001, 2.001, math.nan, math.inf, -math.inf):
         _bad(svc, "temperature must be between 0 and 2 (0 = greedy)", temperature=t)
     _bad(svc, "b.temperature must be between 0 and 2 (0 = greedy)", "b", temperature=-1.0)
+    with pytest.raises(ApiError) as e:  # no prefix by default
+        svc.prepare(_req(temperature=-1.0))
+    assert e.value.message == "temperature must be between 0 and 2 (0 = greedy)"
 
 
 def test_pixel_spacing(svc):
@@ -379,7 +382,7 @@ def test_content_length_limits():
         assert _check(guard, _scope("/v1/analyze", length=bad)) == ("bad_request", "invalid Content-Length"), bad
 
 
-def _asgi(settings: ServerSettings, scope: dict, messages: list[dict], app_fails: bool = False):
+def _asgi(settings: ServerSettings, scope: dict, messages: list[dict], app_fails: bool = False, app_headers=True):
     """One request through GuardMiddleware around a tiny ASGI app that reads the body as an app does (until
     ``more_body`` is false), then asks once more (a disconnect check), notes a log field and answers "ok"."""
     got: dict = {}
@@ -397,7 +400,10 @@ def _asgi(settings: ServerSettings, scope: dict, messages: list[dict], app_fails
         got["body"], got["after"] = body, (await receive())["type"]
         if app_fails:
             raise RuntimeError("engine bug")
-        await send({"type": "http.response.start", "status": 201, "headers": [(b"content-type", b"text/plain")]})
+        start = {"type": "http.response.start", "status": 201}
+        if app_headers:
+            start["headers"] = [(b"content-type", b"text/plain")]
+        await send(start)
         await send({"type": "http.response.body", "body": b"ok"})
 
     queue = list(messages)
@@ -472,8 +478,8 @@ def test_guard_rejections_and_pass_through(caplog):
     # with a Content-Length the body is not read here (the HTTP parser holds the client to it)
     status, _, _, got = _asgi(S, _scope("/v1/analyze", b"Bearer t", b"3", "POST"), _chunks(b"abc", b"defghijklmn"))
     assert (status, got["body"]) == (201, b"abcdefghijklmn")
-    status, _, _, got = _asgi(S, _scope("/health"), _chunks(b""))
-    assert (status, got["body"]) == (201, b"")
+    status, headers, _, got = _asgi(S, _scope("/health"), _chunks(b""), app_headers=False)
+    assert (status, got["body"], list(headers)) == (201, b"", [b"x-request-id"])  # a start without headers
     with pytest.raises(RuntimeError):
         _asgi(S, POST, _chunks(b"x"), app_fails=True)
     assert "path=/v1/analyze status=500" in caplog.records[-1].getMessage()
