@@ -11,6 +11,7 @@ VENV=${VENV:-$ROOT/.venv}
 STAGE=${MUTATION_DIR:-$ROOT/build/mutation}
 rm -rf "$STAGE"
 mkdir -p "$STAGE"
+STAGE=$(cd "$STAGE" && pwd)  # absolute: the run happens inside it
 cp -r "$ROOT/backend" "$ROOT/headless" "$ROOT/Testing" "$ROOT/pyproject.toml" "$STAGE/"
 cp -r "$ROOT/MiniGPTMedSlicer/MiniGPTMedSlicerLib" "$STAGE/MiniGPTMedSlicerLib"
 find "$STAGE" -name __pycache__ -prune -exec rm -rf {} +
