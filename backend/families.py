@@ -33,6 +33,8 @@ from .box_codecs import (
 )
 
 FAMILIES = ("medgemma", "qwen2_5_vl", "qwen3_vl", "medmo", "generic")
+#: the families with a box format (every one but generic), as the 501 messages name them
+BOX_FAMILIES = tuple(f for f in FAMILIES if f != "generic")
 #: families whose folders carry Qwen's image processor (smart resize, ``<|image_pad|>`` expanded by the engine)
 QWEN_PROCESSOR_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "medmo")
 
@@ -95,9 +97,13 @@ def check_task(family: str, task: str) -> None:
 
     if task not in supported_tasks(family):
         raise TaskNotSupported(
-            f"task '{task}' needs a model family with boxes (--family medgemma, qwen2_5_vl, qwen3_vl or "
-            f"medmo); this engine is '{family}'"
+            f"task '{task}' needs a model family with boxes (--family {box_families_text()}); this engine is '{family}'"
         )
+
+
+def box_families_text() -> str:
+    """``medgemma, qwen2_5_vl, qwen3_vl or medmo``: the box families for a message."""
+    return f"{', '.join(BOX_FAMILIES[:-1])} or {BOX_FAMILIES[-1]}"
 
 
 def pad_to_square(img, g: ImageGeometry):

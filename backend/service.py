@@ -28,7 +28,7 @@ from MiniGPTMedSlicerLib.protocol import (
     task_spec,
 )
 
-from . import __version__
+from . import __version__, families
 from .batching import Pending, plan_call, waiting_rows
 from .engines.base import (
     AnalysisInput,
@@ -549,7 +549,7 @@ def _unsupported_message(task: str, info: EngineInfo) -> str:
             "--engine hf (MedGemma, Qwen-VL) or --engine openai (a vLLM/Ollama server)"
         )
     if info.engine in ("hf", "openai") and task in BOX_TASKS:
-        msg += ". Boxes need a model family with a box format: --family medgemma, qwen2_5_vl or qwen3_vl"
+        msg += f". Boxes need a model family with a box format: --family {families.box_families_text()}"
     return msg
 
 

@@ -180,7 +180,7 @@ def test_unsupported_task_messages():
     for engine in ("hf", "openai"):
         assert _unsupported_message("ground", info(engine)) == (
             f"task 'ground' is not supported by the {engine} engine (m); it supports: report, vqa. Boxes need a model "
-            "family with a box format: --family medgemma, qwen2_5_vl or qwen3_vl"
+            "family with a box format: --family medgemma, qwen2_5_vl, qwen3_vl or medmo"
         )
     assert _unsupported_message("report", info("hf")).endswith("it supports: report, vqa")
     assert _unsupported_message("vqa", info("hf")).endswith("it supports: report, vqa")
