@@ -2,8 +2,10 @@
 
 A conversation belongs to one view showing one volume on one slice plane (:func:`view_key`); when any of those
 changes, the next question starts a new conversation. Its turns are saved on the analysis' text node
-(``MiniGPTMed.conversation``: :meth:`.conversation.Conversation.to_json`, with the view key beside it), so a scene
-saved as ``.mrb`` and opened again gives the conversation back (:func:`saved_conversation`). No Qt, no Slicer app.
+(``MiniGPTMed.conversation``: :meth:`.conversation.Conversation.to_json`, with the view key beside it, and the
+server's ``image_id`` of the image with its client-side digest), so a scene saved as ``.mrb`` and opened again gives
+the conversation back (:func:`saved_conversation`) and its next question reuses the stored image when the view still
+shows the same pixels (an id the server no longer knows costs one upload). No Qt, no Slicer app.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ if TYPE_CHECKING:  # Slicer's MRML classes (the app's or slicer-core's); without
 #: The text node attributes (under markups.ATTR) that hold the conversation and the image it is about.
 CONVERSATION_ATTR = "conversation"
 CONVERSATION_KEY_ATTR = "conversation_key"
+IMAGE_ID_ATTR = "image_id"  # the server's id of the image (a content hash of pixels and values)
+IMAGE_DIGEST_ATTR = "image_digest"  # Conversation.digest() of that image: the image captured again must match it
 
 
 @dataclass
@@ -34,6 +38,7 @@ class ChatState:
     conversation: Conversation
     captured: Optional[CapturedSlice]  # the image sent (None when restored from a scene: captured again when asked)
     folder_item: Optional[int]  # the analysis its answers (text, boxes) go under
+    image_digest: str = ""  # restored from a scene: the digest of the image its conversation's image_id names
 
 
 def _num(v: float, digits: int) -> str:
@@ -63,7 +68,13 @@ def view_key(view: str, slice_logic: vtkMRMLSliceLogic) -> str:
 
 def text_attributes(state: ChatState) -> dict:
     """What is saved on the analysis' text node (markups.ATTR is prefixed there)."""
-    return {CONVERSATION_ATTR: state.conversation.to_json(), CONVERSATION_KEY_ATTR: state.key}
+    conv = state.conversation
+    return {
+        CONVERSATION_ATTR: conv.to_json(),
+        CONVERSATION_KEY_ATTR: state.key,
+        IMAGE_ID_ATTR: conv.image_id or "",
+        IMAGE_DIGEST_ATTR: conv.digest() if conv.image_id and conv.image else "",
+    }
 
 
 def saved_conversation(scene: vtkMRMLScene) -> Optional[ChatState]:
@@ -83,5 +94,8 @@ def saved_conversation(scene: vtkMRMLScene) -> Optional[ChatState]:
             continue
         key = node.GetAttribute(M.ATTR + CONVERSATION_KEY_ATTR) or ""
         view = key.split("|", 1)[0] if key else (node.GetAttribute(M.ATTR + "view") or "")
-        return ChatState(view, key, Conversation(image="", turns=turns), None, folder)
+        image_id = node.GetAttribute(M.ATTR + IMAGE_ID_ATTR) or None
+        digest = node.GetAttribute(M.ATTR + IMAGE_DIGEST_ATTR) or ""
+        conv = Conversation(image="", image_id=image_id if digest else None, turns=turns)
+        return ChatState(view, key, conv, None, folder, digest)
     return None

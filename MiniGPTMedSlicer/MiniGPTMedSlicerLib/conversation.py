@@ -37,6 +37,16 @@ class Conversation:
     uploads: int = 0  # how many times the image was uploaded (1, or more after an eviction)
     last_response: Optional[AnalyzeResponse] = None
 
+    def digest(self) -> str:
+        """A hash of the image and values as sent (no patient data): whether an image captured again is the one a
+        saved ``image_id`` names (the server's id hashes the decoded pixels, which the client does not decode)."""
+        import hashlib
+
+        h = hashlib.sha256(self.image.encode())
+        if self.values is not None:
+            h.update(json.dumps(dataclasses.asdict(self.values), sort_keys=True).encode())
+        return h.hexdigest()
+
     def history(self) -> List[HistoryTurn]:
         return [HistoryTurn(question=t.question, answer=t.answer, task=t.task) for t in self.turns]
 

@@ -236,8 +236,10 @@ class AnalysisLogic:
             conv = Conversation(image=request.image or "", values=request.values)
         else:  # a copy: the conversation changes only when the answer is in the scene (finish)
             conv = dataclasses.replace(state.conversation, turns=list(state.conversation.turns))
-            if state.captured is None:
-                conv.image, conv.values, conv.image_id = request.image or "", request.values, None
+            if state.captured is None:  # restored: its saved image_id only if the view shows that image still
+                conv.image, conv.values = request.image or "", request.values
+                if conv.digest() != state.image_digest:
+                    conv.image_id = None
         job = Job(
             kind="follow_up",
             task=spec.id,

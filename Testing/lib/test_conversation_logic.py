@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from MiniGPTMedSlicerLib import markups as M
 from MiniGPTMedSlicerLib import scene as S
-from MiniGPTMedSlicerLib.chat import CONVERSATION_ATTR, CONVERSATION_KEY_ATTR, saved_conversation
+from MiniGPTMedSlicerLib.chat import CONVERSATION_ATTR, CONVERSATION_KEY_ATTR, IMAGE_ID_ATTR, saved_conversation
 from MiniGPTMedSlicerLib.logic import AnalysisError, AnalysisLogic, Job
 
 
@@ -131,6 +131,10 @@ def test_restored_from_the_scene_and_from_a_reopened_mrb(mrml, logic, builtin_se
     (folder,) = M.list_results(mrml.scene)
     saved = logic.chat.conversation.to_json()
     key = logic.chat.key
+    logic_image_id = logic.chat.conversation.image_id
+    assert logic_image_id and logic.chat.conversation.uploads == 1
+    node = M.text_node_of(mrml.scene, folder)
+    assert node.GetAttribute(M.ATTR + IMAGE_ID_ATTR) == logic_image_id
     # a new logic on the same scene (the module reloaded): the conversation comes back and goes on there
     again = AnalysisLogic(mrml.scene, lambda: dict(mrml.slice_logics))
     again.configure(builtin_server, None)
@@ -141,7 +145,8 @@ def test_restored_from_the_scene_and_from_a_reopened_mrb(mrml, logic, builtin_se
     third = done(again, again.start_follow_up("Red", "", task_name="Detect"))
     assert third.ok and "(turn 3)" in third.message, third.message
     assert M.list_results(mrml.scene) == [folder] and len(again.chat.conversation.turns) == 3
-    assert again.chat.conversation.uploads == 1  # the image was captured and stored again (the id was not saved)
+    conv = again.chat.conversation  # the image captured again is the one stored: its saved id, no new upload
+    assert conv.uploads == 0 and conv.image_id == logic_image_id
     three = again.chat.conversation.to_json()
     again.new_conversation()
     # saved as .mrb and opened again
@@ -158,5 +163,62 @@ def test_restored_from_the_scene_and_from_a_reopened_mrb(mrml, logic, builtin_se
         n = back.scene.GetNumberOfNodes()
         assert saved_conversation(back.scene) is None and back.scene.GetNumberOfNodes() == n
         assert node.GetAttribute(M.ATTR + CONVERSATION_KEY_ATTR) == key
+    finally:
+        S.close(back)
+
+
+def _attach_red_view(ctx) -> None:
+    """A slice logic on the reopened scene's own Red slice node (as Slicer's views attach to a loaded scene)."""
+    import slicer
+
+    sl = slicer.vtkMRMLSliceLogic()
+    sl.SetMRMLApplicationLogic(ctx.app_logic)
+    sl.SetMRMLScene(ctx.scene)
+    ctx.app_logic.GetSliceLogics().AddItem(sl)
+    node = ctx.scene.GetSingletonNode("Red", "vtkMRMLSliceNode")
+    sl.SetSliceNode(node)
+    sl.ResizeSliceNode(300, 200)  # the view widget sizes its slice node (the size in pixels is not in a scene)
+    ctx.slice_logics["Red"] = sl
+
+
+def _continued(scene_ctx, url: str):
+    """A new logic on ``scene_ctx`` (a reopened scene) against ``url``: its restored conversation, continued once."""
+    lg = AnalysisLogic(scene_ctx.scene, lambda: dict(scene_ctx.slice_logics))
+    lg.configure(url, None)
+    state = lg.restore_conversation()
+    assert state is not None and state.conversation.image_id
+    out = done(lg, lg.start_follow_up("Red", "", task_name="Detect"))
+    assert out.ok, out.message
+    conv = lg.chat.conversation
+    lg.new_conversation()
+    return state.conversation.image_id, conv
+
+
+def test_a_reopened_mrb_reuses_the_stored_image_id(mrml, logic, tmp_path):
+    from backend.engines.builtin import BuiltinEngine
+    from backend.server_thread import ServerThread
+
+    assert done(logic, logic.start_follow_up("Red", "", task_name="Detect")).ok
+    assert done(logic, logic.start_follow_up("Red", "", task_name="Report")).ok
+    image_id = logic.chat.conversation.image_id
+    assert image_id and logic.chat.conversation.uploads == 1
+    logic.new_conversation()
+    back = S.open_mrb(S.save_mrb(mrml, str(tmp_path / "c.mrb")), str(tmp_path / "u"))
+    try:
+        _attach_red_view(back)
+        # the same server: the follow-up sends the saved id, nothing is uploaded
+        saved, conv = _continued(back, logic.base_url)
+        assert saved == image_id and conv.uploads == 0 and conv.image_id == image_id and len(conv.turns) == 3
+        # a restarted server does not know the id: one upload (after its 404), and the answer
+        with ServerThread(BuiltinEngine()) as fresh:
+            saved, conv = _continued(back, fresh)
+        assert saved == image_id and conv.uploads == 1 and len(conv.turns) == 4
+        # the view shows other pixels now (another window): the saved id is not used, the new image is uploaded
+        vol = back.slice_logics["Red"].GetSliceCompositeNode().GetBackgroundVolumeID()
+        display = back.scene.GetNodeByID(vol).GetDisplayNode()
+        display.SetAutoWindowLevel(False)
+        display.SetWindowLevel(1500.0, -600.0)  # a lung window (it was 400/40)
+        saved, conv = _continued(back, logic.base_url)
+        assert saved == image_id and conv.uploads == 1 and conv.image_id != image_id
     finally:
         S.close(back)
