@@ -2,7 +2,8 @@
 phantom, the built-in engine behind a real server: a follow-up's boxes go under the conversation's analysis, placed
 with the geometry of the image that was sent (a pan between the turns does not move them); a slice, view or volume
 change ends the conversation; a failed follow-up changes nothing; the conversation saved on the text node comes back
-from the same scene (and continues there) and from a reopened .mrb; an unreadable saved conversation is skipped."""
+from the same scene (and continues there) and from a reopened .mrb, naming the saved image_id (no upload; one after a
+restarted server's 404; a new one when the view shows other pixels); an unreadable saved conversation is skipped."""
 
 from __future__ import annotations
 
