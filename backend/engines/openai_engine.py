@@ -7,8 +7,8 @@ model's own sampling defaults). Batches are sent as concurrent requests (the ser
 Every request reads the remote server's own stream: ``"stream": true`` (with ``stream_options.include_usage``); for a
 streaming request (``AnalysisInput.on_text``) each ``choices[0].delta.content`` of its server-sent events goes out
 through ``DeltaText`` as the other engines' tokens do, until ``data: [DONE]``. A cancel (streaming or not: a client
-that went away, ``DELETE /v1/requests/{id}``) or the deadline closes the connection at once (a watcher shuts its
-socket; without one, at the next chunk), and the remote server stops generating. The boxes are decoded from the whole text at the end. An ``error`` object mid-stream
+that went away, ``DELETE /v1/requests/{id}``) or the deadline closes the connection at once (``backend.remote_stream``:
+a watcher shuts its socket; without one, at the next chunk), and the remote server stops generating. The boxes are decoded from the whole text at the end. An ``error`` object mid-stream
 is an engine error; a server that answers with one JSON completion instead of a stream is read as such.
 """
 
@@ -16,20 +16,17 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures as cf
-import contextlib
 import io
 import json
-import socket
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import requests
 from MiniGPTMedSlicerLib.protocol import REPORT, TEXT_TASKS
-from MiniGPTMedSlicerLib.sse import SseParser
 
 from .. import families
 from ..families import ImageGeometry
+from ..remote_stream import StreamBroken, StreamStopped, is_event_stream, sse_data
 from ..setting_error import SettingError
 from ..settings import OpenAISettings
 from .base import (
@@ -196,7 +193,7 @@ class OpenAIEngine(Engine):
             if r.status_code >= 400:
                 detail = r.text[:300].replace("\n", " ")
                 raise EngineError(f"the model server at {self.url} answered {r.status_code}: {detail}")
-            if not r.headers.get("content-type", "").startswith("text/event-stream"):  # a server that ignored stream
+            if not is_event_stream(r):  # a server that ignored stream
                 try:
                     data = r.json()
                 except ValueError:
@@ -208,57 +205,28 @@ class OpenAIEngine(Engine):
 
     def _relay(self, r, inp: AnalysisInput, stop: StopToken) -> tuple[str, str | None, dict[str, float]]:
         delta = DeltaText(inp.on_text or (lambda _t: None))
-        parser, parts = SseParser(), list[str]()
+        parts = list[str]()
         finish: str | None = None
         usage: dict[str, float] = {}
-        done = threading.Event()
-        _watch(r, lambda: inp.is_cancelled() or stop.should_stop(), done)
         try:
-            for chunk in r.iter_content(chunk_size=None):
-                if inp.is_cancelled() or stop.should_stop():
-                    break
-                for ev in parser.feed(chunk):
-                    if ev.data.strip() == "[DONE]":
-                        text = "".join(parts)
-                        delta.finish(text)
-                        return text, finish, usage
-                    piece, f, u = _chunk(ev.data, self.url)
-                    finish, usage = f or finish, u or usage
-                    if piece:
-                        parts.append(piece)
-                        delta.update("".join(parts))
-        except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError):
-            if not (inp.is_cancelled() or stop.should_stop()):
-                raise EngineError(f"the model server at {self.url} broke off its stream") from None
-        finally:
-            done.set()
-        if inp.is_cancelled() or stop.should_stop():
-            r.close()  # the remote server sees the disconnect and stops generating
+            for data in sse_data(r, lambda: inp.is_cancelled() or stop.should_stop()):
+                piece, f, u = _chunk(data, self.url)
+                finish, usage = f or finish, u or usage
+                if piece:
+                    parts.append(piece)
+                    delta.update("".join(parts))
+        except StreamStopped:
             if inp.is_cancelled():
-                raise _RowCancelled
-            raise EngineCancelled("stopped: time limit reached or request cancelled")
-        raise EngineError(f"the model server at {self.url} ended its stream without data: [DONE]")
+                raise _RowCancelled from None
+            raise EngineCancelled("stopped: time limit reached or request cancelled") from None
+        except StreamBroken as e:
+            raise EngineError(f"the model server at {self.url} broke off its stream ({e})") from None
+        text = "".join(parts)
+        delta.finish(text)
+        return text, finish, usage
 
     def close(self) -> None:
         self.session.close()
-
-
-def _watch(r: requests.Response, stopped: Callable[[], bool], done: threading.Event) -> None:
-    """Close the stream's socket as soon as ``stopped()`` (checked every 20 ms until ``done``), so a cancel does not wait
-    for the remote server's next chunk (a long prefill, its own queue): the blocked read returns and the remote server
-    sees the disconnect. Without a reachable socket the check between chunks remains."""
-    sock = getattr(getattr(r.raw, "connection", None), "sock", None)
-    if sock is None:
-        return
-
-    def run() -> None:
-        while not done.wait(0.02):
-            if stopped():
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                return
-
-    threading.Thread(target=run, name="openai-cancel", daemon=True).start()
 
 
 def _usage(data: dict) -> dict[str, float]:

@@ -1,0 +1,75 @@
+"""Reading a remote server's server-sent events (an OpenAI-compatible ``"stream": true`` answer: vLLM, SGLang,
+Ollama) so that a cancel stops it: what the openai engine and MiniGPT-Med's vLLM client share.
+
+:func:`sse_data` yields each event's ``data`` until ``data: [DONE]``. A watcher thread checks ``stopped()`` every
+20 ms and shuts the socket down when it turns true, so a cancel or a deadline does not wait for the remote server's
+next chunk (a long prefill, its own queue): the blocked read returns, the remote server sees the disconnect and
+aborts the request (vLLM does), and :class:`StreamStopped` is raised. Without a reachable socket the check between
+chunks remains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+import requests
+from MiniGPTMedSlicerLib.sse import SseParser
+
+WATCH_INTERVAL_S = 0.02
+
+
+class StreamStopped(Exception):
+    """``stopped()`` turned true while the stream was read; the connection is closed."""
+
+
+class StreamBroken(Exception):
+    """The connection broke off, or the stream ended without ``data: [DONE]``."""
+
+
+def is_event_stream(r: requests.Response) -> bool:
+    """Whether the server answered with a stream (one that ignored ``stream`` sends one JSON body)."""
+    return r.headers.get("content-type", "").startswith("text/event-stream")
+
+
+def sse_data(r: requests.Response, stopped: Callable[[], bool]) -> Iterator[str]:
+    """The ``data`` of each event of ``r`` (opened with ``stream=True``) until ``data: [DONE]`` (not yielded)."""
+    parser = SseParser()
+    done = threading.Event()
+    _watch(r, stopped, done)
+    try:
+        try:
+            for chunk in r.iter_content(chunk_size=None):
+                if stopped():
+                    break
+                for ev in parser.feed(chunk):
+                    if ev.data.strip() == "[DONE]":
+                        return
+                    yield ev.data
+        except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError):
+            if not stopped():
+                raise StreamBroken("the connection broke off") from None
+        if stopped():
+            r.close()  # the remote server sees the disconnect and stops generating
+            raise StreamStopped
+        raise StreamBroken("the stream ended without data: [DONE]")
+    finally:
+        done.set()
+
+
+def _watch(r: requests.Response, stopped: Callable[[], bool], done: threading.Event) -> None:
+    """Shut the stream's socket down as soon as ``stopped()`` (checked every 20 ms until ``done``)."""
+    sock = getattr(getattr(r.raw, "connection", None), "sock", None)
+    if sock is None:
+        return
+
+    def run() -> None:
+        while not done.wait(WATCH_INTERVAL_S):
+            if stopped():
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                return
+
+    threading.Thread(target=run, name="remote-stream-cancel", daemon=True).start()
