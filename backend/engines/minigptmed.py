@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +52,19 @@ log = logging.getLogger("minigptmed.engine")
 REPORT_PROMPT = "Describe this image in detail"
 #: MiniGPT-Med's eval yaml: 300 new tokens for the text tasks, 100 for the box tasks.
 DEFAULT_MAX_NEW_TOKENS = {REPORT.id: 300, VQA.id: 300, DETECT.id: 100, GROUND.id: 100, IDENTIFY.id: 100}
+
+
+def _on_step(feeds: dict[int, Callable[[Sequence[int]], None]]):
+    """The local decoders' per-step callback (the ids chosen at one step, one per row) over the rows' feeds, or None
+    when no row streams."""
+    if not feeds:
+        return None
+
+    def on_step(step_ids: list[int]) -> None:
+        for j, feed in feeds.items():
+            feed((step_ids[j],))
+
+    return on_step
 
 
 def turn_instruction(turn: Turn) -> str:
@@ -105,6 +118,27 @@ class _Item:
     settings: Any
     warnings: list[str] = field(default_factory=list)
     stream: DeltaText | None = None
+
+
+@dataclass
+class _RowFeed:
+    """One streaming row: its ids so far, decoded and post-processed into its DeltaText as they grow."""
+
+    delta: DeltaText
+    decode: Callable[[list[int]], str]
+    eos: int
+    ids: list[int] = field(default_factory=list)
+    done: bool = False
+
+    def __call__(self, new: Sequence[int]) -> None:
+        if self.done:
+            return
+        for t in new:
+            if t == self.eos:
+                self.done = True
+                break
+            self.ids.append(int(t))
+        self.delta.update(self.decode(self.ids))
 
 
 class MiniGPTMedEngine(Engine):
@@ -389,9 +423,11 @@ class MiniGPTMedEngine(Engine):
                             seed=self.seed,
                             row_stopped=lambda chunk=chunk: [items[i].inp.is_cancelled() for i in chunk],
                         )
-                        on_step = self._streamer([items[i] for i in chunk], s)
-                        if self._remote is not None:  # no per-step streaming or cancel: the remote server decodes
-                            kw.pop("row_stopped")
+                        feeds = self._row_feeds([items[i] for i in chunk], s)
+                        on_step = _on_step(feeds)
+                        if self._remote is not None:  # each row streams from its own vLLM request
+                            if feeds:
+                                kw["on_ids"] = lambda j, new, feeds=feeds: feeds[j](new) if j in feeds else None
                             g = self._remote_generate(prompts, maxes, kw)
                         elif (
                             self.static_decode and max(p.shape[0] for p in prompts) + max(maxes) <= self.static_max_len
@@ -425,33 +461,21 @@ class MiniGPTMedEngine(Engine):
         except RemoteLLMError as e:
             raise EngineError(str(e)) from e
 
-    def _streamer(self, chunk: list[_Item], s):
-        """A decode-step callback that feeds each streaming row's growing answer to its ``on_text`` (post-processed
-        as the final answer is, so the deltas add up to it), or None when no row streams."""
+    def _row_feeds(self, chunk: list[_Item], s) -> dict[int, Callable[[Sequence[int]], None]]:
+        """For each streaming row (index in ``chunk``): a callback taking its newly generated ids (one per decode step
+        locally, a chunk's worth from vLLM) that feeds the growing answer to its ``on_text`` (post-processed as the
+        final answer is, so the deltas add up to it); nothing after the EOS."""
         from backend.minigpt.tokenization import postprocess_benchmark, postprocess_demo
 
         post = postprocess_demo if s.do_sample else postprocess_benchmark
-        rows: list[tuple[int, DeltaText, list[int]]] = []
-        for j, it in enumerate(chunk):
-            if it.inp.on_text is not None:
-                it.stream = DeltaText(it.inp.on_text)
-                rows.append((j, it.stream, []))
-        if not rows:
-            return None
         eos = self.tokenizer.eos_id
-        done: set[int] = set()
-
-        def on_step(step_ids: list[int]) -> None:
-            for j, delta, ids in rows:
-                if j in done:
-                    continue
-                if step_ids[j] == eos:
-                    done.add(j)
-                    continue
-                ids.append(step_ids[j])
-                delta.update(post(self.tokenizer.decode(ids)))
-
-        return on_step
+        feeds: dict[int, Callable[[Sequence[int]], None]] = {}
+        for j, it in enumerate(chunk):
+            if it.inp.on_text is None:
+                continue
+            it.stream = DeltaText(it.inp.on_text)
+            feeds[j] = _RowFeed(it.stream, lambda ids: post(self.tokenizer.decode(ids)), eos)
+        return feeds
 
     def _result(self, it: _Item, g, j: int, timings: dict, s, parse_answer, post) -> AnalysisResult:
         answer = post(self.tokenizer.decode(g.tokens[j]))

@@ -17,9 +17,18 @@ and ``vllm/renderers/embed_utils.py`` ``safe_load_prompt_embeds``; docs.vllm.ai 
 * ``return_token_ids: true``: ``choices[0].token_ids`` are decoded with the backend's own tokenizer and
   post-processing, exactly as for the local LLaMA (the server's detokenizer is not used). vLLM includes the EOS
   id in ``token_ids`` when it stopped there; ``finish_reason`` is ``stop`` or ``length``.
+* ``stream: true``, always (read in ``vllm/entrypoints/openai/serving_completion.py``
+  ``completion_stream_generator``, v0.10.2 to v0.11; ``vllm/entrypoints/openai/completion/serving.py`` in later
+  releases): ``text/event-stream`` of ``data: {"object": "text_completion", "choices": [{"index": 0, "text": DELTA,
+  "token_ids": [NEW IDS], "finish_reason": null | "stop" | "length"}]}`` events, then ``data: [DONE]``; a failure
+  mid-stream is a ``data: {"error": {...}}`` event. Each event's new ids go to ``on_ids`` as they arrive (the engine
+  decodes the growing answer and streams it), and a cancel of the row or the whole call (or the deadline) closes the
+  connection at once (``backend.remote_stream``), upon which vLLM aborts the request. A server that answers with one
+  JSON completion instead is read as such.
 
-A batch goes out as concurrent requests (one per row): vLLM batches them continuously, so several replicas or
-tensor parallelism behind one URL scale the LLM part.
+A batch goes out as concurrent requests (one per row, all of a batch at once up to ``max_concurrency``): vLLM
+batches them continuously, so several replicas or tensor parallelism behind one URL scale the LLM part. A cancelled
+row closes only its own stream.
 """
 
 from __future__ import annotations
@@ -27,14 +36,18 @@ from __future__ import annotations
 import base64
 import concurrent.futures as cf
 import io
+import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import requests
 import torch
 
-from .generate import GREEDY, GenerationOutput, SamplingSettings
+from ..remote_stream import StreamBroken, StreamStopped, is_event_stream, sse_data
+from .generate import GREEDY, GenerationOutput, RowStopped, SamplingSettings
+
+RowIds = Callable[[int, list[int]], None]  # (row, the ids that just arrived for it)
 
 PROMPT_EMBEDS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 VLLM_MIN_VERSION = "0.10.2"  # return_token_ids
@@ -63,7 +76,7 @@ def completion_body(
         "max_tokens": int(max_tokens),
         "temperature": 0.0,
         "n": 1,
-        "stream": False,
+        "stream": True,
         "return_token_ids": True,
         "ignore_eos": bool(ignore_eos),
     }
@@ -83,16 +96,46 @@ def parse_completion(data: Any, eos_id: int, max_tokens: int, ignore_eos: bool) 
         ids = choice.get("token_ids")
     except (KeyError, IndexError, TypeError):
         raise RemoteLLMError("the reply has no choices[0]") from None
+    return _finish(_token_ids(ids), choice.get("finish_reason"), eos_id, max_tokens, ignore_eos)
+
+
+def _token_ids(ids: Any) -> list[int]:
     if ids is None:
         raise RemoteLLMError(
             f"the reply has no choices[0].token_ids: the server must be vLLM >= {VLLM_MIN_VERSION} (return_token_ids)"
         )
     if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise RemoteLLMError("choices[0].token_ids is not a list of integers")
+    return ids
+
+
+def _finish(ids: list[int], reason: Any, eos_id: int, max_tokens: int, ignore_eos: bool) -> tuple[list[int], bool]:
     ids = ids[:max_tokens]
     if not ignore_eos and eos_id in ids:
         return ids[: ids.index(eos_id)], True
-    return ids, (not ignore_eos and choice.get("finish_reason") == "stop")
+    return ids, (not ignore_eos and reason == "stop")
+
+
+def stream_chunk(data: str) -> tuple[list[int], Any, bool]:
+    """One event of a ``/v1/completions`` stream -> (its new token ids, its finish reason, whether it held a
+    choice); an ``error`` object (a failure mid-stream) is a RemoteLLMError."""
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        raise RemoteLLMError("the server sent a stream event that is not JSON") from None
+    if not isinstance(obj, dict):
+        raise RemoteLLMError("the server sent an unexpected stream event")
+    if "error" in obj:
+        err = obj["error"]
+        msg = err.get("message") if isinstance(err, dict) else err
+        raise RemoteLLMError(f"the vLLM server failed mid-answer: {str(msg)[:300]}")
+    choices = obj.get("choices")
+    if not choices:  # the usage event (choices: [])
+        return [], None, False
+    choice = choices[0] if isinstance(choices, list) and isinstance(choices[0], dict) else None
+    if choice is None:
+        raise RemoteLLMError("the server sent a stream event without choices[0]")
+    return _token_ids(choice.get("token_ids")), choice.get("finish_reason"), True
 
 
 class VLLMClient:
@@ -115,30 +158,77 @@ class VLLMClient:
         self.max_concurrency = max_concurrency
         self.session = requests.Session()
 
-    def _call(self, method: str, path: str, body: dict | None, timeout: float) -> Any:
+    def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    def _request(self, method: str, path: str, body: dict | None, timeout: float, stream: bool = False):
         try:
-            r = self.session.request(method, self.url + path, json=body, headers=headers, timeout=(5.0, timeout))
+            r = self.session.request(
+                method, self.url + path, json=body, headers=self._headers(), timeout=(5.0, timeout), stream=stream
+            )
         except requests.exceptions.Timeout:
             raise RemoteLLMError(f"the vLLM server at {self.url} did not answer within {timeout:g} s") from None
         except requests.exceptions.ConnectionError:
             raise RemoteLLMError(f"cannot reach the vLLM server at {self.url}: is it running?") from None
         if r.status_code >= 400:
-            try:
-                err = r.json()
-                msg = (err.get("error") or {}).get("message") if isinstance(err.get("error"), dict) else None
-                msg = msg or err.get("message") or r.text
-            except (ValueError, AttributeError):
-                msg = r.text
+            with r:
+                try:
+                    err = r.json()
+                    msg = (err.get("error") or {}).get("message") if isinstance(err.get("error"), dict) else None
+                    msg = msg or err.get("message") or r.text
+                except (ValueError, AttributeError):
+                    msg = r.text
             raise RemoteLLMError(
                 f"the vLLM server at {self.url} answered {r.status_code}: {str(msg)[:300].replace(chr(10), ' ')}"
             )
+        return r
+
+    def _json(self, r: requests.Response) -> Any:
         try:
             return r.json()
         except ValueError:
             raise RemoteLLMError(f"the vLLM server at {self.url} sent a reply that is not JSON") from None
+
+    def _call(self, method: str, path: str, body: dict | None, timeout: float) -> Any:
+        with self._request(method, path, body, timeout) as r:
+            return self._json(r)
+
+    def _complete(
+        self,
+        body: dict,
+        timeout: float,
+        eos_id: int,
+        max_tokens: int,
+        ignore_eos: bool,
+        stopped: Callable[[], bool],
+        on_ids: Callable[[list[int]], None] | None,
+    ) -> tuple[list[int], bool]:
+        """One streamed completion -> (generated ids without EOS, finished at EOS); StreamStopped when
+        ``stopped()`` turned true (the connection is closed)."""
+        with self._request("POST", "/completions", body, timeout, stream=True) as r:
+            if not is_event_stream(r):  # a server that ignored stream
+                return parse_completion(self._json(r), eos_id, max_tokens, ignore_eos)
+            ids: list[int] = []
+            reason: Any = None
+            seen = False
+            try:
+                for data in sse_data(r, stopped):
+                    new, f, had_choice = stream_chunk(data)
+                    seen, reason = seen or had_choice, f or reason
+                    if new:
+                        ids += new
+                        if on_ids is not None:
+                            on_ids(new)
+            except StreamBroken as e:
+                raise RemoteLLMError(f"the vLLM server at {self.url} broke off its stream ({e})") from None
+            except RemoteLLMError as e:
+                raise RemoteLLMError(str(e).replace("the vLLM server", f"the vLLM server at {self.url}", 1)) from None
+            if not seen:
+                raise RemoteLLMError(f"the vLLM server at {self.url} sent a stream without choices")
+            return _finish(ids, reason, eos_id, max_tokens, ignore_eos)
 
     def connect(self) -> str:
         """Check the server and pick the served model (the first, unless one was named). Returns its name."""
@@ -162,7 +252,11 @@ class VLLMClient:
         stop=None,
         seed: int | None = None,
         ignore_eos: bool = False,
+        row_stopped: RowStopped | None = None,
+        on_ids: RowIds | None = None,
     ) -> GenerationOutput:
+        """``stop``: the call's StopToken (its deadline too); ``row_stopped()``: which rows were cancelled (each row's
+        stream closes on its own); ``on_ids(row, new_ids)`` as each row's ids arrive (from the row's thread)."""
         del bos_id  # the sequence already starts with both BOS embeddings
         if self.model is None:
             self.connect()
@@ -170,14 +264,27 @@ class VLLMClient:
         maxes = [int(max_new_tokens)] * b if isinstance(max_new_tokens, int) else [int(m) for m in max_new_tokens]
         t0 = time.perf_counter()
 
-        def one(i: int) -> tuple[list[int], bool]:
+        def row_cancelled(i: int) -> bool:
+            return row_stopped is not None and bool(row_stopped()[i])
+
+        def one(i: int) -> tuple[list[int], bool, bool]:
             if stop is not None:
                 stop.check()
+            if row_cancelled(i):
+                return [], False, True
             timeout = self.timeout_s
             if stop is not None and stop.deadline is not None:
                 timeout = max(1.0, min(timeout, stop.deadline - time.monotonic()))
             body = completion_body(str(self.model), embeds[i], maxes[i], settings, seed, ignore_eos)
-            return parse_completion(self._call("POST", "/completions", body, timeout), eos_id, maxes[i], ignore_eos)
+            feed = None if on_ids is None else (lambda new, i=i: on_ids(i, new))
+            stopped = (lambda: stop.should_stop() or row_cancelled(i)) if stop is not None else lambda: row_cancelled(i)
+            try:
+                ids, finished = self._complete(body, timeout, eos_id, maxes[i], ignore_eos, stopped, feed)
+            except StreamStopped:
+                if stop is not None:
+                    stop.check()  # the call's own cancel or deadline: EngineCancelled
+                return [], False, True
+            return ids, finished, False
 
         if b == 1:
             rows = [one(0)]
@@ -192,6 +299,7 @@ class VLLMClient:
             decode_s=t1 - t0,
             steps=max((len(r[0]) for r in rows), default=0),
             prompt_lengths=[int(e.shape[0]) for e in embeds],
+            cancelled=[r[2] for r in rows],
         )
 
     def close(self) -> None:

@@ -5,6 +5,8 @@ daemon thread, and a request handler that reads and writes JSON bodies."""
 from __future__ import annotations
 
 import json
+import select
+import socket
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,6 +30,42 @@ class JSONHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+
+class EventStreamHandler(JSONHandler):
+    """JSON in, and a ``text/event-stream`` answer written as HTTP/1.1 chunks, as vLLM streams; :meth:`client_gone`
+    watches the socket while the server has nothing to write (the client closing it is what vLLM aborts on)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def start_event_stream(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+    def write_chunk(self, part: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+
+    def end_event_stream(self) -> None:
+        self.wfile.write(b"0\r\n\r\n")
+
+    def client_gone(self) -> bool:
+        """The client closed its end: the socket is readable and holds nothing more (EOF) or was reset."""
+        if not select.select([self.connection], [], [], 0)[0]:
+            return False
+        try:
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+
+def event(obj: Any) -> bytes:
+    """One server-sent event holding ``obj`` as JSON, as vLLM writes them."""
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+DONE_EVENT = b"data: [DONE]\n\n"
 
 
 class _Server(ThreadingHTTPServer):

@@ -13,13 +13,10 @@ answer is complete), watching the socket meanwhile as a server does: the client 
 
 from __future__ import annotations
 
-import json
-import select
-import socket
 import threading
 import time
 
-from loopback_http import JSONHandler, LoopbackServer
+from loopback_http import DONE_EVENT, EventStreamHandler, LoopbackServer, event
 
 MODEL = "standin-vlm"
 
@@ -68,9 +65,6 @@ class OpenAIStandIn(LoopbackServer):
             "model": MODEL,
         }
 
-        def event(obj: dict) -> bytes:
-            return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
-
         def chunk(delta: dict, finish: str | None = None) -> bytes:
             return event({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
 
@@ -86,7 +80,7 @@ class OpenAIStandIn(LoopbackServer):
                         return
             if k == self.fail_after:  # what vLLM sends when generation fails after the stream started
                 yield event({"error": {"object": "error", "message": "CUDA error: device-side assert", "code": 500}})
-                yield b"data: [DONE]\n\n"
+                yield DONE_EVENT
                 return
             piece = self.pieces[k]
             yield chunk({"content": piece})
@@ -98,7 +92,7 @@ class OpenAIStandIn(LoopbackServer):
             yield event(
                 {**base, "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n}}
             )
-        yield b"data: [DONE]\n\n"
+        yield DONE_EVENT
 
 
 def _cut_inside_a_character(data: bytes) -> int | None:
@@ -110,9 +104,7 @@ def _cut_inside_a_character(data: bytes) -> int | None:
 
 
 def _handler(standin: OpenAIStandIn):
-    class Handler(JSONHandler):
-        protocol_version = "HTTP/1.1"
-
+    class Handler(EventStreamHandler):
         def do_GET(self):
             if self.path.rstrip("/") == "/v1/models":
                 self.send_json(200, {"object": "list", "data": [{"id": MODEL, "object": "model"}]})
@@ -130,28 +122,16 @@ def _handler(standin: OpenAIStandIn):
                 self._stream(bool((body.get("stream_options") or {}).get("include_usage")))
 
         def _stream(self, include_usage: bool) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
+            self.start_event_stream()
             try:
-                for data in standin.stream_events(include_usage, self._gone):
+                for data in standin.stream_events(include_usage, self.client_gone):
                     cut = _cut_inside_a_character(data) if standin.split_bytes else None
                     for part in (data,) if cut is None else (data[:cut], data[cut:]):
-                        self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
-                self.wfile.write(b"0\r\n\r\n")
+                        self.write_chunk(part)
+                self.end_event_stream()
             except (BrokenPipeError, ConnectionResetError):
                 standin.disconnected_t = time.perf_counter()
                 standin.disconnected.set()
                 self.close_connection = True
-
-        def _gone(self) -> bool:
-            """The client closed its end: the socket is readable and holds nothing more (EOF) or was reset."""
-            if not select.select([self.connection], [], [], 0)[0]:
-                return False
-            try:
-                return self.connection.recv(1, socket.MSG_PEEK) == b""
-            except OSError:
-                return True
 
     return Handler

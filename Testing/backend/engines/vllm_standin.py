@@ -6,6 +6,14 @@ It reads ``prompt_embeds`` the way vLLM's ``safe_load_prompt_embeds`` does (stri
 otherwise), additionally insists on the served dtype, records every tensor it received, and answers with
 transformers' greedy ``generate(inputs_embeds=...)`` on the folder ``convert --for-vllm`` wrote: ``token_ids`` (with
 the EOS when it stopped there, as vLLM), ``text``, ``finish_reason``.
+
+With ``"stream": true`` it answers as vLLM's ``completion_stream_generator`` does (v0.10.2 on): HTTP/1.1 chunked
+``text/event-stream``, one ``text_completion`` event per generated token (``choices[0].text`` the new text,
+``token_ids`` the new id when ``return_token_ids``, ``finish_reason`` on the last), a usage event (``choices: []``)
+when ``stream_options.include_usage`` asks, then ``data: [DONE]``; the prompt embeddings are checked first as above.
+``hold_after=N`` (set by the test, reset by :meth:`hold`) waits after N pieces until ``release`` is set, watching the
+socket meanwhile: the client closing the connection sets ``disconnected`` and ends the stream (vLLM then aborts the
+request); ``sent`` counts the pieces written by the last stream.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from loopback_http import JSONHandler, LoopbackServer
+from loopback_http import DONE_EVENT, EventStreamHandler, LoopbackServer, event
 
 
 class VLLMStandIn(LoopbackServer):
@@ -39,7 +47,19 @@ class VLLMStandIn(LoopbackServer):
         self.script: str | None = None  # a text to answer instead of generating (the prompt is still checked)
         self.lock = threading.Lock()
         self._torch = torch
+        self.hold(None)
         super().__init__(self._handler())
+
+    def hold(self, after: int | None) -> None:
+        """Pause the next streams after ``after`` pieces until :attr:`release` is set (None: never)."""
+        self.hold_after = after
+        self.release = threading.Event()
+        self.disconnected = threading.Event()
+        self.sent = 0
+
+    def __exit__(self, *exc) -> None:
+        self.release.set()
+        super().__exit__(*exc)
 
     # -- what vLLM does with a request ---------------------------------------------------------------------------
 
@@ -68,7 +88,9 @@ class VLLMStandIn(LoopbackServer):
             raise ValueError(f"`prompt_embeds` dtype {t.dtype} is not the served dtype {self.dtype}")
         return t
 
-    def complete(self, body: dict) -> tuple[int, dict]:
+    def complete(self, body: dict) -> tuple[int, dict] | tuple[object, list[int], str]:
+        """A checked request -> (the prompt tensor, the generated ids with the EOS when it stopped there, the finish
+        reason), or (status, error body)."""
         torch = self._torch
         if self.fail_with is not None:
             return self.fail_with
@@ -87,7 +109,7 @@ class VLLMStandIn(LoopbackServer):
             self.received.append(t)
             self.bodies.append(body)
             if self.script is not None:
-                return 200, self._answer(t, [*self.sp.encode(self.script), self.eos_id], "stop", body)
+                return t, [*self.sp.encode(self.script), self.eos_id], "stop"
             with torch.inference_mode():
                 out = self.llm.generate(
                     inputs_embeds=t[None],
@@ -101,7 +123,34 @@ class VLLMStandIn(LoopbackServer):
         if not body.get("ignore_eos") and self.eos_id in ids:
             ids = ids[: ids.index(self.eos_id) + 1]
         finish = "stop" if (ids and ids[-1] == self.eos_id and not body.get("ignore_eos")) else "length"
-        return 200, self._answer(t, ids, finish, body)
+        return t, ids, finish
+
+    def stream_events(self, t, ids: list[int], finish: str, body: dict, gone):
+        """The events' bytes in the order they are written, one generated token each; ``gone()`` says whether the
+        client closed the connection."""
+        base = {"id": f"cmpl-{len(self.bodies)}", "object": "text_completion", "created": int(time.time())}
+        base["model"] = self.served_name
+        self.sent = 0
+        text = ""
+        for k, tok in enumerate(ids):
+            if k == self.hold_after:
+                t_end = time.monotonic() + 30
+                while not self.release.wait(0.005) and time.monotonic() < t_end:
+                    if gone():
+                        self.disconnected.set()
+                        return
+            now = self.sp.decode([i for i in ids[: k + 1] if i != self.eos_id])
+            choice: dict = {"index": 0, "text": now[len(text) :], "logprobs": None}
+            choice["finish_reason"] = finish if k == len(ids) - 1 else None
+            if body.get("return_token_ids"):
+                choice["token_ids"] = [tok]
+            text = now
+            yield event({**base, "choices": [choice]})
+            self.sent = k + 1
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = {"prompt_tokens": t.shape[0], "completion_tokens": len(ids), "total_tokens": t.shape[0] + len(ids)}
+            yield event({**base, "choices": [], "usage": usage})
+        yield DONE_EVENT
 
     def _answer(self, t, ids: list[int], finish: str, body: dict) -> dict:
         text = self.sp.decode([i for i in ids if i != self.eos_id])
@@ -124,7 +173,7 @@ class VLLMStandIn(LoopbackServer):
     def _handler(self):
         standin = self
 
-        class Handler(JSONHandler):
+        class Handler(EventStreamHandler):
             def do_GET(self):
                 if self.path.rstrip("/") == "/v1/models":
                     self.send_json(200, {"object": "list", "data": [{"id": standin.served_name, "object": "model"}]})
@@ -140,7 +189,20 @@ class VLLMStandIn(LoopbackServer):
                 if self.path.rstrip("/") != "/v1/completions":
                     self.send_json(404, _error("not found"))
                     return
-                self.send_json(*standin.complete(body))
+                out = standin.complete(body)
+                if len(out) == 2:  # an error, or the scripted fail_with reply
+                    self.send_json(*out)
+                elif not body.get("stream"):
+                    self.send_json(200, standin._answer(*out, body))
+                else:
+                    self.start_event_stream()
+                    try:
+                        for data in standin.stream_events(*out, body, self.client_gone):
+                            self.write_chunk(data)
+                        self.end_event_stream()
+                    except (BrokenPipeError, ConnectionResetError):
+                        standin.disconnected.set()
+                        self.close_connection = True
 
         return Handler
 
