@@ -13,7 +13,9 @@ task tags and their answers as the model wrote them, in the original demo's conv
 (``backend.minigpt.tokenization.build_prompt``); a context longer than 2000 positions (prompt + new tokens) is cut from
 the left as the original does, with a warning. The EVA + projector embeddings of recent images are kept in a bounded
 LRU (``cache_size`` entries, ``cache_bytes``), keyed by the image's content id, so a follow-up skips the vision encoder.
-Streaming (``AnalysisInput.on_text``) and per-request cancel (``AnalysisInput.cancelled``) work in both decode paths.
+Streaming (``AnalysisInput.on_text``) and per-request cancel (``AnalysisInput.cancelled``) work in both decode paths
+and on the vLLM route (``backend.minigpt.vllm_client``: each row reads vLLM's own stream of token ids, decoded here as
+they arrive; a cancelled row closes its connection and vLLM stops).
 
 The ``static_decode`` setting switches decoding to a preallocated static KV cache (``StaticDecoder``); on CUDA its
 decode step is compiled into CUDA graphs at load time (about a minute per batch shape, measured 3x faster decode on

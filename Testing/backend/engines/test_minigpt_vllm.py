@@ -5,6 +5,8 @@ socket and answers with transformers' greedy generate on that folder. The answer
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -12,12 +14,15 @@ import requests
 import torch
 from conftest import b64
 from minigpt_fixtures import _training_images, tiny_files
+from MiniGPTMedSlicerLib import protocol
+from MiniGPTMedSlicerLib.client import BackendClient
 from MiniGPTMedSlicerLib.png import encode_png
+from MiniGPTMedSlicerLib.sse import SseParser
 from safetensors.torch import load_file
 from vllm_standin import VLLMStandIn
 
 from backend.cli import main
-from backend.engines.base import AnalysisInput, DecodedImage
+from backend.engines.base import AnalysisInput, DecodedImage, StopToken
 from backend.engines.minigptmed import MiniGPTMedEngine, _Item
 from backend.server_thread import ServerThread
 from backend.settings import MiniGPTMedSettings
@@ -226,3 +231,156 @@ def test_boxes_land_on_each_images_grid_locally_and_on_vllm(tiny, vllm_folder, l
                 assert out["raw_output"] == script and [f["label"] for f in out["findings"]] == ["mass", "mass"]
                 for f, g in zip(out["findings"], [(12, 34, 56, 78), (3, 7, 41, 29)], strict=True):
                     assert np.allclose(f["box"], _grid_to_pixels(g, w, h), atol=1.0), (shape, f["box"])
+
+
+# -- streaming and cancel (issue 16 §2/§3 on the vLLM route) -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def streamed(tiny, vllm_folder):
+    """The tiny MiniGPT-Med with --vllm at the stand-in, behind the real uvicorn server (two rows per batch)."""
+    with VLLMStandIn(vllm_folder) as standin:
+        engine = MiniGPTMedEngine(_settings(tiny, vllm_url=standin.url, max_batch=2))
+        st = ServerThread(engine)
+        with st as url:
+            yield url, standin, engine, st.app.state.service
+
+
+def _wait(cond, timeout_s: float = 10.0) -> bool:
+    t_end = time.monotonic() + timeout_s
+    while not cond() and time.monotonic() < t_end:
+        time.sleep(0.002)
+    return cond()
+
+
+#: the stand-in's first two tokens of a scripted answer: SentencePiece's "▁" (no text yet), then a first letter
+FIRST_TOKENS = 2
+
+
+def _first_piece(standin) -> str:
+    """What the stand-in's first FIRST_TOKENS tokens of its scripted answer decode to."""
+    piece = standin.sp.decode(standin.sp.encode(standin.script)[:FIRST_TOKENS])
+    assert piece
+    return piece
+
+
+def _sse(r):
+    parser = SseParser()
+    for chunk in r.iter_content(chunk_size=None):
+        yield from parser.feed(chunk)
+
+
+def test_the_vllm_route_streams_its_answer_and_parses_boxes_from_the_whole_text(streamed):
+    url, standin, _, _ = streamed
+    w, h = 150, 90  # not square: the 0..100 grid maps to each side on its own
+    png = b64(encode_png(np.add.outer(np.arange(h), np.arange(w)).astype(np.uint8)))
+    script = "<p>mass</p> {<12><34><56><78>} and a smaller one"
+    standin.script = script
+    standin.hold(2)  # the stand-in stops after two tokens until the test has seen their deltas
+    body = {"task": "detect", "question": "mass", "image": png}
+    deltas, final = [], None
+    with requests.post(f"{url}/v1/analyze", json={**body, "stream": True}, stream=True, timeout=30) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.text
+        for ev in _sse(r):
+            if ev.event == "delta":
+                deltas.append(ev.json()["text"])
+                if len(deltas) == 2:
+                    assert standin.sent == 2  # the rest of the answer is not written yet
+                    standin.release.set()
+            else:
+                assert ev.event == "done", ev
+                final = ev.json()
+    assert final is not None and len(deltas) >= 3
+    assert "".join(deltas) == final["raw_output"] == script
+    assert [f["label"] for f in final["findings"]] == ["mass"]
+    assert np.allclose(final["findings"][0]["box"], _grid_to_pixels((12, 34, 56, 78), w, h), atol=1.0)
+    sent = standin.bodies[-1]
+    assert sent["stream"] is True and sent["return_token_ids"] is True
+    # the same request not streamed: the remote answer is still read as a stream, the answer is the same
+    standin.hold(None)
+    r = requests.post(f"{url}/v1/analyze", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    plain = r.json()
+    for key in ("text", "findings", "raw_output", "warnings"):
+        assert plain[key] == final[key], key
+    assert standin.bodies[-1]["stream"] is True
+    # a report: the deltas add up to the final text
+    standin.script = "The lungs are clear. No pleural effusion."
+    with requests.post(
+        f"{url}/v1/analyze", json={"task": "report", "image": png, "stream": True}, stream=True, timeout=30
+    ) as r:
+        events = list(_sse(r))
+    deltas = [e.json()["text"] for e in events if e.event == "delta"]
+    assert events[-1].event == "done" and len(deltas) >= 2
+    assert "".join(deltas) == events[-1].json()["text"] == standin.script
+
+
+def test_delete_mid_stream_closes_the_vllm_stream(streamed):
+    """The stand-in is silent after the first letter (its queue, a long decode) when the cancel comes: the engine closes the
+    connection without waiting for the next chunk, the stand-in sees it, and the next request is served."""
+    url, standin, _, service = streamed
+    standin.script = "The lungs are clear. No pleural effusion."
+    standin.hold(FIRST_TOKENS)
+    client = BackendClient(url)
+    stream = client.stream(protocol.AnalyzeRequest(task="report", image=b64(encode_png(IMG))))
+    it = iter(stream)
+    assert next(it) == _first_piece(standin)
+    assert client.cancel_request(stream.request_id).cancelled
+    assert standin.disconnected.wait(10) and standin.sent == FIRST_TOKENS  # nothing more was written
+    with pytest.raises(Exception) as e:
+        list(it)
+    assert getattr(e.value, "code", None) == "cancelled"
+    assert _wait(lambda: not service.engine_busy)
+    standin.hold(None)
+    standin.script = "next answer"
+    r = requests.post(f"{url}/v1/analyze", json={"task": "report", "image": b64(encode_png(IMG))}, timeout=30)
+    assert r.status_code == 200 and r.json()["text"] == "next answer"
+
+
+def test_a_vllm_error_mid_stream_is_an_error_event(streamed):
+    url, standin, _, _ = streamed
+    standin.script = "The lungs are clear."
+    standin.hold(None, fail_after=4)
+    png = b64(encode_png(IMG))
+    with requests.post(
+        f"{url}/v1/analyze", json={"task": "report", "image": png, "stream": True}, stream=True, timeout=30
+    ) as r:
+        events = list(_sse(r))
+    assert [e.event for e in events][-1] == "error" and "delta" in [e.event for e in events]
+    err = protocol.from_dict(protocol.ErrorBody, events[-1].json()).error
+    assert err.code == "engine_error" and "failed mid-answer" in err.message and "CUDA error" in err.message
+    standin.hold(None)
+    r = requests.post(f"{url}/v1/analyze", json={"task": "report", "image": png}, timeout=30)
+    assert r.status_code == 200 and r.json()["text"] == "The lungs are clear."  # still serving
+
+
+def test_cancelling_one_row_of_a_batch_closes_only_its_vllm_stream(streamed):
+    """Two rows in one engine call, each its own streamed request: cancelling the first closes its connection
+    while the second, held at the same point, goes on to its whole answer."""
+    _, standin, engine, _ = streamed
+    standin.script = "The lungs are clear."
+    standin.hold(FIRST_TOKENS)
+    got: dict[int, list[str]] = {0: [], 1: []}
+    rows = [
+        AnalysisInput(
+            task="report",
+            image=DecodedImage(IMG, "PNG"),
+            on_text=got[k].append,
+            cancelled=threading.Event(),
+        )
+        for k in (0, 1)
+    ]
+    out: list = []
+    worker = threading.Thread(target=lambda: out.extend(engine.analyze_batch(rows, StopToken())))
+    worker.start()
+    try:
+        assert _wait(lambda: bool(got[0]) and bool(got[1]))  # both streams sent their first token and wait
+        rows[0].cancelled.set()
+        assert standin.disconnected.wait(10)
+        standin.release.set()
+    finally:
+        standin.release.set()
+        worker.join(30)
+    assert out[0].cancelled and not out[1].cancelled
+    assert out[1].text == "".join(got[1]) == "The lungs are clear." and got[0] == [_first_piece(standin)]
+    assert [b["stream"] for b in standin.bodies[-2:]] == [True, True]

@@ -13,7 +13,8 @@ With ``"stream": true`` it answers as vLLM's ``completion_stream_generator`` doe
 when ``stream_options.include_usage`` asks, then ``data: [DONE]``; the prompt embeddings are checked first as above.
 ``hold_after=N`` (set by the test, reset by :meth:`hold`) waits after N pieces until ``release`` is set, watching the
 socket meanwhile: the client closing the connection sets ``disconnected`` and ends the stream (vLLM then aborts the
-request); ``sent`` counts the pieces written by the last stream.
+request); ``sent`` counts the pieces written by the last stream; ``fail_after=N`` sends N pieces then vLLM's
+mid-stream error event.
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ class VLLMStandIn(LoopbackServer):
         self.hold(None)
         super().__init__(self._handler())
 
-    def hold(self, after: int | None) -> None:
-        """Pause the next streams after ``after`` pieces until :attr:`release` is set (None: never)."""
-        self.hold_after = after
+    def hold(self, after: int | None, fail_after: int | None = None) -> None:
+        """Pause the next streams after ``after`` pieces until :attr:`release` is set (None: never); fail them after
+        ``fail_after`` pieces."""
+        self.hold_after, self.fail_after = after, fail_after
         self.release = threading.Event()
         self.disconnected = threading.Event()
         self.sent = 0
@@ -139,6 +141,10 @@ class VLLMStandIn(LoopbackServer):
                     if gone():
                         self.disconnected.set()
                         return
+            if k == self.fail_after:  # what vLLM sends when generation fails after the stream started
+                yield event({"error": {"object": "error", "message": "CUDA error: device-side assert", "code": 500}})
+                yield DONE_EVENT
+                return
             now = self.sp.decode([i for i in ids[: k + 1] if i != self.eos_id])
             choice: dict = {"index": 0, "text": now[len(text) :], "logprobs": None}
             choice["finish_reason"] = finish if k == len(ids) - 1 else None
