@@ -116,25 +116,25 @@ def _finish(ids: list[int], reason: Any, eos_id: int, max_tokens: int, ignore_eo
     return ids, (not ignore_eos and reason == "stop")
 
 
-def stream_chunk(data: str) -> tuple[list[int], Any, bool]:
-    """One event of a ``/v1/completions`` stream -> (its new token ids, its finish reason, whether it held a
-    choice); an ``error`` object (a failure mid-stream) is a RemoteLLMError."""
+def stream_chunk(data: str, url: str) -> tuple[list[int], Any, bool]:
+    """One event of a ``/v1/completions`` stream from the vLLM server at ``url`` -> (its new token ids, its finish
+    reason, whether it held a choice); an ``error`` object (a failure mid-stream) is a RemoteLLMError."""
     try:
         obj = json.loads(data)
     except ValueError:
-        raise RemoteLLMError("the server sent a stream event that is not JSON") from None
+        raise RemoteLLMError(f"the vLLM server at {url} sent a stream event that is not JSON") from None
     if not isinstance(obj, dict):
-        raise RemoteLLMError("the server sent an unexpected stream event")
+        raise RemoteLLMError(f"the vLLM server at {url} sent an unexpected stream event")
     if "error" in obj:
         err = obj["error"]
         msg = err.get("message") if isinstance(err, dict) else err
-        raise RemoteLLMError(f"the vLLM server failed mid-answer: {str(msg)[:300]}")
+        raise RemoteLLMError(f"the vLLM server at {url} failed mid-answer: {str(msg)[:300]}")
     choices = obj.get("choices")
     if not choices:  # the usage event (choices: [])
         return [], None, False
     choice = choices[0] if isinstance(choices, list) and isinstance(choices[0], dict) else None
     if choice is None:
-        raise RemoteLLMError("the server sent a stream event without choices[0]")
+        raise RemoteLLMError(f"the vLLM server at {url} sent a stream event without choices[0]")
     return _token_ids(choice.get("token_ids")), choice.get("finish_reason"), True
 
 
@@ -216,7 +216,7 @@ class VLLMClient:
             seen = False
             try:
                 for data in sse_data(r, stopped):
-                    new, f, had_choice = stream_chunk(data)
+                    new, f, had_choice = stream_chunk(data, self.url)
                     seen, reason = seen or had_choice, f or reason
                     if new:
                         ids += new
@@ -224,8 +224,6 @@ class VLLMClient:
                             on_ids(new)
             except StreamBroken as e:
                 raise RemoteLLMError(f"the vLLM server at {self.url} broke off its stream ({e})") from None
-            except RemoteLLMError as e:
-                raise RemoteLLMError(str(e).replace("the vLLM server", f"the vLLM server at {self.url}", 1)) from None
             if not seen:
                 raise RemoteLLMError(f"the vLLM server at {self.url} sent a stream without choices")
             return _finish(ids, reason, eos_id, max_tokens, ignore_eos)
