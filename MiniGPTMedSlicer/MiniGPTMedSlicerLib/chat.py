@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from . import protocol
 from .conversation import Conversation
@@ -27,6 +27,18 @@ CONVERSATION_ATTR = "conversation"
 CONVERSATION_KEY_ATTR = "conversation_key"
 IMAGE_ID_ATTR = "image_id"  # the server's id of the image (a content hash of pixels and values)
 IMAGE_DIGEST_ATTR = "image_digest"  # Conversation.digest() of that image: the image captured again must match it
+
+
+#: The question box's one-line hint when the connected engine lists no free questions (Ask) among its tasks.
+NO_FREE_QUESTIONS = "This engine answers no free questions; start a VLM engine (see docs/slicer-module.md)"
+
+
+def ask_unavailable(tasks: Optional[Sequence[str]]) -> Optional[str]:
+    """Why the question box (it sends Ask) cannot be used with an engine listing ``tasks`` (its health answer), or
+    None when it can; ``tasks`` None: not known (not connected yet, or another URL since), the box stays usable."""
+    if tasks is None or protocol.VQA.id in tasks:
+        return None
+    return NO_FREE_QUESTIONS
 
 
 @dataclass

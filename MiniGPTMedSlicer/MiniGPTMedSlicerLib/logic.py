@@ -126,6 +126,9 @@ class AnalysisLogic:
         # continued by follow-up questions, ended when its view, slice or volume changes (then this is called with
         # the reason, on the main thread: the panel clears its transcript)
         self.chat: Optional[ChatState] = None
+        # the tasks the backend at base_url listed in its last health answer (Test connection, a sweep); None: not
+        # known (not asked yet, the connection failed, or another URL since)
+        self.engine_tasks: Optional[List[str]] = None
         self.on_conversation_ended: Optional[Callable[[str], None]] = None
         self._chat_generation = 0
         self._watched: List[Tuple[Any, int]] = []
@@ -133,8 +136,17 @@ class AnalysisLogic:
     # -- backend ------------------------------------------------------------------------------
 
     def configure(self, base_url: str, token: Optional[str]) -> None:
-        self.base_url = (base_url or "").strip() or protocol.DEFAULT_URL
+        base_url = (base_url or "").strip() or protocol.DEFAULT_URL
+        if base_url != self.base_url:
+            self.engine_tasks = None  # another backend: what the last one answered says nothing about it
+        self.base_url = base_url
         self.token = (token or "").strip() or None
+
+    def ask_hint(self) -> Optional[str]:
+        """Why a question (Ask) cannot be asked of the connected engine (it lists no free questions), or None."""
+        from .chat import ask_unavailable
+
+        return ask_unavailable(self.engine_tasks)
 
     def client(self) -> BackendClient:
         return BackendClient(self.base_url, token=self.token, timeouts=self.timeouts)
@@ -427,6 +439,8 @@ class AnalysisLogic:
         if job.cancelled:
             return Outcome(False, "Cancelled. Nothing was added to the scene.")
         if job.error is not None:
+            if job.kind == "health":
+                self.engine_tasks = None
             return Outcome(False, describe_error(job.error))
         if job.kind in ("analyze", "follow_up"):
             return self._finish_turn(job, keep_previous)
@@ -436,6 +450,7 @@ class AnalysisLogic:
             plan, captured = job.context["plan"], job.context["captured"]
             findings = merge_sweep(captured, job.result, plan)
             health = job.context["health"]
+            self.engine_tasks = list(health.tasks)
             summary = summarize(findings, plan, job.view, health.engine, health.model)
             M.add_sweep_results(
                 self.scene,
@@ -455,6 +470,7 @@ class AnalysisLogic:
                 len(findings),
             )
         health = job.result
+        self.engine_tasks = list(health.tasks)
         return Outcome(
             True,
             f"Connected: {health.engine} engine, {health.model} on {health.device}; tasks: {', '.join(health.tasks)}.",

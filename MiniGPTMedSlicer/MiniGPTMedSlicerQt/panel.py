@@ -104,6 +104,9 @@ class Panel:
         self.conversation_edit = find(w, "conversationTextEdit")
         self.follow_up_edit = find(w, "followUpLineEdit")
         self.new_conversation_button = find(w, "newConversationButton")
+        # the question box as the .ui has it (back when the engine answers free questions again)
+        self._ask_placeholder = str(prop(self.follow_up_edit, "placeholderText"))
+        self._ask_tooltip = str(prop(self.follow_up_edit, "toolTip"))
         self._statuses: List[str] = []  # review status of each table row
         self.editing: Optional[str] = None  # the node id of the finding being edited
         self._edit_observer: Optional[int] = None
@@ -160,7 +163,9 @@ class Panel:
             self.task_combo.addItem(label)
         self.task_combo.currentIndexChanged.connect(self._update_task_widgets)
         self._load_settings()
+        self.url_edit.textChanged.connect(self._on_url_changed)
         self._update_task_widgets()
+        self._update_ask_widgets()
         self.refresh_regions()
         self.refresh_table()
         self.restore_conversation()
@@ -198,6 +203,18 @@ class Panel:
         self.question_edit.setPlaceholderText(hint or "(not used by this task)")
         if needs_region:
             self.refresh_regions()
+
+    def _update_ask_widgets(self) -> None:
+        """The question box (Enter sends Ask) is usable unless the connected engine answers no free questions."""
+        hint = self.logic.ask_hint()
+        self.follow_up_edit.setEnabled(hint is None)
+        self.follow_up_edit.setPlaceholderText(hint or self._ask_placeholder)
+        self.follow_up_edit.setToolTip(hint or self._ask_tooltip)
+
+    def _on_url_changed(self, *args) -> None:
+        """Another backend URL: what the last engine listed no longer holds (the box is usable until it is asked)."""
+        self.logic.configure(str(prop(self.url_edit, "text")), str(prop(self.token_edit, "text")))
+        self._update_ask_widgets()
 
     def refresh_regions(self) -> None:
         current = prop(self.region_combo, "currentData")
@@ -322,6 +339,10 @@ class Panel:
         if self.job is not None:
             return
         self._configure()
+        hint = self.logic.ask_hint()
+        if hint is not None:  # the box is disabled then; Enter cannot reach here, a direct call gets the reason
+            self._error(hint)
+            return
         question = str(prop(self.follow_up_edit, "text"))
         job = self._start(
             lambda: self.logic.start_follow_up(
@@ -410,6 +431,7 @@ class Panel:
             self._error(f"Could not add the results to the scene: {describe_error(e)}")
             return
         self._set_busy(False, "")
+        self._update_ask_widgets()  # a health answer (Test connection, a sweep) lists the engine's tasks
         if job.kind == "health":
             self.connection_label.setText(outcome.message if outcome.ok else "Not connected")
         if job.kind in ("analyze", "follow_up"):

@@ -223,3 +223,18 @@ def test_a_reopened_mrb_reuses_the_stored_image_id(mrml, logic, tmp_path):
         assert saved == image_id and conv.uploads == 1 and conv.image_id != image_id
     finally:
         S.close(back)
+
+
+def test_the_question_box_hint_follows_the_engines_tasks(logic, builtin_server):
+    """Ask needs an engine that lists vqa: the built-in engine's health answer does not, so the logic gives the hint
+    (the panel disables its question box with it); another URL or a failed connection: not known, no hint."""
+    from MiniGPTMedSlicerLib.chat import NO_FREE_QUESTIONS
+
+    assert logic.ask_hint() is None  # not asked yet
+    assert done(logic, logic.start_health()).ok
+    assert "vqa" not in logic.engine_tasks and logic.ask_hint() == NO_FREE_QUESTIONS
+    logic.configure(builtin_server + "/", None)  # another URL (as typed): what was learnt is forgotten
+    assert logic.ask_hint() is None
+    assert done(logic, logic.start_health()).ok and logic.ask_hint() == NO_FREE_QUESTIONS
+    logic.configure("http://127.0.0.1:9", None)  # nothing listens there
+    assert not done(logic, logic.start_health()).ok and logic.engine_tasks is None and logic.ask_hint() is None

@@ -720,6 +720,35 @@ def conversation(env: Env) -> dict:
     return {"two_turns_s": elapsed}
 
 
+def ask_needs_a_vlm_engine(env: Env) -> None:
+    """The question box sends Ask: with the built-in engine (its health answer lists no vqa) Test connection disables
+    it with a one-line hint in its placeholder and tooltip, and Enter sends nothing; another URL makes it usable again
+    until that engine is asked; the tiny MiniGPT-Med (it lists vqa) leaves it as the .ui has it."""
+    from MiniGPTMedSlicerLib.protocol import VQA
+
+    assert VQA.id not in BackendClient(env.urls["builtin"]).health().tasks  # the premise, from the server itself
+    p = env.panel("builtin")
+    box = p.follow_up_edit
+    placeholder, tooltip = text_prop(box, "placeholderText"), text_prop(box, "toolTip")
+    assert box.isEnabled() and placeholder.startswith("Ask about this image")  # not known before the test
+    env.ui.click(p.test_button)
+    env.ui.wait_until(lambda: idle(p), 10000)
+    assert not box.isEnabled(), text(p.connection_label)
+    hint = text_prop(box, "placeholderText")
+    assert hint.startswith("This engine answers no free questions") and "\n" not in hint, hint
+    assert text_prop(box, "toolTip") == hint
+    box.setText("is there a mass?")
+    env.ui.enter(box)
+    assert p.job is None and idle(p) and p.logic.chat is None  # nothing was sent
+    p.url_edit.setText(env.urls["minigpt"])  # another backend: not known again
+    assert box.isEnabled() and text_prop(box, "placeholderText") == placeholder
+    env.ui.click(p.test_button)
+    env.ui.wait_until(lambda: idle(p), 10000)
+    assert VQA.id in text(p.connection_label) and "minigpt" in text(p.connection_label), text(p.connection_label)
+    assert box.isEnabled() and text_prop(box, "placeholderText") == placeholder
+    assert text_prop(box, "toolTip") == tooltip
+
+
 def streamed_answer_and_cancel(env: Env) -> dict:
     """The answer grows in the findings box as the backend writes it (a decoding stand-in: 50 words, one per step);
     Cancel during a streamed answer names the request in ``DELETE /v1/requests/{id}`` (counted on the server) and the
@@ -798,6 +827,7 @@ SCENARIOS: dict[str, Callable[[Env], Any]] = {
         review_buttons_and_keys,
         export_folder,
         conversation,
+        ask_needs_a_vlm_engine,
         streamed_answer_and_cancel,
         gui_thread_check,
     )

@@ -12,3 +12,7 @@ pytest_plugins = ["panel_fixtures"]  # the mrml, servers and env fixtures
 
 def test_two_turn_conversation_saved_and_restored(env):
     PS.conversation(env)
+
+
+def test_the_question_box_needs_an_engine_that_answers_free_questions(env):
+    PS.ask_needs_a_vlm_engine(env)
