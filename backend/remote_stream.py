@@ -11,6 +11,7 @@ chunks remains.
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -27,6 +28,26 @@ class StreamStopped(Exception):
 
 class StreamBroken(Exception):
     """The connection broke off, or the stream ended without ``data: [DONE]``."""
+
+
+class StreamEventError(Exception):
+    """An event that is not a JSON object, or an ``error`` object (the remote server failed mid-stream)."""
+
+
+def event_object(data: str, server: str) -> dict:
+    """One event's ``data`` as a JSON object; StreamEventError (its message starts with ``server``, e.g. "the vLLM
+    server at URL") when it is not one or is an ``error`` object (what vLLM sends when generation fails)."""
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        raise StreamEventError(f"{server} sent a stream event that is not JSON") from None
+    if not isinstance(obj, dict):
+        raise StreamEventError(f"{server} sent an unexpected stream event")
+    if "error" in obj:
+        err = obj["error"]
+        msg = err.get("message") if isinstance(err, dict) else err
+        raise StreamEventError(f"{server} failed mid-answer: {str(msg)[:300]}")
+    return obj
 
 
 def is_event_stream(r: requests.Response) -> bool:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import concurrent.futures as cf
 import io
-import json
 import time
 from collections.abc import Sequence
 
@@ -26,7 +25,7 @@ from MiniGPTMedSlicerLib.protocol import REPORT, TEXT_TASKS
 
 from .. import families
 from ..families import ImageGeometry
-from ..remote_stream import StreamBroken, StreamStopped, is_event_stream, sse_data
+from ..remote_stream import StreamBroken, StreamEventError, StreamStopped, event_object, is_event_stream, sse_data
 from ..setting_error import SettingError
 from ..settings import OpenAISettings
 from .base import (
@@ -262,15 +261,9 @@ def _chunk(data: str, url: str) -> tuple[str, str | None, dict[str, float]]:
     """One ``chat.completion.chunk``: (its ``choices[0].delta.content``, finish reason, token counts); an ``error``
     object (what vLLM sends when generation fails mid-stream) is an EngineError."""
     try:
-        obj = json.loads(data)
-    except ValueError:
-        raise EngineError(f"the model server at {url} sent a stream event that is not JSON") from None
-    if not isinstance(obj, dict):
-        raise EngineError(f"the model server at {url} sent an unexpected stream event")
-    if "error" in obj:
-        err = obj["error"]
-        msg = err.get("message") if isinstance(err, dict) else err
-        raise EngineError(f"the model server at {url} failed mid-answer: {str(msg)[:300]}")
+        obj = event_object(data, f"the model server at {url}")
+    except StreamEventError as e:
+        raise EngineError(str(e)) from None
     choices = obj.get("choices") or []
     choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
     d = choice.get("delta")

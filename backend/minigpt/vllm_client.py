@@ -36,7 +36,6 @@ from __future__ import annotations
 import base64
 import concurrent.futures as cf
 import io
-import json
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -44,7 +43,7 @@ from typing import Any
 import requests
 import torch
 
-from ..remote_stream import StreamBroken, StreamStopped, is_event_stream, sse_data
+from ..remote_stream import StreamBroken, StreamEventError, StreamStopped, event_object, is_event_stream, sse_data
 from .generate import GREEDY, GenerationOutput, RowStopped, SamplingSettings
 
 RowIds = Callable[[int, list[int]], None]  # (row, the ids that just arrived for it)
@@ -120,15 +119,9 @@ def stream_chunk(data: str, url: str) -> tuple[list[int], Any, bool]:
     """One event of a ``/v1/completions`` stream from the vLLM server at ``url`` -> (its new token ids, its finish
     reason, whether it held a choice); an ``error`` object (a failure mid-stream) is a RemoteLLMError."""
     try:
-        obj = json.loads(data)
-    except ValueError:
-        raise RemoteLLMError(f"the vLLM server at {url} sent a stream event that is not JSON") from None
-    if not isinstance(obj, dict):
-        raise RemoteLLMError(f"the vLLM server at {url} sent an unexpected stream event")
-    if "error" in obj:
-        err = obj["error"]
-        msg = err.get("message") if isinstance(err, dict) else err
-        raise RemoteLLMError(f"the vLLM server at {url} failed mid-answer: {str(msg)[:300]}")
+        obj = event_object(data, f"the vLLM server at {url}")
+    except StreamEventError as e:
+        raise RemoteLLMError(str(e)) from None
     choices = obj.get("choices")
     if not choices:  # the usage event (choices: [])
         return [], None, False
