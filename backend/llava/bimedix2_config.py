@@ -70,12 +70,6 @@ class Bimedix2Config:
     name: str = "BiMediX2"
 
     @property
-    def projector_depth(self) -> int:
-        if self.projector_type == "linear":
-            return 1
-        return int(self.projector_type[len("mlp") : -len("x_gelu")])
-
-    @property
     def image_tokens(self) -> int:
         grid = int(self.vision["image_size"]) // int(self.vision["patch_size"])
         return grid * grid + (1 if self.select_feature == "cls_patch" else 0)

@@ -12,15 +12,7 @@ import torch
 from torch import nn
 
 from .bimedix2_config import Bimedix2Config
-
-
-def build_projector(cfg: Bimedix2Config) -> nn.Module:
-    if cfg.projector_type == "linear":
-        return nn.Linear(cfg.mm_hidden_size, cfg.hidden_size)
-    mods: list[nn.Module] = [nn.Linear(cfg.mm_hidden_size, cfg.hidden_size)]
-    for _ in range(1, cfg.projector_depth):
-        mods += [nn.GELU(), nn.Linear(cfg.hidden_size, cfg.hidden_size)]
-    return nn.Sequential(*mods)
+from .model import build_projector
 
 
 def clip_vision_model(cfg: Bimedix2Config):
@@ -36,7 +28,7 @@ class LlavaClip(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vision_tower = clip_vision_model(cfg)
-        self.mm_projector = build_projector(cfg)
+        self.mm_projector = build_projector(cfg.projector_type, cfg.mm_hidden_size, cfg.hidden_size)
         self.llm = llm
 
     @property

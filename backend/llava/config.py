@@ -83,12 +83,6 @@ class LlavaRadConfig:
     name: str = "LLaVA-Rad"
 
     @property
-    def projector_depth(self) -> int:
-        if self.projector_type == "linear":
-            return 1
-        return int(self.projector_type[len("mlp") : -len("x_gelu")])
-
-    @property
     def blocks_used(self) -> int:
         """Blocks whose output reaches the projector (``hidden_states[select_layer]``)."""
         n = self.trunk.depth + 1

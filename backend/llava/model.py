@@ -100,12 +100,14 @@ class ViTTrunk(nn.Module):
         return x
 
 
-def build_projector(cfg: LlavaRadConfig) -> nn.Module:
-    if cfg.projector_type == "linear":
-        return nn.Linear(cfg.mm_hidden_size, cfg.hidden_size)
-    mods: list[nn.Module] = [nn.Linear(cfg.mm_hidden_size, cfg.hidden_size)]
-    for _ in range(1, cfg.projector_depth):
-        mods += [nn.GELU(), nn.Linear(cfg.hidden_size, cfg.hidden_size)]
+def build_projector(projector_type: str, mm_hidden_size: int, hidden_size: int) -> nn.Module:
+    """LLaVA's ``build_vision_projector``: ``Linear`` for ``linear``, ``Linear, GELU, Linear, ...`` for
+    ``mlpNx_gelu`` (LLaVA-Rad's and BiMediX2's)."""
+    if projector_type == "linear":
+        return nn.Linear(mm_hidden_size, hidden_size)
+    mods: list[nn.Module] = [nn.Linear(mm_hidden_size, hidden_size)]
+    for _ in range(1, int(projector_type[len("mlp") : -len("x_gelu")])):
+        mods += [nn.GELU(), nn.Linear(hidden_size, hidden_size)]
     return nn.Sequential(*mods)
 
 
@@ -116,7 +118,7 @@ class LlavaRad(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vision_tower = ViTTrunk(cfg.trunk)
-        self.mm_projector = build_projector(cfg)
+        self.mm_projector = build_projector(cfg.projector_type, cfg.mm_hidden_size, cfg.hidden_size)
         self.llm = llm
 
     @property
