@@ -31,7 +31,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import OPENAI_MEAN, OPENAI_STD, LlavaConfigError, _read_json
+from .config import (
+    OPENAI_MEAN,
+    OPENAI_STD,
+    LlavaConfigError,
+    _read_json,
+    check_no_image_tokens,
+    read_projector_keys,
+    read_widths,
+    select_index,
+)
 
 #: openai/clip-vit-large-patch14-336 (its config.json ``vision_config`` and preprocessor_config.json)
 CLIP_L_336: dict[str, Any] = {
@@ -110,22 +119,13 @@ def read_bimedix2_config(
     if "mm_vision_tower" not in c:
         hint = " (a transformers-format folder goes to --engine hf)" if "vision_config" in c else ""
         raise LlavaConfigError(f"{cfg_path}: no mm_vision_tower: not a LLaVA (llava_llama) config{hint}")
-    if c.get("mm_use_im_start_end") or c.get("mm_use_im_patch_token"):
-        raise LlavaConfigError(
-            f"{cfg_path}: mm_use_im_start_end / mm_use_im_patch_token are set; BiMediX2 trains with both off "
-            "(scripts/stage2_train.sh) and this engine serves only that layout"
-        )
+    check_no_image_tokens(c, cfg_path, "BiMediX2 trains with both off (scripts/stage2_train.sh)")
     aspect = c.get("image_aspect_ratio")
     if aspect not in ASPECT_MODES:
         raise LlavaConfigError(f"{cfg_path}: image_aspect_ratio {aspect!r} is not served (pad, square or unset)")
     if "unpad" in str(c.get("mm_patch_merge_type", "flat")):
         raise LlavaConfigError(f"{cfg_path}: mm_patch_merge_type {c['mm_patch_merge_type']!r} is not served (flat)")
-    ptype = str(c.get("mm_projector_type", "linear"))
-    if ptype != "linear" and not (ptype.startswith("mlp") and ptype.endswith("x_gelu") and ptype[3:-6].isdigit()):
-        raise LlavaConfigError(f"{cfg_path}: mm_projector_type {ptype!r} is not linear or mlpNx_gelu")
-    feature = str(c.get("mm_vision_select_feature", "patch"))
-    if feature not in ("patch", "cls_patch"):
-        raise LlavaConfigError(f"{cfg_path}: mm_vision_select_feature {feature!r} is not patch or cls_patch")
+    ptype, feature = read_projector_keys(c, cfg_path)
     tower_name = str(c["mm_vision_tower"])
     if model_config:
         extra = _read_json(Path(model_config), "--model-config")
@@ -142,16 +142,9 @@ def read_bimedix2_config(
             f"{cfg_path}: mm_vision_tower {tower_name!r} is not a tower we know the configuration of "
             f"(known: {', '.join(CLIP_TOWERS)}); pass --vision-tower with a local copy of it"
         )
-    try:
-        mm_hidden, hidden, layer = int(c["mm_hidden_size"]), int(c["hidden_size"]), int(c["mm_vision_select_layer"])
-    except KeyError as e:
-        raise LlavaConfigError(f"{cfg_path}: missing {e.args[0]}") from e
-    if mm_hidden != int(vision["hidden_size"]):
-        raise LlavaConfigError(
-            f"{cfg_path}: mm_hidden_size {mm_hidden} but the tower {tower_name} is {vision['hidden_size']} wide"
-        )
+    mm_hidden, hidden, layer = read_widths(c, cfg_path, tower_name, int(vision["hidden_size"]))
     depth = int(vision["num_hidden_layers"])
-    if not 1 <= (layer if layer >= 0 else depth + 1 + layer) <= depth:
+    if not 1 <= select_index(layer, depth) <= depth:
         raise LlavaConfigError(f"{cfg_path}: mm_vision_select_layer {layer} selects no layer of {depth}")
     llm = {k: v for k, v in c.items() if not k.startswith(LLAVA_KEYS) and k not in ("architectures", "model_type")}
     llm.pop("_name_or_path", None)

@@ -85,13 +85,49 @@ class LlavaRadConfig:
     @property
     def blocks_used(self) -> int:
         """Blocks whose output reaches the projector (``hidden_states[select_layer]``)."""
-        n = self.trunk.depth + 1
-        idx = self.select_layer if self.select_layer >= 0 else n + self.select_layer
-        return idx
+        return select_index(self.select_layer, self.trunk.depth)
 
     @property
     def image_tokens(self) -> int:
         return self.trunk.grid**2 + (1 if self.select_feature == "cls_patch" else 0)
+
+
+def select_index(select_layer: int, depth: int) -> int:
+    """``mm_vision_select_layer`` as an index into ``hidden_states`` of a ``depth``-layer tower (embeddings, layer 1,
+    ..., layer depth): negative counts from the end."""
+    return select_layer if select_layer >= 0 else depth + 1 + select_layer
+
+
+def check_no_image_tokens(c: dict[str, Any], cfg_path: Path, trained: str) -> None:
+    """LLaVA's image start/end and patch tokens are off (``trained``: who trains that way, for the message)."""
+    if c.get("mm_use_im_start_end") or c.get("mm_use_im_patch_token"):
+        raise LlavaConfigError(
+            f"{cfg_path}: mm_use_im_start_end / mm_use_im_patch_token are set; {trained} "
+            "and this engine serves only that layout"
+        )
+
+
+def read_projector_keys(c: dict[str, Any], cfg_path: Path) -> tuple[str, str]:
+    """config.json's ``mm_projector_type`` (``linear`` or ``mlpNx_gelu``) and ``mm_vision_select_feature``."""
+    ptype = str(c.get("mm_projector_type", "linear"))
+    if ptype != "linear" and not (ptype.startswith("mlp") and ptype.endswith("x_gelu") and ptype[3:-6].isdigit()):
+        raise LlavaConfigError(f"{cfg_path}: mm_projector_type {ptype!r} is not linear or mlpNx_gelu")
+    feature = str(c.get("mm_vision_select_feature", "patch"))
+    if feature not in ("patch", "cls_patch"):
+        raise LlavaConfigError(f"{cfg_path}: mm_vision_select_feature {feature!r} is not patch or cls_patch")
+    return ptype, feature
+
+
+def read_widths(c: dict[str, Any], cfg_path: Path, tower: str, width: int) -> tuple[int, int, int]:
+    """config.json's ``mm_hidden_size`` (which must be ``width``, the tower's), ``hidden_size`` and
+    ``mm_vision_select_layer``."""
+    try:
+        mm_hidden, hidden, layer = int(c["mm_hidden_size"]), int(c["hidden_size"]), int(c["mm_vision_select_layer"])
+    except KeyError as e:
+        raise LlavaConfigError(f"{cfg_path}: missing {e.args[0]}") from e
+    if mm_hidden != width:
+        raise LlavaConfigError(f"{cfg_path}: mm_hidden_size {mm_hidden} but the tower {tower} is {width} wide")
+    return mm_hidden, hidden, layer
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -172,30 +208,14 @@ def read_config(folder: str | Path, model_config: str | Path | None = None) -> L
         if bad:
             raise LlavaConfigError(f"unknown --model-config keys: {', '.join(sorted(bad))}")
         override = extra.get("vision")
-    if c.get("mm_use_im_start_end") or c.get("mm_use_im_patch_token"):
-        raise LlavaConfigError(
-            f"{cfg_path}: mm_use_im_start_end / mm_use_im_patch_token are set; LLaVA-Rad trains with both off "
-            "and this engine serves only that layout"
-        )
-    ptype = str(c.get("mm_projector_type", "linear"))
-    if ptype != "linear" and not (ptype.startswith("mlp") and ptype.endswith("x_gelu") and ptype[3:-6].isdigit()):
-        raise LlavaConfigError(f"{cfg_path}: mm_projector_type {ptype!r} is not linear or mlpNx_gelu")
-    feature = str(c.get("mm_vision_select_feature", "patch"))
-    if feature not in ("patch", "cls_patch"):
-        raise LlavaConfigError(f"{cfg_path}: mm_vision_select_feature {feature!r} is not patch or cls_patch")
+    check_no_image_tokens(c, cfg_path, "LLaVA-Rad trains with both off")
+    ptype, feature = read_projector_keys(c, cfg_path)
     tower_cfg = _tower_file(folder, c.get("mm_vision_tower_config"), "biomedclipcxr_518.json", "mm_vision_tower_config")
     tower_ckpt = _tower_file(
         folder, c.get("mm_vision_tower_checkpoint"), "biomedclipcxr_518_checkpoint.pt", "mm_vision_tower_checkpoint"
     )
     trunk, mean, std = _trunk_from_open_clip(tower_cfg, override)
-    try:
-        mm_hidden, hidden, layer = int(c["mm_hidden_size"]), int(c["hidden_size"]), int(c["mm_vision_select_layer"])
-    except KeyError as e:
-        raise LlavaConfigError(f"{cfg_path}: missing {e.args[0]}") from e
-    if mm_hidden != trunk.width:
-        raise LlavaConfigError(
-            f"{cfg_path}: mm_hidden_size {mm_hidden} but the tower {tower_cfg.name} is {trunk.width} wide"
-        )
+    mm_hidden, hidden, layer = read_widths(c, cfg_path, tower_cfg.name, trunk.width)
     out = LlavaRadConfig(
         trunk=trunk,
         mean=mean,
