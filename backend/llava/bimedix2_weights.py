@@ -33,6 +33,7 @@ from backend.minigpt.weights import LoadOptions, LoadReport, WeightsError, _name
 
 from .bimedix2_config import Bimedix2Config
 from .clip_model import LlavaClip
+from .weights import check_tensors
 
 PROJECTOR = "model.mm_projector."
 TOWER = "model.vision_tower.vision_tower."
@@ -96,18 +97,6 @@ def read_tensors(where: dict[str, Path], keys) -> dict[str, torch.Tensor]:
     return out
 
 
-def _check(part: str, src: str, got: dict[str, torch.Tensor], expected: dict[str, torch.Size], prefix: str) -> None:
-    missing = sorted(set(expected) - set(got))
-    if missing:
-        raise WeightsError(f"{src}: missing {part} tensors: {_names([prefix + m for m in missing])}")
-    extra = sorted(set(got) - set(expected))
-    if extra:
-        raise WeightsError(f"{src}: unexpected {part} tensors: {_names([prefix + m for m in extra])}")
-    for k, shape in expected.items():
-        if tuple(got[k].shape) != tuple(shape):
-            raise WeightsError(f"{src}: {prefix}{k} has shape {tuple(got[k].shape)}, expected {tuple(shape)}")
-
-
 def load_clip_dir(d: Path, expected: dict[str, torch.Size], trust: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
     """A local CLIP checkpoint (CLIPModel or CLIPVisionModel) -> {CLIPVisionModel name: tensor}, ignored keys."""
     if (d / "model.safetensors").is_file() or (d / "model.safetensors.index.json").is_file():
@@ -123,7 +112,7 @@ def load_clip_dir(d: Path, expected: dict[str, torch.Size], trust: bool) -> tupl
         raise WeightsError(f"{src}: no vision_model.* tensors: not a CLIP checkpoint")
     ignored = [k for k in sd if k.startswith(CLIP_IGNORED) or k.endswith(IGNORED_SUFFIXES)]
     got = {k: v for k, v in sd.items() if k not in set(ignored)}
-    _check("vision tower", src, got, expected, "")
+    check_tensors("vision tower", src, got, expected, "")
     return got, ignored
 
 
@@ -159,7 +148,7 @@ def load_bimedix2(folder: str | Path, cfg: Bimedix2Config, opts: LoadOptions) ->
         hint = " (this looks like a plain Llama folder)" if any(k.startswith("model.layers.") for k in where) else ""
         raise WeightsError(f"{folder}: no {PROJECTOR}* tensors in the shards: not a merged BiMediX2 folder{hint}")
     proj = {k[len(PROJECTOR) :]: v for k, v in read_tensors(where, proj_keys).items()}
-    _check("projector", str(folder), proj, proj_shapes, PROJECTOR)
+    check_tensors("projector", str(folder), proj, proj_shapes, PROJECTOR)
     report = LoadReport(source="original", lora="merged by the authors")
     if cfg.tower_dir:
         tower, ignored = load_clip_dir(Path(cfg.tower_dir), tower_shapes, opts.trust_checkpoints)
@@ -171,7 +160,7 @@ def load_bimedix2(folder: str | Path, cfg: Bimedix2Config, opts: LoadOptions) ->
                 f"{cfg.tower_name} (the checkpoint config.json's mm_vision_tower names)"
             )
         tower = {k[len(TOWER) :]: v for k, v in read_tensors(where, tower_keys).items()}
-        _check("vision tower", str(folder), tower, tower_shapes, TOWER)
+        check_tensors("vision tower", str(folder), tower, tower_shapes, TOWER)
     llm, info = _load_llm(folder, cfg, opts)
     known = set(proj_keys) | {k for k in where if k.startswith(TOWER)}
     missing = [k for k in info.get("missing_keys", []) if not k.endswith(IGNORED_SUFFIXES)]

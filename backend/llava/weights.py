@@ -53,6 +53,22 @@ def _plain_state(obj, path: Path, what: str) -> dict[str, torch.Tensor]:
     return obj
 
 
+def check_tensors(
+    part: str, src: str, got: dict[str, torch.Tensor], expected: dict[str, torch.Size], prefix: str, hint: str = ""
+) -> None:
+    """Strict loading: ``got`` holds every tensor of ``expected``, nothing else, each of its shape (``prefix``: the
+    names' prefix in ``src``, for the message; ``hint``: appended to a shape error)."""
+    missing = sorted(set(expected) - set(got))
+    if missing:
+        raise WeightsError(f"{src}: missing {part} tensors: {_names([prefix + m for m in missing])}")
+    extra = sorted(set(got) - set(expected))
+    if extra:
+        raise WeightsError(f"{src}: unexpected {part} tensors: {_names([prefix + m for m in extra])}")
+    for k, shape in expected.items():
+        if tuple(got[k].shape) != tuple(shape):
+            raise WeightsError(f"{src}: {prefix}{k} has shape {tuple(got[k].shape)}, expected {tuple(shape)}{hint}")
+
+
 def load_tower(path: Path, expected: dict[str, torch.Size], trust: bool = False) -> tuple[dict, list[str]]:
     """open_clip checkpoint -> {trunk parameter name: tensor} for ``ViTTrunk``, ignored keys."""
     sd = _plain_state(torch_load(path, trust), path, "an open_clip checkpoint of the vision tower")
@@ -75,15 +91,8 @@ def load_tower(path: Path, expected: dict[str, torch.Size], trust: bool = False)
             unexpected.append(k)
     if unexpected:
         raise WeightsError(f"{path}: unexpected keys for the vision tower: {_names(unexpected)}")
-    missing = sorted(set(expected) - set(out))
-    if missing:
-        raise WeightsError(f"{path}: missing vision tower tensors: {_names(['visual.trunk.' + m for m in missing])}")
-    for name, shape in expected.items():
-        if tuple(out[name].shape) != tuple(shape):
-            raise WeightsError(
-                f"{path}: visual.trunk.{name} has shape {tuple(out[name].shape)}, expected {tuple(shape)} "
-                "(does the tower config match this checkpoint?)"
-            )
+    hint = " (does the tower config match this checkpoint?)"
+    check_tensors("vision tower", str(path), out, expected, "visual.trunk.", hint)
     return out, ignored
 
 
@@ -104,14 +113,7 @@ def load_projector(path: Path, expected: dict[str, torch.Size], trust: bool = Fa
             unexpected.append(k)
     if unexpected:
         raise WeightsError(f"{path}: unexpected keys (only model.mm_projector.* expected): {_names(unexpected)}")
-    missing = sorted(set(expected) - set(out))
-    if missing:
-        raise WeightsError(f"{path}: missing projector tensors: {_names(['model.mm_projector.' + m for m in missing])}")
-    for name, shape in expected.items():
-        if tuple(out[name].shape) != tuple(shape):
-            raise WeightsError(
-                f"{path}: model.mm_projector.{name} has shape {tuple(out[name].shape)}, expected {tuple(shape)}"
-            )
+    check_tensors("projector", str(path), out, expected, "model.mm_projector.")
     return out
 
 
