@@ -1,6 +1,7 @@
 """What the stand-ins for remote OpenAI-compatible servers share (vLLM, SGLang, Ollama cannot run here; see
 openai_standin.py, vllm_standin.py and the tests' own): a threaded HTTP server on a free loopback port served from a
-daemon thread, and a request handler that reads and writes JSON bodies."""
+daemon thread, a request handler that reads and writes JSON bodies, and what their vLLM-style event streams share
+(events, the mid-stream failure, a pause a test releases)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import select
 import socket
 import sys
 import threading
+import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 
@@ -66,6 +69,21 @@ def event(obj: Any) -> bytes:
 
 
 DONE_EVENT = b"data: [DONE]\n\n"
+#: what vLLM sends when generation fails after the stream started
+FAILED_MIDSTREAM = (
+    event({"error": {"object": "error", "message": "CUDA error: device-side assert", "code": 500}}),
+    DONE_EVENT,
+)
+
+
+def wait_for_release(release: threading.Event, gone: Callable[[], bool], seconds: float = 30) -> bool:
+    """A stand-in's pause mid-stream: wait until the test sets ``release`` (at most ``seconds``) while watching
+    ``gone()``; True when the client closed the connection meanwhile."""
+    t_end = time.monotonic() + seconds
+    while not release.wait(0.005) and time.monotonic() < t_end:
+        if gone():
+            return True
+    return False
 
 
 class _Server(ThreadingHTTPServer):

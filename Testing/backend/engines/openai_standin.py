@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 
-from loopback_http import DONE_EVENT, EventStreamHandler, LoopbackServer, event
+from loopback_http import DONE_EVENT, FAILED_MIDSTREAM, EventStreamHandler, LoopbackServer, event, wait_for_release
 
 MODEL = "standin-vlm"
 
@@ -71,16 +71,12 @@ class OpenAIStandIn(LoopbackServer):
         yield chunk({"role": "assistant", "content": ""})
         k = 0
         while k < len(self.pieces):
-            if k == self.hold_after:
-                t_end = time.monotonic() + 30
-                while not self.release.wait(0.005) and time.monotonic() < t_end:
-                    if gone():
-                        self.disconnected_t = time.perf_counter()
-                        self.disconnected.set()
-                        return
-            if k == self.fail_after:  # what vLLM sends when generation fails after the stream started
-                yield event({"error": {"object": "error", "message": "CUDA error: device-side assert", "code": 500}})
-                yield DONE_EVENT
+            if k == self.hold_after and wait_for_release(self.release, gone):
+                self.disconnected_t = time.perf_counter()
+                self.disconnected.set()
+                return
+            if k == self.fail_after:
+                yield from FAILED_MIDSTREAM
                 return
             piece = self.pieces[k]
             yield chunk({"content": piece})

@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from loopback_http import DONE_EVENT, EventStreamHandler, LoopbackServer, event
+from loopback_http import DONE_EVENT, FAILED_MIDSTREAM, EventStreamHandler, LoopbackServer, event, wait_for_release
 
 
 class VLLMStandIn(LoopbackServer):
@@ -135,15 +135,11 @@ class VLLMStandIn(LoopbackServer):
         self.sent = 0
         text = ""
         for k, tok in enumerate(ids):
-            if k == self.hold_after:
-                t_end = time.monotonic() + 30
-                while not self.release.wait(0.005) and time.monotonic() < t_end:
-                    if gone():
-                        self.disconnected.set()
-                        return
-            if k == self.fail_after:  # what vLLM sends when generation fails after the stream started
-                yield event({"error": {"object": "error", "message": "CUDA error: device-side assert", "code": 500}})
-                yield DONE_EVENT
+            if k == self.hold_after and wait_for_release(self.release, gone):
+                self.disconnected.set()
+                return
+            if k == self.fail_after:
+                yield from FAILED_MIDSTREAM
                 return
             now = self.sp.decode([i for i in ids[: k + 1] if i != self.eos_id])
             choice: dict = {"index": 0, "text": now[len(text) :], "logprobs": None}
