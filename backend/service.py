@@ -390,6 +390,9 @@ class AnalysisService:
         return True
 
     def forget(self, job: _Job) -> None:
+        """The waiter is done with ``job`` (answered, timed out, or its client left)."""
+        if not job.future.done():  # nobody reads its outcome now: asyncio must not log it as never retrieved
+            job.future.add_done_callback(_read_outcome)
         if job.request_id is not None:
             with self._running_lock:
                 self._running.pop(job.request_id, None)
@@ -512,6 +515,11 @@ class AnalysisService:
             timings_ms={**{k: round(float(v), 3) for k, v in result.timings_ms.items()}, **timings},
             warnings=[clean_text(w, 500) for w in list(result.warnings) + warnings],
         )
+
+
+def _read_outcome(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _cancelled(job: _Job) -> ApiError | None:
