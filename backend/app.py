@@ -215,6 +215,7 @@ def _stream(service: AnalysisService, inp: AnalysisInput, rid: str, decode_s: fl
 async def _events(service: AnalysisService, job: _Job, inp: AnalysisInput, pieces, decode_s, t1, log_fields):
     sent: list[str] = []
     finished = False
+    getter: asyncio.Future | None = None
     try:
         getter = asyncio.ensure_future(pieces.get())
         while True:
@@ -251,6 +252,8 @@ async def _events(service: AnalysisService, job: _Job, inp: AnalysisInput, piece
         log_fields.update(findings=len(resp.findings), deltas=len(sent), engine_ms=f"{(t2 - t1) * 1000:.1f}")
         yield format_event(STREAM_DONE, to_dict(resp))
     finally:
+        if getter is not None:  # a client that went away left it waiting for the next piece
+            getter.cancel()
         if not finished:  # the client went away (the generator was closed): stop the model
             service.cancel_job(job)
             log_fields.update(cancelled="disconnect")

@@ -317,6 +317,7 @@ async def _stream_chunks(service: AnalysisService, job, inp, pieces, cid: str, c
 
     finished = False
     sent: list[str] = []
+    getter: asyncio.Future | None = None
     try:
         yield chunk(Delta(role="assistant", content=""))
         getter = asyncio.ensure_future(pieces.get())
@@ -353,6 +354,8 @@ async def _stream_chunks(service: AnalysisService, job, inp, pieces, cid: str, c
         )
         yield "data: [DONE]\n\n"
     finally:
+        if getter is not None:  # a client that went away left it waiting for the next piece
+            getter.cancel()
         if not finished:
             service.cancel_job(job)
         service.forget(job)

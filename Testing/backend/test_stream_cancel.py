@@ -92,7 +92,7 @@ def test_cancel_plain_request_by_disconnect(served):
     assert not service.engine_busy and engine.steps - steps0 < 100
 
 
-@pytest.mark.parametrize("how", ["plain"])
+@pytest.mark.parametrize("how", ["plain", "stream", "chat_stream"])
 def test_a_client_that_left_leaves_no_asyncio_error(served, caplog, how):
     """The job a departed client leaves behind ends with the cancelled error nobody awaits any more, and a stream's
     wait for its next piece is dropped: the server's log must not say "Future exception was never retrieved" or "Task
