@@ -30,7 +30,8 @@ class QtRunner:
     """Runs a job's calls on the main thread's event loop: each :class:`HttpRequest` goes out through one shared
     ``QNetworkAccessManager``; its answer resumes the calls from the reply's ``finished`` signal. ``on_done`` is called
     (on the main thread) once the job's result or error is in the job. A streamed call (server-sent events) is read
-    as its bytes arrive (``readyRead``): the text so far goes into ``job.streamed`` and ``on_delta(job)`` is called.
+    as its bytes arrive (``readyRead``): the text so far goes into ``job.streamed`` and ``on_delta(job)`` is called;
+    its read timeout counts from the last bytes that came (a stream still writing has answered).
     Cancel (``logic.cancel(job)``) sends ``DELETE /v1/requests/{id}`` for a streamed call whose id came in its
     headers, then aborts the reply (at once for the other calls: a client that goes away cancels its request too)."""
 
@@ -129,6 +130,7 @@ class _Run:
     def _on_ready_read(self, reply) -> None:
         if self.reader is None or reply is not self.reply or not self._streaming(reply):
             return  # an error body: read whole when the reply finishes
+        self.timer.start()  # the read timeout counts from a stream's last bytes (as requests' does), not from the call
         self._on_headers(reply)
         try:
             pieces = self.reader.feed(bytes(reply.readAll().data()))

@@ -794,6 +794,21 @@ def streamed_answer_and_cancel(env: Env) -> dict:
     return {"cancelled_after_steps": stopped - before["steps"], "cancel_to_delete_answered_s": time.monotonic() - t0}
 
 
+def a_streamed_answer_outlasts_the_read_timeout(env: Env) -> dict:
+    """The read timeout counts from the last bytes a streamed answer brought, as requests' read timeout does, not
+    from the request: a 1 s answer whose words come every 20 ms completes under a 0.5 s read timeout (before, the
+    panel aborted it at 0.5 s with "did not answer within 0.5 s" while its words were still coming in)."""
+    p = env.panel("tokens", timeouts=Timeouts(connect_s=2.0, health_s=2.0, analyze_s=0.5))
+    select_task(p, "Report")
+    t0 = time.monotonic()
+    status = run_and_wait(env, p, 30000)
+    elapsed = time.monotonic() - t0
+    assert elapsed > 0.5, elapsed  # the stream did outlast the read timeout
+    assert not status.startswith("Error"), status
+    assert p.text_edit.toPlainText() == "".join(f"tok{i} " for i in range(50)), status
+    return {"streamed_s": elapsed}
+
+
 def gui_thread_check(env: Env) -> None:
     import threading
 
@@ -829,6 +844,7 @@ SCENARIOS: dict[str, Callable[[Env], Any]] = {
         conversation,
         ask_needs_a_vlm_engine,
         streamed_answer_and_cancel,
+        a_streamed_answer_outlasts_the_read_timeout,
         gui_thread_check,
     )
 }

@@ -28,3 +28,7 @@ def test_is_gui_thread_tells_the_worker_from_the_main_thread(env):
 
 def test_streamed_answer_and_cancel_by_delete(env):
     PS.streamed_answer_and_cancel(env)
+
+
+def test_a_streamed_answer_outlasts_the_read_timeout(env):
+    PS.a_streamed_answer_outlasts_the_read_timeout(env)
