@@ -10,12 +10,13 @@ plain data, never MRML.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from . import protocol
 from .chat import view_key
@@ -132,6 +133,7 @@ class AnalysisLogic:
         self.on_conversation_ended: Optional[Callable[[str], None]] = None
         self._chat_generation = 0
         self._watched: List[Tuple[Any, int]] = []
+        self._view_moving = 0  # > 0 while a sweep moves the view to capture its slices (it puts it back)
 
     # -- backend ------------------------------------------------------------------------------
 
@@ -353,7 +355,18 @@ class AnalysisLogic:
             node.RemoveObserver(tag)
         self._watched.clear()
 
+    @contextlib.contextmanager
+    def _moving_view(self) -> Iterator[None]:
+        """A sweep's capture moves the view to each slice and puts it back: no change of the conversation's image."""
+        self._view_moving += 1
+        try:
+            yield
+        finally:
+            self._view_moving -= 1
+
     def _on_view_modified(self, caller: Any = None, event: Any = None) -> None:
+        if self._view_moving:
+            return
         state = self.chat
         if state is not None and not self._shows_its_image(state):
             self.new_conversation(f"New conversation: the slice or the volume of the {state.view} view changed.")
@@ -388,12 +401,14 @@ class AnalysisLogic:
 
             def slices():
                 for offset in plan.offsets_mm:
-                    captured.append(capture_at(sl, offset, self.export_size))
+                    with self._moving_view():
+                        captured.append(capture_at(sl, offset, self.export_size))
                     yield captured[-1]
 
             source: Any = slices()
         else:  # MRML is read on the main thread only: all of it now, before the worker starts
-            captured.extend(capture_sweep(sl, plan, export_size=self.export_size, cancel=job.cancel))
+            with self._moving_view():
+                captured.extend(capture_sweep(sl, plan, export_size=self.export_size, cancel=job.cancel))
             source = captured
 
         def calls(client: BackendClient) -> Calls:

@@ -14,7 +14,8 @@ import pytest
 from MiniGPTMedSlicerLib import markups as M
 from MiniGPTMedSlicerLib import scene as S
 from MiniGPTMedSlicerLib.chat import CONVERSATION_ATTR, CONVERSATION_KEY_ATTR, IMAGE_ID_ATTR, saved_conversation
-from MiniGPTMedSlicerLib.logic import AnalysisError, AnalysisLogic, Job
+from MiniGPTMedSlicerLib.client import run_calls
+from MiniGPTMedSlicerLib.logic import SWEEP_LABEL, AnalysisError, AnalysisLogic, Job
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +105,35 @@ def test_a_slice_view_or_volume_change_ends_the_conversation(mrml, logic, ct_pha
     finally:
         comp.SetBackgroundVolumeID(shown)
         M.remove_node(mrml.scene, other)
+
+
+class OnTheCallingThread:
+    """Runs a job's calls (real HTTP, requests) in the calling thread, as the panel's Qt runner runs them on the main
+    thread: a sweep then captures each slice when its turn comes."""
+
+    on_main_thread = True
+
+    def run(self, job: Job, client, calls) -> None:
+        try:
+            job.result = run_calls(calls, client, job.cancel)
+        except BaseException as e:
+            job.error = e
+        job.done.set()
+
+
+@pytest.mark.parametrize("runner", [None, OnTheCallingThread()], ids=["worker", "main_thread"])
+def test_a_sweep_of_the_view_keeps_its_conversation(mrml, logic, runner):
+    """A sweep captures its slices by moving the view and puts it back: the view shows the conversation's image
+    again, so the conversation goes on (it ended at the sweep's first slice)."""
+    assert done(logic, logic.start("Red", "Report")).ok
+    (folder,) = M.list_results(mrml.scene)
+    offset = mrml.slice_logics["Red"].GetSliceOffset()
+    sweep = done(logic, logic.start("Red", SWEEP_LABEL, sweep_range="20:24", runner=runner))
+    assert sweep.ok, sweep.message
+    assert mrml.slice_logics["Red"].GetSliceOffset() == offset  # the view is back on the conversation's slice
+    assert logic.ended == [] and logic.chat is not None and logic.chat.folder_item == folder
+    second = done(logic, logic.start_follow_up("Red", "", task_name="Report"))
+    assert second.ok and "(turn 2)" in second.message, second.message
 
 
 def test_a_failed_follow_up_changes_nothing(mrml, logic):
