@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 import requests
+import urllib3
 from MiniGPTMedSlicerLib.sse import SseParser
 
 WATCH_INTERVAL_S = 0.02
@@ -32,6 +33,10 @@ class StreamBroken(Exception):
 
 class StreamEventError(Exception):
     """An event that is not a JSON object, or an ``error`` object (the remote server failed mid-stream)."""
+
+
+class StreamTimedOut(StreamBroken):
+    """Nothing came for longer than the read timeout the stream was opened with."""
 
 
 def event_object(data: str, server: str) -> dict:
@@ -69,8 +74,10 @@ def sse_data(r: requests.Response, stopped: Callable[[], bool]) -> Iterator[str]
                     if ev.data.strip() == "[DONE]":
                         return
                     yield ev.data
-        except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError):
+        except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
             if not stopped():
+                if e.args and isinstance(e.args[0], urllib3.exceptions.ReadTimeoutError):  # requests wraps it so
+                    raise StreamTimedOut("no data within the read timeout") from None
                 raise StreamBroken("the connection broke off") from None
         if stopped():
             r.close()  # the remote server sees the disconnect and stops generating

@@ -25,7 +25,15 @@ from MiniGPTMedSlicerLib.protocol import REPORT, TEXT_TASKS
 
 from .. import families
 from ..families import ImageGeometry
-from ..remote_stream import StreamBroken, StreamEventError, StreamStopped, event_object, is_event_stream, sse_data
+from ..remote_stream import (
+    StreamBroken,
+    StreamEventError,
+    StreamStopped,
+    StreamTimedOut,
+    event_object,
+    is_event_stream,
+    sse_data,
+)
 from ..setting_error import SettingError
 from ..settings import OpenAISettings
 from .base import (
@@ -200,9 +208,11 @@ class OpenAIEngine(Engine):
                 raw, finish, usage = _reply(data, self.url)
                 DeltaText(inp.on_text or (lambda _t: None)).finish(raw)
                 return raw, finish, usage
-            return self._relay(r, inp, stop)
+            return self._relay(r, inp, stop, timeout)
 
-    def _relay(self, r, inp: AnalysisInput, stop: StopToken) -> tuple[str, str | None, dict[str, float]]:
+    def _relay(
+        self, r, inp: AnalysisInput, stop: StopToken, timeout: float
+    ) -> tuple[str, str | None, dict[str, float]]:
         delta = DeltaText(inp.on_text or (lambda _t: None))
         parts = list[str]()
         finish: str | None = None
@@ -218,6 +228,8 @@ class OpenAIEngine(Engine):
             if inp.is_cancelled():
                 raise _RowCancelled from None
             raise EngineCancelled("stopped: time limit reached or request cancelled") from None
+        except StreamTimedOut:
+            raise EngineError(f"the model server at {self.url} did not answer within {timeout:g} s") from None
         except StreamBroken as e:
             raise EngineError(f"the model server at {self.url} broke off its stream ({e})") from None
         text = "".join(parts)

@@ -43,7 +43,15 @@ from typing import Any
 import requests
 import torch
 
-from ..remote_stream import StreamBroken, StreamEventError, StreamStopped, event_object, is_event_stream, sse_data
+from ..remote_stream import (
+    StreamBroken,
+    StreamEventError,
+    StreamStopped,
+    StreamTimedOut,
+    event_object,
+    is_event_stream,
+    sse_data,
+)
 from .generate import GREEDY, GenerationOutput, RowStopped, SamplingSettings
 
 RowIds = Callable[[int, list[int]], None]  # (row, the ids that just arrived for it)
@@ -215,6 +223,8 @@ class VLLMClient:
                         ids += new
                         if on_ids is not None:
                             on_ids(new)
+            except StreamTimedOut:
+                raise RemoteLLMError(f"the vLLM server at {self.url} did not answer within {timeout:g} s") from None
             except StreamBroken as e:
                 raise RemoteLLMError(f"the vLLM server at {self.url} broke off its stream ({e})") from None
             if not seen:

@@ -384,3 +384,19 @@ def test_cancelling_one_row_of_a_batch_closes_only_its_vllm_stream(streamed):
     assert out[0].cancelled and not out[1].cancelled
     assert out[1].text == "".join(got[1]) == "The lungs are clear." and got[0] == [_first_piece(standin)]
     assert [b["stream"] for b in standin.bodies[-2:]] == [True, True]
+
+
+def test_a_vllm_server_silent_past_the_timeout_mid_stream_did_not_answer(streamed):
+    """The stream began, then nothing for longer than the client's timeout: 'did not answer within', not 'broke off'."""
+    url, standin, engine, service = streamed
+    standin.script = "The lungs are clear."
+    standin.hold(FIRST_TOKENS)
+    timeout0, engine._remote.timeout_s = engine._remote.timeout_s, 0.3
+    try:
+        r = requests.post(f"{url}/v1/analyze", json={"task": "report", "image": b64(encode_png(IMG))}, timeout=30)
+    finally:
+        engine._remote.timeout_s = timeout0
+        standin.hold(None)
+    msg = r.json()["error"]["message"]
+    assert r.status_code == 503 and "did not answer within 1 s" in msg and "broke off" not in msg, msg  # 1 s floor
+    assert standin.disconnected.wait(10) and _wait(lambda: not service.engine_busy)

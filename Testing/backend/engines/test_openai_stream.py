@@ -181,3 +181,17 @@ def test_the_request_id_comes_before_the_first_byte_of_the_stream(served):
     events = list(_events(r))
     assert [e.event for e in events] == ["error"] and events[0].json()["error"]["code"] == "cancelled"
     assert standin.disconnected.wait(10) and standin.sent == 0
+
+
+def test_a_remote_server_silent_past_the_read_timeout_mid_stream_did_not_answer():
+    """The remote stream started, then nothing for longer than the engine's timeout: the error says the server did
+    not answer within it (as before the stream began), not that it broke off its stream."""
+    with OpenAIStandIn() as standin:
+        engine = OpenAIEngine(OpenAISettings(url=standin.url, family="generic", timeout_s=0.3))
+        with ServerThread(engine) as url:
+            standin.script([" tok", " more"], hold_after=1)
+            r = requests.post(f"{url}/v1/analyze", json={"task": "report", "image": IMG}, timeout=30)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "engine_error", r.text
+            msg = r.json()["error"]["message"]
+            assert "did not answer within 0.3 s" in msg and "broke off" not in msg, msg
+            assert standin.disconnected.wait(10)  # the connection was closed
