@@ -394,9 +394,9 @@ def test_a_vllm_server_silent_past_the_timeout_mid_stream_did_not_answer(streame
     timeout0, engine._remote.timeout_s = engine._remote.timeout_s, 0.3
     try:
         r = requests.post(f"{url}/v1/analyze", json={"task": "report", "image": b64(encode_png(IMG))}, timeout=30)
+        msg = r.json()["error"]["message"]
+        assert r.status_code == 503 and "did not answer within 1 s" in msg and "broke off" not in msg, msg  # 1 s floor
+        assert standin.disconnected.wait(10) and _wait(lambda: not service.engine_busy)
     finally:
         engine._remote.timeout_s = timeout0
         standin.hold(None)
-    msg = r.json()["error"]["message"]
-    assert r.status_code == 503 and "did not answer within 1 s" in msg and "broke off" not in msg, msg  # 1 s floor
-    assert standin.disconnected.wait(10) and _wait(lambda: not service.engine_busy)
