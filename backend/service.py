@@ -240,7 +240,8 @@ class AnalysisService:
                     "bad_request", f"{p}image (base64 PNG/JPEG) or image_id (from POST /v1/images) is required"
                 )
             image, values = self.decode_upload(req.image, req.values, p)
-            return image, values, None
+            # the engines' per-image caches key on it: with values, the same shown pixels are another model image
+            return image, values, (image_id(image, values) if values is not None else None)
         if req.values is not None:
             raise ApiError("bad_request", f"{p}values belong to the image upload (POST /v1/images), not to image_id")
         stored = self.images.get(req.image_id)

@@ -21,7 +21,7 @@ from MiniGPTMedSlicerLib.protocol import AnalyzeRequest, HistoryTurn, ImageUploa
 from backend.app import GuardMiddleware, _header
 from backend.engines.base import AnalysisResult, Engine, EngineInfo
 from backend.errors import ApiError
-from backend.service import AnalysisService, _unsupported_message
+from backend.service import AnalysisService, _unsupported_message, image_id
 from backend.settings import ServerSettings
 
 W, H = 40, 30  # the image: 40 wide, 30 high
@@ -128,13 +128,16 @@ def test_a_valid_request_becomes_exactly_this_input(svc):
     assert inp.region == (0.0, 2.5, 40.0, 30.0)  # clipped to the image
     assert all(type(v) is float for v in inp.region)
     assert inp.pixel_spacing_mm == (0.5, 0.75) and all(type(v) is float for v in inp.pixel_spacing_mm)
-    assert inp.modality == "CT" and inp.image_id is None
+    assert inp.modality == "CT"
+    # inline with values: the id its upload would get (the engines' caches: not the shown pixels' id alone)
+    assert inp.image_id == image_id(inp.image, inp.values) != inp.image.content_id()
     assert (inp.image.width, inp.image.height) == (W, H)
     assert [(t.task, t.question, t.answer) for t in inp.history] == [("vqa", "q1", "a1"), ("report", "q2", "a2")]
     v = inp.values
     assert v is not None and (v.unit, v.volume_min, v.volume_max) == ("HU", -1024.0, 3071.0)
     assert v.array.dtype == np.float32 and np.array_equal(v.array, STORED.astype(np.float32) * 0.5 - 1024.0)
     bare = svc.prepare(_req(question="   ", modality="   "))
+    assert bare.image_id is None  # no values: the engine keys on the shown pixels (content_id)
     assert (bare.question, bare.region, bare.pixel_spacing_mm, bare.modality, bare.values, bare.history) == (
         None,
         None,

@@ -118,3 +118,27 @@ def test_a_follow_up_skips_the_image_processor_and_answers_as_uncached(engine):
     ]
     assert first.timings_ms["new_tokens"] >= 3 and answer.timings_ms["new_tokens"] >= 3  # not an empty answer
     assert answer.raw_output == _greedy_from_processor(engine, conversation, arr, 6)
+
+
+def test_the_same_shown_pixels_with_slice_values_are_another_model_image(engine):
+    """MedGemma sees the slice's values (CT: three HU windows) when they are sent: a request with the same shown PNG
+    sent inline, first without values and then with them, must run the image processor on each model image, not
+    answer the second from the first's cached pixel values."""
+    import base64
+
+    import requests
+    from MiniGPTMedSlicerLib.png import encode_png
+
+    from backend.server_thread import ServerThread
+
+    arr = blob_image(size=64, seed=12)[:, :56]  # an image no other test sends
+    hu = (arr.astype(np.int32) * 8).astype(np.uint16)  # stored values; HU = stored - 1024
+    png = base64.b64encode(encode_png(arr)).decode()
+    values = {"data": base64.b64encode(encode_png(hu)).decode(), "slope": 1.0, "intercept": -1024.0, "unit": "HU"}
+    with ServerThread(engine) as url:
+        calls = engine.image_processor_calls
+        for body in ({}, {"values": values}):
+            req = {"task": "vqa", "question": "Which side?", "image": png, "max_new_tokens": 2, **body}
+            r = requests.post(f"{url}/v1/analyze", json=req, timeout=60)
+            assert r.status_code == 200, r.text
+        assert engine.image_processor_calls == calls + 2
