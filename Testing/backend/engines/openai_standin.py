@@ -79,9 +79,9 @@ class OpenAIStandIn(LoopbackServer):
                 yield from FAILED_MIDSTREAM
                 return
             piece = self.pieces[k]
-            yield chunk({"content": piece})
             k += 1
-            self.sent = k
+            self.sent = k  # counted before the write: the client may read it before this thread runs on
+            yield chunk({"content": piece})
         yield chunk({}, "stop")
         if include_usage:
             n = len(self.pieces)

@@ -147,8 +147,8 @@ class VLLMStandIn(LoopbackServer):
             if body.get("return_token_ids"):
                 choice["token_ids"] = [tok]
             text = now
+            self.sent = k + 1  # counted before the write: the client may read it before this thread runs on
             yield event({**base, "choices": [choice]})
-            self.sent = k + 1
         if (body.get("stream_options") or {}).get("include_usage"):
             usage = {"prompt_tokens": t.shape[0], "completion_tokens": len(ids), "total_tokens": t.shape[0] + len(ids)}
             yield event({**base, "choices": [], "usage": usage})
