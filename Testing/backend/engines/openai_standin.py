@@ -38,6 +38,7 @@ class OpenAIStandIn(LoopbackServer):
         self.hold_after = hold_after
         self.release = threading.Event()
         self.disconnected = threading.Event()
+        self.streaming = threading.Event()  # set when a stream of this script begins
         self.disconnected_t = 0.0  # time.perf_counter() when the disconnect was seen
         self.sent = 0  # pieces written by the last stream
 
@@ -58,6 +59,7 @@ class OpenAIStandIn(LoopbackServer):
 
     def stream_events(self, include_usage: bool, gone):
         """The events' bytes in the order they are written; ``gone()`` says whether the client closed the connection."""
+        self.streaming.set()
         base = {
             "id": "chatcmpl-standin",
             "object": "chat.completion.chunk",

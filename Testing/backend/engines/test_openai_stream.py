@@ -177,6 +177,7 @@ def test_the_request_id_comes_before_the_first_byte_of_the_stream(served):
     standin.script([" tok"], hold_after=0)
     r = _open(url)  # returns with the headers; no delta can have been written
     rid = r.headers[protocol.REQUEST_ID_HEADER]
+    assert standin.streaming.wait(10)  # the engine's remote stream is open (else there is no disconnect to see)
     assert requests.delete(f"{url}/v1/requests/{rid}", timeout=10).json()["cancelled"] is True
     events = list(_events(r))
     assert [e.event for e in events] == ["error"] and events[0].json()["error"]["code"] == "cancelled"
