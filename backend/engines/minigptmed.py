@@ -17,10 +17,10 @@ Streaming (``AnalysisInput.on_text``) and per-request cancel (``AnalysisInput.ca
 and on the vLLM route (``backend.minigpt.vllm_client``: each row reads vLLM's own stream of token ids, decoded here as
 they arrive; a cancelled row closes its connection and vLLM stops).
 
-The ``static_decode`` setting switches decoding to a preallocated static KV cache (``StaticDecoder``); on CUDA its
-decode step is compiled into CUDA graphs at load time (about a minute per batch shape, measured 3x faster decode on
-an H100, see docs/benchmarks.md). Requests longer than ``static_max_len`` (default 1024) tokens fall back
-to the dynamic cache.
+The ``static_decode`` setting switches decoding to a preallocated KV cache with one batch bucket per power of two up
+to ``max_batch`` (``backend.minigpt.static_decode``); on CUDA each bucket's decode step is captured into a CUDA graph
+at load time, and load also runs the vision encoder and a short generation in every bucket, so the first request pays
+no warm-up. Requests longer than ``static_max_len`` (default 1024) tokens fall back to the dynamic cache.
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ class MiniGPTMedEngine(Engine):
         self.dtype: Any = None
         self.static_decode = s.static_decode
         self.static_max_len = s.static_max_len
-        self._decoders: dict[int, object] = {}
+        self._static: Any = None  # StaticDecoder, made at load when static_decode is on
         self._remote: Any = None  # VLLMClient when the LLM runs on a vLLM server
 
     # -- loading ---------------------------------------------------------------------------------------------------
@@ -280,28 +280,38 @@ class MiniGPTMedEngine(Engine):
         log.info("MiniGPT-Med's LLM runs on the vLLM server at %s (%s)", self._remote.url, served)
         return str(tok_dir)
 
-    def _decoder(self, rows: int):
-        from backend.minigpt.generate import StaticDecoder
+    def _decoder(self):
+        from backend.minigpt.static_decode import StaticDecoder
 
-        size = 1 if rows == 1 else self.max_batch
-        if size not in self._decoders:
-            self._decoders[size] = StaticDecoder(
-                self.model.llm, size, self.static_max_len, compile=self.device.startswith("cuda")
-            )
-        return self._decoders[size]
+        if self._static is None:
+            self._static = StaticDecoder(self.model.llm, self.max_batch, self.static_max_len)
+        return self._static
 
     def _warm_static(self) -> None:
+        """At load, so that no request pays it: capture the CUDA graphs, run the vision encoder at batch 1 and
+        ``max_batch`` and a short generation in every batch bucket (prefill and decode at the real prompt size)."""
         import torch
 
         t0 = time.perf_counter()
+        dec = self._decoder()
+        dec.capture()
         h = self.model.llm.config.hidden_size
         dt = self.model.llm.get_input_embeddings().weight.dtype
+        size = self.cfg.vision.image_size
         with torch.inference_mode():
             for rows in sorted({1, self.max_batch}):
-                prompts = [torch.zeros(self.cfg.image_tokens + 8, h, dtype=dt, device=self.model.device)] * rows
-                for _ in range(2):
-                    self._decoder(rows).generate(prompts, 4, eos_id=-1, bos_id=self.tokenizer.bos_id)
-        log.info("static decode ready (batch shapes 1 and %d) in %.1f s", self.max_batch, time.perf_counter() - t0)
+                self.model.encode_images(torch.zeros(rows, 3, size, size))
+            for rows in dec.buckets:
+                prompts = [torch.zeros(self.cfg.image_tokens + 40, h, dtype=dt, device=self.model.device)] * rows
+                dec.generate(prompts, 4, eos_id=-1, bos_id=self.tokenizer.bos_id)
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        log.info(
+            "static decode ready in %.1f s (batch buckets %s, %s)",
+            time.perf_counter() - t0,
+            dec.buckets,
+            f"CUDA graphs captured in {dec.capture_s:.1f} s" if dec.use_graphs else "no CUDA graphs",
+        )
 
     def info(self) -> EngineInfo:
         dt = str(self.dtype).replace("torch.", "") if self.dtype is not None else "?"
@@ -315,6 +325,7 @@ class MiniGPTMedEngine(Engine):
 
     def close(self) -> None:
         self.model = None
+        self._static = None  # its KV cache and graphs hold GPU memory
         self._cache.clear()
         if self._remote is not None:
             self._remote.close()
@@ -435,7 +446,7 @@ class MiniGPTMedEngine(Engine):
                             self.static_decode and max(p.shape[0] for p in prompts) + max(maxes) <= self.static_max_len
                         ):
                             kw["on_step"] = on_step
-                            g = self._decoder(len(chunk)).generate(prompts, maxes, **kw)
+                            g = self._decoder().generate(prompts, maxes, **kw)
                         else:
                             g = generate(self.model.llm, prompts, maxes, on_step=on_step, **kw)
                         for j, i in enumerate(chunk):

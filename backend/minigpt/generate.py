@@ -19,7 +19,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -280,89 +279,3 @@ def generate(
     return _run(
         prefill, step, x.device, maxes, lens, eos_id, bos_id, settings, stop, seed, ignore_eos, on_step, row_stopped
     )
-
-
-class StaticDecoder:
-    """A faster decode path for CUDA: a preallocated ``StaticCache`` and one decode step with fixed shapes, optionally
-    compiled with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs). The prefill runs eagerly. Same
-    left-padding, position ids and token choice as ``generate``."""
-
-    def __init__(self, llm, max_batch: int, max_len: int, compile: bool = True):
-        self.llm = llm
-        self.max_batch = max_batch
-        self.max_len = max_len
-        self.compiled = compile
-        self.cache: Any = None
-        self._step = (
-            torch.compile(self._forward_step, mode="reduce-overhead", fullgraph=False)
-            if compile
-            else self._forward_step
-        )
-
-    def _forward_step(self, ids, mask, pos, cache_position):
-        out = self.llm(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=pos,
-            cache_position=cache_position,
-            past_key_values=self.cache,
-            use_cache=True,
-        )
-        return out.logits[:, -1].float()
-
-    @torch.no_grad()
-    def generate(
-        self,
-        embeds: Sequence[torch.Tensor],
-        max_new_tokens: Sequence[int] | int,
-        eos_id: int,
-        bos_id: int,
-        settings: SamplingSettings = GREEDY,
-        stop=None,
-        seed: int | None = None,
-        ignore_eos: bool = False,
-        on_step: StepCallback | None = None,
-        row_stopped: RowStopped | None = None,
-    ) -> GenerationOutput:
-        from transformers import StaticCache
-
-        b = len(embeds)
-        if b > self.max_batch:
-            raise ValueError(f"batch {b} > max_batch {self.max_batch}")
-        maxes = _row_limits(max_new_tokens, b)
-        device = embeds[0].device
-        L = max(int(e.shape[0]) for e in embeds)
-        if L + max(maxes) > self.max_len:
-            raise ValueError(f"prompt {L} + {max(maxes)} new tokens > max_len {self.max_len}")
-        x, mask, pos, lens = _left_pad(embeds, self.max_batch, self.max_len)  # fixed batch shape
-        if self.cache is None:
-            self.cache = StaticCache(config=self.llm.config, max_cache_len=self.max_len)
-        else:
-            self.cache.reset()
-
-        def prefill():
-            out = self.llm(
-                inputs_embeds=x,
-                attention_mask=mask[:, :L],
-                position_ids=pos,
-                cache_position=torch.arange(L, device=device),
-                past_key_values=self.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            return out.logits[:, -1].float()
-
-        step_pos = pos[:, -1:].clone()
-        cur = L
-
-        def step(nxt: torch.Tensor) -> torch.Tensor:
-            nonlocal step_pos, cur
-            mask[:, cur] = 1
-            step_pos = step_pos + 1
-            cache_position = torch.tensor([cur], device=device)
-            cur += 1
-            return self._step(nxt[:, None].clone(), mask, step_pos.clone(), cache_position).clone()
-
-        return _run(
-            prefill, step, device, maxes, lens, eos_id, bos_id, settings, stop, seed, ignore_eos, on_step, row_stopped
-        )

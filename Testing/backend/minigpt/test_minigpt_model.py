@@ -260,15 +260,3 @@ def test_quantize_without_bitsandbytes_is_a_clear_error(tiny, cfg, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed: import raises ImportError
     with pytest.raises(WeightsError, match="bitsandbytes"):
         load_original(tiny.eva, tiny.llama, tiny.checkpoint, cfg, LoadOptions(quantize="8bit"))
-
-
-def test_static_cache_decoder_matches_the_dynamic_loop(merged):
-    from backend.minigpt.generate import StaticDecoder, generate
-
-    llm = merged[0].llm
-    torch.manual_seed(5)
-    prompts = [torch.randn(n, HIDDEN) * 0.5 for n in (30, 9, 21)]
-    want = generate(llm, prompts, [8, 5, 8], eos_id=2, bos_id=1, ignore_eos=True).tokens
-    dec = StaticDecoder(llm, max_batch=4, max_len=48, compile=False)
-    assert dec.generate(prompts, [8, 5, 8], eos_id=2, bos_id=1, ignore_eos=True).tokens == want
-    assert dec.generate(prompts[1:2], 5, eos_id=2, bos_id=1, ignore_eos=True).tokens == [want[1]]  # cache reused
