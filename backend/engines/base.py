@@ -78,17 +78,20 @@ class DecodedImage:
         a = self.array.astype(np.float32)
         return a.mean(axis=2) if a.ndim == 3 else a
 
-    def rgb8(self) -> np.ndarray:
-        """(H, W, 3) uint8 for VLMs. 16-bit gray is mapped min..max to 0..255 (a client that cares about
-        window/level sends the windowed 8-bit image it displays)."""
+    def pixels8(self) -> np.ndarray:
+        """uint8, (H, W) for a gray image, (H, W, 3) for RGB. 16-bit gray is mapped min..max to 0..255 (a client
+        that cares about window/level sends the windowed 8-bit image it displays)."""
         a = self.array
         if a.dtype == np.uint16:
             lo, hi = float(a.min()), float(a.max())
             scale = 255.0 / (hi - lo) if hi > lo else 0.0
             a = np.clip((a.astype(np.float32) - lo) * scale + 0.5, 0, 255).astype(np.uint8)
-        if a.ndim == 2:
-            a = np.repeat(a[:, :, None], 3, axis=2)
         return np.ascontiguousarray(a)
+
+    def rgb8(self) -> np.ndarray:
+        """(H, W, 3) uint8 for VLMs: ``pixels8`` with gray replicated."""
+        a = self.pixels8()
+        return np.ascontiguousarray(np.repeat(a[:, :, None], 3, axis=2)) if a.ndim == 2 else a
 
     def content_id(self) -> str:
         """The image's id on the wire (``image_id``): a SHA-256 of its decoded pixels, shape and type."""

@@ -357,7 +357,7 @@ class MiniGPTMedEngine(Engine):
             if hit is not None:
                 out[it.key] = hit
             elif it.key not in todo:
-                todo[it.key] = normalize(resized_rgb(it.inp.image.rgb8(), self.cfg.vision.image_size))
+                todo[it.key] = normalize(resized_rgb(it.inp.image.pixels8(), self.cfg.vision.image_size))
         t1 = time.perf_counter()
         if todo:
             pixels = torch.stack(list(todo.values()))

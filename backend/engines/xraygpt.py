@@ -146,7 +146,7 @@ class XrayGPTEngine(Engine):
             for inp in inputs:
                 question = self._question(inp)
                 t0 = time.perf_counter()
-                pixels = normalize(resized_rgb(inp.image.rgb8(), self.cfg.vision.image_size))[None]
+                pixels = normalize(resized_rgb(inp.image.pixels8(), self.cfg.vision.image_size))[None]
                 try:
                     img = self.model.encode_images(pixels)[0]
                     t1 = time.perf_counter()

@@ -33,9 +33,13 @@ def to_rgb_pil(img: Image.Image | np.ndarray) -> Image.Image:
 
 
 def resized_rgb(img: Image.Image | np.ndarray, size: int = 448) -> np.ndarray:
-    """(size, size, 3) uint8 after the bicubic squash-resize."""
+    """(size, size, 3) uint8 after the bicubic squash-resize. A gray image is resized as one band and then
+    replicated: the same bytes as resizing its RGB copy (PIL resamples every band alike; tested), in half the time."""
     from PIL import Image
 
+    if isinstance(img, np.ndarray) and img.ndim == 2 and img.dtype == np.uint8:
+        gray = Image.fromarray(img).resize((size, size), resample=Image.Resampling.BICUBIC)
+        return np.repeat(np.asarray(gray, dtype=np.uint8)[:, :, None], 3, axis=2)
     pil = to_rgb_pil(img).resize((size, size), resample=Image.Resampling.BICUBIC)
     return np.asarray(pil, dtype=np.uint8)
 

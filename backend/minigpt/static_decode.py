@@ -89,10 +89,10 @@ class StaticDecoder:
 
     # -- the model, on our cache ------------------------------------------------------------------------------------
 
-    def _forward(self, h: torch.Tensor, pos: torch.Tensor, where: torch.Tensor, mask: torch.Tensor, keys: int):
+    def _forward(self, h: torch.Tensor, pos: torch.Tensor, where: torch.Tensor, mask: torch.Tensor | None, keys: int):
         """``h`` [rows, T, hidden] at position ids ``pos`` [rows, T]; writes cache positions ``where`` [T]; attends to
-        cache positions ``0 .. keys-1`` under ``mask`` [rows, 1, T, keys] (True = attend). Returns the last position's
-        logits [rows, vocab] in fp32."""
+        cache positions ``0 .. keys-1`` under ``mask`` [rows, 1, T, keys] (True = attend; None = causal, for a
+        prefill without padding: FlashAttention's case). Returns the last position's logits [rows, vocab] in fp32."""
         rows, t = h.shape[0], h.shape[1]
         cos, sin = self.rotary(h, pos)
         cos, sin = cos[:, None], sin[:, None]
@@ -108,7 +108,13 @@ class StaticDecoder:
             kc.index_copy_(2, where, k)
             vc.index_copy_(2, where, v)
             o = F.scaled_dot_product_attention(
-                q, kc[:, :, :keys], vc[:, :, :keys], attn_mask=mask, scale=self.scaling, enable_gqa=self.gqa
+                q,
+                kc[:, :, :keys],
+                vc[:, :, :keys],
+                attn_mask=mask,
+                is_causal=mask is None,
+                scale=self.scaling,
+                enable_gqa=self.gqa,
             )
             h = h + a.o_proj(o.transpose(1, 2).reshape(rows, t, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
@@ -192,10 +198,13 @@ class StaticDecoder:
         def prefill() -> torch.Tensor:
             valid = self.valid[:rows]
             valid.copy_(mask.bool())
-            keys = valid[:, :L]
-            causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
-            allowed = (causal & keys[:, None, :]) | torch.eye(L, dtype=torch.bool, device=device)  # a padding
-            logits = self._forward(x, pos, torch.arange(L, device=device), allowed[:, None], L)  # query sees itself
+            allowed = None  # every row a whole prompt: plain causal attention
+            if rows > b or min(lens) < L:
+                keys = valid[:, :L]
+                causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+                eye = torch.eye(L, dtype=torch.bool, device=device)  # a padding query attends to itself (no NaN)
+                allowed = ((causal & keys[:, None, :]) | eye)[:, None]
+            logits = self._forward(x, pos, torch.arange(L, device=device), allowed, L)
             self.pos[:rows].copy_(pos[:, -1:] + 1)
             self.cur.fill_(L)
             return logits

@@ -260,3 +260,21 @@ def test_quantize_without_bitsandbytes_is_a_clear_error(tiny, cfg, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed: import raises ImportError
     with pytest.raises(WeightsError, match="bitsandbytes"):
         load_original(tiny.eva, tiny.llama, tiny.checkpoint, cfg, LoadOptions(quantize="8bit"))
+
+
+@pytest.mark.parametrize("shape", [(70, 90), (215, 390), (512, 384)])
+def test_gray_images_resize_as_one_band_to_the_bytes_of_their_rgb_copy(shape):
+    from PIL import Image
+
+    from backend.engines.base import DecodedImage
+    from backend.minigpt.preprocess import resized_rgb
+
+    rng = np.random.default_rng(shape[0])
+    gray = rng.integers(0, 256, shape, dtype=np.uint8)
+    want = np.asarray(Image.fromarray(gray).convert("RGB").resize((448, 448), resample=Image.Resampling.BICUBIC))
+    got = resized_rgb(gray)
+    assert got.shape == (448, 448, 3) and got.dtype == np.uint8
+    assert np.array_equal(got, want)
+    assert torch.equal(preprocess(gray), preprocess(np.repeat(gray[:, :, None], 3, axis=2)))
+    deep = DecodedImage(rng.integers(0, 4096, shape, dtype=np.uint16), "PNG")  # 16-bit: mapped, then the gray path
+    assert deep.pixels8().shape == shape and np.array_equal(resized_rgb(deep.pixels8()), resized_rgb(deep.rgb8()))

@@ -55,9 +55,10 @@ def test_each_step_gives_the_logits_of_the_whole_sequence_run_without_a_cache(mo
     assert [t for t in out.tokens] == fed
 
 
-def test_prefill_and_decode_logits_match_transformers_closely(models):
+@pytest.mark.parametrize("lengths", [(11, 7), (9,)])  # left-padded (a mask), one whole prompt (plain causal)
+def test_prefill_and_decode_logits_match_transformers_closely(models, lengths):
     llm = models[0]
-    prompts = _prompts(2, (11, 7))
+    prompts = _prompts(2, lengths)
     dec = StaticDecoder(llm, max_batch=2, max_len=32)
     logits: list[torch.Tensor] = []
     import backend.minigpt.static_decode as sd
