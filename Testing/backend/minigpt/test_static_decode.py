@@ -148,3 +148,19 @@ def test_grouped_query_attention(tmp_path):
     dec = StaticDecoder(llm, max_batch=4, max_len=32)
     assert dec.k[0].shape == (4, 2, 32, 8)
     assert dec.generate(prompts, 6, eos_id=-1, bos_id=1).tokens == want
+
+
+def test_a_replay_that_differs_from_the_eager_step_is_caught(models):
+    """``check_graphs`` (run after capture on CUDA) on this CPU with stand-ins for the captured graphs: a faithful
+    replay (the eager step itself) passes; one that leaves the output alone, as a step with a host value frozen at
+    capture would give wrong logits, is named."""
+    dec = StaticDecoder(models[0], max_batch=2, max_len=32)
+
+    class Replay:
+        def __init__(self, fn):
+            self.replay = fn
+
+    dec._graphs = {1: Replay(lambda: dec._step(1)), 2: Replay(lambda: dec._step(2))}
+    assert dec.check_graphs() == ""
+    dec._graphs[2] = Replay(lambda: dec.out[:2].mul_(0.5))
+    assert dec.check_graphs().startswith("batch 2: max |difference| ")
