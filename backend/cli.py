@@ -163,8 +163,8 @@ def add_model_arguments(p: argparse.ArgumentParser, convert: bool = False) -> No
     g.add_argument(
         "--static-decode",
         action="store_true",
-        help="static KV cache + CUDA-graph decode step (about 3.5x faster decode on a GPU; compiles at start; "
-        f"or set {ENV['static_decode']}=1)",
+        help="preallocated KV cache with batch buckets 1, 2, 4, 8 and one CUDA graph per bucket, captured and warmed "
+        f"at start (faster decode on a GPU; or set {ENV['static_decode']}=1)",
     )
     g.add_argument(
         "--image-cache-entries",
