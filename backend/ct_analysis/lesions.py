@@ -92,19 +92,30 @@ def detect_lesions(hu: np.ndarray, tmap: TissueMap) -> list[LesionCandidate]:
         return []
     sizes = np.bincount(labels.ravel())
     out: list[LesionCandidate] = []
+    H, W = hu.shape
     for lab in np.nonzero(sizes * px_area >= ORGAN_MIN_AREA_MM2)[0]:
         if lab == 0:
             continue
-        organ = labels == lab
-        level = float(np.median(sm[organ]))
-        inside = sm[organ]
+        # the organ's bounding box plus one background pixel on each side inside the slice: the hole filling and
+        # the erosion give there exactly what they give on the whole slice (everything outside the box is
+        # background connected to the slice's border; a side on the slice's border stays a border)
+        whole = labels == lab
+        rows, cols = np.nonzero(whole.any(axis=1))[0], np.nonzero(whole.any(axis=0))[0]
+        r0, r1 = max(0, int(rows[0]) - 1), min(H, int(rows[-1]) + 2)
+        c0, c1 = max(0, int(cols[0]) - 1), min(W, int(cols[-1]) + 2)
+        organ = whole[r0:r1, c0:c1]
+        sm_o, hu_o = sm[r0:r1, c0:c1], hu[r0:r1, c0:c1]
+        inside = sm_o[organ]
+        level = float(np.median(inside))
         noise = 1.4826 * float(np.median(np.abs(inside - level)))
         delta = max(MIN_CONTRAST_HU, NOISE_FACTOR * noise)
-        filled = fill_holes(organ)
-        inner = erode_mm(filled, spacing, EDGE_MM)
+        filled_o = fill_holes(organ)
+        filled = np.zeros(hu.shape, dtype=bool)  # whole-slice copy for the rings, which may leave the box
+        filled[r0:r1, c0:c1] = filled_o
+        inner = erode_mm(filled_o, spacing, EDGE_MM)
         for polarity, cand in (
-            ("hypodense", inner & (sm <= level - delta)),
-            ("hyperdense", inner & (sm >= level + delta)),
+            ("hypodense", inner & (sm_o <= level - delta)),
+            ("hyperdense", inner & (sm_o >= level + delta)),
         ):
             clabels, cn = components(cand)
             for c in range(1, cn + 1):
@@ -112,19 +123,21 @@ def detect_lesions(hu: np.ndarray, tmap: TissueMap) -> list[LesionCandidate]:
                 area = float(region.sum() * px_area)
                 if area < math.pi / 4 * DIAMETER_RANGE_MM[0] ** 2:
                     continue
-                shape = compact_axes(region, spacing, DIAMETER_RANGE_MM, MAX_ELONGATION)
+                shape = compact_axes(region, spacing, DIAMETER_RANGE_MM, MAX_ELONGATION, (r0, c0))
                 if shape is None:
                     continue
                 long_mm, short_mm, diameter = shape
-                mean_hu = float(hu[region].mean())
+                mean_hu = float(hu_o[region].mean())
                 if mean_hu < LESION_MIN_HU or mean_hu > HYPER_MAX_HU:
                     continue
                 ys, xs = np.nonzero(region)
+                ys, xs = ys + r0, xs + c0  # slice coordinates from here on
                 # the ring, on the region's bounding box plus the ring's width
                 py, px = int(math.ceil(RING_MM / spacing[0])) + 1, int(math.ceil(RING_MM / spacing[1])) + 1
-                a0, a1 = max(0, ys.min() - py), min(region.shape[0], ys.max() + py + 1)
-                b0, b1 = max(0, xs.min() - px), min(region.shape[1], xs.max() + px + 1)
-                sub = region[a0:a1, b0:b1]
+                a0, a1 = max(0, ys.min() - py), min(H, ys.max() + py + 1)
+                b0, b1 = max(0, xs.min() - px), min(W, xs.max() + px + 1)
+                sub = np.zeros((a1 - a0, b1 - b0), dtype=bool)
+                sub[ys - a0, xs - b0] = True
                 ring = dilate_mm(sub, spacing, RING_MM) & ~sub
                 if float(filled[a0:a1, b0:b1][ring].mean()) < MIN_ORGAN_RING:
                     continue

@@ -18,10 +18,12 @@ import numpy as np
 from .tissue import CLASS_NAMES, TissueMap, components
 
 
-def axes_mm(region: np.ndarray, spacing: tuple[float, float]) -> tuple[float, float]:
+def axes_mm(region: np.ndarray, spacing: tuple[float, float], origin: tuple[int, int] = (0, 0)) -> tuple[float, float]:
     """Long and short axis (mm) of the region's equivalent ellipse (second moments of its pixels, each pixel a
-    uniform square)."""
+    uniform square). ``origin``: where ``region`` (a crop) starts in the slice, so that a crop gives the slice's own
+    figures to the last bit."""
     ys, xs = np.nonzero(region)
+    ys, xs = ys + origin[0], xs + origin[1]
     pts = np.stack([ys * spacing[0], xs * spacing[1]]).astype(np.float64)
     cov = np.cov(pts, bias=True) if ys.size > 1 else np.zeros((2, 2))
     cov = cov + np.diag([spacing[0] ** 2 / 12, spacing[1] ** 2 / 12])
@@ -30,12 +32,16 @@ def axes_mm(region: np.ndarray, spacing: tuple[float, float]) -> tuple[float, fl
 
 
 def compact_axes(
-    region: np.ndarray, spacing: tuple[float, float], diameter_range_mm: tuple[float, float], max_elongation: float
+    region: np.ndarray,
+    spacing: tuple[float, float],
+    diameter_range_mm: tuple[float, float],
+    max_elongation: float,
+    origin: tuple[int, int] = (0, 0),
 ) -> tuple[float, float, float] | None:
     """The shape test of the candidate detectors: (long axis, short axis, mean diameter) in mm of the region's
     equivalent ellipse when its mean diameter ((long + short) / 2) lies in ``diameter_range_mm`` and its elongation
     (long / short) is at most ``max_elongation``; None otherwise."""
-    long_mm, short_mm = axes_mm(region, spacing)
+    long_mm, short_mm = axes_mm(region, spacing, origin)
     diameter = (long_mm + short_mm) / 2
     if not (diameter_range_mm[0] <= diameter <= diameter_range_mm[1]):
         return None

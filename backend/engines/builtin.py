@@ -59,6 +59,7 @@ class BuiltinEngine(Engine):
     def __init__(self, settings: BuiltinSettings | None = None):
         self.settings = settings or BuiltinSettings()
         self._workers = 1  # set by load()
+        self._split = False  # True while a one-slice call runs (the service worker calls one batch at a time)
 
     def load(self) -> None:
         import SimpleITK as sitk  # fail at start, not on the first request
@@ -87,7 +88,11 @@ class BuiltinEngine(Engine):
 
         workers = min(self._workers, len(inputs))
         if workers <= 1:
-            return [one(inp) for inp in inputs]
+            self._split = self._workers > 1  # one slice, spare cores: its nodule and lesion passes side by side
+            try:
+                return [one(inp) for inp in inputs]
+            finally:
+                self._split = False
         with ThreadPoolExecutor(workers, thread_name_prefix="builtin") as pool:
             return list(pool.map(one, inputs))  # in order; the first error (or stop) is raised here
 
@@ -112,9 +117,15 @@ class BuiltinEngine(Engine):
 
     def _candidates(self, inp: AnalysisInput, hu: np.ndarray):
         tmap = tissue_map(hu, _spacing(inp))
-        nodules = detect_nodules(hu, tmap)[: self.settings.max_nodule_candidates]
-        lesions = detect_lesions(hu, tmap)[: self.settings.max_lesion_candidates]
-        return tmap, nodules, lesions
+        if self._split:  # the two passes only read the slice and its tissue map; ITK releases the GIL
+            with ThreadPoolExecutor(1, thread_name_prefix="builtin-lesions") as pool:
+                later = pool.submit(detect_lesions, hu, tmap)
+                nodules = detect_nodules(hu, tmap)
+                lesions = later.result()
+        else:
+            nodules = detect_nodules(hu, tmap)
+            lesions = detect_lesions(hu, tmap)
+        return tmap, nodules[: self.settings.max_nodule_candidates], lesions[: self.settings.max_lesion_candidates]
 
     def _detect(self, inp: AnalysisInput, hu: np.ndarray) -> AnalysisResult:
         tmap, nodules, lesions = self._candidates(inp, hu)

@@ -281,3 +281,34 @@ def test_follow_ups_on_the_wire_identify_answers_and_the_rest_is_501(builtin_ser
     plain = requests.post(f"{url}/v1/images", json={"image": b64(encode_png(image))}, timeout=30).json()
     e = post({"task": "ground", "question": "nodule", "image_id": plain["image_id"], "history": history}, 501)
     assert e["error"]["code"] == "not_supported"
+
+
+def test_one_slice_on_two_cores_gives_what_one_core_gives(ct):
+    """A single slice on a machine with cores to spare runs its nodule and lesion passes side by side
+    (``_split``): the findings are those of the passes run one after the other, here with both kinds present."""
+    from backend.settings import BuiltinSettings
+
+    k = 40
+    stack = ct[k - 3 : k + 4].copy()
+    insert(stack, Insert("hypodense", (3.0, 200.0, 170.0), (7.5, 7.5, 7.5), 30.0))
+    slices = [stack[3], ct[75], ct[90]]
+    got: dict[int, list] = {}
+    for workers in (1, 2):
+        eng = BuiltinEngine(BuiltinSettings(workers=workers))
+        eng.load()
+        got[workers] = []
+        for hu in slices:
+            inp = AnalysisInput(
+                "detect",
+                DecodedImage(np.zeros(hu.shape, np.uint8), "PNG"),
+                pixel_spacing_mm=SP2,
+                modality="CT",
+                values=ScalarValues(hu.astype(np.float32), "HU"),
+            )
+            (res,) = eng.analyze_batch([inp], StopToken())
+            got[workers].append([(f.label, f.box, f.score) for f in res.findings])
+        assert not eng._split  # only while a call runs
+    assert got[1] == got[2]
+    labels = [lab for found in got[2] for lab, _, _ in found]
+    assert any(lab.startswith("focal hypodense") for lab in labels)
+    assert any(lab.startswith("lung nodule candidate") for lab in labels)
