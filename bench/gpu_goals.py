@@ -8,15 +8,15 @@ side with Hugging Face ``generate`` on the same weights.
 2. Random weights of the real architecture in the original layout (``bench/minigptmed_engine.write_original``) and a
    32000-piece SentencePiece model trained here (so the server decodes every id), ``convert``ed to the folder that the
    server loads.
-3. The server as a subprocess (``minigptmed-backend serve --engine minigptmed --converted DIR --static-decode``), page
+3. In process, the converted folder loaded again: decode tokens/s at batch 1 and 8 (ours: static cache + CUDA graphs;
+   HF ``generate`` with its dynamic cache on the same embeddings); time to first token for one 448 px image
+   (preprocess + EVA + prefill + first token).
+4. Then the server as a subprocess (``minigptmed-backend serve --engine minigptmed --converted DIR --static-decode``), page
    cache dropped first: *ready* = process start to the first ``/health`` answer (it loads, captures the CUDA graphs and
    warms up before it listens). Over HTTP on loopback: ``detect`` on one 512x512 slice with ``max_new_tokens`` 20 (the
    size of a detect answer; random weights never emit EOS, so every answer is 20 tokens): the first request and the
    median of the next ones; a sweep of 133 slices through ``/v1/analyze/batch`` (three requests sent at once, the
    worker batches up to 8 rows, each row ends at its own limit).
-4. In process, the converted folder loaded again: decode tokens/s at batch 1 and 8 (ours: static cache + CUDA graphs;
-   HF ``generate`` with its dynamic cache on the same embeddings); time to first token for one 448 px image
-   (preprocess + EVA + prefill + first token).
 
 The server rows need fastapi, uvicorn and fastapi-offline, which the GPU image lacks: ``--deps DIR`` names a folder of
 wheels for its Python (``pip download`` them here; docs/benchmarks.md has the command), installed with ``--no-deps``
@@ -134,7 +134,7 @@ def server_rows(conv: Path, device: str, quick: bool, sweep_n: int, detect_token
     args += ["--dtype", "float32" if quick else "float16", "--log-level", "info"]  # max_batch 8: the default
     proc = BackendProcess(*args)
     t0 = time.perf_counter()
-    url = proc.start(timeout_s=600)
+    url = proc.start(timeout_s=240)  # well inside one device call
     out["ready_s"] = round(time.perf_counter() - t0, 2)
     try:
         text = proc.log()
@@ -259,6 +259,7 @@ def main(argv=None) -> int:
     if not quick:
         res["hbm"] = hbm_bandwidth()
         log(f"bandwidth {res['hbm']}")
+    save(res, a.out)
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="gpu-goals-"))
     t_all = time.perf_counter()
     try:
@@ -272,16 +273,7 @@ def main(argv=None) -> int:
         res["convert_s"] = round(time.perf_counter() - t0, 1)
         shutil.rmtree(work / "orig", ignore_errors=True)
         log(f"wrote {res['write_s']} s, converted {res['convert_s']} s")
-        if "server" not in skip:
-            why = install_server_deps(a.deps, work / "deps")
-            if why:
-                res["server"] = {"missing": why}
-            else:
-                try:
-                    res["server"] = server_rows(conv, device, quick, a.sweep_slices, a.detect_tokens, 20)
-                except Exception as e:  # record and go on to the in-process rows
-                    res["server"] = {"error": f"{type(e).__name__}: {str(e)[-800:]}"}
-            log(f"server {res['server']}")
+        save(res, a.out)
         if "decode" not in skip:
             t0 = time.perf_counter()
             model, _, _ = load_converted(conv, LoadOptions(device=device, dtype=dtype))
@@ -289,27 +281,50 @@ def main(argv=None) -> int:
             res["load_converted_in_process_s"] = round(time.perf_counter() - t0, 2)
             wb = llm_weight_bytes(model.llm)
             res["llm_weight_GB"] = round(wb / 1e9, 3)
+            if not quick:
+                res["bound_tok_s"] = round(res["hbm"]["measured_copy_TBps"] * 1e12 / wb, 1)
             res["ours_static"] = [static_rates(model, b, a.new_tokens) for b in (1, 8)]
             log(f"ours (static cache + graphs) {res['ours_static']}")
+            save(res, a.out)
             res["hf_generate"] = [hf_generate_rates(model, b, a.new_tokens) for b in (1, 8)]
             log(f"HF generate {res['hf_generate']}")
+            save(res, a.out)
             dec = StaticDecoder(model.llm, 1, 1024)
             dec.capture()
             res["ttft_one_image"] = ttft_static(model, dec, cfg.vision.image_size)
             log(f"TTFT {res['ttft_one_image']}")
             if not quick:
                 res["peak_gpu_mem_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
-                res["bound_tok_s"] = round(res["hbm"]["measured_copy_TBps"] * 1e12 / wb, 1)
+            del model, dec
+            if not quick:
+                torch.cuda.empty_cache()
+        if "server" not in skip:
+            why = install_server_deps(a.deps, work / "deps")
+            if why:
+                res["server"] = {"missing": why}
+            else:
+                try:
+                    res["server"] = server_rows(conv, device, quick, a.sweep_slices, a.detect_tokens, 20)
+                except Exception as e:  # record it: the decode rows are already saved
+                    res["server"] = {"error": f"{type(e).__name__}: {str(e)[-800:]}"}
+            log(f"server {res['server']}")
+            save(res, a.out)
     finally:
         if not a.workdir:
             shutil.rmtree(work, ignore_errors=True)
     res["total_s"] = round(time.perf_counter() - t_all, 1)
-    res["summary"] = summary(res)
-    text = json.dumps(res, indent=2)
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text)
+    save(res, a.out)
+    print(json.dumps(res, indent=2))
     return 0
+
+
+def save(res: dict, out: str | None) -> None:
+    """The results so far, with their summary (after every step: a call cut short still brings back what it had)."""
+    res["summary"] = summary(res)
+    if out:
+        tmp = Path(out).with_suffix(".tmp")
+        tmp.write_text(json.dumps(res, indent=2))
+        tmp.replace(out)
 
 
 def summary(res: dict) -> list[dict]:
