@@ -42,7 +42,9 @@ when that is empty) and ``score = R / (R + SCORE_HALF_HU)``: a monotone, documen
 from __future__ import annotations
 
 import math
+from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -102,26 +104,33 @@ def _image(a: np.ndarray, spacing: tuple[float, float]):
     return img
 
 
-def blob_response(x: np.ndarray, spacing: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+def blob_response(
+    x: np.ndarray, spacing: tuple[float, float], pool: Executor | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(R, scale index): the negated scale-normalised LoG, maximised over ``BLOB_RADII_MM``. Scales of at least 3
     pixels run on the image binned 2x2 (4x4 from 7 pixels; SimpleITK ``BinShrink``) and are expanded back with
-    linear interpolation (``Expand``): the same measure at a fraction of the cost."""
+    linear interpolation (``Expand``): the same measure at a fraction of the cost. With ``pool``, the finest scale
+    (the one at full resolution, the dearest) runs there while the others run here; the result is the same."""
     import SimpleITK as sitk
 
     img = _image(x, spacing)
-    shrunk = {1: img}
-    best = np.full(x.shape, -np.inf, dtype=np.float32)
-    idx = np.zeros(x.shape, dtype=np.int8)
-    log = sitk.LaplacianRecursiveGaussianImageFilter()
-    log.SetNormalizeAcrossScale(True)
-    for i, r in enumerate(BLOB_RADII_MM):
-        sigma = r / math.sqrt(2.0)
-        sigma_px = sigma / min(spacing)
-        f = 4 if sigma_px >= 7 else 2 if sigma_px >= 3 else 1
-        if f not in shrunk:
-            shrunk[f] = sitk.BinShrink(img, [f, f])
-        log.SetSigma(sigma)
-        out = log.Execute(shrunk[f])
+    binned: dict[int, Any] = {1: img}
+
+    def factor(r: float) -> int:
+        sigma_px = r / math.sqrt(2.0) / min(spacing)
+        return 4 if sigma_px >= 7 else 2 if sigma_px >= 3 else 1
+
+    for r in BLOB_RADII_MM:  # the binned images first, so that the scales only read shared inputs
+        f = factor(r)
+        if f not in binned:
+            binned[f] = sitk.BinShrink(img, [f, f])
+
+    def one_scale(r: float) -> np.ndarray:
+        f = factor(r)
+        log = sitk.LaplacianRecursiveGaussianImageFilter()
+        log.SetNormalizeAcrossScale(True)
+        log.SetSigma(r / math.sqrt(2.0))
+        out = log.Execute(binned[f])
         if f > 1:
             out = sitk.Expand(out, [f, f], sitk.sitkLinear)
         a = -sitk.GetArrayFromImage(out)
@@ -130,6 +139,17 @@ def blob_response(x: np.ndarray, spacing: tuple[float, float]) -> tuple[np.ndarr
         # Expand's grid starts half a bin before the first pixel: shift by (f - 1) / 2 pixels
         sh = (f - 1) // 2
         resp[: hh - sh, : ww - sh] = a[sh:hh, sh:ww]
+        return resp
+
+    if pool is not None:  # the finest scale elsewhere, the rest here meanwhile
+        first = pool.submit(one_scale, BLOB_RADII_MM[0])
+        rest = [one_scale(r) for r in BLOB_RADII_MM[1:]]
+        responses = [first.result(), *rest]
+    else:
+        responses = [one_scale(r) for r in BLOB_RADII_MM]
+    best = np.full(x.shape, -np.inf, dtype=np.float32)
+    idx = np.zeros(x.shape, dtype=np.int8)
+    for i, resp in enumerate(responses):  # in scale order: a tie keeps the finer scale, as before
         better = resp > best
         best[better] = resp[better]
         idx[better] = i
@@ -184,8 +204,9 @@ def _erode(m: np.ndarray) -> np.ndarray:
     return ~_shift_or(~m)
 
 
-def detect_nodules(hu: np.ndarray, tmap: TissueMap) -> list[NoduleCandidate]:
-    """Lung nodule candidates of one slice, strongest first (at most ``MAX_CANDIDATES``)."""
+def detect_nodules(hu: np.ndarray, tmap: TissueMap, pool: Executor | None = None) -> list[NoduleCandidate]:
+    """Lung nodule candidates of one slice, strongest first (at most ``MAX_CANDIDATES``); ``pool``: a thread pool
+    for the finest blob scale (see :func:`blob_response`)."""
     from .tissue import components
 
     spacing = tmap.spacing
@@ -201,23 +222,28 @@ def detect_nodules(hu: np.ndarray, tmap: TissueMap) -> list[NoduleCandidate]:
     lung = tmap.lung_sides[y0:y1, x0:x1] > 0
     sides = tmap.lung_closed[y0:y1, x0:x1]
     x = np.where(cl, np.clip(h, -1000.0, CLIP_MAX_HU), -1000.0).astype(np.float32)
-    resp, scale_idx = blob_response(x, spacing)
+    resp, scale_idx = blob_response(x, spacing, pool)
     lung_bg = float(np.median(h[lung])) if lung.any() else -850.0
     solid_labels, _ = components(x >= (SOLID_MIN_HU + lung_bg) / 2)
     ggo_labels: dict[float, np.ndarray] = {}
     taken = np.zeros(cl.shape, dtype=bool)
     out: list[NoduleCandidate] = []
     px_area = spacing[0] * spacing[1]
+    templates: dict[int, tuple[int, int, np.ndarray]] = {}  # per scale: the window's half sizes and distances (mm)
     for py, px in _local_maxima(resp, cl, MIN_RESPONSE_HU):
         if taken[py, px]:
             continue
-        r_mm = BLOB_RADII_MM[int(scale_idx[py, px])]
+        s_i = int(scale_idx[py, px])
+        r_mm = BLOB_RADII_MM[s_i]
         win = WINDOW_FACTOR * r_mm + 1.5 * max(spacing)
-        wy, wx = int(math.ceil(win / spacing[0])), int(math.ceil(win / spacing[1]))
+        if s_i not in templates:
+            wy, wx = int(math.ceil(win / spacing[0])), int(math.ceil(win / spacing[1]))
+            oy, ox = np.mgrid[-wy : wy + 1, -wx : wx + 1]
+            templates[s_i] = (wy, wx, np.hypot(oy * spacing[0], ox * spacing[1]))
+        wy, wx, full = templates[s_i]
         a0, a1 = max(0, py - wy), min(h.shape[0], py + wy + 1)
         b0, b1 = max(0, px - wx), min(h.shape[1], px + wx + 1)
-        yy, xx = np.mgrid[a0:a1, b0:b1]
-        dist = np.hypot((yy - py) * spacing[0], (xx - px) * spacing[1])
+        dist = full[a0 - py + wy : a1 - py + wy, b0 - px + wx : b1 - px + wx]  # the window, cut at the crop's edges
         disc = dist <= win
         hv = h[a0:a1, b0:b1]
         core = float(np.median(hv[dist <= max(r_mm / 2, max(spacing))]))

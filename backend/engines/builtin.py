@@ -117,10 +117,10 @@ class BuiltinEngine(Engine):
 
     def _candidates(self, inp: AnalysisInput, hu: np.ndarray):
         tmap = tissue_map(hu, _spacing(inp))
-        if self._split:  # the two passes only read the slice and its tissue map; ITK releases the GIL
-            with ThreadPoolExecutor(1, thread_name_prefix="builtin-lesions") as pool:
+        if self._split:  # the passes only read the slice and its tissue map; ITK releases the GIL
+            with ThreadPoolExecutor(2, thread_name_prefix="builtin-slice") as pool:
                 later = pool.submit(detect_lesions, hu, tmap)
-                nodules = detect_nodules(hu, tmap)
+                nodules = detect_nodules(hu, tmap, pool)  # its finest blob scale on the pool's other thread
                 lesions = later.result()
         else:
             nodules = detect_nodules(hu, tmap)
