@@ -290,12 +290,15 @@ class HFEngine(Engine):
             "stopping_criteria": StoppingCriteriaList([_Stop()]),
         }
         if end_ids:
-            gen_kwargs["logits_processor"] = LogitsProcessorList([_EndRows()])
             gen_kwargs["eos_token_id"] = end_ids
-        streamer = None
-        if len(inputs) == 1 and inputs[0].on_text is not None:  # streaming (transformers streams batch 1 only)
-            streamer = _DeltaStreamer(self.tokenizer, DeltaText(inputs[0].on_text))
-            gen_kwargs["streamer"] = streamer
+        ends = {int(v) for v in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id) if v is not None}
+        ends.update(end_ids)
+        streams = {k: DeltaText(inp.on_text) for k, inp in enumerate(inputs) if inp.on_text is not None}
+        processors: list[LogitsProcessor] = [_EndRows()] if end_ids else []
+        if streams:  # every streaming row of the batch (transformers' own streamer takes batch 1 only)
+            processors.append(_RowStreams(self.tokenizer, streams, inputs, prompt_len, ends))
+        if processors:
+            gen_kwargs["logits_processor"] = LogitsProcessorList(processors)
         if temperature > 0:
             gen_kwargs["temperature"] = temperature
         else:  # the folder's generation_config may ask for sampling: greedy must win
@@ -305,8 +308,6 @@ class HFEngine(Engine):
             out = self.model.generate(**batch, **gen_kwargs)
         stop.check()
         t2 = time.perf_counter()
-        ends = {int(v) for v in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id) if v is not None}
-        ends.update(end_ids)
         results: list[AnalysisResult] = []
         mask = batch.get("attention_mask")
         for k, (row, inp, limit, (_text, _img, g, _im)) in enumerate(zip(out, inputs, limits, preps, strict=True)):
@@ -316,8 +317,8 @@ class HFEngine(Engine):
             new = row[prompt_len:].tolist()[:limit]
             n = next((i for i, tid in enumerate(new) if tid in ends), len(new))
             raw = self.tokenizer.decode(new[:n], skip_special_tokens=True)
-            if streamer is not None:
-                streamer.delta.finish(raw)
+            if k in streams:
+                streams[k].finish(raw)
             default_label = inp.question or families.default_detect_label(self.family, inp.modality)
             dec = families.decode_output(self.family, raw, g, default_label=default_label)
             if inp.task in TEXT_TASKS and self.family == "generic":
@@ -340,21 +341,23 @@ class HFEngine(Engine):
         return results
 
 
-class _DeltaStreamer:
-    """transformers' streamer interface (``put`` ids, ``end``) over the whole decode so far, through ``DeltaText``
-    (never half a UTF-8 character; special tokens skipped). The prompt's ids (the first ``put``) are not shown."""
+class _RowStreams:
+    """A logits processor that only reads: at each decode step, every streaming row's tokens so far (up to its first
+    end token) decoded and fed to its ``DeltaText`` (never half a UTF-8 character; special tokens skipped). It sees
+    a step's token at the next step; the row's last piece comes with ``finish``. One host read per step, only when
+    a row streams."""
 
-    def __init__(self, tokenizer, delta: DeltaText):
-        self.tokenizer, self.delta = tokenizer, delta
-        self.ids: list[int] = []
-        self.prompt_seen = False
+    def __init__(self, tokenizer, streams: dict[int, DeltaText], inputs, prompt_len: int, ends: set[int]):
+        self.tokenizer, self.streams, self.inputs = tokenizer, streams, inputs
+        self.prompt_len, self.ends = prompt_len, ends
 
-    def put(self, value) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        self.ids += [int(v) for v in value.reshape(-1).tolist()]
-        self.delta.update(self.tokenizer.decode(self.ids, skip_special_tokens=True))
-
-    def end(self) -> None:
-        pass
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] > self.prompt_len:
+            rows = sorted(self.streams)
+            new = input_ids[rows, self.prompt_len :].tolist()
+            for k, ids in zip(rows, new, strict=True):
+                if self.inputs[k].is_cancelled():
+                    continue
+                n = next((i for i, t in enumerate(ids) if t in self.ends), len(ids))
+                self.streams[k].update(self.tokenizer.decode(ids[:n], skip_special_tokens=True))
+        return scores

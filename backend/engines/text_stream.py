@@ -22,7 +22,8 @@ class DeltaText:
             self.emit(delta)
 
     def finish(self, text: str) -> None:
-        """The final answer: emit the rest of it (all of it when the decode rewrote what was sent)."""
+        """The final answer: emit the rest of it. When the decode rewrote text already sent, nothing more is emitted
+        (the deltas would no longer add up; the final ``done`` event carries the whole answer)."""
         if text.startswith(self.sent) and len(text) > len(self.sent):
             self.emit(text[len(self.sent) :])
             self.sent = text

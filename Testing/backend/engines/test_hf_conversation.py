@@ -126,3 +126,33 @@ def test_a_follow_up_skips_the_image_processor(served):
     engine.analyze_batch([follow], StopToken())
     again = engine.analyze_batch([AnalysisInput(task="report", image=img, max_new_tokens=6)], StopToken())[0]
     assert engine.image_processor_calls == calls + 1 and again.raw_output == first.raw_output
+
+
+def test_every_streaming_row_of_a_batch_streams(served):
+    """Two streamed requests in one batch (as the worker merges concurrent ones): each row's pieces arrive while it
+    is decoded, add up to its own answer, and the answers are those each gives alone."""
+    _, engine = served
+    a = dict(task="vqa", image=DecodedImage(IMG, "PNG"), question="Is there a nodule?", max_new_tokens=10)
+    b = dict(task="report", image=DecodedImage(IMG[:80], "PNG"), max_new_tokens=14)
+    alone = [engine.analyze_batch([AnalysisInput(**x)], StopToken())[0] for x in (a, b)]
+    pieces: list[list[str]] = [[], []]
+    steps = _Steps(engine.model)
+    at_step: list[list[int]] = [[], []]  # the forward calls seen when each piece arrived
+
+    def feed(k):
+        def on_text(t: str) -> None:
+            pieces[k].append(t)
+            at_step[k].append(steps.calls)
+
+        return on_text
+
+    try:
+        out = engine.analyze_batch(
+            [AnalysisInput(**a, on_text=feed(0)), AnalysisInput(**b, on_text=feed(1))], StopToken()
+        )
+    finally:
+        steps.handle.remove()
+    for k in (0, 1):
+        assert out[k].raw_output == alone[k].raw_output
+        assert "".join(pieces[k]) == out[k].raw_output
+        assert len(pieces[k]) >= 2 and at_step[k][0] < steps.calls  # pieces before the decode ended, not one at the end
