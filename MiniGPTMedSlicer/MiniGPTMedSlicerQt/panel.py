@@ -127,6 +127,7 @@ class Panel:
         self.progress.setValue(0)
 
         self.job: Optional[Job] = None
+        self._closed = False  # cleanup() ran: the widgets may be deleted, callbacks that still come are dropped
         # how the calls are sent: Qt's event loop by default; MiniGPTMedSlicerLib.logic.ThreadRunner() for a worker
         # thread with requests (what the panel did before; kept for comparison in bench/panel_pythonqt.py)
         self.runner = runner if runner is not None else QtRunner(self.widget, self._job_done, self._show_streamed)
@@ -251,6 +252,7 @@ class Panel:
     def _set_busy(self, busy: bool, message: str = "") -> None:
         self.analyze_button.setEnabled(not busy)
         self.test_button.setEnabled(not busy)
+        self.clear_button.setEnabled(not busy)  # it removes the analysis a running follow-up's answer goes under
         self.cancel_button.setEnabled(busy)
         if busy:
             self.progress.setRange(0, 0)  # busy indicator until progress is known
@@ -323,13 +325,20 @@ class Panel:
     def on_cancel(self) -> None:
         if self.job is None:
             return
-        self.logic.cancel(self.job)  # the call in flight is aborted; a result that still comes is discarded
+        self._abandon_job()
+        self.refresh_conversation()
+        self._ok("Cancelled. Nothing was added to the scene.")
+
+    def _abandon_job(self) -> None:
+        """Cancel the job in flight (Cancel, New conversation during a follow-up): the call is aborted (a streamed
+        answer's request named in ``DELETE /v1/requests/{id}`` first); its pieces and its result, if they still
+        come, are dropped; the findings box goes back to what it was (a streamed answer's first words go)."""
+        assert self.job is not None
+        self.logic.cancel(self.job)
         self.timer.stop()
         self.job = None
         self._set_busy(False, "")
-        self.text_edit.setPlainText(self._text_before)  # a streamed answer's first words go
-        self.refresh_conversation()
-        self._ok("Cancelled. Nothing was added to the scene.")
+        self.text_edit.setPlainText(self._text_before)
 
     # -- the conversation (the logic keeps it: MiniGPTMedSlicerLib.chat) ---------------------------
 
@@ -358,9 +367,14 @@ class Panel:
         self.timer.start()
 
     def on_new_conversation(self) -> None:
+        """Forget the earlier turns; a follow-up on its way belongs to them: it is cancelled, as Cancel does."""
+        cancelled = self.job is not None and self.job.kind == "follow_up"
+        if cancelled:
+            self._abandon_job()
         self.logic.new_conversation()
         self.refresh_conversation()
-        self._ok("New conversation: the next question starts from the image in view.")
+        note = " (the question on its way was cancelled)" if cancelled else ""
+        self._ok(f"New conversation{note}: the next question starts from the image in view.")
 
     def _on_view_changed(self, *args) -> None:
         self.logic.select_view(str(prop(self.view_combo, "currentText")))
@@ -388,6 +402,8 @@ class Panel:
         self.refresh_conversation()
 
     def on_clear(self) -> None:
+        if self.job is not None:  # the button is disabled then (its answer would go under an analysis removed here)
+            return
         self._stop_editing()
         n = self.logic.clear()
         self.text_edit.setPlainText("")
@@ -405,6 +421,8 @@ class Panel:
 
     def _poll(self) -> None:
         assert is_gui_thread(), "widgets and MRML are touched only on the main thread"
+        if self._closed:
+            return
         job = self.job
         if job is None:
             self.timer.stop()
@@ -451,7 +469,7 @@ class Panel:
 
     def _show_streamed(self, job: Job) -> None:
         """The answer so far, as the backend writes it (a streamed analysis or follow-up)."""
-        if job is not self.job:
+        if job is not self.job or self._closed:
             return
         self.text_edit.setPlainText(job.streamed)
         if job.kind == "follow_up":
@@ -459,7 +477,8 @@ class Panel:
 
     def _job_done(self) -> None:
         """A job on the event loop finished: apply it now rather than at the next poll tick."""
-        qt.QTimer.singleShot(0, self._poll)
+        if not self._closed:
+            qt.QTimer.singleShot(0, self._poll)
 
     # -- review ---------------------------------------------------------------------------------
 
@@ -641,11 +660,20 @@ class Panel:
             self._ok(message + ".")
 
     def cleanup(self) -> None:
+        """The module's cleanup (Slicer then destroys the widget: Reload, closing the application). Once: a job in
+        flight is cancelled, and what would still come from it (the transport's callbacks, a late poll) is dropped,
+        since the Qt objects it would touch may be deleted by then."""
+        if self._closed:
+            return
         if self.editing is not None:  # lock the ROI again (the widgets may be gone already otherwise)
             self._stop_editing()
         self.timer.stop()
         if self.job is not None:
             self.logic.cancel(self.job)
             self.job = None
+        self._closed = True
+        close = getattr(self.runner, "close", None)  # the Qt runner's; a ThreadRunner's worker touches no Qt object
+        if close is not None:
+            close()
         self.logic.on_conversation_ended = None
         self.logic.new_conversation()  # its observers on the slice nodes go (it stays saved with its analysis)

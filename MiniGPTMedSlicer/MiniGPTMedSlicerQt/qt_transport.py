@@ -33,7 +33,9 @@ class QtRunner:
     as its bytes arrive (``readyRead``): the text so far goes into ``job.streamed`` and ``on_delta(job)`` is called;
     its read timeout counts from the last bytes that came (a stream still writing has answered).
     Cancel (``logic.cancel(job)``) sends ``DELETE /v1/requests/{id}`` for a streamed call whose id came in its
-    headers, then aborts the reply (at once for the other calls: a client that goes away cancels its request too)."""
+    headers, then aborts the reply (at once for the other calls: a client that goes away cancels its request too).
+    :meth:`close` (the panel's cleanup, before Slicer destroys its widget and with it the manager and its replies)
+    drops every callback that comes afterwards: a reply's end, Cancel's wait for the DELETE, a retry's timer."""
 
     on_main_thread = True
     #: how long Cancel waits for the DELETE's answer before it aborts the reply anyway
@@ -44,9 +46,14 @@ class QtRunner:
         self.parent = parent
         self.on_done = on_done
         self.on_delta = on_delta
+        self.closed = False
 
     def run(self, job, client: BackendClient, calls: Calls) -> None:
         _Run(self, job, client, calls).step(None, None)
+
+    def close(self) -> None:
+        """No callback runs from now on (the Qt objects they would touch may be deleted by then); nothing is sent."""
+        self.closed = True
 
 
 class _Run:
@@ -63,6 +70,8 @@ class _Run:
         self.stream_error: Optional[BackendError] = None  # an error event read while the stream came in
 
     def step(self, value: Any, error: Optional[BaseException]) -> None:
+        if self.runner.closed:
+            return
         job = self.job
         try:
             if job.cancel.is_set():
@@ -89,6 +98,8 @@ class _Run:
             self.runner.on_done()
 
     def _send(self, request: HttpRequest, attempt: int) -> None:
+        if self.runner.closed:
+            return
         q = qt.QNetworkRequest(qt.QUrl(request.url))
         for k, v in request.headers.items():
             q.setRawHeader(qt.QByteArray(k.encode("latin-1")), qt.QByteArray(v.encode("latin-1")))
@@ -124,11 +135,11 @@ class _Run:
         )
 
     def _on_headers(self, reply) -> None:
-        if self.request_id is None:
+        if self.request_id is None and not self.runner.closed:
             self.request_id = _raw_header(reply, REQUEST_ID_HEADER) or None
 
     def _on_ready_read(self, reply) -> None:
-        if self.reader is None or reply is not self.reply or not self._streaming(reply):
+        if self.runner.closed or self.reader is None or reply is not self.reply or not self._streaming(reply):
             return  # an error body: read whole when the reply finishes
         self.timer.start()  # the read timeout counts from a stream's last bytes (as requests' does), not from the call
         self._on_headers(reply)
@@ -147,6 +158,8 @@ class _Run:
     def _cancel(self, reply) -> None:
         """Cancel: a stream whose id is known is named in a DELETE first (the reply is aborted once that is
         answered, or after ``cancel_wait_ms``); any other call is aborted at once."""
+        if self.runner.closed:
+            return
         if self.reader is None or self.request_id is None or self.deleting is not None:
             reply.abort()
             return
@@ -158,22 +171,25 @@ class _Run:
         deleting = self.deleting
 
         def abort() -> None:
-            if self.reply is reply:
+            if self.reply is reply and not self.runner.closed:
                 reply.abort()
 
         def answered() -> None:
-            deleting.deleteLater()
-            abort()
+            if not self.runner.closed:
+                deleting.deleteLater()
+                abort()
 
         deleting.finished.connect(answered)
         qt.QTimer.singleShot(int(self.runner.cancel_wait_ms), abort)
 
     def _on_timeout(self) -> None:
-        if self.reply is not None:
+        if self.reply is not None and not self.runner.closed:
             self.timed_out = True
             self.reply.abort()
 
     def _on_finished(self, reply, request: HttpRequest, attempt: int) -> None:
+        if self.runner.closed:
+            return
         self.timer.stop()
         self.timer.deleteLater()
         self.reply = None

@@ -809,6 +809,136 @@ def a_streamed_answer_outlasts_the_read_timeout(env: Env) -> dict:
     return {"streamed_s": elapsed}
 
 
+def _token_stats(env: Env) -> dict:
+    """The decoding stand-in's counts (panel_servers.token_server): DELETEs that cancelled a request, decode steps."""
+    import requests
+
+    r = requests.get(env.urls["tokens"] + "/test/cancels", timeout=10)
+    r.raise_for_status()
+    return r.json()
+
+
+def _report_then_streaming_follow_up(env: Env, p: Panel):
+    """Report with the decoding stand-in (the first turn of a conversation), then a follow-up typed in the question
+    box; returns its job once its answer is streaming (its request id came with the headers)."""
+    select_task(p, "Report")
+    status = run_and_wait(env, p, 30000)
+    assert "finding(s) from tokens" in status, status
+    p.follow_up_edit.setText("is there a mass?")
+    env.ui.enter(p.follow_up_edit)
+    job = p.job
+    assert job is not None and job.kind == "follow_up", text(p.status_label)
+    env.ui.wait_until(lambda: "tok3" in job.streamed, 10000)
+    return job
+
+
+def new_conversation_cancels_a_streamed_follow_up(env: Env) -> dict:
+    """New conversation while a follow-up's answer is streaming in cancels it as Cancel does (``DELETE
+    /v1/requests/{id}``, counted on the server; the engine stops decoding): the panel is idle at once, the transcript
+    stays empty and the findings box as it was while the late pieces and the end of the abandoned stream would have
+    come, and the scene gets nothing of that turn (its analysis and saved conversation as after the first turn)."""
+    from MiniGPTMedSlicerLib.chat import CONVERSATION_ATTR
+
+    mrml = env.mrml
+    p = env.panel("tokens")
+    before = _token_stats(env)
+    job = _report_then_streaming_follow_up(env, p)
+    (folder,) = M.list_results(mrml.scene)
+    node = M.text_node_of(mrml.scene, folder)
+    saved, saved_text = node.GetAttribute(M.ATTR + CONVERSATION_ATTR), node.GetText()
+    first = "".join(f"tok{i} " for i in range(50))
+    assert len(json.loads(saved)) == 1 and saved_text == first, saved_text
+    nodes = mrml.scene.GetNumberOfNodes()
+    assert "tok3" in p.conversation_edit.toPlainText()  # the answer streams into the transcript
+    env.ui.click(p.new_conversation_button)
+    assert idle(p) and job.cancelled and p.logic.chat is None, text(p.status_label)
+    assert p.conversation_edit.toPlainText() == "" and "New conversation" in text(p.status_label)
+    assert p.text_edit.toPlainText() == first  # the findings box as before the follow-up
+    env.ui.wait_until(lambda: _token_stats(env)["deleted"] > before["deleted"], 10000)
+    env.ui.wait_until(job.done.is_set, 10000)
+    env.ui.wait(20 * int(TOKEN_STEP_S * 1000))  # long enough for the rest of its 50 words to have come
+    assert _token_stats(env)["deleted"] == before["deleted"] + 1  # by DELETE, as Cancel
+    assert p.conversation_edit.toPlainText() == "" and p.text_edit.toPlainText() == first
+    assert "New conversation" in text(p.status_label) and idle(p)
+    assert mrml.scene.GetNumberOfNodes() == nodes and M.list_results(mrml.scene) == [folder]
+    assert node.GetAttribute(M.ATTR + CONVERSATION_ATTR) == saved and node.GetText() == saved_text
+    return {"follow_up_words_before_new_conversation": len(job.streamed.split())}
+
+
+def clear_is_disabled_while_a_follow_up_runs(env: Env) -> None:
+    """Clear results (it removes the analysis a follow-up's boxes go under) is disabled from Enter until the follow-up
+    has ended, failed or been cancelled, as Analyze is."""
+    p = env.panel("tokens")
+    job = _report_then_streaming_follow_up(env, p)
+    assert not p.clear_button.isEnabled() and not p.analyze_button.isEnabled()
+    assert p.new_conversation_button.isEnabled()  # it cancels the follow-up
+    env.ui.wait_until(lambda: idle(p), 30000)
+    assert "(turn 2)" in text(p.status_label) and p.clear_button.isEnabled(), text(p.status_label)
+    p.follow_up_edit.setText("and now?")
+    env.ui.enter(p.follow_up_edit)
+    job = p.job
+    assert job is not None and not p.clear_button.isEnabled()
+    env.ui.wait_until(lambda: "tok3" in job.streamed, 10000)
+    env.ui.click(p.cancel_button)
+    assert idle(p) and p.clear_button.isEnabled() and "Cancelled" in text(p.status_label)
+    # a follow-up that fails: the built-in engine answers no free questions (501)
+    p.url_edit.setText(env.urls["builtin"])
+    select_task(p, "Detect")
+    run_and_wait(env, p)
+    p.follow_up_edit.setText("is there a mass?")
+    env.ui.enter(p.follow_up_edit)
+    assert p.job is not None and not p.clear_button.isEnabled()
+    env.ui.wait_until(lambda: idle(p), 20000)
+    assert_error_shown(p, "501")
+    assert p.clear_button.isEnabled()
+    env.ui.click(p.clear_button)
+    assert rows(p) == 0 and M.list_results(env.mrml.scene) == []
+
+
+def destroyed_soon_after_cancel(env: Env) -> dict:
+    """The panel cleaned up and its widget destroyed (what Slicer does on Reload and on exit) right after Cancel of a
+    streamed answer, before the DELETE is answered and before Cancel's wait for it runs out: the callbacks that come
+    afterwards (the wait's end, the aborted replies) are dropped silently, no exception reaches Python's excepthook
+    (before, the wait's end called abort() on the deleted reply); the engine stops decoding (the connection went with
+    the widget); a second cleanup does nothing."""
+    import sys
+
+    mrml = env.mrml
+    M.clear_results(mrml.scene)
+    p = Panel(AnalysisLogic(mrml.scene, lambda: dict(mrml.slice_logics)))  # not registered: it is destroyed here
+    p.widget.show()
+    p.url_edit.setText(env.urls["tokens"])
+    p.runner.cancel_wait_ms = 300  # Cancel's wait for the DELETE's answer, shortened (2 s by default)
+    select_task(p, "Report")
+    before = _token_stats(env)
+    env.ui.click(p.analyze_button)
+    job = p.job
+    env.ui.wait_until(lambda: "tok3" in job.streamed, 10000)
+    nodes = mrml.scene.GetNumberOfNodes()
+    destroyed: list[bool] = []
+    p.widget.destroyed.connect(lambda: destroyed.append(True))
+    caught: list[str] = []
+    hook = sys.excepthook
+    sys.excepthook = lambda kind, value, tb: caught.append(f"{kind.__name__}: {value}")
+    try:
+        env.ui.click(p.cancel_button)
+        p.cleanup()
+        p.widget.deleteLater()
+        qt.QApplication.sendPostedEvents(None, int(qt.QEvent.DeferredDelete))
+        assert destroyed == [True]
+        env.ui.wait(3 * int(p.runner.cancel_wait_ms))
+        stopped = _token_stats(env)["steps"]
+        env.ui.wait(10 * int(TOKEN_STEP_S * 1000))
+    finally:
+        sys.excepthook = hook
+    assert caught == [], caught
+    after = _token_stats(env)["steps"]
+    assert after == stopped and stopped - before["steps"] < 50, (before, stopped, after)
+    p.cleanup()
+    assert mrml.scene.GetNumberOfNodes() == nodes and M.list_results(mrml.scene) == []
+    return {"steps_after_cancel": stopped - before["steps"]}
+
+
 def gui_thread_check(env: Env) -> None:
     import threading
 
@@ -845,6 +975,9 @@ SCENARIOS: dict[str, Callable[[Env], Any]] = {
         ask_needs_a_vlm_engine,
         streamed_answer_and_cancel,
         a_streamed_answer_outlasts_the_read_timeout,
+        new_conversation_cancels_a_streamed_follow_up,
+        clear_is_disabled_while_a_follow_up_runs,
+        destroyed_soon_after_cancel,
         gui_thread_check,
     )
 }
