@@ -42,7 +42,6 @@ when that is empty) and ``score = R / (R + SCORE_HALF_HU)``: a monotone, documen
 from __future__ import annotations
 
 import math
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,13 +103,10 @@ def _image(a: np.ndarray, spacing: tuple[float, float]):
     return img
 
 
-def blob_response(
-    x: np.ndarray, spacing: tuple[float, float], pool: Executor | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+def blob_response(x: np.ndarray, spacing: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
     """(R, scale index): the negated scale-normalised LoG, maximised over ``BLOB_RADII_MM``. Scales of at least 3
     pixels run on the image binned 2x2 (4x4 from 7 pixels; SimpleITK ``BinShrink``) and are expanded back with
-    linear interpolation (``Expand``): the same measure at a fraction of the cost. With ``pool``, the finest scale
-    (the one at full resolution, the dearest) runs there while the others run here; the result is the same."""
+    linear interpolation (``Expand``): the same measure at a fraction of the cost."""
     import SimpleITK as sitk
 
     img = _image(x, spacing)
@@ -141,12 +137,7 @@ def blob_response(
         resp[: hh - sh, : ww - sh] = a[sh:hh, sh:ww]
         return resp
 
-    if pool is not None:  # the finest scale elsewhere, the rest here meanwhile
-        first = pool.submit(one_scale, BLOB_RADII_MM[0])
-        rest = [one_scale(r) for r in BLOB_RADII_MM[1:]]
-        responses = [first.result(), *rest]
-    else:
-        responses = [one_scale(r) for r in BLOB_RADII_MM]
+    responses = [one_scale(r) for r in BLOB_RADII_MM]
     best = np.full(x.shape, -np.inf, dtype=np.float32)
     idx = np.zeros(x.shape, dtype=np.int8)
     for i, resp in enumerate(responses):  # in scale order: a tie keeps the finer scale, as before
@@ -204,9 +195,8 @@ def _erode(m: np.ndarray) -> np.ndarray:
     return ~_shift_or(~m)
 
 
-def detect_nodules(hu: np.ndarray, tmap: TissueMap, pool: Executor | None = None) -> list[NoduleCandidate]:
-    """Lung nodule candidates of one slice, strongest first (at most ``MAX_CANDIDATES``); ``pool``: a thread pool
-    for the finest blob scale (see :func:`blob_response`)."""
+def detect_nodules(hu: np.ndarray, tmap: TissueMap) -> list[NoduleCandidate]:
+    """Lung nodule candidates of one slice, strongest first (at most ``MAX_CANDIDATES``)."""
     from .tissue import components
 
     spacing = tmap.spacing
@@ -222,7 +212,7 @@ def detect_nodules(hu: np.ndarray, tmap: TissueMap, pool: Executor | None = None
     lung = tmap.lung_sides[y0:y1, x0:x1] > 0
     sides = tmap.lung_closed[y0:y1, x0:x1]
     x = np.where(cl, np.clip(h, -1000.0, CLIP_MAX_HU), -1000.0).astype(np.float32)
-    resp, scale_idx = blob_response(x, spacing, pool)
+    resp, scale_idx = blob_response(x, spacing)
     lung_bg = float(np.median(h[lung])) if lung.any() else -850.0
     solid_labels, _ = components(x >= (SOLID_MIN_HU + lung_bg) / 2)
     ggo_labels: dict[float, np.ndarray] = {}

@@ -31,6 +31,7 @@ Regions:
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
@@ -164,8 +165,9 @@ def close_disc(mask: np.ndarray, radius_mm: float, spacing: tuple[float, float],
     return out
 
 
-def tissue_map(hu: np.ndarray, spacing: tuple[float, float]) -> TissueMap:
-    """The tissue map of one CT slice (see the module docstring for every rule)."""
+def tissue_map(hu: np.ndarray, spacing: tuple[float, float], pool: Executor | None = None) -> TissueMap:
+    """The tissue map of one CT slice (see the module docstring for every rule); ``pool``: a thread pool for one of
+    the two lung closings (the same map)."""
     hu = np.asarray(hu, dtype=np.float32)
     px_area = float(spacing[0] * spacing[1])
     classes = classify_hu(hu)
@@ -196,11 +198,17 @@ def tissue_map(hu: np.ndarray, spacing: tuple[float, float]) -> TissueMap:
                 lung_sides[region] = side
             else:
                 classes[region] = GAS
-        for side in (RIGHT_LUNG, LEFT_LUNG):
-            field = lung_sides == side
-            if field.any():
-                closed = close_disc(field, LUNG_CLOSING_MM, spacing, fill=True) & body
-                lung_closed[closed & (lung_closed == 0)] = side
+        fields = {side: lung_sides == side for side in (RIGHT_LUNG, LEFT_LUNG)}
+        fields = {side: f for side, f in fields.items() if f.any()}
+        later = {  # with a pool, the left field's closing runs there while the right one's runs here
+            side: pool.submit(close_disc, f, LUNG_CLOSING_MM, spacing, True)
+            for side, f in fields.items()
+            if pool is not None and side == LEFT_LUNG and len(fields) == 2
+        }
+        for side, f in fields.items():  # right first: it keeps the pixels both closings reach
+            closed = later[side].result() if side in later else close_disc(f, LUNG_CLOSING_MM, spacing, fill=True)
+            closed &= body
+            lung_closed[closed & (lung_closed == 0)] = side
     return TissueMap(spacing=spacing, body=body, classes=classes, lung_sides=lung_sides, lung_closed=lung_closed)
 
 

@@ -116,13 +116,14 @@ class BuiltinEngine(Engine):
     # -- CT with HU ---------------------------------------------------------------------------
 
     def _candidates(self, inp: AnalysisInput, hu: np.ndarray):
-        tmap = tissue_map(hu, _spacing(inp))
         if self._split:  # the passes only read the slice and its tissue map; ITK releases the GIL
             with ThreadPoolExecutor(2, thread_name_prefix="builtin-slice") as pool:
+                tmap = tissue_map(hu, _spacing(inp), pool)  # one lung closing on the pool
                 later = pool.submit(detect_lesions, hu, tmap)
-                nodules = detect_nodules(hu, tmap, pool)  # its finest blob scale on the pool's other thread
+                nodules = detect_nodules(hu, tmap)
                 lesions = later.result()
         else:
+            tmap = tissue_map(hu, _spacing(inp))
             nodules = detect_nodules(hu, tmap)
             lesions = detect_lesions(hu, tmap)
         return tmap, nodules[: self.settings.max_nodule_candidates], lesions[: self.settings.max_lesion_candidates]
