@@ -46,10 +46,9 @@ ROOT = Path(__file__).resolve().parents[1]
 for p in (ROOT, ROOT / "MiniGPTMedSlicer", ROOT / "bench", ROOT / "Testing"):
     sys.path.insert(0, str(p))
 
+from gpu_sweep_minigptmed import slices  # noqa: E402
 from minigptmed_engine import (  # noqa: E402
-    LLAMA_7B,
-    LLAMA_TINY,
-    VISION_TINY,
+    bench_model,
     drop_page_cache,
     hbm_bandwidth,
     hf_generate_rates,
@@ -85,20 +84,6 @@ def png_b64(img: np.ndarray) -> str:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
-
-
-def ct_like_slices(n: int, h: int = 512, w: int = 512) -> list[np.ndarray]:
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:h, :w]
-    body = ((yy - h / 2) / (0.43 * h)) ** 2 + ((xx - w / 2) / (0.47 * w)) ** 2 < 1
-    out = []
-    for k in range(n):
-        img = np.where(body, 110.0, 0.0)
-        cy, cx, r = 200 + (k % 7) * 10, 300 - (k % 5) * 12, 12 + (k % 4) * 3
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = 180.0
-        img += rng.normal(0, 6, img.shape)
-        out.append(np.clip(img, 0, 255).astype(np.uint8))
-    return out
 
 
 def install_server_deps(wheels: str | None, into: Path) -> str | None:
@@ -140,7 +125,7 @@ def server_rows(conv: Path, device: str, quick: bool, sweep_n: int, detect_token
         text = proc.log()
         out["log"] = [ln for ln in text.splitlines() if "loaded" in ln or "ready" in ln or "graph" in ln][-6:]
         s = requests.Session()
-        imgs = ct_like_slices(max(sweep_n, reps + 1))
+        imgs = slices(max(sweep_n, reps + 1))
         body = {"task": "detect", "modality": "CT", "max_new_tokens": detect_tokens}
         times, engine_ms = [], []
         for i in range(reps + 1):
@@ -233,19 +218,11 @@ def main(argv=None) -> int:
     os.environ["PYTHONPATH"] = os.pathsep.join([*here, *filter(None, [os.environ.get("PYTHONPATH")])])
     from minigpt_fixtures import _train_tokenizer
 
-    from backend.minigpt.config import MiniGPTMedConfig
     from backend.minigpt.convert import convert
     from backend.minigpt.static_decode import StaticDecoder
     from backend.minigpt.weights import LoadOptions, load_converted
 
-    device = "cpu" if quick else "cuda"
-    dtype = torch.float32 if quick else torch.float16
-    cfg = (
-        MiniGPTMedConfig.from_dict({"vision": VISION_TINY, "llm_hidden_size": LLAMA_TINY["hidden_size"]})
-        if quick
-        else MiniGPTMedConfig.real()
-    )
-    llama = LLAMA_TINY if quick else LLAMA_7B
+    device, dtype, cfg, llama = bench_model(quick)
     import transformers
 
     res: dict = {

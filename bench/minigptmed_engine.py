@@ -416,15 +416,17 @@ def llm_weight_bytes(llm) -> int:
 # ---- main ----------------------------------------------------------------------------------------------------------
 
 
+def bench_model(quick: bool) -> tuple[str, torch.dtype, MiniGPTMedConfig, dict]:
+    """(device, dtype, MiniGPT-Med config, LLaMA config): the tiny model in fp32 on the CPU, or the real-size
+    architecture in fp16 on CUDA."""
+    if quick:
+        cfg = MiniGPTMedConfig.from_dict({"vision": VISION_TINY, "llm_hidden_size": LLAMA_TINY["hidden_size"]})
+        return "cpu", torch.float32, cfg, LLAMA_TINY
+    return "cuda", torch.float16, MiniGPTMedConfig.real(), LLAMA_7B
+
+
 def run(quick: bool, workdir: Path, new_tokens: int, skip: set[str] = frozenset()) -> dict:
-    device = "cpu" if quick else "cuda"
-    dtype = torch.float32 if quick else torch.float16
-    cfg = (
-        MiniGPTMedConfig.from_dict({"vision": VISION_TINY, "llm_hidden_size": LLAMA_TINY["hidden_size"]})
-        if quick
-        else MiniGPTMedConfig.real()
-    )
-    llama = LLAMA_TINY if quick else LLAMA_7B
+    device, dtype, cfg, llama = bench_model(quick)
     res: dict = {
         "mode": "quick (tiny config, CPU)" if quick else "real-size architecture, random weights",
         "torch": torch.__version__,
