@@ -296,7 +296,7 @@ class HFEngine(Engine):
         streams = {k: DeltaText(inp.on_text) for k, inp in enumerate(inputs) if inp.on_text is not None}
         processors: list[LogitsProcessor] = [_EndRows()] if end_ids else []
         if streams:  # every streaming row of the batch (transformers' own streamer takes batch 1 only)
-            processors.append(_RowStreams(self.tokenizer, streams, inputs, prompt_len, ends))
+            processors.append(_RowStreams(self.tokenizer, streams, inputs, limits, prompt_len, ends))
         if processors:
             gen_kwargs["logits_processor"] = LogitsProcessorList(processors)
         if temperature > 0:
@@ -343,12 +343,12 @@ class HFEngine(Engine):
 
 class _RowStreams:
     """A logits processor that only reads: at each decode step, every streaming row's tokens so far (up to its first
-    end token) decoded and fed to its ``DeltaText`` (never half a UTF-8 character; special tokens skipped). It sees
+    end token and its own limit) decoded and fed to its ``DeltaText`` (never half a UTF-8 character; special tokens skipped). It sees
     a step's token at the next step; the row's last piece comes with ``finish``. One host read per step, only when
     a row streams."""
 
-    def __init__(self, tokenizer, streams: dict[int, DeltaText], inputs, prompt_len: int, ends: set[int]):
-        self.tokenizer, self.streams, self.inputs = tokenizer, streams, inputs
+    def __init__(self, tokenizer, streams: dict[int, DeltaText], inputs, limits, prompt_len: int, ends: set[int]):
+        self.tokenizer, self.streams, self.inputs, self.limits = tokenizer, streams, inputs, limits
         self.prompt_len, self.ends = prompt_len, ends
 
     def __call__(self, input_ids, scores):
@@ -358,6 +358,7 @@ class _RowStreams:
             for k, ids in zip(rows, new, strict=True):
                 if self.inputs[k].is_cancelled():
                     continue
+                ids = ids[: self.limits[k]]  # as the answer is cut (a row past its limit may run on)
                 n = next((i for i, t in enumerate(ids) if t in self.ends), len(ids))
                 self.streams[k].update(self.tokenizer.decode(ids[:n], skip_special_tokens=True))
         return scores
