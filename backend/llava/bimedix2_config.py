@@ -132,6 +132,9 @@ def read_bimedix2_config(
         if set(extra) - {"vision"} or not isinstance(extra.get("vision"), dict):
             raise LlavaConfigError("--model-config must be {'vision': {CLIPVisionConfig keys}}")
         vision = dict(extra["vision"])
+        missing = [k for k in ("image_size", "hidden_size", "num_hidden_layers") if k not in vision]
+        if missing:
+            raise LlavaConfigError(f"--model-config: vision lacks {', '.join(missing)}")
         mean, std, size = OPENAI_MEAN, OPENAI_STD, int(vision["image_size"])
     elif vision_tower:
         vision, mean, std, size = _tower_from_dir(Path(vision_tower))

@@ -183,6 +183,10 @@ def test_wrong_or_damaged_files_fail_with_the_file_and_tensor_named(files, tmp_p
     # the CLIP folder given as the model, a LLaVA-Rad style config with an unknown tower, anyres
     with pytest.raises(LlavaConfigError, match="no mm_vision_tower: not a LLaVA"):
         load(files.clip)
+    bad = tmp_path / "model_config.json"  # a --model-config whose vision lacks widths: named, not a KeyError
+    bad.write_text(json.dumps({"vision": {"image_size": 336}}))
+    with pytest.raises(LlavaConfigError, match=r"^--model-config: vision lacks hidden_size, num_hidden_layers$"):
+        load(files.model, model_config=bad)
     m = _copy(files, tmp_path / "a")
     _edit_json(m / "config.json", mm_vision_tower="biomedclip_cxr_518")
     with pytest.raises(LlavaConfigError, match=r"'biomedclip_cxr_518' is not a tower we know .* pass --vision-tower"):
