@@ -105,6 +105,10 @@ def saved_conversation(scene: vtkMRMLScene) -> Optional[ChatState]:
             logging.warning(f"MiniGPT-Med: the conversation saved in {node.GetName()!r} cannot be read ({e})")
             continue
         key = node.GetAttribute(M.ATTR + CONVERSATION_KEY_ATTR) or ""
+        volume_id = node.GetNodeReferenceID(M.VOLUME_ROLE)
+        parts = key.split("|")
+        if volume_id and len(parts) == 4:  # the volume's ID now (an added scene may have renumbered it)
+            key = "|".join([parts[0], volume_id, *parts[2:]])
         view = key.split("|", 1)[0] if key else (node.GetAttribute(M.ATTR + "view") or "")
         image_id = node.GetAttribute(M.ATTR + IMAGE_ID_ATTR) or None
         digest = node.GetAttribute(M.ATTR + IMAGE_DIGEST_ATTR) or ""

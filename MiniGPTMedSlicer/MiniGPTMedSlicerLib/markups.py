@@ -24,6 +24,9 @@ if TYPE_CHECKING:  # Slicer's MRML classes (the app's or slicer-core's); without
 
 ATTR = "MiniGPTMed."
 FOLDER_ATTR = ATTR + "analysis"
+#: Node reference role from an analysis' text node to the volume it was captured from. A reference, not an attribute:
+#: Slicer renames it when an added scene's node IDs are renumbered.
+VOLUME_ROLE = ATTR + "volume"
 
 
 @dataclass
@@ -282,6 +285,8 @@ def add_analysis_results(
                 **(text_attributes or {}),
             },
         )
+        if captured.volume_node_id:
+            out.text_node.SetNodeReferenceID(VOLUME_ROLE, captured.volume_node_id)
         return out
 
     return _create_all_or_nothing(scene, replace_previous, build)
@@ -321,6 +326,8 @@ def add_turn_results(
         node = text_node_of(scene, folder_item)
         if node is None:
             node = _add_text(scene, undo, folder_item, f"{sh.GetItemName(folder_item)} findings", "", {})
+        if captured.volume_node_id and not node.GetNodeReferenceID(VOLUME_ROLE):
+            node.SetNodeReferenceID(VOLUME_ROLE, captured.volume_node_id)
     except BaseException:
         undo.rollback()
         raise

@@ -268,3 +268,38 @@ def test_the_question_box_hint_follows_the_engines_tasks(logic, builtin_server):
     assert done(logic, logic.start_health()).ok and logic.ask_hint() == NO_FREE_QUESTIONS
     logic.configure("http://127.0.0.1:9", None)  # nothing listens there
     assert not done(logic, logic.start_health()).ok and logic.engine_tasks is None and logic.ask_hint() is None
+
+
+def _import_mrb(ctx, mrb: str, work_dir) -> None:
+    """``mrb`` added to ``ctx``'s scene as Slicer's Add Data does (an import: nodes whose IDs are taken get new ones)."""
+    import zipfile
+
+    with zipfile.ZipFile(mrb) as z:
+        z.extractall(work_dir)
+    (mrml_file,) = [p for p in work_dir.rglob("*.mrml")]
+    ctx.scene.SetURL(str(mrml_file))
+    assert ctx.scene.Import()
+
+
+def test_an_mrb_added_to_a_scene_with_a_volume_keeps_its_conversation_on_its_own_volume(
+    mrml, logic, tmp_path, ct_phantom_path
+):
+    assert done(logic, logic.start("Red", "Detect")).ok
+    key = logic.chat.key
+    logic.new_conversation()
+    mrb = S.save_mrb(mrml, str(tmp_path / "c.mrb"))
+    other = S.create_scene()
+    try:
+        first = S.load_volume(other, str(ct_phantom_path))  # takes the ID the saved volume had
+        _import_mrb(other, mrb, tmp_path / "u")
+        volumes = [other.scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode") for i in range(2)]
+        (imported,) = [v for v in volumes if v.GetID() != first.GetID()]
+        saved_vol = key.split("|")[1]
+        assert first.GetID() == saved_vol and imported.GetID() != saved_vol  # renumbered on import
+        state = saved_conversation(other.scene)
+        assert state is not None
+        # the conversation is about the imported volume (its slice plane unchanged), not the one that now has its ID
+        assert state.key.split("|")[1] == imported.GetID()
+        assert state.key.split("|")[0::2] == key.split("|")[0::2] and state.key.split("|")[3] == key.split("|")[3]
+    finally:
+        S.close(other)
