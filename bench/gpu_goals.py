@@ -52,10 +52,9 @@ from minigptmed_engine import (  # noqa: E402
     drop_page_cache,
     hbm_bandwidth,
     hf_generate_rates,
-    images,
     llm_weight_bytes,
-    prompt_embeds,
     static_rates,
+    time_to_first_token,
     write_original,
 )
 
@@ -171,34 +170,6 @@ def server_rows(conv: Path, device: str, quick: bool, sweep_n: int, detect_token
     return out
 
 
-def ttft_static(model, dec, size: int, reps: int = 5) -> dict:
-    from backend.minigpt.preprocess import preprocess
-
-    img = images(1)[0]
-    rows = []
-    with torch.inference_mode():
-        for _ in range(reps + 1):
-            sync()
-            t0 = time.perf_counter()
-            px = preprocess(img, size)[None]
-            t1 = time.perf_counter()
-            emb = model.encode_images(px)[0]
-            sync()
-            t2 = time.perf_counter()
-            g = dec.generate([prompt_embeds(model, emb)], 1, eos_id=-1, bos_id=1)
-            t3 = time.perf_counter()
-            rows.append(
-                {
-                    "preprocess_ms": (t1 - t0) * 1e3,
-                    "vision_ms": (t2 - t1) * 1e3,
-                    "prefill_ms": g.prefill_s * 1e3,
-                    "ttft_ms": (t3 - t0) * 1e3,
-                }
-            )
-    best = min(rows[1:], key=lambda d: d["ttft_ms"])
-    return {k: round(v, 2) for k, v in best.items()}
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the tiny config on the CPU (a dry run of every step)")
@@ -268,7 +239,7 @@ def main(argv=None) -> int:
             save(res, a.out)
             dec = StaticDecoder(model.llm, 1, 1024)
             dec.capture()
-            res["ttft_one_image"] = ttft_static(model, dec, cfg.vision.image_size)
+            res["ttft_one_image"] = time_to_first_token(model, cfg.vision.image_size, reps=5, decode=dec.generate)
             log(f"TTFT {res['ttft_one_image']}")
             if not quick:
                 res["peak_gpu_mem_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)

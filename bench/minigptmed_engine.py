@@ -197,7 +197,14 @@ def images(n: int, seed: int = 0):
 
 
 @torch.inference_mode()
-def time_to_first_token(model, size: int, reps: int = 3) -> dict:
+def time_to_first_token(model, size: int, reps: int = 3, decode=None) -> dict:
+    """Preprocess + vision + prefill + first token for one image, best of ``reps`` after one warm-up; ``decode``:
+    a ``generate``-like callable (default: the dynamic-cache loop on ``model.llm``)."""
+    if decode is None:
+
+        def decode(prompts, n, **kw):
+            return generate(model.llm, prompts, n, **kw)
+
     img = images(1)[0]
     out = []
     for _ in range(reps + 1):
@@ -208,7 +215,7 @@ def time_to_first_token(model, size: int, reps: int = 3) -> dict:
         emb = model.encode_images(px)[0]
         sync()
         t2 = time.perf_counter()
-        g = generate(model.llm, [prompt_embeds(model, emb)], 1, eos_id=-1, bos_id=1)
+        g = decode([prompt_embeds(model, emb)], 1, eos_id=-1, bos_id=1)
         t3 = time.perf_counter()
         out.append(
             {
