@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import io
 import json
 import os
 import shutil
@@ -39,7 +38,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +55,7 @@ from minigptmed_engine import (  # noqa: E402
     time_to_first_token,
     write_original,
 )
+from MiniGPTMedSlicerLib.png import encode_png  # noqa: E402
 
 GOALS = {  # issue 18 section 1
     "batch1_share_of_bound": 0.80,
@@ -75,14 +74,6 @@ def log(msg: str) -> None:
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def png_b64(img: np.ndarray) -> str:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 def install_server_deps(wheels: str | None, into: Path) -> str | None:
@@ -128,7 +119,7 @@ def server_rows(conv: Path, device: str, quick: bool, sweep_n: int, detect_token
         body = {"task": "detect", "modality": "CT", "max_new_tokens": detect_tokens}
         times, engine_ms = [], []
         for i in range(reps + 1):
-            b = {**body, "image": png_b64(imgs[i])}
+            b = {**body, "image": base64.b64encode(encode_png(imgs[i])).decode()}
             t = time.perf_counter()
             r = s.post(f"{url}/v1/analyze", json=b, timeout=120)
             times.append((time.perf_counter() - t) * 1e3)
@@ -144,7 +135,7 @@ def server_rows(conv: Path, device: str, quick: bool, sweep_n: int, detect_token
             "server_timings_ms_last": engine_ms[-1],
         }
         log(f"detect over HTTP {out['detect']}")
-        payload = [png_b64(im) for im in imgs[:sweep_n]]
+        payload = [base64.b64encode(encode_png(im)).decode() for im in imgs[:sweep_n]]
         parts = [payload[i::3] for i in range(3)]
         done: list = [None] * 3
 

@@ -93,26 +93,26 @@ def detect_lesions(hu: np.ndarray, tmap: TissueMap) -> list[LesionCandidate]:
     sizes = np.bincount(labels.ravel())
     out: list[LesionCandidate] = []
     H, W = hu.shape
+    # a candidate's ring, on its bounding box plus the ring's width
+    py, px = int(math.ceil(RING_MM / spacing[0])) + 1, int(math.ceil(RING_MM / spacing[1])) + 1
     for lab in np.nonzero(sizes * px_area >= ORGAN_MIN_AREA_MM2)[0]:
         if lab == 0:
             continue
-        # the organ's bounding box plus one background pixel on each side inside the slice: the hole filling and
-        # the erosion give there exactly what they give on the whole slice (everything outside the box is
+        # the organ's bounding box plus (inside the slice) the ring's width of background: the hole filling, the
+        # erosion and the rings give there exactly what they give on the whole slice (everything outside the box is
         # background connected to the slice's border; a side on the slice's border stays a border)
         whole = labels == lab
         rows, cols = np.nonzero(whole.any(axis=1))[0], np.nonzero(whole.any(axis=0))[0]
-        r0, r1 = max(0, int(rows[0]) - 1), min(H, int(rows[-1]) + 2)
-        c0, c1 = max(0, int(cols[0]) - 1), min(W, int(cols[-1]) + 2)
+        r0, r1 = max(0, int(rows[0]) - py), min(H, int(rows[-1]) + py + 1)
+        c0, c1 = max(0, int(cols[0]) - px), min(W, int(cols[-1]) + px + 1)
         organ = whole[r0:r1, c0:c1]
         sm_o, hu_o = sm[r0:r1, c0:c1], hu[r0:r1, c0:c1]
         inside = sm_o[organ]
         level = float(np.median(inside))
         noise = 1.4826 * float(np.median(np.abs(inside - level)))
         delta = max(MIN_CONTRAST_HU, NOISE_FACTOR * noise)
-        filled_o = fill_holes(organ)
-        filled = np.zeros(hu.shape, dtype=bool)  # whole-slice copy for the rings, which may leave the box
-        filled[r0:r1, c0:c1] = filled_o
-        inner = erode_mm(filled_o, spacing, EDGE_MM)
+        filled = fill_holes(organ)
+        inner = erode_mm(filled, spacing, EDGE_MM)
         for polarity, cand in (
             ("hypodense", inner & (sm_o <= level - delta)),
             ("hyperdense", inner & (sm_o >= level + delta)),
@@ -131,16 +131,13 @@ def detect_lesions(hu: np.ndarray, tmap: TissueMap) -> list[LesionCandidate]:
                 if mean_hu < LESION_MIN_HU or mean_hu > HYPER_MAX_HU:
                     continue
                 ys, xs = np.nonzero(region)
-                ys, xs = ys + r0, xs + c0  # slice coordinates from here on
-                # the ring, on the region's bounding box plus the ring's width
-                py, px = int(math.ceil(RING_MM / spacing[0])) + 1, int(math.ceil(RING_MM / spacing[1])) + 1
-                a0, a1 = max(0, ys.min() - py), min(H, ys.max() + py + 1)
-                b0, b1 = max(0, xs.min() - px), min(W, xs.max() + px + 1)
-                sub = np.zeros((a1 - a0, b1 - b0), dtype=bool)
-                sub[ys - a0, xs - b0] = True
+                a0, a1 = max(0, ys.min() - py), min(region.shape[0], ys.max() + py + 1)
+                b0, b1 = max(0, xs.min() - px), min(region.shape[1], xs.max() + px + 1)
+                sub = region[a0:a1, b0:b1]
                 ring = dilate_mm(sub, spacing, RING_MM) & ~sub
                 if float(filled[a0:a1, b0:b1][ring].mean()) < MIN_ORGAN_RING:
                     continue
+                ys, xs = ys + r0, xs + c0  # slice coordinates
                 out.append(
                     LesionCandidate(
                         box=(float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)),

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -110,23 +109,19 @@ def blob_response(x: np.ndarray, spacing: tuple[float, float]) -> tuple[np.ndarr
     import SimpleITK as sitk
 
     img = _image(x, spacing)
-    binned: dict[int, Any] = {1: img}
-
-    def factor(r: float) -> int:
-        sigma_px = r / math.sqrt(2.0) / min(spacing)
-        return 4 if sigma_px >= 7 else 2 if sigma_px >= 3 else 1
-
-    for r in BLOB_RADII_MM:  # the binned images first, so that the scales only read shared inputs
-        f = factor(r)
-        if f not in binned:
-            binned[f] = sitk.BinShrink(img, [f, f])
-
-    def one_scale(r: float) -> np.ndarray:
-        f = factor(r)
-        log = sitk.LaplacianRecursiveGaussianImageFilter()
-        log.SetNormalizeAcrossScale(True)
-        log.SetSigma(r / math.sqrt(2.0))
-        out = log.Execute(binned[f])
+    shrunk = {1: img}
+    best = np.full(x.shape, -np.inf, dtype=np.float32)
+    idx = np.zeros(x.shape, dtype=np.int8)
+    log = sitk.LaplacianRecursiveGaussianImageFilter()
+    log.SetNormalizeAcrossScale(True)
+    for i, r in enumerate(BLOB_RADII_MM):
+        sigma = r / math.sqrt(2.0)
+        sigma_px = sigma / min(spacing)
+        f = 4 if sigma_px >= 7 else 2 if sigma_px >= 3 else 1
+        if f not in shrunk:
+            shrunk[f] = sitk.BinShrink(img, [f, f])
+        log.SetSigma(sigma)
+        out = log.Execute(shrunk[f])
         if f > 1:
             out = sitk.Expand(out, [f, f], sitk.sitkLinear)
         a = -sitk.GetArrayFromImage(out)
@@ -135,12 +130,6 @@ def blob_response(x: np.ndarray, spacing: tuple[float, float]) -> tuple[np.ndarr
         # Expand's grid starts half a bin before the first pixel: shift by (f - 1) / 2 pixels
         sh = (f - 1) // 2
         resp[: hh - sh, : ww - sh] = a[sh:hh, sh:ww]
-        return resp
-
-    responses = [one_scale(r) for r in BLOB_RADII_MM]
-    best = np.full(x.shape, -np.inf, dtype=np.float32)
-    idx = np.zeros(x.shape, dtype=np.int8)
-    for i, resp in enumerate(responses):  # in scale order: a tie keeps the finer scale, as before
         better = resp > best
         best[better] = resp[better]
         idx[better] = i

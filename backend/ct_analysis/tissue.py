@@ -198,17 +198,18 @@ def tissue_map(hu: np.ndarray, spacing: tuple[float, float], pool: Executor | No
                 lung_sides[region] = side
             else:
                 classes[region] = GAS
-        fields = {side: lung_sides == side for side in (RIGHT_LUNG, LEFT_LUNG)}
-        fields = {side: f for side, f in fields.items() if f.any()}
-        later = {  # with a pool, the left field's closing runs there while the right one's runs here
-            side: pool.submit(close_disc, f, LUNG_CLOSING_MM, spacing, True)
-            for side, f in fields.items()
-            if pool is not None and side == LEFT_LUNG and len(fields) == 2
-        }
-        for side, f in fields.items():  # right first: it keeps the pixels both closings reach
-            closed = later[side].result() if side in later else close_disc(f, LUNG_CLOSING_MM, spacing, fill=True)
-            closed &= body
-            lung_closed[closed & (lung_closed == 0)] = side
+        fields = [(side, lung_sides == side) for side in (RIGHT_LUNG, LEFT_LUNG)]
+        fields = [(side, f) for side, f in fields if f.any()]
+        left = None  # with a pool and both fields, the left one is closed there while the right one is closed here
+        if pool is not None and len(fields) == 2:
+            left = pool.submit(close_disc, fields[1][1], LUNG_CLOSING_MM, spacing, True)
+        for side, f in fields:  # right first: it keeps the pixels both closings reach
+            closed = (
+                left.result()
+                if left is not None and side == LEFT_LUNG
+                else close_disc(f, LUNG_CLOSING_MM, spacing, True)
+            )
+            lung_closed[closed & body & (lung_closed == 0)] = side
     return TissueMap(spacing=spacing, body=body, classes=classes, lung_sides=lung_sides, lung_closed=lung_closed)
 
 

@@ -59,7 +59,6 @@ class BuiltinEngine(Engine):
     def __init__(self, settings: BuiltinSettings | None = None):
         self.settings = settings or BuiltinSettings()
         self._workers = 1  # set by load()
-        self._split = False  # True while a one-slice call runs (the service worker calls one batch at a time)
 
     def load(self) -> None:
         import SimpleITK as sitk  # fail at start, not on the first request
@@ -79,44 +78,43 @@ class BuiltinEngine(Engine):
         )
 
     def analyze_batch(self, inputs: Sequence[AnalysisInput], stop: StopToken) -> list[AnalysisResult]:
+        workers = min(self._workers, len(inputs))
+        split = workers <= 1 < self._workers  # one slice, spare cores: its nodule and lesion passes side by side
+
         def one(inp: AnalysisInput) -> AnalysisResult:
             stop.check()
             t0 = time.perf_counter()
-            result = self.analyze_one(inp)
+            result = self.analyze_one(inp, split)
             result.timings_ms["analysis"] = (time.perf_counter() - t0) * 1000
             return result
 
-        workers = min(self._workers, len(inputs))
         if workers <= 1:
-            self._split = self._workers > 1  # one slice, spare cores: its nodule and lesion passes side by side
-            try:
-                return [one(inp) for inp in inputs]
-            finally:
-                self._split = False
+            return [one(inp) for inp in inputs]
         with ThreadPoolExecutor(workers, thread_name_prefix="builtin") as pool:
             return list(pool.map(one, inputs))  # in order; the first error (or stop) is raised here
 
-    def analyze_one(self, inp: AnalysisInput) -> AnalysisResult:
+    def analyze_one(self, inp: AnalysisInput, split: bool = False) -> AnalysisResult:
+        """One input; ``split``: run a slice's passes on two threads (when no other slice runs beside it)."""
         hu = inp.hu
         if inp.task in (DETECT.id, GROUND.id) and hu is None:
             what = inp.modality or ("these" if inp.values is None else "non-HU")
             raise TaskNotSupported(NEEDS_HU.format(what=what))
         if inp.task == DETECT.id:
             assert hu is not None
-            return self._detect(inp, hu)
+            return self._detect(inp, hu, split)
         if inp.task == GROUND.id:
             assert hu is not None
-            return self._ground(inp, hu)
+            return self._ground(inp, hu, split)
         if inp.task == IDENTIFY.id:
             return self._identify(inp)
         if inp.task == REPORT.id:
-            return self._report(inp)
+            return self._report(inp, split)
         raise TaskNotSupported(f"the builtin engine cannot do '{inp.task}'")
 
     # -- CT with HU ---------------------------------------------------------------------------
 
-    def _candidates(self, inp: AnalysisInput, hu: np.ndarray):
-        if self._split:  # the passes only read the slice and its tissue map; ITK releases the GIL
+    def _candidates(self, inp: AnalysisInput, hu: np.ndarray, split: bool):
+        if split:  # the passes only read the slice and its tissue map; ITK releases the GIL
             with ThreadPoolExecutor(2, thread_name_prefix="builtin-slice") as pool:
                 tmap = tissue_map(hu, _spacing(inp), pool)  # one lung closing on the pool
                 later = pool.submit(detect_lesions, hu, tmap)
@@ -128,8 +126,8 @@ class BuiltinEngine(Engine):
             lesions = detect_lesions(hu, tmap)
         return tmap, nodules[: self.settings.max_nodule_candidates], lesions[: self.settings.max_lesion_candidates]
 
-    def _detect(self, inp: AnalysisInput, hu: np.ndarray) -> AnalysisResult:
-        tmap, nodules, lesions = self._candidates(inp, hu)
+    def _detect(self, inp: AnalysisInput, hu: np.ndarray, split: bool) -> AnalysisResult:
+        tmap, nodules, lesions = self._candidates(inp, hu, split)
         findings = [Finding(label=c.label, box=list(c.box), score=c.score) for c in [*nodules, *lesions]]
         lungs = ", ".join(
             f"{SIDE_NAMES[s]} {tmap.area_mm2(tmap.lung_sides == s) / 100:.1f} cm²"
@@ -144,7 +142,7 @@ class BuiltinEngine(Engine):
             text = f"{DISCLAIMER} No lung nodule candidate and no focal lesion candidate on this slice. {lung_text}"
         return AnalysisResult(text=text, findings=findings, raw_output=text)
 
-    def _ground(self, inp: AnalysisInput, hu: np.ndarray) -> AnalysisResult:
+    def _ground(self, inp: AnalysisInput, hu: np.ndarray, split: bool) -> AnalysisResult:
         phrase = (inp.question or inp.prompt or "").strip()
         target = vocabulary.match(phrase)
         if target is None:
@@ -176,7 +174,7 @@ class BuiltinEngine(Engine):
         label = f"measured region (mean {m.mean:.0f} {m.unit}, {m.width:.0f} × {m.height:.0f} {m.length_unit})"
         return AnalysisResult(text=text, findings=[Finding(label=label, box=box)], raw_output=text)
 
-    def _report(self, inp: AnalysisInput) -> AnalysisResult:
+    def _report(self, inp: AnalysisInput, split: bool) -> AnalysisResult:
         hu = inp.hu
         h, w = inp.image.height, inp.image.width
         size = f"{w}×{h} pixels"
@@ -197,7 +195,7 @@ class BuiltinEngine(Engine):
                 "describe tissue (use a vision-language engine for that)."
             )
         else:
-            tmap, nodules, lesions = self._candidates(inp, hu)
+            tmap, nodules, lesions = self._candidates(inp, hu, split)
             comp = composition(tmap)
             body_cm2 = tmap.area_mm2(tmap.body) / 100
             parts.append(

@@ -9,8 +9,9 @@ on the transformers LLaMA's own modules).
   wrappers, rotary embedding, MLP, head) is the transformers model's own modules, so the numbers are the model's.
 * Prefill runs eagerly and writes positions ``0 .. L-1``; each decode step writes position ``cur``. The step's inputs
   (next ids, position ids, valid mask, ``cur``) live in fixed buffers and the step updates them itself, so on CUDA it
-  is captured once per bucket into a ``torch.cuda.CUDAGraph`` (about a second each, against torch.compile's minutes)
-  and each token is one graph replay. Elsewhere (CPU, or if a capture fails) the same step runs eagerly.
+  is captured once per bucket into a ``torch.cuda.CUDAGraph`` by :meth:`StaticDecoder.capture` (the engine calls it at
+  load; about a second a bucket, against torch.compile's minutes) and each token is one graph replay. Elsewhere (CPU,
+  before the capture, or if it fails) the same step runs eagerly.
 * Same left padding, position ids and token choice as ``generate.generate`` (``_left_pad``, ``_run``), so answers are
   the same (identical on CPU in fp32: tested).
 """
@@ -217,9 +218,7 @@ class StaticDecoder:
             raise ValueError(f"prompt {L} + {max(maxes)} new tokens > max_len {self.max_len}")
         rows = self.bucket(b)
         x, mask, pos, lens = _left_pad(embeds, rows, self.max_len)
-        if self.use_graphs and not self._graphs:
-            self.capture()
-        graph = self._graphs.get(rows)
+        graph = self._graphs.get(rows)  # None before capture(), or with graphs off: the same step, eagerly
         device = x.device
 
         def prefill() -> torch.Tensor:
