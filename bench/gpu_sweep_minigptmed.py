@@ -52,20 +52,14 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--tiny", action="store_true", help="the tiny config on the CPU (a dry run of this script)")
     args = ap.parse_args()
-    from minigptmed_engine import LLAMA_7B, LLAMA_TINY, VISION_TINY, write_original
+    from minigptmed_engine import LLAMA_TINY, VISION_TINY, bench_model, write_original
     from MiniGPTMedSlicerLib.protocol import DETECT
 
     from backend.engines.base import AnalysisInput, DecodedImage, StopToken
     from backend.engines.minigptmed import MiniGPTMedEngine
-    from backend.minigpt.config import MiniGPTMedConfig
     from backend.settings import MiniGPTMedSettings
 
-    device = "cpu" if args.tiny else "cuda"
-    cfg = (
-        MiniGPTMedConfig.from_dict({"vision": VISION_TINY, "llm_hidden_size": LLAMA_TINY["hidden_size"]})
-        if args.tiny
-        else MiniGPTMedConfig.real()
-    )
+    device, dtype, cfg, llama = bench_model(args.tiny)
     res: dict = {
         "gpu": "cpu (tiny)" if args.tiny else torch.cuda.get_device_name(),
         "torch": torch.__version__,
@@ -75,7 +69,7 @@ def main() -> int:
     imgs = slices(args.slices)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        files = write_original(Path(tmp) / "orig", cfg, LLAMA_TINY if args.tiny else LLAMA_7B, device)
+        files = write_original(Path(tmp) / "orig", cfg, llama, device)
         model_config = None
         if args.tiny:
             model_config = Path(tmp) / "model_config.json"
@@ -92,7 +86,7 @@ def main() -> int:
                     checkpoint=str(files["checkpoint"]),
                     model_config=str(model_config) if model_config else None,
                     device=device,
-                    dtype="float32" if args.tiny else "float16",
+                    dtype=str(dtype).replace("torch.", ""),
                     max_batch=8,
                     cache_size=0,
                     static_decode=static,
